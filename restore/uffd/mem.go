@@ -1,0 +1,134 @@
+package uffd
+
+/*
+#include <stdlib.h>
+#include "ur_shim.h"
+*/
+import "C"
+
+import (
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// MemfdCreate creates a memfd. With hugetlb it is backed by huge pages of
+// 1<<pageShift bytes (0: the default huge page size). The fd is close-on-exec
+// and allows sealing.
+func MemfdCreate(name string, hugetlb bool, pageShift int) (int, error) {
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+	h := C.int(0)
+	if hugetlb {
+		h = 1
+	}
+	rc := C.ur_memfd_create(cname, C.uint(unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING), h, C.int(pageShift))
+	if rc < 0 {
+		return -1, errno("memfd_create", rc)
+	}
+	return int(rc), nil
+}
+
+// Fallocate allocates (or with unix.FALLOC_FL_PUNCH_HOLE|KEEP_SIZE frees)
+// a range of fd.
+func Fallocate(fd int, mode uint32, off, length int64) error {
+	rc := retry(func() C.int { return C.ur_fallocate(C.int(fd), C.int(mode), C.int64_t(off), C.int64_t(length)) })
+	return errno("fallocate", rc)
+}
+
+// Ftruncate sets fd's size.
+func Ftruncate(fd int, length int64) error {
+	rc := retry(func() C.int { return C.ur_ftruncate(C.int(fd), C.int64_t(length)) })
+	return errno("ftruncate", rc)
+}
+
+// AddSeals adds F_SEAL_* seals to a memfd.
+func AddSeals(fd int, seals int) error {
+	return errno("fcntl F_ADD_SEALS", C.ur_add_seals(C.int(fd), C.int(seals)))
+}
+
+// Seals returns a memfd's seals.
+func Seals(fd int) (int, error) {
+	rc := C.ur_get_seals(C.int(fd))
+	if rc < 0 {
+		return 0, errno("fcntl F_GET_SEALS", rc)
+	}
+	return int(rc), nil
+}
+
+// Mapping is a memory mapping owned by the caller. Close unmaps it; it is
+// idempotent and returns os.ErrClosed after the first call.
+type Mapping struct {
+	ptr    unsafe.Pointer
+	n      int
+	closed atomic.Bool
+}
+
+// Mmap maps length bytes of fd at off. hint, with unix.MAP_FIXED_NOREPLACE in
+// flags, asks for that address.
+func Mmap(hint uintptr, length int, prot, flags, fd int, off int64) (*Mapping, error) {
+	var p unsafe.Pointer
+	rc := C.ur_mmap(C.uint64_t(hint), C.uint64_t(length), C.int(prot), C.int(flags), C.int(fd), C.int64_t(off), &p)
+	if rc < 0 {
+		return nil, errno("mmap", rc)
+	}
+	return &Mapping{ptr: p, n: length}, nil
+}
+
+// Addr is the mapping's start address.
+func (m *Mapping) Addr() uintptr { return uintptr(m.ptr) }
+
+// Len is the mapping's length in bytes.
+func (m *Mapping) Len() int { return m.n }
+
+// Bytes returns the mapping as a slice. It is invalid after Close.
+func (m *Mapping) Bytes() []byte { return unsafe.Slice((*byte)(m.ptr), m.n) }
+
+// Madvise applies advice to [off, off+length) of the mapping.
+func (m *Mapping) Madvise(off, length int, advice int) error {
+	return errno("madvise", C.ur_madvise(unsafe.Add(m.ptr, off), C.uint64_t(length), C.int(advice)))
+}
+
+// Close unmaps the mapping.
+func (m *Mapping) Close() error {
+	if m.closed.Swap(true) {
+		return os.ErrClosed
+	}
+	return errno("munmap", C.ur_munmap(m.ptr, C.uint64_t(m.n)))
+}
+
+// Touch reads (or, with write, rewrites) one byte every stride bytes of
+// [addr, addr+length), in order (stride indexes) or sequentially when order
+// is nil, from C. While it runs the calling goroutine holds no P, so a Go
+// fault handler in this process can run; lat, when not nil, receives each
+// touch's latency in nanoseconds (len(lat) must cover every touch). It
+// returns a checksum of the bytes read.
+func Touch(addr uintptr, length, stride int, write bool, order []uint32, lat []uint64) uint64 {
+	w := C.int(0)
+	if write {
+		w = 1
+	}
+	n := 0
+	if stride > 0 {
+		n = (length + stride - 1) / stride
+	}
+	var op *C.uint32_t
+	if order != nil {
+		n = len(order)
+		if n > 0 {
+			op = (*C.uint32_t)(unsafe.Pointer(&order[0]))
+		}
+	}
+	var lp *C.uint64_t
+	if lat != nil {
+		if len(lat) < n {
+			panic("uffd.Touch: latency slice too short")
+		}
+		if n > 0 {
+			lp = (*C.uint64_t)(unsafe.Pointer(&lat[0]))
+		}
+	}
+	return uint64(C.ur_touch(C.uint64_t(addr), C.uint64_t(length), C.uint64_t(stride), w, op, C.uint64_t(len(order)), lp))
+}

@@ -1,0 +1,1 @@
+#include "ur_shim.c"

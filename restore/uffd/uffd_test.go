@@ -1,0 +1,535 @@
+package uffd
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"golang.org/x/sys/unix"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv("UFFD_TEST_CHILD") == "poison" {
+		poisonChild()
+		return
+	}
+	os.Exit(testutil.Main(m))
+}
+
+// TestABI pins the Go-side layout of struct uffd_msg to what the C compiler
+// reads from <linux/userfaultfd.h>.
+func TestABI(t *testing.T) {
+	a := CABI()
+	pins := []struct {
+		name   string
+		goSide uintptr
+		cSide  uintptr
+	}{
+		{"sizeof(struct uffd_msg)", msgSize, a.SizeofMsg},
+		{"offsetof(event)", offEvent, a.OffEvent},
+		{"offsetof(pagefault.flags)", offPFFlags, a.OffPFFlags},
+		{"offsetof(pagefault.address)", offPFAddress, a.OffPFAddress},
+		{"offsetof(pagefault.feat.ptid)", offPFPtid, a.OffPFPtid},
+		{"offsetof(fork.ufd)", offForkUFD, a.OffForkUFD},
+		{"offsetof(remap.from)", offRemapFrom, a.OffRemapFrom},
+		{"offsetof(remap.to)", offRemapTo, a.OffRemapTo},
+		{"offsetof(remap.len)", offRemapLen, a.OffRemapLen},
+		{"offsetof(remove.start)", offRemoveStart, a.OffRemoveStart},
+		{"offsetof(remove.end)", offRemoveEnd, a.OffRemoveEnd},
+		// The ioctl argument structs, which the shim fills field by field.
+		{"sizeof(struct uffdio_api)", 24, a.SizeofAPI},
+		{"sizeof(struct uffdio_register)", 32, a.SizeofRegister},
+		{"sizeof(struct uffdio_continue)", 32, a.SizeofContinue},
+		{"sizeof(struct uffdio_copy)", 40, a.SizeofCopy},
+		{"sizeof(struct uffdio_poison)", 32, a.SizeofPoison},
+	}
+	for _, p := range pins {
+		if p.goSide != p.cSide {
+			t.Errorf("%s: Go side %d, C side %d", p.name, p.goSide, p.cSide)
+		}
+	}
+	// Ioctl bits: the Go constants are 1<<_UFFDIO_*; check a few against
+	// what the kernel reports for a registered range.
+	if IoctlContinue != 1<<7 || IoctlPoison != 1<<8 {
+		t.Errorf("ioctl bits drifted")
+	}
+}
+
+func TestDecodeMsg(t *testing.T) {
+	b := make([]byte, msgSize)
+	b[offEvent] = byte(EventPagefault)
+	b[offPFFlags] = byte(PFMinor | PFWrite)
+	b[offPFAddress+1] = 0x20 // 0x2000
+	b[offPFPtid] = 7
+	m := decodeMsg(b)
+	if m.Event != EventPagefault || m.Address != 0x2000 || m.Flags != PFMinor|PFWrite || m.PTID != 7 {
+		t.Fatalf("decodeMsg = %+v", m)
+	}
+}
+
+// need opens a uffd with features, skipping (or failing when strict) only
+// when the kernel truly lacks them.
+func need(t *testing.T, want Features) *FD {
+	t.Helper()
+	testutil.RequireRoot(t)
+	u, err := Open(OpenOptions{NonBlock: true}, want)
+	if errors.Is(err, ErrNotSupported) {
+		testutil.Skip(t, "%v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { u.Close() })
+	return u
+}
+
+type backingKind int
+
+const (
+	hugetlbFile backingKind = iota
+	hugetlbMemfd
+	shmemMemfd
+)
+
+func (k backingKind) String() string {
+	return [...]string{"hugetlbfs-file", "hugetlb-memfd", "shmem-memfd"}[k]
+}
+
+// backing creates a backing file of pages pages and returns its fd and page size.
+func backing(t *testing.T, k backingKind, pages int) (int, int) {
+	t.Helper()
+	var fd int
+	var err error
+	page := os.Getpagesize()
+	switch k {
+	case hugetlbFile:
+		testutil.RequireHugePages(t, int64(pages))
+		dir := testutil.MountHugetlbfs(t)
+		p := filepath.Join(dir, "uffdrestore-backing")
+		fd, err = unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+		if err == nil {
+			unix.Unlink(p)
+		}
+		page = int(DefaultHugePageSize())
+	case hugetlbMemfd:
+		testutil.RequireHugePages(t, int64(pages))
+		fd, err = MemfdCreate("uffdrestore-test", true, 0)
+		page = int(DefaultHugePageSize())
+	case shmemMemfd:
+		fd, err = MemfdCreate("uffdrestore-test", false, 0)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := Ftruncate(fd, int64(pages*page)); err != nil {
+		t.Fatal(err)
+	}
+	return fd, page
+}
+
+func mmap(t *testing.T, fd, n, flags int) *Mapping {
+	t.Helper()
+	m, err := Mmap(0, n, unix.PROT_READ|unix.PROT_WRITE, flags, fd, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+func pattern(page, i int) byte { return byte(i*7 + 1 + page%251) }
+
+// handler serves faults on u for view: it fills the faulting page through
+// alias (unless already filled) and resolves it with CONTINUE. It counts
+// faults by kind and stops when stop is closed.
+type handler struct {
+	u           *FD
+	view, alias *Mapping
+	page        int
+	prefilled   bool // pages were written before registration (MINOR only)
+	minor       atomic.Int64
+	missing     atomic.Int64
+	errs        chan error
+	stop        chan struct{}
+	wg          sync.WaitGroup
+}
+
+func startHandler(t *testing.T, u *FD, view, alias *Mapping, page int, prefilled bool) *handler {
+	h := &handler{u: u, view: view, alias: alias, page: page, prefilled: prefilled, errs: make(chan error, 16), stop: make(chan struct{})}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		defer unix.Close(efd)
+		buf := NewMsgBuf(16)
+		msgs := make([]Msg, 16)
+		for {
+			ready, woken, hup, err := Poll(u.Fd(), efd, 100)
+			if err != nil {
+				h.errs <- err
+				return
+			}
+			select {
+			case <-h.stop:
+				return
+			default:
+			}
+			if woken || hup {
+				return
+			}
+			if !ready {
+				continue
+			}
+			n, err := u.ReadMsgs(buf, msgs)
+			if err != nil {
+				h.errs <- err
+				return
+			}
+			for _, m := range msgs[:n] {
+				if m.Event != EventPagefault {
+					continue
+				}
+				off := int(uintptr(m.Address)-view.Addr()) &^ (page - 1)
+				if m.Flags&PFMinor != 0 {
+					h.minor.Add(1)
+				} else {
+					h.missing.Add(1)
+				}
+				if !h.prefilled {
+					fill(alias.Bytes()[off:off+page], off/page)
+				}
+				if _, err := u.Continue(view.Addr()+uintptr(off), uintptr(page), false); err != nil {
+					h.errs <- err
+					return
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		close(h.stop)
+		h.wg.Wait()
+		select {
+		case err := <-h.errs:
+			t.Errorf("handler: %v", err)
+		default:
+		}
+	})
+	return h
+}
+
+func fill(b []byte, idx int) {
+	for i := range b {
+		b[i] = pattern(idx, i)
+	}
+}
+
+// TestMinorRoundTrip mirrors the kernel selftest's "minor" case: two
+// mappings of one file, the view registered MINOR, pages filled through the
+// alias, faults resolved with CONTINUE.
+func TestMinorRoundTrip(t *testing.T) {
+	for _, k := range []backingKind{hugetlbFile, hugetlbMemfd, shmemMemfd} {
+		t.Run(k.String(), func(t *testing.T) {
+			feat := FeatureMinorShmem
+			if k != shmemMemfd {
+				feat = FeatureMinorHugetlbfs
+			}
+			u := need(t, feat)
+			const pages = 4
+			fd, page := backing(t, k, pages)
+			size := pages * page
+			alias := mmap(t, fd, size, unix.MAP_SHARED)
+			// Fill the page cache first (MINOR only fires for pages present in it).
+			for i := 0; i < pages; i++ {
+				fill(alias.Bytes()[i*page:(i+1)*page], i)
+			}
+			view := mmap(t, fd, size, unix.MAP_SHARED)
+			ioctls, err := u.Register(view.Addr(), uintptr(size), ModeMinor)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ioctls&IoctlContinue == 0 {
+				t.Fatalf("register MINOR: CONTINUE not offered (ioctls %#x)", ioctls)
+			}
+			h := startHandler(t, u, view, alias, page, true)
+			// Touch from C so this goroutine's P is free for the handler.
+			Touch(view.Addr(), size, page, false, nil, nil)
+			if got := h.minor.Load(); got != pages {
+				t.Errorf("minor faults = %d, want %d (one per page touched)", got, pages)
+			}
+			if h.missing.Load() != 0 {
+				t.Errorf("missing faults = %d, want 0", h.missing.Load())
+			}
+			if !bytes.Equal(view.Bytes(), alias.Bytes()) {
+				t.Fatal("view differs from alias after CONTINUE")
+			}
+			for i := 0; i < pages; i++ {
+				if view.Bytes()[i*page+5] != pattern(i, 5) {
+					t.Fatalf("page %d: wrong content", i)
+				}
+			}
+			// A second CONTINUE of a mapped range is "already mapped", not an error.
+			out, err := u.Continue(view.Addr(), uintptr(page), false)
+			if err != nil || out != AlreadyMapped {
+				t.Fatalf("second CONTINUE = %v, %v; want AlreadyMapped, nil", out, err)
+			}
+			if err := u.Unregister(view.Addr(), uintptr(size)); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestMissingMinorNoPrealloc registers MISSING|MINOR on a file with no pages
+// allocated: the first touch is a MISSING fault, filled through the alias
+// (which allocates the page) and resolved with CONTINUE.
+func TestMissingMinorNoPrealloc(t *testing.T) {
+	for _, k := range []backingKind{hugetlbMemfd, shmemMemfd} {
+		t.Run(k.String(), func(t *testing.T) {
+			feat := FeatureMinorShmem | FeatureMissingShmem
+			if k != shmemMemfd {
+				feat = FeatureMinorHugetlbfs | FeatureMissingHugetlbfs
+			}
+			u := need(t, feat)
+			const pages = 3
+			fd, page := backing(t, k, pages)
+			size := pages * page
+			alias := mmap(t, fd, size, unix.MAP_SHARED)
+			view := mmap(t, fd, size, unix.MAP_SHARED)
+			if _, err := u.Register(view.Addr(), uintptr(size), ModeMinor|ModeMissing); err != nil {
+				t.Fatal(err)
+			}
+			h := startHandler(t, u, view, alias, page, false)
+			Touch(view.Addr(), size, page, true, []uint32{2, 0, 1}, nil)
+			if got := h.missing.Load() + h.minor.Load(); got != pages {
+				t.Errorf("faults = %d, want %d", got, pages)
+			}
+			if h.missing.Load() == 0 {
+				t.Errorf("no MISSING fault seen without pre-allocation")
+			}
+			for i := 0; i < pages; i++ {
+				want := make([]byte, page)
+				fill(want, i)
+				if !bytes.Equal(view.Bytes()[i*page:(i+1)*page], want) {
+					t.Fatalf("page %d: wrong content", i)
+				}
+			}
+		})
+	}
+}
+
+// TestPrivateView: a MAP_PRIVATE view registered MINOR reads the shared
+// pages; a write gives the view a private copy and leaves the alias alone.
+func TestPrivateView(t *testing.T) {
+	for _, k := range []backingKind{hugetlbMemfd, shmemMemfd} {
+		t.Run(k.String(), func(t *testing.T) {
+			feat := FeatureMinorShmem
+			if k != shmemMemfd {
+				feat = FeatureMinorHugetlbfs
+			}
+			u := need(t, feat)
+			const pages = 2
+			fd, page := backing(t, k, pages)
+			size := pages * page
+			alias := mmap(t, fd, size, unix.MAP_SHARED)
+			for i := 0; i < pages; i++ {
+				fill(alias.Bytes()[i*page:(i+1)*page], i)
+			}
+			view := mmap(t, fd, size, unix.MAP_PRIVATE)
+			if _, err := u.Register(view.Addr(), uintptr(size), ModeMinor); err != nil {
+				t.Fatal(err)
+			}
+			h := startHandler(t, u, view, alias, page, true)
+			Touch(view.Addr(), size, page, true, nil, nil) // write faults: minor, then copy-on-write
+			if h.minor.Load() != pages {
+				t.Errorf("minor faults = %d, want %d", h.minor.Load(), pages)
+			}
+			view.Bytes()[10] ^= 0xff
+			if alias.Bytes()[10] != pattern(0, 10) {
+				t.Fatal("a write to the private view changed the alias")
+			}
+			if view.Bytes()[10] != pattern(0, 10)^0xff || view.Bytes()[page+3] != pattern(1, 3) {
+				t.Fatal("private view content wrong")
+			}
+		})
+	}
+}
+
+// TestPoisonSIGBUS: a poisoned page raises SIGBUS in whoever touches it.
+// The touch happens in a child process, which must die of SIGBUS.
+func TestPoisonSIGBUS(t *testing.T) {
+	u := need(t, FeatureMinorHugetlbfs|FeaturePoison)
+	u.Close()
+	testutil.RequireHugePages(t, 1)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "UFFD_TEST_CHILD=poison")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("child did not fail: err=%v output:\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "signal SIGBUS") || !strings.Contains(string(out), "poisoned-page-touched") {
+		t.Fatalf("child did not die of SIGBUS on the poisoned page; output:\n%s", out)
+	}
+	if strings.Contains(string(out), "read-returned") {
+		t.Fatalf("poisoned page was readable:\n%s", out)
+	}
+}
+
+func poisonChild() {
+	die := func(err error) { os.Stderr.WriteString("child setup: " + err.Error() + "\n"); os.Exit(3) }
+	u, err := Open(OpenOptions{NonBlock: true}, FeatureMinorHugetlbfs|FeaturePoison)
+	if err != nil {
+		die(err)
+	}
+	fd, err := MemfdCreate("uffdrestore-poison", true, 0)
+	if err != nil {
+		die(err)
+	}
+	page := int(DefaultHugePageSize())
+	if err := Ftruncate(fd, int64(page)); err != nil {
+		die(err)
+	}
+	view, err := Mmap(0, page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+	if err != nil {
+		die(err)
+	}
+	if _, err := u.Register(view.Addr(), uintptr(page), ModeMinor|ModeMissing); err != nil {
+		die(err)
+	}
+	if err := u.Poison(view.Addr(), uintptr(page), false); err != nil {
+		die(err)
+	}
+	os.Stderr.WriteString("poisoned-page-touched\n")
+	v := view.Bytes()[100] // must raise SIGBUS; the Go runtime prints "signal SIGBUS"
+	os.Stderr.WriteString("read-returned " + string(rune('0'+v%10)) + "\n")
+	os.Exit(0)
+}
+
+// TestErrorPaths: errors come back as errnos errors.Is can test.
+func TestErrorPaths(t *testing.T) {
+	u := need(t, FeatureMinorShmem)
+	// Registering a range that is not mapped.
+	m := mmap(t, -1, 1<<20, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	addr := m.Addr()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u.Register(addr, 1<<20, ModeMinor); err == nil {
+		t.Fatal("register of an unmapped range succeeded")
+	} else if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOMEM) {
+		t.Fatalf("register unmapped: %v, want EINVAL or ENOMEM", err)
+	}
+	// MINOR on anonymous memory is refused with EINVAL.
+	anon := mmap(t, -1, 1<<20, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if _, err := u.Register(anon.Addr(), 1<<20, ModeMinor); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("MINOR on anonymous memory: %v, want EINVAL", err)
+	}
+	var se *os.SyscallError
+	_, err := u.Register(anon.Addr(), 1<<20, ModeMinor)
+	if !errors.As(err, &se) || se.Syscall != "ioctl UFFDIO_REGISTER" {
+		t.Fatalf("error %v does not name the ioctl", err)
+	}
+	// Close is idempotent.
+	v := FromFD(mustDup(t, u.Fd()), u.Features())
+	if err := v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Close(); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("second Close = %v, want os.ErrClosed", err)
+	}
+	if _, err := v.Continue(anon.Addr(), 4096, false); !errors.Is(err, unix.EBADF) {
+		t.Fatalf("Continue after Close = %v, want EBADF", err)
+	}
+}
+
+// TestNoHugePagesFree: asking for more huge pages than the pool has fails at
+// mmap with ENOMEM (the reservation), never with a SIGBUS later.
+func TestNoHugePagesFree(t *testing.T) {
+	testutil.RequireRoot(t)
+	free := testutil.FreeHugePages()
+	fd, err := MemfdCreate("uffdrestore-toobig", true, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	page := DefaultHugePageSize()
+	size := (free + 1 + 16) * page
+	if err := Ftruncate(fd, size); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Mmap(0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+	if err == nil {
+		m.Close()
+		t.Fatalf("mapping %d huge pages with %d free succeeded", size/page, free)
+	}
+	if !errors.Is(err, unix.ENOMEM) {
+		t.Fatalf("mmap beyond the pool: %v, want ENOMEM", err)
+	}
+}
+
+func TestNotSupportedError(t *testing.T) {
+	err := missingFeatureError(FeaturePoison)
+	if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), "requires Linux >= 6.6") {
+		t.Fatalf("missingFeatureError = %v", err)
+	}
+}
+
+func TestProbe(t *testing.T) {
+	r := Probe()
+	if r.Kernel == "" || r.KernelMajor == 0 {
+		t.Fatalf("no kernel version: %+v", r)
+	}
+	if os.Geteuid() != 0 {
+		testutil.Skip(t, "probe checks below need root")
+	}
+	if r.UffdErr != nil {
+		t.Fatalf("root cannot open a userfaultfd: %v", r.UffdErr)
+	}
+	if !r.Permission.SyscallFull {
+		t.Errorf("root: userfaultfd(2) reported unavailable")
+	}
+	if r.MinorShmemMemfd != nil {
+		if errors.Is(r.MinorShmemMemfd, ErrNotSupported) {
+			testutil.Skip(t, "%v", r.MinorShmemMemfd)
+		}
+		t.Errorf("minor faults on shmem: %v", r.MinorShmemMemfd)
+	}
+	if len(r.HugePools) == 0 {
+		t.Errorf("no huge page pools found in /sys/kernel/mm/hugepages")
+	}
+	if testutil.FreeHugePages() > 0 && r.MinorHugetlbMemfd != nil {
+		t.Errorf("minor faults on hugetlb memfd: %v", r.MinorHugetlbMemfd)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"4096": 4096, "64K": 64 << 10, "64KiB": 64 << 10, "2M": 2 << 20, "2MiB": 2 << 20, "1G": 1 << 30, "2048kB": 2 << 20} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "x", "-1", "1Q", "99999999999999999999G"} {
+		if _, err := ParseSize(bad); err == nil {
+			t.Errorf("ParseSize(%q) succeeded", bad)
+		}
+	}
+}
+
+func mustDup(t *testing.T, fd int) int {
+	n, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
