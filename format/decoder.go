@@ -1,0 +1,151 @@
+package format
+
+import (
+	"fmt"
+
+	"github.com/klauspost/compress/s2"
+	"github.com/klauspost/compress/zstd"
+)
+
+// Decoder decodes chunks of one Reader. Use one per worker goroutine and
+// reuse it: it owns a stored-bytes buffer of one chunk and, once a zstd chunk
+// is seen, one single-threaded zstd decoder whose memory is capped at the
+// chunk size. A Decoder is not safe for concurrent use.
+type Decoder struct {
+	r      *Reader
+	buf    []byte
+	zd     *zstd.Decoder
+	closed bool
+}
+
+// NewDecoder returns a Decoder for r's chunks.
+func (r *Reader) NewDecoder() *Decoder { return &Decoder{r: r} }
+
+// Close releases the decoder's resources. The Decoder must not be used after.
+func (d *Decoder) Close() {
+	if d.zd != nil {
+		d.zd.Close()
+		d.zd = nil
+	}
+	d.buf = nil
+	d.closed = true
+}
+
+func (d *Decoder) check(i int, dst []byte) (Chunk, error) {
+	if d.closed {
+		return Chunk{}, ErrClosed
+	}
+	if i < 0 || i >= len(d.r.ix.chunks) {
+		return Chunk{}, fmt.Errorf("%w: chunk %d out of range (%d chunks)", ErrInvalid, i, len(d.r.ix.chunks))
+	}
+	c := d.r.ix.chunks[i]
+	if len(dst) < int(c.RawLen) {
+		return Chunk{}, fmt.Errorf("%w: chunk %d: destination is %d bytes, need %d", ErrInvalid, i, len(dst), c.RawLen)
+	}
+	return c, nil
+}
+
+// DecodeChunk reads chunk i, decompresses it into dst[:RawLen] and verifies
+// its CRC-32C. len(dst) must be at least Chunk(i).RawLen. A raw chunk is read
+// straight into dst, a zero chunk zero-fills dst[:RawLen]. dst may be
+// partially written when an error is returned. It does not allocate in
+// steady state.
+func (d *Decoder) DecodeChunk(i int, dst []byte) error {
+	c, err := d.check(i, dst)
+	if err != nil {
+		return err
+	}
+	switch c.Codec {
+	case CodecZero:
+		clear(dst[:c.RawLen])
+		return nil
+	case CodecRaw:
+		if err := readFull(d.r.ra, dst[:c.RawLen], int64(c.Offset), "", i); err != nil {
+			return err
+		}
+		return d.verify(i, c, dst[:c.RawLen])
+	}
+	if cap(d.buf) < int(c.StoredLen) {
+		d.buf = make([]byte, d.r.ix.chunkSize) // StoredLen < RawLen <= chunk size
+	}
+	stored := d.buf[:c.StoredLen]
+	if err := readFull(d.r.ra, stored, int64(c.Offset), "", i); err != nil {
+		return err
+	}
+	return d.decode(i, c, stored, dst)
+}
+
+// DecodeStored decompresses stored, the already-read stored bytes of chunk i
+// (len(stored) must be Chunk(i).StoredLen), into dst[:RawLen] and verifies
+// the CRC-32C. Use it when several chunks' stored bytes are read at once.
+func (d *Decoder) DecodeStored(i int, stored []byte, dst []byte) error {
+	c, err := d.check(i, dst)
+	if err != nil {
+		return err
+	}
+	if len(stored) != int(c.StoredLen) {
+		return fmt.Errorf("%w: chunk %d: %d stored bytes given, chunk has %d", ErrInvalid, i, len(stored), c.StoredLen)
+	}
+	switch c.Codec {
+	case CodecZero:
+		clear(dst[:c.RawLen])
+		return nil
+	case CodecRaw:
+		copy(dst, stored)
+		return d.verify(i, c, dst[:c.RawLen])
+	}
+	return d.decode(i, c, stored, dst)
+}
+
+func (d *Decoder) decode(i int, c Chunk, stored, dst []byte) error {
+	raw := int(c.RawLen)
+	out := dst[:0:raw]
+	switch c.Codec {
+	case CodecZstd:
+		if d.zd == nil {
+			zd, err := zstd.NewReader(nil,
+				zstd.WithDecoderConcurrency(1),
+				zstd.WithDecoderMaxMemory(uint64(d.r.ix.chunkSize)),
+				zstd.WithDecoderMaxWindow(uint64(d.r.ix.chunkSize)),
+				zstd.WithDecodeAllCapLimit(true),
+				zstd.IgnoreChecksum(true))
+			if err != nil {
+				return fmt.Errorf("format: zstd decoder: %w", err)
+			}
+			d.zd = zd
+		}
+		var err error
+		out, err = d.zd.DecodeAll(stored, out)
+		if err != nil {
+			return corrupt(ErrCorrupt, "", int64(c.Offset), i, "zstd: %v", err)
+		}
+	case CodecS2:
+		n, err := s2.DecodedLen(stored)
+		if err != nil {
+			return corrupt(ErrCorrupt, "", int64(c.Offset), i, "s2: %v", err)
+		}
+		if n != raw {
+			return corrupt(ErrCorrupt, "", int64(c.Offset), i, "s2: decoded length %d, want %d", n, raw)
+		}
+		out, err = s2.Decode(dst[:raw], stored)
+		if err != nil {
+			return corrupt(ErrCorrupt, "", int64(c.Offset), i, "s2: %v", err)
+		}
+	default:
+		return corrupt(ErrCorrupt, "", int64(c.Offset), i, "unknown codec %d", uint8(c.Codec))
+	}
+	if len(out) != raw {
+		return corrupt(ErrCorrupt, "", int64(c.Offset), i, "%s: decoded %d bytes, want %d", c.Codec, len(out), raw)
+	}
+	if &out[0] != &dst[0] {
+		return corrupt(ErrCorrupt, "", int64(c.Offset), i, "%s: decoder did not decode in place", c.Codec)
+	}
+	return d.verify(i, c, out)
+}
+
+func (d *Decoder) verify(i int, c Chunk, b []byte) error {
+	if got := Checksum(b); got != c.CRC {
+		return corrupt(ErrChecksum, "", int64(c.Offset), i, "want %#08x, got %#08x", c.CRC, got)
+	}
+	return nil
+}
