@@ -98,6 +98,9 @@ func (d *Decoder) DecodeStored(i int, stored []byte, dst []byte) error {
 }
 
 func (d *Decoder) decode(i int, c Chunk, stored, dst []byte) error {
+	if got := Checksum(stored); got != c.StoredCRC {
+		return corrupt(ErrChecksum, "stored bytes", int64(c.Offset), i, "want %#08x, got %#08x", c.StoredCRC, got)
+	}
 	raw := int(c.RawLen)
 	out := dst[:0:raw]
 	switch c.Codec {

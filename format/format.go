@@ -30,7 +30,7 @@ const (
 	MaxRegions     = 1 << 20
 	MaxProfiles    = 1 << 16
 	MaxExtraKeys   = 1 << 16
-	chunkEntrySize = 24
+	chunkEntrySize = 28
 	profEntrySize  = 16
 )
 
@@ -122,6 +122,7 @@ type Chunk struct {
 	RawLen    uint32
 	Codec     Codec
 	CRC       uint32 // CRC-32C (Castagnoli) of the RawLen uncompressed bytes
+	StoredCRC uint32 // CRC-32C of the StoredLen stored bytes (= CRC for raw, 0 for zero chunks)
 }
 
 // Metadata describes where a snapshot came from.

@@ -128,6 +128,7 @@ func encodeIndex(ix *index) ([]byte, error) {
 		e.u8(0)
 		e.u16(0)
 		e.u32(c.CRC)
+		e.u32(c.StoredCRC)
 	}
 	end()
 
@@ -415,6 +416,7 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 				RawLen:    le.Uint32(e[12:]),
 				Codec:     Codec(e[16]),
 				CRC:       le.Uint32(e[20:]),
+				StoredCRC: le.Uint32(e[24:]),
 			}
 			f := fmt.Sprintf("index.chunks[%d]", ci)
 			want := uint64(cs)
@@ -430,8 +432,9 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			}
 			switch c.Codec {
 			case CodecZero:
-				if c.Offset != 0 || c.StoredLen != 0 {
-					return nil, corrupt(ErrCorrupt, f+".stored_len", at+8, ci, "zero chunk with offset %#x, stored length %d; want 0, 0", c.Offset, c.StoredLen)
+				if c.Offset != 0 || c.StoredLen != 0 || c.StoredCRC != 0 {
+					return nil, corrupt(ErrCorrupt, f+".stored_len", at+8, ci,
+						"zero chunk with offset %#x, stored length %d, stored crc %#x; want 0, 0, 0", c.Offset, c.StoredLen, c.StoredCRC)
 				}
 				if w := zc.get(c.RawLen); c.CRC != w {
 					return nil, corrupt(ErrChecksum, f+".crc", at+20, ci, "zero chunk: want %#08x, got %#08x", w, c.CRC)
@@ -441,6 +444,9 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			case CodecRaw:
 				if c.StoredLen != c.RawLen {
 					return nil, corrupt(ErrCorrupt, f+".stored_len", at+8, ci, "raw chunk: stored length %d != raw length %d", c.StoredLen, c.RawLen)
+				}
+				if c.StoredCRC != c.CRC {
+					return nil, corrupt(ErrCorrupt, f+".stored_crc", at+24, ci, "raw chunk: stored crc %#08x != crc %#08x", c.StoredCRC, c.CRC)
 				}
 			case CodecZstd, CodecS2:
 				if c.StoredLen == 0 || c.StoredLen >= c.RawLen {

@@ -94,6 +94,7 @@ type job struct {
 	stored []byte
 	codec  Codec
 	crc    uint32
+	scrc   uint32
 	done   chan struct{}
 }
 
@@ -205,11 +206,11 @@ func (w *Writer) worker(enc *zstd.Encoder) {
 func (w *Writer) compress(j *job, enc *zstd.Encoder, zc zeroCRCs) {
 	data := j.raw[:j.n]
 	if bytes.Equal(data, zeros[:j.n]) {
-		j.codec, j.stored, j.crc = CodecZero, nil, zc.get(uint32(j.n))
+		j.codec, j.stored, j.crc, j.scrc = CodecZero, nil, zc.get(uint32(j.n)), 0
 		return
 	}
 	j.crc = Checksum(data)
-	j.codec, j.stored = CodecRaw, data
+	j.codec, j.stored, j.scrc = CodecRaw, data, j.crc
 	switch w.opts.Codec {
 	case CodecZstd:
 		j.out = enc.EncodeAll(data, j.out[:0])
@@ -230,7 +231,7 @@ func (w *Writer) compress(j *job, enc *zstd.Encoder, zc zeroCRCs) {
 		return
 	}
 	if len(j.out) < j.n {
-		j.codec, j.stored = w.opts.Codec, j.out
+		j.codec, j.stored, j.scrc = w.opts.Codec, j.out, Checksum(j.out)
 	}
 }
 
@@ -361,6 +362,7 @@ func (w *Writer) emitOldest() {
 	if j.codec != CodecZero {
 		c.Offset = w.off
 		c.StoredLen = uint32(len(j.stored))
+		c.StoredCRC = j.scrc
 		w.write(j.stored)
 		w.stats.StoredBytes += uint64(len(j.stored))
 	}

@@ -1,0 +1,246 @@
+package format
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const testdataDir = "../testdata"
+
+// The golden image: region "text" (a full 64 KiB chunk that is all zero,
+// then a short chunk of text) and region "data" (one short chunk). Chunk 0
+// is a zero chunk; chunks 1 and 2 are short last chunks.
+const (
+	goldenTextLen = MinChunkSize + 3000
+	goldenDataLen = 2000
+)
+
+func goldenImage() []byte {
+	img := make([]byte, goldenTextLen+goldenDataLen)
+	copy(img[MinChunkSize:], bytes.Repeat([]byte("uffdrestore golden text. "), 200)[:3000])
+	copy(img[goldenTextLen:], testImage(goldenDataLen, 42))
+	return img
+}
+
+func goldenRegions(img []byte) []testRegion {
+	return []testRegion{
+		{name: "text", addr: 0x400000, prot: ProtRead | ProtExec, data: img[:goldenTextLen]},
+		{name: "data", addr: 0x7ffff7a00000, prot: ProtRead | ProtWrite, data: img[goldenTextLen:]},
+	}
+}
+
+func goldenSnap(t testing.TB, img []byte, codec Codec) []byte {
+	opts := WriterOptions{ChunkSize: MinChunkSize, Codec: codec, Workers: 2, Metadata: Metadata{
+		Created: fixedTime, Source: "golden test image", ToolVersion: "golden",
+		Extra: map[string]string{"purpose": "format drift check"},
+	}}
+	return buildSnap(t, opts, goldenRegions(img),
+		Profile{Name: "boot", Entries: []ProfileEntry{{Chunk: 2, Rank: 0, TimeNS: 1000}, {Chunk: 1, Rank: 1, TimeNS: 5000}}})
+}
+
+func writeTestdata(t *testing.T, name string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(testdataDir, name), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func readTestdata(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(testdataDir, name))
+	if err != nil {
+		t.Fatalf("%v (run go test ./format/ -run Golden -update to create it)", err)
+	}
+	return b
+}
+
+// TestGolden checks the writer still produces the committed golden files
+// byte for byte, and that they decode to the committed source image.
+func TestGolden(t *testing.T) {
+	if *update {
+		writeTestdata(t, "golden-image.raw", goldenImage())
+	}
+	img := readTestdata(t, "golden-image.raw")
+	for _, codec := range codecs {
+		name := "golden-" + codec.String() + ".snap"
+		snap := goldenSnap(t, img, codec)
+		if *update {
+			writeTestdata(t, name, snap)
+		}
+		want := readTestdata(t, name)
+		if !bytes.Equal(snap, want) {
+			t.Errorf("%s: writer output differs from the golden file: the format drifted. "+
+				"If intended, bump the version or document it in SPEC.md, then run with -update", name)
+		}
+		got, err := readAll(want)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !bytes.Equal(append(got[0], got[1]...), img) {
+			t.Errorf("%s: decodes to different bytes than golden-image.raw", name)
+		}
+		r, _ := NewReader(bytes.NewReader(want), int64(len(want)))
+		if r.NumChunks() != 3 || r.Chunk(0).Codec != CodecZero || r.Chunk(1).RawLen != 3000 || r.Chunk(2).RawLen != goldenDataLen {
+			t.Errorf("%s: unexpected chunk layout", name)
+		}
+		if len(r.Profiles()) != 1 || r.Metadata().Extra["purpose"] == "" {
+			t.Errorf("%s: profiles or metadata missing", name)
+		}
+	}
+}
+
+// fixIndexCRC recomputes the footer's index CRC and footer CRC after the
+// index was edited, so that the reader's field validation is exercised.
+func fixIndexCRC(b []byte) []byte {
+	fo := len(b) - FooterSize
+	ioff := le.Uint64(b[fo:])
+	le.PutUint32(b[fo+16:], Checksum(b[ioff:fo]))
+	le.PutUint32(b[fo+20:], Checksum(b[fo:fo+20]))
+	return b
+}
+
+// chunkEntry returns the offset of chunk i's table entry in snapshot b.
+func chunkEntry(t testing.TB, b []byte, i int) int {
+	r, err := NewReader(bytes.NewReader(b), int64(len(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Regions section: header 24, section header 8, regions, then the chunk
+	// section header 8.
+	off := int(r.indexOff) + indexFixedSize + sectionHeaderSize
+	for _, rg := range r.ix.regions {
+		off += regionFixedSize + len(rg.Name)
+	}
+	return off + sectionHeaderSize + i*chunkEntrySize
+}
+
+type brokenCase struct {
+	file    string
+	make    func(t *testing.T, raw []byte) []byte
+	err     error
+	inField string // substring expected in the error text
+	atOpen  bool   // fails in NewReader (else in DecodeChunk)
+}
+
+var brokenCases = []brokenCase{
+	{"broken-truncated.snap", func(t *testing.T, b []byte) []byte { return b[:len(b)/2] }, ErrTruncated, "footer", true},
+	{"broken-short.snap", func(t *testing.T, b []byte) []byte { return b[:20] }, ErrTruncated, "header", true},
+	{"broken-badmagic.snap", func(t *testing.T, b []byte) []byte { b[0] = 'P'; return b }, ErrNotSnapshot, "header.magic", true},
+	{"broken-headercrc.snap", func(t *testing.T, b []byte) []byte { b[20] ^= 1; return b }, ErrChecksum, "header.crc", true},
+	{"broken-version.snap", func(t *testing.T, b []byte) []byte {
+		le.PutUint16(b[8:], 2)
+		le.PutUint32(b[28:], Checksum(b[:28]))
+		return b
+	}, ErrVersion, "header.version", true},
+	{"broken-footercrc.snap", func(t *testing.T, b []byte) []byte { b[len(b)-FooterSize+3] ^= 0x10; return b }, ErrChecksum, "footer.crc", true},
+	{"broken-badindex.snap", func(t *testing.T, b []byte) []byte { b[chunkEntry(t, b, 1)+12] ^= 1; return b }, ErrChecksum, "index", true},
+	{"broken-rawlen.snap", func(t *testing.T, b []byte) []byte {
+		le.PutUint32(b[chunkEntry(t, b, 1)+12:], 3001)
+		return fixIndexCRC(b)
+	}, ErrCorrupt, "index.chunks[1].raw_len", true},
+	{"broken-offset.snap", func(t *testing.T, b []byte) []byte {
+		le.PutUint64(b[chunkEntry(t, b, 2):], uint64(len(b)))
+		return fixIndexCRC(b)
+	}, ErrCorrupt, "index.chunks[2].offset", true},
+	{"broken-codec.snap", func(t *testing.T, b []byte) []byte {
+		b[chunkEntry(t, b, 1)+16] = 7
+		return fixIndexCRC(b)
+	}, ErrCorrupt, "index.chunks[1].codec", true},
+	{"broken-chunkcount.snap", func(t *testing.T, b []byte) []byte {
+		e := chunkEntry(t, b, 0)
+		_ = e
+		r, _ := NewReader(bytes.NewReader(b), int64(len(b)))
+		le.PutUint32(b[r.indexOff+16:], 0xFFFFFFFF)
+		return fixIndexCRC(b)
+	}, ErrTooLarge, "index.chunk_count", true},
+	{"broken-badcrc.snap", func(t *testing.T, b []byte) []byte {
+		b[le.Uint64(b[chunkEntry(t, b, 1):])+100] ^= 0x40 // a byte of chunk 1's raw data
+		return b
+	}, ErrChecksum, "chunk 1 at offset", false},
+}
+
+// TestBroken checks each committed broken file fails with its specific error.
+func TestBroken(t *testing.T) {
+	for _, c := range brokenCases {
+		t.Run(c.file, func(t *testing.T) {
+			if *update {
+				writeTestdata(t, c.file, c.make(t, bytes.Clone(readTestdata(t, "golden-raw.snap"))))
+			}
+			b := readTestdata(t, c.file)
+			r, err := NewReader(bytes.NewReader(b), int64(len(b)))
+			if !c.atOpen {
+				if err != nil {
+					t.Fatalf("NewReader: %v", err)
+				}
+				d := r.NewDecoder()
+				defer d.Close()
+				dst := make([]byte, r.ChunkSize())
+				for i := 0; i < r.NumChunks() && err == nil; i++ {
+					err = d.DecodeChunk(i, dst)
+				}
+			}
+			if !errors.Is(err, c.err) {
+				t.Fatalf("err = %v, want %v", err, c.err)
+			}
+			var ce *CorruptError
+			if !errors.As(err, &ce) {
+				t.Fatalf("err %v is not a *CorruptError", err)
+			}
+			if !strings.Contains(err.Error(), c.inField) {
+				t.Errorf("err %q does not name %q", err, c.inField)
+			}
+		})
+	}
+}
+
+// TestFlipEveryByte flips one bit (low, then high) of every byte of each
+// golden file: opening or decoding must fail. Wrong data must never come
+// back, and thanks to the stored-bytes CRC no flip goes unnoticed.
+func TestFlipEveryByte(t *testing.T) {
+	img := goldenImage()
+	for _, codec := range codecs {
+		snap := goldenSnap(t, img, codec)
+		silent := 0
+		for i := range snap {
+			for _, mask := range []byte{0x01, 0x80} {
+				b := bytes.Clone(snap)
+				b[i] ^= mask
+				got, err := readAll(b)
+				if err != nil {
+					continue
+				}
+				if !bytes.Equal(append(got[0], got[1]...), img) {
+					t.Fatalf("%s: flipping byte %d with %#x decodes to wrong data without error", codec, i, mask)
+				}
+				silent++
+			}
+		}
+		if silent > 0 {
+			t.Errorf("%s: %d flips went undetected (stored-bytes CRC should catch all)", codec, silent)
+		}
+		t.Logf("%s: %d bytes, %d of %d flips harmless (decoded to the right data), the rest detected", codec, len(snap), silent, 2*len(snap))
+	}
+}
+
+// TestHostileRandomEdits applies random multi-byte edits with a repaired
+// index CRC, to exercise field validation beyond the checksums.
+func TestHostileRandomEdits(t *testing.T) {
+	snap := goldenSnap(t, goldenImage(), CodecZstd)
+	r, _ := NewReader(bytes.NewReader(snap), int64(len(snap)))
+	ioff, fo := int(r.indexOff), len(snap)-FooterSize
+	for i := ioff; i < fo; i++ {
+		for _, v := range []byte{0x00, 0xFF, 0x7F, 0x80, 0x01} {
+			b := bytes.Clone(snap)
+			if b[i] == v {
+				continue
+			}
+			b[i] = v
+			fixIndexCRC(b)
+			readAll(b) // must not panic, hang or allocate wildly
+		}
+	}
+}
