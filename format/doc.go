@@ -1,0 +1,18 @@
+// Package format reads and writes uffdrestore snapshot files (format v1).
+//
+// A snapshot is one file built for random access by chunk:
+//
+//	┌────────────┬──────────────────────────┬──────────────────────┬────────────┐
+//	│ header 32B │ chunk data (stored bytes │ index: regions,      │ footer 32B │
+//	│ magic, ver │ of non-zero chunks, in   │ chunk table, meta-   │ index off/ │
+//	│ len, flags │ chunk order)             │ data, profiles; CRC  │ len/CRC    │
+//	└────────────┴──────────────────────────┴──────────────────────┴────────────┘
+//
+// The Writer streams (index last) and compresses chunks in parallel with
+// byte-identical output for any worker count. The Reader validates every
+// field of the header, footer and index before use; a Decoder decompresses
+// one chunk at a time straight into the caller's buffer, without allocating,
+// and verifies CRC-32C checksums of the stored and the decoded bytes.
+//
+// The byte layout, limits and versioning rules are in SPEC.md.
+package format
