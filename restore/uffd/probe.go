@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/user"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -35,6 +36,7 @@ type HugetlbfsMount struct {
 // Permission is the userfaultfd permission model in force for this process.
 type Permission struct {
 	EUID                  int    `json:"euid"`
+	User                  string `json:"user,omitempty"` // login name of EUID, if it has one
 	CapSysPtrace          bool   `json:"cap_sys_ptrace"`
 	UnprivilegedSysctl    int    `json:"vm_unprivileged_userfaultfd"` // -1: unknown
 	DevPresent            bool   `json:"dev_userfaultfd_present"`
@@ -114,6 +116,9 @@ func Probe() *Report {
 
 func probePermission() Permission {
 	p := Permission{EUID: os.Geteuid(), UnprivilegedSysctl: -1}
+	if u, err := user.LookupId(strconv.Itoa(p.EUID)); err == nil {
+		p.User = u.Username
+	}
 	if b, err := os.ReadFile("/proc/sys/vm/unprivileged_userfaultfd"); err == nil {
 		p.UnprivilegedSysctl, _ = strconv.Atoi(strings.TrimSpace(string(b)))
 	}
