@@ -445,6 +445,27 @@ func (w *Writer) Close() error {
 	return w.err
 }
 
+// Abort stops the workers without writing the index or footer, so the
+// output is not a valid snapshot. Use it on error paths instead of Close.
+// Abort after Close (or a second Abort) does nothing.
+func (w *Writer) Abort() {
+	if w.closed {
+		return
+	}
+	for len(w.pending) > 0 {
+		j := w.pending[0]
+		w.pending = w.pending[1:]
+		<-j.done
+	}
+	w.closed = true
+	close(w.jobs)
+	w.wg.Wait()
+	w.free, w.fill = nil, nil
+	if w.err == nil {
+		w.err = ErrClosed
+	}
+}
+
 // Stats returns what has been written so far (complete after Close).
 func (w *Writer) Stats() WriterStats {
 	s := w.stats
