@@ -1,0 +1,185 @@
+package restore
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// BackingKind says what memory a restore is loaded into.
+type BackingKind int
+
+// Backing kinds.
+const (
+	// BackingAuto picks a hugetlb memfd when the huge page pool has room
+	// for the whole snapshot and the kernel has minor faults on hugetlbfs,
+	// else a shmem memfd.
+	BackingAuto BackingKind = iota
+	// BackingHugetlbfs is a file in a hugetlbfs mount (WithHugetlbfsDir).
+	// It cannot be sealed against shrinking.
+	BackingHugetlbfs
+	// BackingMemfdHugetlb is memfd_create(MFD_HUGETLB): huge pages, no mount.
+	BackingMemfdHugetlb
+	// BackingShmem is a plain shmem memfd with 4 KiB pages.
+	BackingShmem
+)
+
+func (k BackingKind) String() string {
+	switch k {
+	case BackingHugetlbfs:
+		return "hugetlbfs"
+	case BackingMemfdHugetlb:
+		return "memfd-hugetlb"
+	case BackingShmem:
+		return "shmem"
+	}
+	return "auto"
+}
+
+// ParseBacking parses auto, hugetlbfs, memfd (or memfd-hugetlb) and shmem.
+func ParseBacking(s string) (BackingKind, error) {
+	switch s {
+	case "", "auto":
+		return BackingAuto, nil
+	case "hugetlbfs":
+		return BackingHugetlbfs, nil
+	case "memfd", "memfd-hugetlb", "hugetlb":
+		return BackingMemfdHugetlb, nil
+	case "shmem":
+		return BackingShmem, nil
+	}
+	return 0, fmt.Errorf("restore: unknown backing %q (want auto, hugetlbfs, memfd or shmem)", s)
+}
+
+// hugetlb reports whether the kind uses huge pages.
+func (k BackingKind) hugetlb() bool { return k == BackingHugetlbfs || k == BackingMemfdHugetlb }
+
+// backing is the file a restore is loaded into.
+type backing struct {
+	kind     BackingKind
+	fd       int
+	size     int64
+	pageSize int
+	sealed   bool
+}
+
+// ErrNoHugePages is returned (wrapped, with the numbers and the fix) when
+// the huge page pool has no room for the snapshot.
+var ErrNoHugePages = errors.New("restore: not enough free huge pages")
+
+func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
+
+// checkPool fails with the numbers and the fix when the default huge page
+// pool cannot hold size bytes.
+func checkPool(size int64) error {
+	page := uffd.DefaultHugePageSize()
+	need := roundUp(size, page) / page
+	var pool uffd.HugePool
+	for _, p := range uffd.HugePools() {
+		if p.PageSize == page {
+			pool = p
+		}
+	}
+	if avail := pool.Available(); avail < need {
+		return fmt.Errorf("%w: the snapshot needs %d huge pages of %d KiB (%d MiB), %d are free (%d total, %d reserved): "+
+			"as root run `echo %d > /proc/sys/vm/nr_hugepages`, or restore with --backing shmem",
+			ErrNoHugePages, need, page>>10, need*page>>20, avail, pool.Total, pool.Reserved, pool.Total+need-avail)
+	}
+	return nil
+}
+
+// newBacking creates a backing file of at least size bytes.
+func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, err error) {
+	if kind == BackingAuto {
+		kind = BackingShmem
+		feat, _, ferr := uffd.Supported(uffd.OpenOptions{})
+		if ferr == nil && feat&uffd.FeatureMinorHugetlbfs != 0 && checkPool(size) == nil {
+			kind = BackingMemfdHugetlb
+		}
+	}
+	b := &backing{kind: kind, fd: -1, pageSize: os.Getpagesize()}
+	if kind.hugetlb() {
+		b.pageSize = int(uffd.DefaultHugePageSize())
+		if err := checkPool(size); err != nil {
+			return nil, err
+		}
+	}
+	b.size = roundUp(max(size, 1), int64(b.pageSize))
+	defer func() {
+		if err != nil && b.fd >= 0 {
+			unix.Close(b.fd)
+		}
+	}()
+	switch kind {
+	case BackingHugetlbfs:
+		if hugetlbfsDir == "" {
+			return nil, errors.New("restore: --backing hugetlbfs needs a hugetlbfs mount (--hugetlbfs DIR); mount one with `mount -t hugetlbfs none /dev/hugepages`")
+		}
+		var st unix.Statfs_t
+		if err := unix.Statfs(hugetlbfsDir, &st); err != nil {
+			return nil, fmt.Errorf("restore: hugetlbfs dir %s: %w", hugetlbfsDir, err)
+		}
+		if st.Type != unix.HUGETLBFS_MAGIC {
+			return nil, fmt.Errorf("restore: %s is not a hugetlbfs mount; mount one with `mount -t hugetlbfs none %s`", hugetlbfsDir, hugetlbfsDir)
+		}
+		var rnd [8]byte
+		rand.Read(rnd[:])
+		p := filepath.Join(hugetlbfsDir, "uffdrestore-backing-"+hex.EncodeToString(rnd[:]))
+		b.fd, err = unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("restore: create backing in %s: %w (check the mount's uid/gid/mode options)", hugetlbfsDir, err)
+		}
+		// Unlinked at once: the pages go back to the pool when the last
+		// mapping and fd close, even if this process dies.
+		unix.Unlink(p)
+	case BackingMemfdHugetlb:
+		if b.fd, err = uffd.MemfdCreate("uffdrestore-backing", true, 0); err != nil {
+			return nil, fmt.Errorf("restore: create hugetlb memfd: %w", err)
+		}
+	case BackingShmem:
+		if b.fd, err = uffd.MemfdCreate("uffdrestore-backing", false, 0); err != nil {
+			return nil, fmt.Errorf("restore: create shmem memfd: %w", err)
+		}
+	default:
+		return nil, fmt.Errorf("restore: unknown backing kind %d", kind)
+	}
+	if err := uffd.Ftruncate(b.fd, b.size); err != nil {
+		return nil, fmt.Errorf("restore: size backing to %d bytes: %w", b.size, err)
+	}
+	if kind != BackingHugetlbfs {
+		if err := uffd.AddSeals(b.fd, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+			return nil, fmt.Errorf("restore: seal backing: %w", err)
+		}
+		b.sealed = true
+	}
+	return b, nil
+}
+
+// backingFromFD wraps an existing backing fd (the in-process helper gets
+// the parent's). It takes ownership of fd.
+func backingFromFD(fd int, kind BackingKind, size int64, pageSize int) *backing {
+	return &backing{kind: kind, fd: fd, size: size, pageSize: pageSize}
+}
+
+func (b *backing) close() error {
+	if b.fd < 0 {
+		return os.ErrClosed
+	}
+	err := unix.Close(b.fd)
+	b.fd = -1
+	return err
+}
+
+// layoutName is the protocol's name for the backing's page type.
+func (b *backing) layoutName() string {
+	if b.kind.hugetlb() {
+		return "hugetlb"
+	}
+	return "shmem"
+}

@@ -1,0 +1,423 @@
+package restore
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// Unit states. A unit is the fill granularity: max(chunk size, page size),
+// so that one UFFDIO_CONTINUE covers whole pages.
+const (
+	stAbsent uint32 = iota
+	stFilling
+	stPresent
+	stPoisoned
+)
+
+// engine fills units of a backing from a snapshot and resolves the faults of
+// the views registered on it. It is shared by the out-of-process server (one
+// view per attached target) and the in-process helper (one view).
+type engine struct {
+	r     *format.Reader
+	b     *backing
+	alias *uffd.Mapping
+	cfg   config
+
+	chunkSize     int
+	unitSize      int
+	chunksPerUnit int
+	nUnits        int
+	state         []atomic.Uint32
+	shards        [64]waitShard
+
+	faultq        chan uint32
+	prefetchOrder []uint32
+	prefetchNext  atomic.Int64
+	prefetchOnce  sync.Once
+	prefetchOn    chan struct{}
+
+	present    atomic.Int64
+	allPresent chan struct{}
+	allOnce    sync.Once
+	fillStart  time.Time
+	fillTime   atomic.Int64
+
+	viewsMu sync.RWMutex
+	views   []*View
+	retired counters // counters of views that are gone
+
+	c       counters
+	errMu   sync.Mutex
+	lastErr error
+
+	stop    chan struct{}
+	workers sync.WaitGroup
+	epoch   time.Time
+}
+
+type waitShard struct {
+	mu sync.Mutex
+	w  []waiter
+	_  [40]byte // keep shards on separate cache lines
+}
+
+type waiter struct {
+	unit uint32
+	v    *View
+	addr uintptr
+	t0   int64
+}
+
+func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) {
+	e := &engine{r: r, b: b, cfg: cfg, chunkSize: r.ChunkSize(), epoch: time.Now()}
+	e.unitSize = max(e.chunkSize, b.pageSize)
+	if e.unitSize%e.chunkSize != 0 || e.unitSize%b.pageSize != 0 {
+		return nil, fmt.Errorf("restore: chunk size %d and page size %d do not nest", e.chunkSize, b.pageSize)
+	}
+	e.chunksPerUnit = e.unitSize / e.chunkSize
+	e.nUnits = int((r.TotalSize() + uint64(e.unitSize) - 1) / uint64(e.unitSize))
+	if int64(e.nUnits)*int64(e.unitSize) > b.size {
+		return nil, fmt.Errorf("restore: backing of %d bytes is smaller than the snapshot's %d units of %d bytes", b.size, e.nUnits, e.unitSize)
+	}
+	e.state = make([]atomic.Uint32, e.nUnits)
+	e.faultq = make(chan uint32, e.nUnits+1)
+	e.prefetchOn = make(chan struct{})
+	e.allPresent = make(chan struct{})
+	e.stop = make(chan struct{})
+	if e.nUnits == 0 {
+		close(e.allPresent)
+	}
+	if b.size > 0 {
+		e.alias, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd, 0)
+		if err != nil {
+			if errors.Is(err, unix.ENOMEM) && b.kind.hugetlb() {
+				return nil, fmt.Errorf("%w: mapping %d MiB of huge pages failed (another process took them?): %v; "+
+					"reserve more with `echo N > /proc/sys/vm/nr_hugepages` or use --backing shmem", ErrNoHugePages, b.size>>20, err)
+			}
+			return nil, fmt.Errorf("restore: map backing: %w", err)
+		}
+	}
+	e.prefetchOrder = make([]uint32, e.nUnits)
+	for i := range e.prefetchOrder {
+		e.prefetchOrder[i] = uint32(i)
+	}
+	workers := cfg.workers
+	if workers <= 0 {
+		workers = runtime.NumCPU()
+	}
+	for i := 0; i < workers; i++ {
+		e.workers.Add(1)
+		go e.worker()
+	}
+	return e, nil
+}
+
+func (e *engine) now() int64 { return int64(time.Since(e.epoch)) }
+
+func (e *engine) setErr(err error) {
+	e.c.errors.Add(1)
+	e.errMu.Lock()
+	e.lastErr = err
+	e.errMu.Unlock()
+}
+
+// Err returns the last error the engine met (a corrupt chunk, an I/O error).
+func (e *engine) err() error {
+	e.errMu.Lock()
+	defer e.errMu.Unlock()
+	return e.lastErr
+}
+
+// startPrefetch makes idle workers fill absent units in prefetch order.
+// Faults still go first.
+func (e *engine) startPrefetch() {
+	e.prefetchOnce.Do(func() {
+		e.fillStart = time.Now()
+		close(e.prefetchOn)
+	})
+}
+
+func (e *engine) worker() {
+	defer e.workers.Done()
+	dec := e.r.NewDecoder()
+	defer dec.Close()
+	var done []waiter
+	for {
+		select {
+		case u := <-e.faultq:
+			done = e.fill(dec, u, true, done)
+			continue
+		case <-e.stop:
+			return
+		default:
+		}
+		select {
+		case <-e.prefetchOn:
+			if i := e.prefetchNext.Add(1) - 1; i < int64(len(e.prefetchOrder)) {
+				u := e.prefetchOrder[i]
+				if e.state[u].CompareAndSwap(stAbsent, stFilling) {
+					done = e.fill(dec, u, false, done)
+				}
+				continue
+			}
+		default:
+		}
+		select {
+		case u := <-e.faultq:
+			done = e.fill(dec, u, true, done)
+		case <-e.stop:
+			return
+		case <-e.prefetchOnIfPending():
+		}
+	}
+}
+
+// prefetchOnIfPending returns a channel that becomes ready when prefetch
+// starts, or nil (never ready) when it has already started and run out.
+func (e *engine) prefetchOnIfPending() <-chan struct{} {
+	select {
+	case <-e.prefetchOn:
+		return nil
+	default:
+		return e.prefetchOn
+	}
+}
+
+// fillUnit decodes unit u's chunks straight into the alias mapping and makes
+// sure every page of the unit is allocated.
+func (e *engine) fillUnit(dec *format.Decoder, u uint32) error {
+	start := int(u) * e.unitSize
+	c0 := start / e.chunkSize
+	c1 := min(c0+e.chunksPerUnit, e.r.NumChunks())
+	whole := c1-c0 == e.chunksPerUnit
+	mem := e.alias.Bytes()
+	for c := c0; c < c1; c++ {
+		ch := e.r.Chunk(c)
+		if ch.Codec == format.CodecZero {
+			e.c.zeroChunks.Add(1)
+			whole = false
+			continue
+		}
+		off := c * e.chunkSize
+		if err := dec.DecodeChunk(c, mem[off:off+e.chunkSize]); err != nil {
+			return err
+		}
+		e.c.bytesDecoded.Add(int64(ch.RawLen))
+		e.c.bytesRead.Add(int64(ch.StoredLen))
+		if int(ch.RawLen) < e.chunkSize {
+			whole = false
+		}
+	}
+	if !whole {
+		// Zero chunks and short tails are not written: allocate their
+		// (zeroed) pages so CONTINUE finds every page in the page cache.
+		if err := uffd.Fallocate(e.b.fd, 0, int64(start), int64(e.unitSize)); err != nil {
+			return fmt.Errorf("restore: allocate unit %d: %w", u, err)
+		}
+	}
+	return nil
+}
+
+// fill fills unit u (already claimed: state filling), publishes it and
+// resolves every fault waiting on it. done is a reusable scratch slice.
+func (e *engine) fill(dec *format.Decoder, u uint32, byFault bool, done []waiter) []waiter {
+	err := e.fillUnit(dec, u)
+	final := stPresent
+	if err != nil {
+		final = stPoisoned
+		e.setErr(fmt.Errorf("restore: unit %d (offset %#x): %w", u, int64(u)*int64(e.unitSize), err))
+		// Never leave unverified bytes in the page cache.
+		uffd.Fallocate(e.b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(u)*int64(e.unitSize), int64(e.unitSize))
+		e.c.poisoned.Add(1)
+	} else if byFault {
+		e.c.filledByFault.Add(1)
+	} else {
+		e.c.filledByPrefill.Add(1)
+	}
+	sh := &e.shards[u%uint32(len(e.shards))]
+	sh.mu.Lock()
+	e.state[u].Store(final)
+	done = done[:0]
+	keep := sh.w[:0]
+	for _, w := range sh.w {
+		if w.unit == u {
+			done = append(done, w)
+		} else {
+			keep = append(keep, w)
+		}
+	}
+	clear(sh.w[len(keep):])
+	sh.w = keep
+	sh.mu.Unlock()
+	last := e.present.Add(1) == int64(e.nUnits)
+	for _, w := range done {
+		e.answer(w.v, u, w.addr, w.t0, final)
+	}
+	if final == stPresent && e.cfg.premap {
+		e.premap(u, done)
+	}
+	if last {
+		if !e.fillStart.IsZero() {
+			e.fillTime.Store(int64(time.Since(e.fillStart)))
+		}
+		e.allOnce.Do(func() { close(e.allPresent) })
+	}
+	clear(done)
+	return done[:0]
+}
+
+// premap maps unit u into every view that has not just been answered, so
+// their first touch costs no fault at all.
+func (e *engine) premap(u uint32, answered []waiter) {
+	e.viewsMu.RLock()
+	defer e.viewsMu.RUnlock()
+next:
+	for _, v := range e.views {
+		for _, w := range answered {
+			if w.v == v {
+				continue next
+			}
+		}
+		if v.dead.Load() {
+			continue
+		}
+		v.continueUnit(u, 0)
+		e.c.premapped.Add(1)
+	}
+}
+
+// request handles a fault of view v at addr on unit u.
+func (e *engine) request(v *View, u uint32, addr uintptr, t0 int64) {
+	switch st := e.state[u].Load(); st {
+	case stPresent, stPoisoned:
+		e.answer(v, u, addr, t0, st)
+		return
+	}
+	sh := &e.shards[u%uint32(len(e.shards))]
+	sh.mu.Lock()
+	st := e.state[u].Load()
+	if st == stPresent || st == stPoisoned {
+		sh.mu.Unlock()
+		e.answer(v, u, addr, t0, st)
+		return
+	}
+	sh.w = append(sh.w, waiter{unit: u, v: v, addr: addr, t0: t0})
+	claimed := st == stAbsent && e.state[u].CompareAndSwap(stAbsent, stFilling)
+	sh.mu.Unlock()
+	if claimed {
+		e.faultq <- u
+	} else {
+		v.c.faultsWaited.Add(1)
+	}
+}
+
+// answer resolves a fault on a unit that is present (CONTINUE) or poisoned
+// (POISON: the toucher gets SIGBUS, never wrong bytes).
+func (e *engine) answer(v *View, u uint32, addr uintptr, t0 int64, st uint32) {
+	if st == stPoisoned {
+		v.poison(u, addr)
+	} else if err := v.continueUnit(u, addr); errors.Is(err, errRefill) {
+		e.refill(v, u, addr, t0)
+		return
+	}
+	v.c.latency.record(time.Duration(e.now() - t0))
+}
+
+var errRefill = errors.New("restore: page missing from the page cache")
+
+// refill handles a unit whose pages were punched out of the backing (a
+// target's MADV_REMOVE or fallocate(PUNCH_HOLE)): it goes back to absent and
+// is filled again, so the toucher sees the snapshot's bytes, never zeros.
+func (e *engine) refill(v *View, u uint32, addr uintptr, t0 int64) {
+	if e.state[u].CompareAndSwap(stPresent, stAbsent) {
+		e.present.Add(-1)
+		e.c.refills.Add(1)
+	}
+	e.request(v, u, addr, t0)
+}
+
+func (e *engine) addView(v *View) {
+	e.viewsMu.Lock()
+	e.views = append(e.views, v)
+	e.viewsMu.Unlock()
+}
+
+func (e *engine) removeView(v *View) {
+	e.viewsMu.Lock()
+	for i, x := range e.views {
+		if x == v {
+			e.views = append(e.views[:i], e.views[i+1:]...)
+			break
+		}
+	}
+	e.viewsMu.Unlock()
+	// Drop its waiters.
+	for i := range e.shards {
+		sh := &e.shards[i]
+		sh.mu.Lock()
+		keep := sh.w[:0]
+		for _, w := range sh.w {
+			if w.v != v {
+				keep = append(keep, w)
+			}
+		}
+		clear(sh.w[len(keep):])
+		sh.w = keep
+		sh.mu.Unlock()
+	}
+	e.retired.add(&v.c)
+}
+
+func (e *engine) stats() Stats {
+	s := Stats{Mode: e.cfg.mode.String(), Backing: e.b.kind.String(), Chunks: e.r.NumChunks(), Units: e.nUnits}
+	var total counters
+	total.add(&e.c)
+	total.add(&e.retired)
+	e.viewsMu.RLock()
+	s.Views = len(e.views)
+	for _, v := range e.views {
+		total.add(&v.c)
+	}
+	e.viewsMu.RUnlock()
+	total.fill(&s)
+	s.UnitsPresent = e.present.Load()
+	s.FillTime = time.Duration(e.fillTime.Load())
+	if err := e.err(); err != nil {
+		s.LastError = err.Error()
+	}
+	return s
+}
+
+// close stops the workers and unmaps the alias. Views must be closed first.
+func (e *engine) close() {
+	close(e.stop)
+	e.workers.Wait()
+	if e.alias != nil {
+		e.alias.Close()
+	}
+}
+
+func (c *counters) add(o *counters) {
+	c.faultsMinor.Add(o.faultsMinor.Load())
+	c.faultsMissing.Add(o.faultsMissing.Load())
+	c.faultsWaited.Add(o.faultsWaited.Load())
+	c.filledByFault.Add(o.filledByFault.Load())
+	c.filledByPrefill.Add(o.filledByPrefill.Load())
+	c.refills.Add(o.refills.Load())
+	c.zeroChunks.Add(o.zeroChunks.Load())
+	c.bytesDecoded.Add(o.bytesDecoded.Load())
+	c.bytesRead.Add(o.bytesRead.Load())
+	c.continues.Add(o.continues.Load())
+	c.premapped.Add(o.premapped.Load())
+	c.poisoned.Add(o.poisoned.Load())
+	c.errors.Add(o.errors.Load())
+	c.latency.merge(&o.latency)
+}

@@ -1,0 +1,196 @@
+package restore
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+)
+
+// Layout describes a loaded snapshot as the attach protocol sends it.
+type Layout struct {
+	Backing   string         `json:"backing"` // "hugetlb" or "shmem"
+	PageSize  int            `json:"page_size"`
+	ChunkSize int            `json:"chunk_size"`
+	FileSize  uint64         `json:"file_size"`
+	Snapshot  string         `json:"snapshot"`
+	Regions   []LayoutRegion `json:"regions"`
+}
+
+// LayoutRegion is one region of the snapshot in the backing file.
+type LayoutRegion struct {
+	Name   string `json:"name"`
+	Offset uint64 `json:"offset"` // in the backing file
+	Size   uint64 `json:"size"`   // Length rounded up to the page size
+	Length uint64 `json:"length"` // the region's true length
+	Addr   uint64 `json:"addr"`   // original virtual address, 0 if unknown
+	Prot   uint32 `json:"prot"`
+}
+
+// Loader holds a snapshot loaded into a backing file and serves the faults
+// of any number of views on it: the server side of `uffdrestore load`, and
+// the engine of the in-process helper.
+type Loader struct {
+	f         *format.File
+	b         *backing
+	e         *engine
+	layout    Layout
+	ready     time.Duration
+	closeOnce sync.Once
+	closed    bool
+	mu        sync.Mutex
+}
+
+// NewLoader opens the snapshot at path and creates its backing. In eager
+// mode it returns once every chunk is in the backing; in prefetch mode the
+// fill runs on in the background; in lazy mode nothing is filled until a
+// view faults.
+func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err error) {
+	t0 := time.Now()
+	cfg := defaultConfig()
+	for _, o := range opts {
+		o(&cfg)
+	}
+	f, err := format.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("restore: open snapshot: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+		}
+	}()
+	size := int64(f.TotalSize())
+	if unit := int64(max(f.ChunkSize(), int(uffd.DefaultHugePageSize()))); cfg.backing != BackingShmem {
+		size = roundUp(size, unit)
+	}
+	b, err := newBacking(cfg.backing, size, cfg.hugetlbfsDir)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			b.close()
+		}
+	}()
+	l, err := newLoader(ctx, f, b, cfg, filepath.Base(path))
+	if err != nil {
+		return nil, err
+	}
+	l.ready = time.Since(t0)
+	return l, nil
+}
+
+func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name string) (*Loader, error) {
+	e, err := newEngine(f.Reader, b, cfg)
+	if err != nil {
+		return nil, err
+	}
+	l := &Loader{f: f, b: b, e: e}
+	l.layout = Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: f.ChunkSize(), FileSize: uint64(b.size), Snapshot: name}
+	for _, r := range f.Regions() {
+		off := uint64(r.FirstChunk) * uint64(f.ChunkSize())
+		l.layout.Regions = append(l.layout.Regions, LayoutRegion{
+			Name: r.Name, Offset: off, Size: uint64(roundUp(int64(r.Length), int64(b.pageSize))),
+			Length: r.Length, Addr: r.Addr, Prot: r.Prot,
+		})
+	}
+	switch cfg.mode {
+	case ModeEager:
+		e.startPrefetch()
+		select {
+		case <-e.allPresent:
+		case <-ctx.Done():
+			e.close()
+			return nil, fmt.Errorf("restore: eager fill: %w", ctx.Err())
+		}
+		if p := e.c.poisoned.Load(); p > 0 {
+			err := e.err()
+			e.close()
+			return nil, fmt.Errorf("restore: eager fill: %d unit(s) failed: %w", p, err)
+		}
+	case ModePrefetch:
+		e.startPrefetch()
+	}
+	return l, nil
+}
+
+// Layout returns the snapshot's layout in the backing.
+func (l *Loader) Layout() Layout { return l.layout }
+
+// BackingFD is the backing file's descriptor. The loader keeps ownership.
+func (l *Loader) BackingFD() int { return l.b.fd }
+
+// BackingKind is the backing actually in use (auto resolved).
+func (l *Loader) BackingKind() BackingKind { return l.b.kind }
+
+// AttachView starts serving the faults of u, a userfaultfd on which the
+// ranges of the backing are registered MISSING|MINOR. It takes ownership of
+// u, also on error.
+func (l *Loader) AttachView(u *uffd.FD, ranges []ViewRange, name string) (*View, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		u.Close()
+		return nil, os.ErrClosed
+	}
+	return l.e.newView(u, ranges, name)
+}
+
+// Prefetch starts filling every absent unit in the background (faults still
+// go first).
+func (l *Loader) Prefetch() { l.e.startPrefetch() }
+
+// Wait fills whatever is not filled yet and waits until every unit is
+// present. It returns the engine's error if a unit failed.
+func (l *Loader) Wait(ctx context.Context) error {
+	l.e.startPrefetch()
+	select {
+	case <-l.e.allPresent:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if l.e.c.poisoned.Load() > 0 {
+		return l.e.err()
+	}
+	return nil
+}
+
+// Err returns the last fill error (a corrupt chunk, an I/O error), or nil.
+func (l *Loader) Err() error { return l.e.err() }
+
+// Stats returns the totals over every view, past and present.
+func (l *Loader) Stats() Stats {
+	s := l.e.stats()
+	s.TimeToReady = l.ready
+	return s
+}
+
+// Close stops serving every view, stops the fillers, unmaps, and frees the
+// backing (its huge pages go back to the pool once no other process maps
+// it). It is idempotent: later calls return os.ErrClosed.
+func (l *Loader) Close() error {
+	err := os.ErrClosed
+	l.closeOnce.Do(func() {
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
+		l.e.viewsMu.RLock()
+		views := append([]*View(nil), l.e.views...)
+		l.e.viewsMu.RUnlock()
+		for _, v := range views {
+			v.Close()
+		}
+		l.e.close()
+		err = l.b.close()
+		if cerr := l.f.Close(); err == nil {
+			err = cerr
+		}
+	})
+	return err
+}

@@ -1,0 +1,99 @@
+package restore
+
+import (
+	"fmt"
+	"time"
+)
+
+// Mode says when chunks are filled.
+type Mode int
+
+// Restore modes.
+const (
+	// ModeLazy fills a unit only when a view faults on it: the fastest time
+	// to ready, and the least work for sparse access.
+	ModeLazy Mode = iota
+	// ModeEager fills every unit in parallel before the restore is ready:
+	// no fault costs afterwards.
+	ModeEager
+	// ModePrefetch is lazy plus idle workers filling the rest in file
+	// order; faults jump the queue.
+	ModePrefetch
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeEager:
+		return "eager"
+	case ModePrefetch:
+		return "prefetch"
+	}
+	return "lazy"
+}
+
+// ParseMode parses lazy, eager and prefetch.
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "", "lazy":
+		return ModeLazy, nil
+	case "eager":
+		return ModeEager, nil
+	case "prefetch":
+		return ModePrefetch, nil
+	}
+	return 0, fmt.Errorf("restore: unknown mode %q (want lazy, eager or prefetch)", s)
+}
+
+type config struct {
+	mode         Mode
+	backing      BackingKind
+	hugetlbfsDir string
+	workers      int
+	spin         time.Duration
+	premap       bool
+	helperPath   string
+}
+
+func defaultConfig() config {
+	return config{mode: ModeLazy, backing: BackingAuto, spin: DefaultSpin, premap: true}
+}
+
+// DefaultSpin is how long a fault loop busy-polls for the next fault before
+// it sleeps in poll(2). See the package documentation for the measurement.
+const DefaultSpin = 50 * time.Microsecond
+
+// Option configures a restore.
+type Option func(*config)
+
+// WithMode sets the mode (default lazy).
+func WithMode(m Mode) Option { return func(c *config) { c.mode = m } }
+
+// WithBacking sets the backing kind (default auto).
+func WithBacking(k BackingKind) Option { return func(c *config) { c.backing = k } }
+
+// WithHugetlbfsDir sets the hugetlbfs mount for BackingHugetlbfs.
+func WithHugetlbfsDir(dir string) Option {
+	return func(c *config) {
+		c.hugetlbfsDir = dir
+		if c.backing == BackingAuto {
+			c.backing = BackingHugetlbfs
+		}
+	}
+}
+
+// WithWorkers sets the number of filler goroutines (default: the number of
+// CPUs).
+func WithWorkers(n int) Option { return func(c *config) { c.workers = n } }
+
+// WithSpin sets how long a fault loop busy-polls before sleeping (0: never
+// spin).
+func WithSpin(d time.Duration) Option { return func(c *config) { c.spin = d } }
+
+// WithPremap sets whether units filled ahead of a fault (eager, prefetch, or
+// another view's fault) are mapped into every view at once, so a later touch
+// costs no fault (default true).
+func WithPremap(on bool) Option { return func(c *config) { c.premap = on } }
+
+// WithHelper sets the executable that runs the fault handler of an
+// in-process restore (default: this program itself, /proc/self/exe).
+func WithHelper(path string) Option { return func(c *config) { c.helperPath = path } }

@@ -1,0 +1,378 @@
+package restore
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// ViewRange is one mapping of the backing in a view: Size bytes of the
+// backing at Offset, mapped at Base in the view's address space.
+type ViewRange struct {
+	Base    uintptr `json:"base_host_virt_addr"`
+	Size    uint64  `json:"size"`
+	Offset  uint64  `json:"offset"`
+	Private bool    `json:"private"`
+}
+
+// View is one address space whose faults the engine serves: an attached
+// target process, or the in-process restore. It owns its userfaultfd.
+type View struct {
+	e      *engine
+	name   string
+	u      *uffd.FD
+	ranges atomic.Pointer[[]ViewRange] // sorted by Base; replaced on remap/unmap
+	wakeMu sync.Mutex
+	wakefd int // -1 once closed
+	c      counters
+	dead   atomic.Bool
+
+	done      chan struct{}
+	closeOnce sync.Once
+	loopDone  chan struct{}
+	errMu     sync.Mutex
+	err       error
+}
+
+// validateRanges checks ranges against the backing: page aligned, inside
+// the file, not overlapping.
+func validateRanges(ranges []ViewRange, pageSize int, fileSize int64) error {
+	if len(ranges) == 0 {
+		return errors.New("restore: view has no ranges")
+	}
+	ps := uint64(pageSize)
+	s := append([]ViewRange(nil), ranges...)
+	sort.Slice(s, func(i, j int) bool { return s[i].Base < s[j].Base })
+	for i, r := range s {
+		switch {
+		case r.Size == 0:
+			return fmt.Errorf("restore: range %d: size is 0", i)
+		case uint64(r.Base)%ps != 0 || r.Offset%ps != 0 || r.Size%ps != 0:
+			return fmt.Errorf("restore: range at %#x: base %#x, offset %#x and size %#x must be multiples of the page size %#x", r.Base, r.Base, r.Offset, r.Size, ps)
+		case r.Offset > uint64(fileSize) || r.Size > uint64(fileSize)-r.Offset:
+			return fmt.Errorf("restore: range at %#x: offset %#x + size %#x is outside the backing (%#x bytes)", r.Base, r.Offset, r.Size, fileSize)
+		case uint64(r.Base)+r.Size < uint64(r.Base):
+			return fmt.Errorf("restore: range at %#x: size %#x wraps the address space", r.Base, r.Size)
+		case i > 0 && uint64(s[i-1].Base)+s[i-1].Size > uint64(r.Base):
+			return fmt.Errorf("restore: ranges at %#x and %#x overlap", s[i-1].Base, r.Base)
+		}
+	}
+	return nil
+}
+
+// newView starts serving u's faults for ranges. It takes ownership of u.
+func (e *engine) newView(u *uffd.FD, ranges []ViewRange, name string) (*View, error) {
+	if err := validateRanges(ranges, e.b.pageSize, e.b.size); err != nil {
+		u.Close()
+		return nil, err
+	}
+	wfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		u.Close()
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	if err := unix.SetNonblock(u.Fd(), true); err != nil {
+		u.Close()
+		unix.Close(wfd)
+		return nil, os.NewSyscallError("fcntl O_NONBLOCK", err)
+	}
+	v := &View{e: e, name: name, u: u, wakefd: wfd, done: make(chan struct{}), loopDone: make(chan struct{})}
+	s := append([]ViewRange(nil), ranges...)
+	sort.Slice(s, func(i, j int) bool { return s[i].Base < s[j].Base })
+	v.ranges.Store(&s)
+	e.addView(v)
+	// Units already present (eager, prefetch, other targets) are mapped now,
+	// so touching them costs no fault.
+	if e.cfg.premap {
+		for u := range e.state {
+			if e.state[u].Load() == stPresent {
+				v.continueUnit(uint32(u), 0)
+				v.c.premapped.Add(1)
+			}
+		}
+	}
+	go v.loop()
+	return v, nil
+}
+
+// Done is closed when the view stops: its uffd hung up (the target exited),
+// it failed, or Close was called.
+func (v *View) Done() <-chan struct{} { return v.done }
+
+// Err is why the view stopped, or nil.
+func (v *View) Err() error {
+	v.errMu.Lock()
+	defer v.errMu.Unlock()
+	return v.err
+}
+
+// Name is the view's name (the target's description).
+func (v *View) Name() string { return v.name }
+
+// Stats returns this view's fault figures and the engine's fill figures.
+func (v *View) Stats() Stats {
+	s := Stats{Mode: v.e.cfg.mode.String(), Backing: v.e.b.kind.String(), Chunks: v.e.r.NumChunks(), Units: v.e.nUnits, Views: 1}
+	v.c.fill(&s)
+	s.UnitsPresent = v.e.present.Load()
+	return s
+}
+
+// Close stops serving the view and closes its uffd. Threads still waiting
+// on one of its faults stay blocked until their process exits or another
+// handler resolves them. Close is idempotent.
+func (v *View) Close() error {
+	first := false
+	v.closeOnce.Do(func() {
+		first = true
+		v.dead.Store(true)
+		v.wakeMu.Lock()
+		if v.wakefd >= 0 {
+			var one [8]byte
+			one[0] = 1
+			unix.Write(v.wakefd, one[:])
+		}
+		v.wakeMu.Unlock()
+	})
+	<-v.loopDone
+	if !first {
+		return os.ErrClosed
+	}
+	return nil
+}
+
+func (v *View) stop(err error) {
+	v.errMu.Lock()
+	if v.err == nil {
+		v.err = err
+	}
+	v.errMu.Unlock()
+	v.dead.Store(true)
+}
+
+// loop is the fault loop: on its own locked OS thread, it reads fault
+// messages in batches and hands each to the engine. It spins briefly before
+// sleeping in poll(2), since waking a sleeping thread costs ~50–70 µs in a
+// VM while a busy poll answers in a few.
+func (v *View) loop() {
+	runtime.LockOSThread()
+	defer func() {
+		v.e.removeView(v)
+		v.u.Close()
+		v.wakeMu.Lock()
+		unix.Close(v.wakefd)
+		v.wakefd = -1
+		v.wakeMu.Unlock()
+		close(v.done)
+		close(v.loopDone)
+	}()
+	buf := uffd.NewMsgBuf(64)
+	msgs := make([]uffd.Msg, 64)
+	spin := int64(v.e.cfg.spin)
+	var idleSince int64 = -1
+	for !v.dead.Load() {
+		n, err := v.u.ReadMsgs(buf, msgs)
+		if err != nil {
+			if !errors.Is(err, uffd.ErrHangup) {
+				v.stop(fmt.Errorf("restore: view %s: %w", v.name, err))
+			} else {
+				v.stop(nil)
+			}
+			return
+		}
+		if n == 0 {
+			now := v.e.now()
+			if idleSince < 0 {
+				idleSince = now
+			}
+			if now-idleSince < spin {
+				continue
+			}
+			_, woken, hup, err := uffd.Poll(v.u.Fd(), v.wakefd, -1)
+			if err != nil {
+				v.stop(fmt.Errorf("restore: view %s: %w", v.name, err))
+				return
+			}
+			if woken {
+				return
+			}
+			if hup {
+				v.stop(nil)
+				return
+			}
+			idleSince = -1
+			continue
+		}
+		idleSince = -1
+		t0 := v.e.now()
+		for i := 0; i < n; i++ {
+			v.handle(&msgs[i], t0)
+		}
+	}
+}
+
+func (v *View) handle(m *uffd.Msg, t0 int64) {
+	switch m.Event {
+	case uffd.EventPagefault:
+		if m.Flags&uffd.PFMinor != 0 {
+			v.c.faultsMinor.Add(1)
+		} else {
+			v.c.faultsMissing.Add(1)
+		}
+		addr := uintptr(m.Address)
+		off, ok := v.offsetOf(addr)
+		if !ok {
+			// Not ours (a range we were told is gone): wake it so the
+			// kernel retries and raises what it must.
+			v.u.Wake(addr&^uintptr(v.e.b.pageSize-1), uintptr(v.e.b.pageSize))
+			return
+		}
+		v.e.request(v, uint32(off/uint64(v.e.unitSize)), addr, t0)
+	case uffd.EventRemap:
+		v.remap(uintptr(m.RemapFrom), uintptr(m.RemapTo), uintptr(m.RemapLen))
+	case uffd.EventUnmap:
+		v.unmap(uintptr(m.Start), uintptr(m.End))
+	case uffd.EventRemove:
+		// MADV_DONTNEED zaps page tables: the next touch is a minor fault.
+		// MADV_REMOVE also punches the page cache: CONTINUE then fails and
+		// the unit is filled again (see engine.refill).
+	case uffd.EventFork:
+		child := uffd.FromFD(int(m.ForkUFD), v.u.Features())
+		rs := *v.ranges.Load()
+		if _, err := v.e.newView(child, rs, v.name+"/fork"); err != nil {
+			v.e.setErr(fmt.Errorf("restore: view %s: serve forked child: %w", v.name, err))
+		}
+	}
+}
+
+// offsetOf maps an address of the view to a backing offset.
+func (v *View) offsetOf(addr uintptr) (uint64, bool) {
+	rs := *v.ranges.Load()
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].Base+uintptr(rs[i].Size) > addr })
+	if i < len(rs) && rs[i].Base <= addr {
+		return rs[i].Offset + uint64(addr-rs[i].Base), true
+	}
+	return 0, false
+}
+
+// continueUnit maps unit u into every range of the view that covers it.
+// When addr is not 0 it is a faulting address that must end up mapped and
+// woken, whatever else was mapped already.
+func (v *View) continueUnit(u uint32, addr uintptr) error {
+	us := uint64(v.e.unitSize)
+	ustart, uend := uint64(u)*us, uint64(u+1)*us
+	ps := uintptr(v.e.b.pageSize)
+	var firstErr error
+	for _, r := range *v.ranges.Load() {
+		lo, hi := max(ustart, r.Offset), min(uend, r.Offset+r.Size)
+		if lo >= hi {
+			continue
+		}
+		start := r.Base + uintptr(lo-r.Offset)
+		n := uintptr(hi - lo)
+		out, err := v.u.Continue(start, n, false)
+		v.c.continues.Add(1)
+		fault := addr >= start && addr < start+n
+		if err == nil && out == uffd.Mapped {
+			continue
+		}
+		if err != nil && !errors.Is(err, unix.EAGAIN) {
+			if errors.Is(err, unix.EFAULT) {
+				return errRefill
+			}
+			if errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENOSPC) {
+				v.stop(nil) // the target's address space is gone
+				return err
+			}
+			if errors.Is(err, unix.ENOENT) {
+				continue // the range was unmapped under us
+			}
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		// Part of the range was mapped already (EEXIST stops the kernel at
+		// the first mapped page) or the address space changed (EAGAIN).
+		// Make sure the faulting page itself is mapped and woken.
+		if fault {
+			pg := addr &^ (ps - 1)
+			for try := 0; try < 100; try++ {
+				_, err = v.u.Continue(pg, ps, false)
+				v.c.continues.Add(1)
+				if !errors.Is(err, unix.EAGAIN) {
+					break
+				}
+			}
+			if errors.Is(err, unix.EFAULT) {
+				return errRefill
+			}
+			v.u.Wake(pg, ps)
+		}
+	}
+	return firstErr
+}
+
+// poison makes unit u raise SIGBUS in this view.
+func (v *View) poison(u uint32, addr uintptr) {
+	us := uint64(v.e.unitSize)
+	ustart, uend := uint64(u)*us, uint64(u+1)*us
+	for _, r := range *v.ranges.Load() {
+		lo, hi := max(ustart, r.Offset), min(uend, r.Offset+r.Size)
+		if lo >= hi {
+			continue
+		}
+		start := r.Base + uintptr(lo-r.Offset)
+		if err := v.u.Poison(start, uintptr(hi-lo), false); err != nil {
+			v.e.setErr(fmt.Errorf("restore: view %s: poison %#x: %w (the faulting thread stays blocked)", v.name, start, err))
+		}
+	}
+	v.c.poisoned.Add(1)
+}
+
+// remap follows an mremap of part of the view.
+func (v *View) remap(from, to, n uintptr) {
+	v.replaceRanges(func(r ViewRange) []ViewRange { return splitRange(r, from, from+n, to) })
+}
+
+// unmap forgets an unmapped part of the view.
+func (v *View) unmap(start, end uintptr) {
+	v.replaceRanges(func(r ViewRange) []ViewRange { return splitRange(r, start, end, 0) })
+}
+
+func (v *View) replaceRanges(f func(ViewRange) []ViewRange) {
+	old := *v.ranges.Load()
+	var out []ViewRange
+	for _, r := range old {
+		out = append(out, f(r)...)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Base < out[j].Base })
+	v.ranges.Store(&out)
+}
+
+// splitRange cuts [lo, hi) out of r. With moveTo != 0 the cut part moves
+// there (mremap); otherwise it is dropped (munmap).
+func splitRange(r ViewRange, lo, hi, moveTo uintptr) []ViewRange {
+	end := r.Base + uintptr(r.Size)
+	if hi <= r.Base || lo >= end {
+		return []ViewRange{r}
+	}
+	clo, chi := max(lo, r.Base), min(hi, end)
+	var out []ViewRange
+	if clo > r.Base {
+		out = append(out, ViewRange{Base: r.Base, Size: uint64(clo - r.Base), Offset: r.Offset, Private: r.Private})
+	}
+	if moveTo != 0 {
+		out = append(out, ViewRange{Base: moveTo + (clo - lo), Size: uint64(chi - clo), Offset: r.Offset + uint64(clo-r.Base), Private: r.Private})
+	}
+	if chi < end {
+		out = append(out, ViewRange{Base: chi, Size: uint64(end - chi), Offset: r.Offset + uint64(chi-r.Base), Private: r.Private})
+	}
+	return out
+}
