@@ -1,0 +1,147 @@
+# uffdrestore — build, test, lint, fuzz, bench, demo.
+#
+#   make build       bin/uffdrestore (+ the C client library and example target once csrc/ has them)
+#   make test        vet, gofmt, go test -race, bounded fuzz of every Fuzz* target, benchmarks once
+#   make lint        go vet, gofmt, staticcheck (when it can be fetched)
+#   make fuzz        every Fuzz* target for FUZZTIME each (default 60s)
+#   make bench       benchmarks, 5 runs each, then "uffdrestore bench" once it exists
+#   make demo        build, then restore a generated snapshot lazily and print stats
+#   make hugepages   reserve at least HUGEPAGES default-size huge pages (root)
+#
+# Kernel tests skip with a reason when they lack root, huge pages or a kernel
+# feature; UFFDRESTORE_STRICT=1 (set by .ci/run) turns those skips into failures.
+
+GO        ?= go
+CFLAGS    ?= -O2 -Wall -Wextra -Werror -std=gnu11
+CFLAGS    += -Icsrc
+HUGEPAGES ?= 1024
+FUZZTIME  ?= 60s
+# The fuzz budget per target inside "make test".
+TEST_FUZZTIME ?= 20s
+GOTEST_TIMEOUT ?= 25m
+
+# The C client library and the example target exist only once their
+# sources land in csrc/; until then "build" skips them.
+CLIENT_SRC := $(wildcard csrc/ur_client.c)
+TARGET_SRC := $(wildcard csrc/target.c)
+C_HEADERS  := $(wildcard csrc/*.h)
+C_OUTPUTS  := $(if $(CLIENT_SRC),bin/libuffdrestore.a bin/libuffdrestore.so) \
+              $(if $(and $(CLIENT_SRC),$(TARGET_SRC)),bin/uffdrestore-target)
+
+# Directories (relative, no leading ./) holding Fuzz* targets, found fresh on
+# every run so new targets are picked up.
+FUZZ_FIND = grep -rlE --include='*_test.go' --exclude-dir=.git --exclude-dir=testdata '^func Fuzz[A-Za-z0-9_]*\(' .
+
+.PHONY: all build bin/uffdrestore test vet fmt-check lint fuzz bench demo hugepages clean
+
+all: build
+
+build: bin/uffdrestore $(C_OUTPUTS)
+
+bin:
+	mkdir -p bin
+
+# go build decides itself what is stale, so this always asks it.
+bin/uffdrestore: | bin
+	$(GO) build -o bin/uffdrestore .
+
+bin/ur_client.o: $(CLIENT_SRC) $(C_HEADERS) | bin
+	$(CC) $(CFLAGS) -fPIC -c -o $@ $(CLIENT_SRC)
+
+bin/libuffdrestore.a: bin/ur_client.o
+	rm -f $@
+	$(AR) rcs $@ $^
+
+bin/libuffdrestore.so: bin/ur_client.o
+	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS)
+
+bin/uffdrestore-target: $(TARGET_SRC) $(CLIENT_SRC) $(C_HEADERS) | bin
+	$(CC) $(CFLAGS) -o $@ $(TARGET_SRC) $(CLIENT_SRC) $(LDFLAGS) -lpthread
+
+vet:
+	$(GO) vet ./...
+
+fmt-check:
+	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt: these files need gofmt -w:"; echo "$$out"; exit 1; fi
+
+test: vet fmt-check
+	$(GO) test -race -count=1 -timeout $(GOTEST_TIMEOUT) ./...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME)
+	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+
+lint: vet fmt-check
+	@if $(GO) run honnef.co/go/tools/cmd/staticcheck@latest -version >/dev/null 2>&1; then \
+		echo "staticcheck ./..."; \
+		$(GO) run honnef.co/go/tools/cmd/staticcheck@latest ./...; \
+	else \
+		echo "lint: staticcheck could not be fetched or built here; skipped (go vet and gofmt passed)"; \
+	fi
+
+# Runs every Fuzz* target, one at a time (go test -fuzz takes one target of
+# one package), for FUZZTIME each. A crasher is written to the package's
+# testdata/fuzz/FuzzX/: commit it with the fix.
+fuzz:
+	@set -e; n=0; \
+	for f in $$($(FUZZ_FIND) | sort); do \
+		dir=$$(dirname "$$f"); \
+		for name in $$(sed -nE 's/^func (Fuzz[A-Za-z0-9_]*)\(.*/\1/p' "$$f"); do \
+			echo "$(GO) test -run='^\$$' -fuzz='^$$name\$$' -fuzztime=$(FUZZTIME) $$dir/"; \
+			$(GO) test -run='^$$' -fuzz="^$$name\$$" -fuzztime=$(FUZZTIME) "$$dir/"; \
+			n=$$((n+1)); \
+		done; \
+	done; \
+	if [ $$n -eq 0 ]; then echo "fuzz: no Fuzz* targets yet; nothing to fuzz"; else echo "fuzz: $$n targets fuzzed for $(FUZZTIME) each"; fi
+
+bench: build
+	$(GO) test -run='^$$' -bench=. -benchmem -count=5 ./...
+	@if bin/uffdrestore help bench >/dev/null 2>&1; then \
+		echo "bin/uffdrestore bench"; bin/uffdrestore bench; \
+	else \
+		echo "bench: no 'uffdrestore bench' command yet; only the Go benchmarks ran"; \
+	fi
+
+# The demo generates a snapshot, restores it lazily and prints stats. Until
+# the demo command lands it says what it will do and runs the doctor.
+demo: build
+	@if bin/uffdrestore help demo >/dev/null 2>&1; then \
+		echo "bin/uffdrestore demo"; bin/uffdrestore demo; \
+	else \
+		echo "demo: 'uffdrestore demo' has not landed yet. It will generate a memory image, write it"; \
+		echo "demo: as a compressed snapshot, restore it lazily with userfaultfd minor faults on the"; \
+		echo "demo: best backing the doctor finds, touch part of it, and print the restore stats."; \
+		echo "demo: For now, what this machine can do:"; \
+		echo; \
+		bin/uffdrestore doctor; \
+	fi
+
+# Reserves at least HUGEPAGES default-size huge pages; a bigger pool is left
+# alone. The first reservation on a fresh VM is slow (the host faults the
+# memory in): that is expected.
+hugepages:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "hugepages: needs root. Run:"; \
+		echo "  sudo sh -c 'echo $(HUGEPAGES) > /proc/sys/vm/nr_hugepages'"; \
+		echo "or: sudo make hugepages HUGEPAGES=$(HUGEPAGES)"; \
+		exit 1; \
+	fi
+	@have=$$(cat /proc/sys/vm/nr_hugepages); \
+	if [ "$$have" -ge $(HUGEPAGES) ]; then \
+		echo "hugepages: $$have huge pages already reserved (>= $(HUGEPAGES))"; \
+		grep -E '^(HugePages_|Hugepagesize)' /proc/meminfo; exit 0; \
+	fi; \
+	echo "echo $(HUGEPAGES) > /proc/sys/vm/nr_hugepages"; \
+	echo $(HUGEPAGES) > /proc/sys/vm/nr_hugepages; \
+	got=$$(cat /proc/sys/vm/nr_hugepages); \
+	if [ "$$got" -lt $(HUGEPAGES) ]; then \
+		echo "hugepages: only $$got of $(HUGEPAGES) reserved; compacting memory and retrying"; \
+		sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory; \
+		echo $(HUGEPAGES) > /proc/sys/vm/nr_hugepages; \
+		got=$$(cat /proc/sys/vm/nr_hugepages); \
+	fi; \
+	grep -E '^(HugePages_|Hugepagesize)' /proc/meminfo; \
+	if [ "$$got" -lt $(HUGEPAGES) ]; then \
+		echo "hugepages: only $$got of $(HUGEPAGES) huge pages could be reserved (too little free memory)"; exit 1; \
+	fi
+
+clean:
+	rm -rf bin
