@@ -104,8 +104,7 @@ func special(m Mapping) bool {
 
 // MatchRegion reports whether name is selected by the filters: empty
 // filters select everything; otherwise a filter matches as a substring or,
-// if it has glob metacharacters, as a path.Match glob against the name or
-// its base name.
+// failing that, as a path.Match glob against the name or its base name.
 func MatchRegion(name string, filters []string) bool {
 	if len(filters) == 0 {
 		return true
@@ -114,6 +113,9 @@ func MatchRegion(name string, filters []string) bool {
 		if f == "" {
 			continue
 		}
+		if strings.Contains(name, f) {
+			return true // also makes "[heap]" work although it looks like a glob
+		}
 		if strings.ContainsAny(f, "*?[") {
 			if ok, _ := path.Match(f, name); ok {
 				return true
@@ -121,10 +123,6 @@ func MatchRegion(name string, filters []string) bool {
 			if ok, _ := path.Match(f, path.Base(name)); ok {
 				return true
 			}
-			continue
-		}
-		if strings.Contains(name, f) {
-			return true
 		}
 	}
 	return false

@@ -263,7 +263,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 	if got := strings.Join(names, ","); got != "/usr/bin/dbus-daemon,[heap],/usr/lib/my lib.so,[stack],anon" {
 		t.Errorf("selected %s", got)
 	}
-	if sel := SelectMappings(ms, []string{"heap", "*.so"}); len(sel) != 2 {
+	if sel := SelectMappings(ms, []string{"[heap]", "*.so"}); len(sel) != 2 {
 		t.Errorf("filter selected %d", len(sel))
 	}
 	if _, err := ParseMaps(strings.NewReader("garbage\n")); err == nil {
