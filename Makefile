@@ -11,6 +11,7 @@
 # Kernel tests skip with a reason when they lack root, huge pages or a kernel
 # feature; UFFDRESTORE_STRICT=1 (set by .ci/run) turns those skips into failures.
 
+SHELL     := /bin/bash
 GO        ?= go
 CFLAGS    ?= -O2 -Wall -Wextra -Werror -std=gnu11
 CFLAGS    += -Icsrc
@@ -64,8 +65,11 @@ vet:
 fmt-check:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt: these files need gofmt -w:"; echo "$$out"; exit 1; fi
 
-test: vet fmt-check
-	$(GO) test -race -count=1 -timeout $(GOTEST_TIMEOUT) ./...
+# The race run goes through scripts/testsummary: plain go test output plus a
+# closing "tests: N passed, N failed, N skipped" line (kept in
+# bin/test-summary.txt for .ci/run to repeat at the end of its log).
+test: vet fmt-check | bin
+	set -o pipefail; $(GO) test -race -count=1 -timeout $(GOTEST_TIMEOUT) -json ./... 2>&1 | $(GO) run ./scripts/testsummary -o bin/test-summary.txt
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME)
 	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
 
