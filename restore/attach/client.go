@@ -1,0 +1,274 @@
+package attach
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// ClientOptions say how a Go target maps the snapshot.
+type ClientOptions struct {
+	// Private maps with MAP_PRIVATE: writes stay in this process
+	// (copy-on-write); without it writes go to the shared backing file and
+	// every other shared target sees them.
+	Private bool
+	// AtOriginalAddr maps each region at its original address (MAP_FIXED_NOREPLACE).
+	// With a hugetlb backing those addresses must be huge-page aligned.
+	AtOriginalAddr bool
+	// ReadOnly maps PROT_READ only.
+	ReadOnly bool
+	// Uffd chooses how the userfaultfd is opened (default: syscall, then
+	// /dev/userfaultfd).
+	Uffd uffd.OpenOptions
+	// Timeout bounds each step of the handshake (default 10 s).
+	Timeout time.Duration
+}
+
+// ClientRegion is one mapped region.
+type ClientRegion struct {
+	Region
+	// Data is the mapping: Length bytes of the region (the mapping itself is
+	// Size bytes). Valid until Detach or Close.
+	Data []byte
+	m    *uffd.Mapping
+}
+
+// Client is a Go target attached to a server.
+//
+// Touching Data faults into the server, another process, so a goroutine
+// that faults blocks its thread (and its P) only until the server answers:
+// the in-process trap of DESIGN.md does not apply. If the server dies,
+// touching a page it never filled waits forever: this process keeps its
+// own copy of the userfaultfd, so it never reads unfilled zeros.
+type Client struct {
+	Hello   Hello
+	Regions []ClientRegion
+
+	c       *net.UnixConn
+	u       *uffd.FD
+	timeout time.Duration
+	mu      sync.Mutex
+	closed  bool
+}
+
+// WantFeatures is what a client asks UFFDIO_API for: minor and missing
+// faults for the backing, and the non-cooperative events (remap, remove,
+// unmap, fork) where the kernel has them. The minor feature is required.
+func WantFeatures(backing string) (want, required uffd.Features, err error) {
+	switch backing {
+	case BackingHugetlb:
+		required = uffd.FeatureMinorHugetlbfs
+		want = required | uffd.FeatureMissingHugetlbfs
+	case BackingShmem:
+		required = uffd.FeatureMinorShmem
+		want = required | uffd.FeatureMissingShmem
+	default:
+		return 0, 0, fmt.Errorf("attach: unknown backing %q", backing)
+	}
+	want |= uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.FeatureEventUnmap | uffd.FeatureEventFork
+	return want, required, nil
+}
+
+// Dial connects to the server at path, maps the snapshot, registers it with
+// a new userfaultfd and attaches. On success every region is readable.
+func Dial(path string, o ClientOptions) (_ *Client, err error) {
+	if o.Timeout == 0 {
+		o.Timeout = 10 * time.Second
+	}
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("attach: connect to %s: %w", path, err)
+	}
+	cl := &Client{c: c, timeout: o.Timeout}
+	defer func() {
+		if err != nil {
+			cl.release()
+		}
+	}()
+	c.SetReadDeadline(time.Now().Add(o.Timeout))
+	raw, fds, err := RecvMsg(c)
+	if err != nil {
+		return nil, err
+	}
+	defer CloseFDs(fds) // the backing fd: the mappings keep the file
+	if err := Decode(raw, TypeHello, &cl.Hello); err != nil {
+		return nil, err
+	}
+	h := &cl.Hello
+	if err := h.Validate(); err != nil {
+		return nil, err
+	}
+	if len(fds) != 1 {
+		return nil, invalid(TypeHello, "fds", "%d file descriptors came with the hello, want 1", len(fds))
+	}
+	want, required, err := WantFeatures(h.Backing)
+	if err != nil {
+		return nil, err
+	}
+	have, _, err := uffd.Supported(o.Uffd)
+	if err != nil {
+		return nil, fmt.Errorf("attach: userfaultfd: %w", err)
+	}
+	if have&required != required {
+		_, err := uffd.Open(o.Uffd, required) // for its NotSupportedError
+		return nil, fmt.Errorf("attach: %w", err)
+	}
+	cl.u, err = uffd.Open(o.Uffd, want&have)
+	if err != nil {
+		return nil, fmt.Errorf("attach: userfaultfd: %w", err)
+	}
+	prot := unix.PROT_READ | unix.PROT_WRITE
+	if o.ReadOnly {
+		prot = unix.PROT_READ
+	}
+	flags := unix.MAP_SHARED
+	if o.Private {
+		flags = unix.MAP_PRIVATE
+	}
+	a := Attach{Type: TypeAttach, Version: Version, UffdFeatures: uint64(cl.u.Features())}
+	for _, r := range h.Regions {
+		var hint uintptr
+		fl := flags
+		if o.AtOriginalAddr {
+			if r.Addr == 0 || r.Addr%h.PageSize != 0 {
+				return nil, fmt.Errorf("attach: region %q: original address %#x is not a multiple of the page size %d (a hugetlb backing needs huge-page-aligned addresses)", r.Name, r.Addr, h.PageSize)
+			}
+			hint, fl = uintptr(r.Addr), fl|unix.MAP_FIXED_NOREPLACE
+		}
+		m, err := uffd.Mmap(hint, int(r.Size), prot, fl, fds[0], int64(r.Offset))
+		if err != nil {
+			return nil, fmt.Errorf("attach: map region %q: %w", r.Name, err)
+		}
+		cl.Regions = append(cl.Regions, ClientRegion{Region: r, Data: m.Bytes()[:r.Length], m: m})
+		if _, err := cl.u.Register(m.Addr(), uintptr(r.Size), uffd.ModeMissing|uffd.ModeMinor); err != nil {
+			return nil, fmt.Errorf("attach: register region %q: %w", r.Name, err)
+		}
+		a.Mappings = append(a.Mappings, Mapping{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()),
+			Size: r.Size, Offset: r.Offset, PageSize: h.PageSize, Private: o.Private})
+	}
+	if err := SendMsg(c, a, cl.u.Fd()); err != nil {
+		return nil, err
+	}
+	raw, fds2, err := RecvMsg(c)
+	CloseFDs(fds2)
+	if err != nil {
+		return nil, err
+	}
+	var r Reply
+	if err := Decode(raw, TypeReady, &r); err != nil {
+		return nil, err
+	}
+	c.SetReadDeadline(time.Time{})
+	return cl, nil
+}
+
+// Region returns the named region.
+func (cl *Client) Region(name string) (*ClientRegion, bool) {
+	for i := range cl.Regions {
+		if cl.Regions[i].Name == name {
+			return &cl.Regions[i], true
+		}
+	}
+	return nil, false
+}
+
+// request sends a message and waits for a reply of type want, skipping
+// shutdown notices.
+func (cl *Client) request(typ, want string) (*Reply, error) {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.closed {
+		return nil, os.ErrClosed
+	}
+	if err := SendMsg(cl.c, Reply{Type: typ}); err != nil {
+		return nil, err
+	}
+	cl.c.SetReadDeadline(time.Now().Add(cl.timeout))
+	defer cl.c.SetReadDeadline(time.Time{})
+	for {
+		raw, fds, err := RecvMsg(cl.c)
+		CloseFDs(fds)
+		if err != nil {
+			return nil, err
+		}
+		var r Reply
+		if t, err := PeekType(raw); err == nil && t == TypeShutdown {
+			continue
+		}
+		if err := Decode(raw, want, &r); err != nil {
+			return nil, err
+		}
+		return &r, nil
+	}
+}
+
+// Stats asks the server for this target's stats (JSON).
+func (cl *Client) Stats() (json.RawMessage, error) {
+	r, err := cl.request(TypeStats, TypeStats)
+	if err != nil {
+		return nil, err
+	}
+	return r.Stats, nil
+}
+
+// Detach tells the server to stop serving, waits for its goodbye, then
+// unregisters, unmaps and closes everything. No goroutine may touch the
+// regions any more. It returns the final stats.
+func (cl *Client) Detach() (json.RawMessage, error) {
+	r, err := cl.request(TypeDetach, TypeBye)
+	cl.release()
+	if err != nil {
+		return nil, fmt.Errorf("attach: detach: %w", err)
+	}
+	return r.Stats, nil
+}
+
+// Close hangs up without a goodbye and unmaps everything; the server sees
+// the socket close and frees this target's state.
+func (cl *Client) Close() error {
+	cl.mu.Lock()
+	closed := cl.closed
+	cl.mu.Unlock()
+	if closed {
+		return os.ErrClosed
+	}
+	cl.release()
+	return nil
+}
+
+// release unregisters (so the munmaps raise no events the server must
+// read), closes the uffd, unmaps, closes the socket.
+func (cl *Client) release() {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.closed {
+		return
+	}
+	cl.closed = true
+	var errs []error
+	for _, r := range cl.Regions {
+		if cl.u != nil {
+			if err := cl.u.Unregister(r.m.Addr(), uintptr(r.m.Len())); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if cl.u != nil {
+		cl.u.Close()
+	}
+	for _, r := range cl.Regions {
+		r.m.Close()
+	}
+	cl.Regions = nil
+	if cl.c != nil {
+		cl.c.Close()
+	}
+	_ = errors.Join(errs...)
+}

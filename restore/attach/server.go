@@ -1,0 +1,543 @@
+package attach
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// Range is one mapping of the backing file in a target, as the server hands
+// it to the Backend.
+type Range struct {
+	Base    uintptr // where the target mapped it
+	Size    uint64  // bytes, a multiple of the page size
+	Offset  uint64  // backing-file offset mapped at Base
+	Private bool    // MAP_PRIVATE
+}
+
+// Backend is what the server serves: a loaded snapshot in a backing file
+// (restore.Loader, through FromLoader).
+type Backend interface {
+	// Hello returns the layout the hello carries (Type and Version are
+	// filled in by the server).
+	Hello() Hello
+	// BackingFD is the backing file; the server sends it, never closes it.
+	BackingFD() int
+	// AttachView starts serving faults on u for ranges. It takes ownership
+	// of u, also when it fails.
+	AttachView(u *uffd.FD, ranges []Range, name string) (View, error)
+}
+
+// View is one target's attached view, served by the Backend.
+type View interface {
+	Done() <-chan struct{}
+	Err() error
+	Stats() any
+	Close() error
+}
+
+// Options configure a Server.
+type Options struct {
+	// Mode is the socket file's permission bits (default 0600).
+	Mode fs.FileMode
+	// AllowUIDs may attach in addition to the server's own uid and root.
+	AllowUIDs []uint32
+	// HandshakeTimeout bounds hello → attach (default 10 s).
+	HandshakeTimeout time.Duration
+	// Logf receives one line per connection event (default: discard).
+	Logf func(format string, args ...any)
+	// OnDetach is called (from the connection's goroutine) when an attached
+	// target is gone: detached, hung up, or detached by Shutdown.
+	OnDetach func(TargetInfo)
+}
+
+// TargetInfo describes an attached target.
+type TargetInfo struct {
+	Name     string
+	PID      int32
+	UID      uint32
+	Mappings int
+	Reason   string // why it ended: "detach", "hangup", "shutdown", "error: ..."
+	Stats    any    // the view's last stats
+}
+
+// Server accepts targets on a Unix socket and serves each on its own
+// goroutine; one target's failure never disturbs another.
+type Server struct {
+	path    string
+	ino     uint64
+	ln      *net.UnixListener
+	b       Backend
+	o       Options
+	allowed []uint32
+
+	mu       sync.Mutex
+	conns    map[*conn]struct{}
+	wg       sync.WaitGroup
+	seq      atomic.Uint64
+	stopping chan struct{} // closed by Shutdown: stop accepting, ask targets to detach
+	force    chan struct{} // closed when Shutdown's context expires
+	stopOnce sync.Once
+	acceptWG sync.WaitGroup
+}
+
+// Listen creates the socket at path (refusing a symlink, replacing a stale
+// socket file, refusing a live one) and starts serving b in the background.
+func Listen(path string, b Backend, o Options) (*Server, error) {
+	if o.Mode == 0 {
+		o.Mode = 0o600
+	}
+	if o.HandshakeTimeout == 0 {
+		o.HandshakeTimeout = 10 * time.Second
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...any) {}
+	}
+	if err := prepareSocketPath(path); err != nil {
+		return nil, err
+	}
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("attach: listen on %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(false)
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("attach: listen on %s: %w", path, os.NewSyscallError("lstat", err))
+	}
+	if err := os.Chmod(path, o.Mode); err != nil {
+		ln.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("attach: listen on %s: %w", path, err)
+	}
+	s := &Server{
+		path: path, ino: st.Ino, ln: ln, b: b, o: o,
+		allowed:  append([]uint32{uint32(os.Getuid()), 0}, o.AllowUIDs...),
+		conns:    map[*conn]struct{}{},
+		stopping: make(chan struct{}),
+		force:    make(chan struct{}),
+	}
+	s.acceptWG.Add(1)
+	go s.accept()
+	return s, nil
+}
+
+// prepareSocketPath checks path can be bound: its directory exists, it is
+// not a symlink or another kind of file, and a socket there is stale.
+func prepareSocketPath(path string) error {
+	if path == "" {
+		return errors.New("attach: empty socket path")
+	}
+	// sun_path is 108 bytes including the NUL.
+	if len(path) > 107 {
+		return fmt.Errorf("attach: socket path %s is %d bytes long; a Unix socket path is at most 107", path, len(path))
+	}
+	dir := filepath.Dir(path)
+	if st, err := os.Stat(dir); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("attach: socket directory %s does not exist (create it first)", dir)
+		}
+		return fmt.Errorf("attach: socket directory: %w", err)
+	} else if !st.IsDir() {
+		return fmt.Errorf("attach: %s is not a directory", dir)
+	}
+	st, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("attach: socket path: %w", err)
+	}
+	switch {
+	case st.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("attach: socket path %s is a symlink; refusing to follow it (remove it or choose another path)", path)
+	case st.Mode()&fs.ModeSocket == 0:
+		return fmt.Errorf("attach: socket path %s exists and is not a socket (%s); refusing to replace it", path, st.Mode().Type())
+	}
+	// A socket file: live or stale?
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("attach: probe %s: %w", path, os.NewSyscallError("socket", err))
+	}
+	err = unix.Connect(fd, &unix.SockaddrUnix{Name: path})
+	unix.Close(fd)
+	switch {
+	case err == nil, errors.Is(err, unix.EAGAIN):
+		return fmt.Errorf("%w: socket %s is in use by a running server", ErrInUse, path)
+	case errors.Is(err, unix.ECONNREFUSED):
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("attach: remove stale socket %s: %w", path, err)
+		}
+		return nil
+	case errors.Is(err, unix.EPROTOTYPE):
+		return fmt.Errorf("%w: socket %s is in use by something that is not an uffdrestore server (not SOCK_SEQPACKET)", ErrInUse, path)
+	}
+	return fmt.Errorf("attach: probe existing socket %s: %w", path, os.NewSyscallError("connect", err))
+}
+
+// Path is the socket path.
+func (s *Server) Path() string { return s.path }
+
+// Targets lists the targets attached now.
+func (s *Server) Targets() []TargetInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []TargetInfo
+	for c := range s.conns {
+		if c.view.Load() != nil {
+			out = append(out, c.info)
+		}
+	}
+	slices.SortFunc(out, func(a, b TargetInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+func (s *Server) accept() {
+	defer s.acceptWG.Done()
+	var delay time.Duration
+	for {
+		c, err := s.ln.AcceptUnix()
+		if err != nil {
+			select {
+			case <-s.stopping:
+				return
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// EMFILE and friends: back off, keep serving the attached.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.o.Logf("accept: %v (retrying in %v)", err, delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		cn := &conn{s: s, c: c, done: make(chan struct{})}
+		s.mu.Lock()
+		select {
+		case <-s.stopping:
+			s.mu.Unlock()
+			c.Close()
+			return
+		default:
+		}
+		s.conns[cn] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go cn.serve()
+	}
+}
+
+// Shutdown stops accepting, sends {"type":"shutdown"} to every attached
+// target, waits until they detached or ctx expires, then detaches the rest
+// and removes the socket file. A target detached that way keeps its
+// userfaultfd: touching a page that was never filled then waits forever.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopOnce.Do(func() {
+		s.mu.Lock()
+		close(s.stopping)
+		s.mu.Unlock()
+		s.ln.Close()
+	})
+	s.acceptWG.Wait()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		n := len(s.Targets())
+		s.mu.Lock()
+		select {
+		case <-s.force:
+		default:
+			close(s.force)
+		}
+		s.mu.Unlock()
+		<-done
+		if n > 0 {
+			err = fmt.Errorf("attach: shutdown: %d target(s) had not detached; detached them: %w", n, ctx.Err())
+		}
+	}
+	s.removeSocket()
+	return err
+}
+
+// Close is Shutdown with no grace period.
+func (s *Server) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := s.Shutdown(ctx)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// removeSocket removes the socket file if it is still the one we created.
+func (s *Server) removeSocket() {
+	var st unix.Stat_t
+	if unix.Lstat(s.path, &st) == nil && st.Ino == s.ino && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		os.Remove(s.path)
+	}
+}
+
+// conn is one target connection.
+type conn struct {
+	s    *Server
+	c    *net.UnixConn
+	info TargetInfo
+	view atomic.Pointer[View]
+	done chan struct{}
+}
+
+type inMsg struct {
+	raw []byte
+	err error
+}
+
+func (cn *conn) logf(format string, args ...any) {
+	cn.s.o.Logf("%s: "+format, append([]any{cn.info.Name}, args...)...)
+}
+
+func (cn *conn) send(v any, fds ...int) error {
+	cn.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	return SendMsg(cn.c, v, fds...)
+}
+
+func (cn *conn) refuse(err error) {
+	cn.logf("refused: %v", err)
+	cn.send(Reply{Type: TypeError, Error: err.Error()})
+}
+
+func (cn *conn) serve() {
+	s := cn.s
+	defer func() {
+		cn.c.Close()
+		close(cn.done)
+		s.mu.Lock()
+		delete(s.conns, cn)
+		s.mu.Unlock()
+		s.wg.Done()
+	}()
+	cn.info.Name = "target#" + strconv.FormatUint(s.seq.Add(1), 10)
+	// A forced shutdown ends a handshake in progress by closing its socket;
+	// an attached target is ended by attached() itself.
+	go func() {
+		select {
+		case <-s.force:
+			if cn.view.Load() == nil {
+				cn.c.Close()
+			}
+		case <-cn.done:
+		}
+	}()
+	v, err := cn.handshake()
+	if err != nil {
+		cn.refuse(err)
+		return
+	}
+	reason := cn.attached(v)
+	cn.info.Stats = v.Stats()
+	cn.info.Reason = reason
+	cn.logf("ended: %s", reason)
+	if s.o.OnDetach != nil {
+		s.o.OnDetach(cn.info)
+	}
+}
+
+// handshake runs hello → attach and returns the attached view.
+func (cn *conn) handshake() (View, error) {
+	s := cn.s
+	cred, err := peerCred(cn.c)
+	if err != nil {
+		return nil, err
+	}
+	cn.info.PID, cn.info.UID = cred.Pid, cred.Uid
+	cn.info.Name += " (pid " + strconv.Itoa(int(cred.Pid)) + ")"
+	if !slices.Contains(s.allowed, cred.Uid) {
+		return nil, fmt.Errorf("uid %d may not attach (allowed: %s; see --allow-uid)", cred.Uid, uidList(s.allowed))
+	}
+	select {
+	case <-s.stopping:
+		return nil, errors.New("server is shutting down")
+	default:
+	}
+	h := s.b.Hello()
+	h.Type, h.Version = TypeHello, Version
+	if err := cn.send(h, s.b.BackingFD()); err != nil {
+		return nil, err
+	}
+	cn.c.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
+	raw, fds, err := RecvMsg(cn.c)
+	if err != nil {
+		if os.IsTimeout(err) {
+			return nil, fmt.Errorf("no attach message within %v", s.o.HandshakeTimeout)
+		}
+		return nil, err
+	}
+	cn.c.SetReadDeadline(time.Time{})
+	var a Attach
+	if err := Decode(raw, TypeAttach, &a); err != nil {
+		CloseFDs(fds)
+		return nil, err
+	}
+	if len(fds) != 1 {
+		CloseFDs(fds)
+		return nil, invalid(TypeAttach, "fds", "%d file descriptors came with the message, want exactly 1 (the userfaultfd)", len(fds))
+	}
+	if !IsUserfaultfd(fds[0]) {
+		CloseFDs(fds)
+		return nil, invalid(TypeAttach, "fds", "the file descriptor is not a userfaultfd")
+	}
+	if err := a.Validate(&h); err != nil {
+		CloseFDs(fds)
+		return nil, err
+	}
+	// A uffd must be non-blocking for a poll loop; the flag is shared with
+	// the target's copy, which only uses it for ioctls.
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		CloseFDs(fds)
+		return nil, fmt.Errorf("set userfaultfd non-blocking: %w", err)
+	}
+	ranges := make([]Range, len(a.Mappings))
+	for i, m := range a.Mappings {
+		ranges[i] = Range{Base: uintptr(m.BaseHostVirtAddr), Size: m.Size, Offset: m.Offset, Private: m.Private}
+	}
+	u := uffd.FromFD(fds[0], uffd.Features(a.UffdFeatures))
+	v, err := s.b.AttachView(u, ranges, cn.info.Name)
+	if err != nil {
+		return nil, fmt.Errorf("attach view: %w", err)
+	}
+	cn.info.Mappings = len(ranges)
+	cn.view.Store(&v)
+	if err := cn.send(Reply{Type: TypeReady}); err != nil {
+		v.Close()
+		return nil, err
+	}
+	cn.logf("attached: %d mapping(s)", len(ranges))
+	return v, nil
+}
+
+// attached serves an attached target until it detaches or goes away; it
+// returns why it ended. The view is closed on return.
+func (cn *conn) attached(v View) string {
+	s := cn.s
+	defer v.Close()
+	msgs := make(chan inMsg)
+	go func() {
+		for {
+			raw, fds, err := RecvMsg(cn.c)
+			CloseFDs(fds) // no message after attach carries an fd
+			select {
+			case msgs <- inMsg{raw, err}:
+			case <-cn.done:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	stopping := s.stopping
+	for {
+		select {
+		case m := <-msgs:
+			if m.err != nil {
+				if errors.Is(m.err, ErrClosed) {
+					return "hangup"
+				}
+				if errors.Is(m.err, ErrTooLarge) {
+					cn.refuse(m.err)
+					return "error: " + m.err.Error()
+				}
+				return "hangup: " + m.err.Error()
+			}
+			typ, err := PeekType(m.raw)
+			if err != nil {
+				cn.refuse(err)
+				return "error: " + err.Error()
+			}
+			switch typ {
+			case TypeStats:
+				if err := cn.send(Reply{Type: TypeStats, Stats: statsJSON(v)}); err != nil {
+					return "hangup: " + err.Error()
+				}
+			case TypeDetach:
+				v.Close()
+				cn.send(Reply{Type: TypeBye, Stats: statsJSON(v)})
+				return "detach"
+			default:
+				err := invalid(typ, "type", "a %q message is not valid after ready (send stats or detach)", typ)
+				cn.refuse(err)
+				return "error: " + err.Error()
+			}
+		case <-v.Done():
+			if err := v.Err(); err != nil {
+				cn.refuse(fmt.Errorf("serving faults: %w", err))
+				return "error: " + err.Error()
+			}
+			return "view closed"
+		case <-stopping:
+			stopping = nil
+			cn.send(Reply{Type: TypeShutdown})
+		case <-s.force:
+			v.Close()
+			cn.send(Reply{Type: TypeBye, Stats: statsJSON(v)})
+			return "shutdown"
+		}
+	}
+}
+
+func statsJSON(v View) json.RawMessage {
+	b, err := json.Marshal(v.Stats())
+	if err != nil || string(b) == "null" {
+		return json.RawMessage("{}")
+	}
+	return b
+}
+
+func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	if cerr != nil {
+		return nil, fmt.Errorf("SO_PEERCRED: %w", cerr)
+	}
+	return cred, nil
+}
+
+func uidList(u []uint32) string {
+	u = slices.Clone(u)
+	slices.Sort(u)
+	u = slices.Compact(u)
+	s := make([]string, len(u))
+	for i, x := range u {
+		s[i] = strconv.FormatUint(uint64(x), 10)
+	}
+	return strings.Join(s, ",")
+}
