@@ -84,7 +84,8 @@ int ur_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_
 	c.mode = mode;
 	int rc = ioctl(fd, UFFDIO_CONTINUE, &c);
 	int err = errno;
-	*done = c.mapped;
+	if (done)
+		*done = c.mapped;
 	return rc < 0 ? -err : 0;
 }
 
@@ -98,7 +99,8 @@ int ur_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode
 	c.mode = mode;
 	int rc = ioctl(fd, UFFDIO_COPY, &c);
 	int err = errno;
-	*done = c.copy;
+	if (done)
+		*done = c.copy;
 	return rc < 0 ? -err : 0;
 }
 
@@ -111,7 +113,8 @@ int ur_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_
 	z.mode = mode;
 	int rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
 	int err = errno;
-	*done = z.zeropage;
+	if (done)
+		*done = z.zeropage;
 	return rc < 0 ? -err : 0;
 }
 
@@ -130,7 +133,8 @@ int ur_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t 
 	p.mode = mode;
 	int rc = ioctl(fd, UFFDIO_POISON, &p);
 	int err = errno;
-	*done = p.updated;
+	if (done)
+		*done = p.updated;
 	return rc < 0 ? -err : 0;
 }
 

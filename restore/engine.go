@@ -88,6 +88,9 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 		return nil, fmt.Errorf("restore: backing of %d bytes is smaller than the snapshot's %d units of %d bytes", b.size, e.nUnits, e.unitSize)
 	}
 	e.state = make([]atomic.Uint32, e.nUnits)
+	for i := range e.shards {
+		e.shards[i].w = make([]waiter, 0, 8)
+	}
 	e.faultq = make(chan uint32, e.nUnits+1)
 	e.prefetchOn = make(chan struct{})
 	e.allPresent = make(chan struct{})

@@ -317,9 +317,10 @@ func (u *FD) Continue(addr, length uintptr, dontWake bool) (Outcome, error) {
 	if dontWake {
 		mode = 1 // UFFDIO_CONTINUE_MODE_DONTWAKE
 	}
-	var done C.int64_t
+	// nil for the mapped count: passing a Go pointer to C would make it
+	// escape, one allocation per fault.
 	rc := u.do(func(fd C.int) C.int {
-		return C.ur_uffd_continue(fd, C.uint64_t(addr), C.uint64_t(length), mode, &done)
+		return C.ur_uffd_continue(fd, C.uint64_t(addr), C.uint64_t(length), mode, nil)
 	})
 	if rc == -C.int(unix.EEXIST) {
 		return AlreadyMapped, nil
@@ -334,9 +335,8 @@ func (u *FD) Copy(dst, src, length uintptr, dontWake bool) (Outcome, error) {
 	if dontWake {
 		mode = 1
 	}
-	var done C.int64_t
 	rc := u.do(func(fd C.int) C.int {
-		return C.ur_uffd_copy(fd, C.uint64_t(dst), C.uint64_t(src), C.uint64_t(length), mode, &done)
+		return C.ur_uffd_copy(fd, C.uint64_t(dst), C.uint64_t(src), C.uint64_t(length), mode, nil)
 	})
 	if rc == -C.int(unix.EEXIST) {
 		return AlreadyMapped, nil
@@ -350,9 +350,8 @@ func (u *FD) ZeroPage(addr, length uintptr, dontWake bool) (Outcome, error) {
 	if dontWake {
 		mode = 1
 	}
-	var done C.int64_t
 	rc := u.do(func(fd C.int) C.int {
-		return C.ur_uffd_zeropage(fd, C.uint64_t(addr), C.uint64_t(length), mode, &done)
+		return C.ur_uffd_zeropage(fd, C.uint64_t(addr), C.uint64_t(length), mode, nil)
 	})
 	if rc == -C.int(unix.EEXIST) {
 		return AlreadyMapped, nil
@@ -374,9 +373,8 @@ func (u *FD) Poison(addr, length uintptr, dontWake bool) error {
 	if dontWake {
 		mode = 1
 	}
-	var done C.int64_t
 	rc := u.do(func(fd C.int) C.int {
-		return C.ur_uffd_poison(fd, C.uint64_t(addr), C.uint64_t(length), mode, &done)
+		return C.ur_uffd_poison(fd, C.uint64_t(addr), C.uint64_t(length), mode, nil)
 	})
 	if rc == -C.int(unix.EEXIST) {
 		return nil

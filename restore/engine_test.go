@@ -1,0 +1,249 @@
+package restore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// TestBoundarySizes: regions of sizes around page and chunk boundaries come
+// back byte for byte, with sequential first touch from C.
+func TestBoundarySizes(t *testing.T) {
+	const chunk = 64 << 10
+	sizes := []int{1, 4095, 4096, 4097, chunk - 1, chunk, chunk + 1, 2<<20 - 1, 2 << 20, 2<<20 + 1, 3*chunk + 7}
+	for _, kind := range []BackingKind{BackingMemfdHugetlb, BackingShmem} {
+		t.Run(kind.String(), func(t *testing.T) {
+			var regions []testRegion
+			for i, n := range sizes {
+				regions = append(regions, testRegion{fmt.Sprintf("r%d", i), 0, testImage(n, uint64(i+40))})
+			}
+			regions = append(regions, testRegion{"zero", 0, make([]byte, 3*chunk)})
+			path := writeSnap(t, regions, format.CodecZstd, chunk)
+			l, err := NewLoader(context.Background(), path, kernelOpts(t, kind, 16<<20)...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			m, _ := attachLocal(t, l, false)
+			uffd.Touch(m.Addr(), m.Len(), 4096, true, nil, nil)
+			checkRegions(t, m.Bytes(), l.Layout(), regions)
+			if s := l.Stats(); s.ZeroChunks == 0 {
+				t.Errorf("no zero chunks seen: %+v", s)
+			}
+		})
+	}
+}
+
+// TestEmptySnapshot: a snapshot with no bytes at all restores to nothing.
+func TestEmptySnapshot(t *testing.T) {
+	testutil.RequireRoot(t)
+	path := writeSnap(t, []testRegion{{"empty", 0, nil}}, format.CodecZstd, 64<<10)
+	r := openT(t, path, WithBacking(BackingShmem))
+	if len(r.Region("empty")) != 0 {
+		t.Fatal("empty region has bytes")
+	}
+	if err := r.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestManyViewsOneFill: a shared and a private view of one backing share
+// every fill; the private view's writes stay private.
+func TestManyViewsOneFill(t *testing.T) {
+	regions := []testRegion{{"heap", 0, testImage(8<<20, 7)}}
+	path := writeSnap(t, regions, format.CodecS2, 2<<20)
+	for _, premap := range []bool{false, true} {
+		t.Run(fmt.Sprintf("premap=%v", premap), func(t *testing.T) {
+			opts := append(kernelOpts(t, BackingMemfdHugetlb, 8<<20), WithPremap(premap))
+			l, err := NewLoader(context.Background(), path, opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			m1, v1 := attachLocal(t, l, false)
+			m2, v2 := attachLocal(t, l, true)
+			uffd.Touch(m1.Addr(), m1.Len(), 4096, false, nil, nil)
+			uffd.Touch(m2.Addr(), m2.Len(), 4096, false, nil, nil)
+			checkRegions(t, m1.Bytes(), l.Layout(), regions)
+			checkRegions(t, m2.Bytes(), l.Layout(), regions)
+			s := l.Stats()
+			if s.FilledByFault != int64(s.Units) || s.BytesDecoded > int64(len(regions[0].data)) {
+				t.Errorf("units filled %d times for %d units (%d bytes decoded): not one fill", s.FilledByFault, s.Units, s.BytesDecoded)
+			}
+			s2 := v2.Stats()
+			if premap && s2.FaultsMinor+s2.FaultsMissing != 0 {
+				t.Errorf("premapped second view still faulted %d times", s2.FaultsMinor+s2.FaultsMissing)
+			}
+			if !premap && s2.FaultsMinor != int64(s.Units) {
+				t.Errorf("second view: %d minor faults, want %d", s2.FaultsMinor, s.Units)
+			}
+			_ = v1
+			// A write to the private view stays private.
+			uffd.Touch(m2.Addr(), m2.Len(), 1<<20, true, nil, nil)
+			m2.Bytes()[5] ^= 0xff
+			if m1.Bytes()[5] != regions[0].data[5] {
+				t.Fatal("a private view's write reached the shared view")
+			}
+		})
+	}
+}
+
+// TestCorruptChunkPoisons: a chunk that fails its checksum during a lazy
+// fill is poisoned: the toucher gets SIGBUS, never wrong bytes, and the
+// error is reported.
+func TestCorruptChunkPoisons(t *testing.T) {
+	if p := os.Getenv("UFFDRESTORE_POISON_CHILD"); p != "" {
+		r, err := Open(context.Background(), p, WithBacking(BackingMemfdHugetlb))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "open:", err)
+			os.Exit(3)
+		}
+		// Chunk 0 is good; chunk 1 (the second 2 MiB) is corrupt.
+		if r.Bytes()[10] != 0 || true {
+			fmt.Fprintln(os.Stderr, "good-page-read")
+		}
+		s, _ := r.Stats(context.Background())
+		fmt.Fprintf(os.Stderr, "poisoned-before=%d\n", s.Poisoned)
+		v := r.Bytes()[2<<20+100] // SIGBUS
+		fmt.Fprintf(os.Stderr, "read-returned %d\n", v)
+		os.Exit(0)
+	}
+	testutil.RequireRoot(t)
+	testutil.RequireHugePages(t, 8)
+	if !uffd.Probe().FeatureOK(uffd.FeaturePoison) {
+		testutil.Skip(t, "UFFDIO_POISON needs Linux >= 6.6")
+	}
+	img := testImage(6<<20, 3)
+	path := writeSnap(t, []testRegion{{"a", 0, img}}, format.CodecRaw, 2<<20)
+	// Flip a byte inside chunk 1's stored bytes (raw codec: at a known place).
+	f, err := format.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := f.Chunk(1).Offset + 1000
+	f.Close()
+	b, _ := os.ReadFile(path)
+	b[off] ^= 0x55
+	os.WriteFile(path, b, 0o600)
+
+	cmd := exec.Command(os.Args[0], "-test.run=^TestCorruptChunkPoisons$")
+	cmd.Env = append(os.Environ(), "UFFDRESTORE_POISON_CHILD="+path)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || !strings.Contains(string(out), "signal SIGBUS") {
+		t.Fatalf("toucher of a corrupt chunk did not get SIGBUS (err %v):\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "good-page-read") || strings.Contains(string(out), "read-returned") {
+		t.Fatalf("unexpected child output:\n%s", out)
+	}
+
+	// In this process: the Loader reports the error and the stats count it.
+	l, err := NewLoader(context.Background(), path, WithBacking(BackingMemfdHugetlb))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Wait(context.Background()); !errors.Is(err, format.ErrChecksum) {
+		t.Fatalf("Wait = %v, want a checksum error", err)
+	}
+	if s := l.Stats(); s.Poisoned != 1 || !strings.Contains(s.LastError, "unit 1") {
+		t.Fatalf("stats after a corrupt chunk: poisoned %d, last error %q", s.Poisoned, s.LastError)
+	}
+	// Eager mode refuses the snapshot outright, naming the chunk.
+	if _, err := NewLoader(context.Background(), path, WithBacking(BackingMemfdHugetlb), WithMode(ModeEager)); !errors.Is(err, format.ErrChecksum) {
+		t.Fatalf("eager load of a corrupt snapshot = %v, want a checksum error", err)
+	}
+}
+
+// TestNoHugePagesError: asking for more huge pages than are free fails up
+// front with the numbers and the fix.
+func TestNoHugePagesError(t *testing.T) {
+	testutil.RequireRoot(t)
+	free := testutil.FreeHugePages()
+	_, err := newBacking(BackingMemfdHugetlb, (free+10)<<21, "")
+	if !errors.Is(err, ErrNoHugePages) || !strings.Contains(err.Error(), "/proc/sys/vm/nr_hugepages") || !strings.Contains(err.Error(), "--backing shmem") {
+		t.Fatalf("newBacking beyond the pool: %v", err)
+	}
+	// auto falls back to shmem.
+	b, err := newBacking(BackingAuto, (free+10)<<21, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	if b.kind != BackingShmem {
+		t.Fatalf("auto with no room picked %v", b.kind)
+	}
+}
+
+func TestBackingSealed(t *testing.T) {
+	testutil.RequireRoot(t)
+	b, err := newBacking(BackingShmem, 1<<20, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	if err := unix.Ftruncate(b.fd, 4096); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("shrinking a sealed backing: %v, want EPERM", err)
+	}
+	if _, err := newBacking(BackingHugetlbfs, 1<<20, t.TempDir()); err == nil || !strings.Contains(err.Error(), "not a hugetlbfs mount") {
+		t.Fatalf("hugetlbfs backing on a plain dir: %v", err)
+	}
+}
+
+// TestHugetlbfsBacking restores into a file of a hugetlbfs mount.
+func TestHugetlbfsBacking(t *testing.T) {
+	testutil.RequireHugePages(t, 8)
+	dir := testutil.MountHugetlbfs(t)
+	regions := []testRegion{{"a", 0, testImage(5<<20, 9)}}
+	path := writeSnap(t, regions, format.CodecZstd, 2<<20)
+	r := openT(t, path, WithHugetlbfsDir(dir))
+	if r.Backing() != BackingHugetlbfs {
+		t.Fatalf("backing %v", r.Backing())
+	}
+	if !bytes.Equal(r.Region("a"), regions[0].data) {
+		t.Fatal("content differs")
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 0 {
+		t.Fatalf("backing file left visible in the mount: %v", ents)
+	}
+}
+
+// TestFaultPathAllocations: serving faults allocates nothing per fault.
+func TestFaultPathAllocations(t *testing.T) {
+	regions := []testRegion{{"a", 0, testImage(32<<20, 4)}}
+	path := writeSnap(t, regions, format.CodecS2, 64<<10)
+	l, err := NewLoader(context.Background(), path, append(kernelOpts(t, BackingShmem, 0), WithWorkers(1))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	m, _ := attachLocal(t, l, false)
+	// Warm up: the first faults size the per-worker buffers.
+	uffd.Touch(m.Addr(), 1<<20, 64<<10, false, nil, nil)
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	uffd.Touch(m.Addr(), m.Len(), 64<<10, false, nil, nil)
+	runtime.ReadMemStats(&after)
+	faults := l.Stats().FaultsMissing + l.Stats().FaultsMinor
+	allocs := after.Mallocs - before.Mallocs
+	if faults < 400 {
+		t.Fatalf("only %d faults", faults)
+	}
+	if allocs > 10 {
+		t.Fatalf("%d allocations while serving %d faults: the fault path allocates", allocs, faults)
+	}
+	t.Logf("%d allocations for %d faults", allocs, faults)
+}
