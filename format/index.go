@@ -418,46 +418,45 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 				CRC:       le.Uint32(e[20:]),
 				StoredCRC: le.Uint32(e[24:]),
 			}
-			f := fmt.Sprintf("index.chunks[%d]", ci)
 			want := uint64(cs)
 			if j == n-1 {
 				want = r.Length - uint64(j)*uint64(cs)
 			}
 			if uint64(c.RawLen) != want {
-				return nil, corrupt(ErrCorrupt, f+".raw_len", at+12, ci,
+				return nil, corrupt(ErrCorrupt, chunkField(ci, ".raw_len"), at+12, ci,
 					"is %d, want %d from region %d (%q) length %d", c.RawLen, want, ri, r.Name, r.Length)
 			}
 			if e[17] != 0 || e[18] != 0 || e[19] != 0 {
-				return nil, corrupt(ErrCorrupt, f+".reserved", at+17, ci, "must be zero")
+				return nil, corrupt(ErrCorrupt, chunkField(ci, ".reserved"), at+17, ci, "must be zero")
 			}
 			switch c.Codec {
 			case CodecZero:
 				if c.Offset != 0 || c.StoredLen != 0 || c.StoredCRC != 0 {
-					return nil, corrupt(ErrCorrupt, f+".stored_len", at+8, ci,
+					return nil, corrupt(ErrCorrupt, chunkField(ci, ".stored_len"), at+8, ci,
 						"zero chunk with offset %#x, stored length %d, stored crc %#x; want 0, 0, 0", c.Offset, c.StoredLen, c.StoredCRC)
 				}
 				if w := zc.get(c.RawLen); c.CRC != w {
-					return nil, corrupt(ErrChecksum, f+".crc", at+20, ci, "zero chunk: want %#08x, got %#08x", w, c.CRC)
+					return nil, corrupt(ErrChecksum, chunkField(ci, ".crc"), at+20, ci, "zero chunk: want %#08x, got %#08x", w, c.CRC)
 				}
 				ix.chunks[ci] = c
 				continue
 			case CodecRaw:
 				if c.StoredLen != c.RawLen {
-					return nil, corrupt(ErrCorrupt, f+".stored_len", at+8, ci, "raw chunk: stored length %d != raw length %d", c.StoredLen, c.RawLen)
+					return nil, corrupt(ErrCorrupt, chunkField(ci, ".stored_len"), at+8, ci, "raw chunk: stored length %d != raw length %d", c.StoredLen, c.RawLen)
 				}
 				if c.StoredCRC != c.CRC {
-					return nil, corrupt(ErrCorrupt, f+".stored_crc", at+24, ci, "raw chunk: stored crc %#08x != crc %#08x", c.StoredCRC, c.CRC)
+					return nil, corrupt(ErrCorrupt, chunkField(ci, ".stored_crc"), at+24, ci, "raw chunk: stored crc %#08x != crc %#08x", c.StoredCRC, c.CRC)
 				}
 			case CodecZstd, CodecS2:
 				if c.StoredLen == 0 || c.StoredLen >= c.RawLen {
-					return nil, corrupt(ErrCorrupt, f+".stored_len", at+8, ci,
+					return nil, corrupt(ErrCorrupt, chunkField(ci, ".stored_len"), at+8, ci,
 						"%s chunk: stored length %d must be in [1, %d)", c.Codec, c.StoredLen, c.RawLen)
 				}
 			default:
-				return nil, corrupt(ErrCorrupt, f+".codec", at+16, ci, "unknown codec %d", uint8(c.Codec))
+				return nil, corrupt(ErrCorrupt, chunkField(ci, ".codec"), at+16, ci, "unknown codec %d", uint8(c.Codec))
 			}
 			if c.Offset < prevEnd || c.Offset > lay.dataEnd || uint64(c.StoredLen) > lay.dataEnd-c.Offset {
-				return nil, corrupt(ErrCorrupt, f+".offset", at, ci,
+				return nil, corrupt(ErrCorrupt, chunkField(ci, ".offset"), at, ci,
 					"stored range [%#x, %#x) is outside the data area [%#x, %#x) or overlaps the previous chunk",
 					c.Offset, c.Offset+uint64(c.StoredLen), prevEnd, lay.dataEnd)
 			}
@@ -562,3 +561,7 @@ func (z zeroCRCs) get(n uint32) uint32 {
 	z[n] = v
 	return v
 }
+
+// chunkField names a chunk table field for an error; built only on the error
+// path, since an index may hold a million chunks.
+func chunkField(ci int, field string) string { return fmt.Sprintf("index.chunks[%d]%s", ci, field) }
