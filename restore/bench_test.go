@@ -1,0 +1,443 @@
+package restore
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// Benchmark inputs are generated once and cached in $TMPDIR/uffdrestore-bench.
+// UFFDRESTORE_BENCH_SIZE sets the big size (default 256MiB so that a CI run
+// with -benchtime=1x stays quick; `make bench` uses 2GiB).
+
+func benchSize(b *testing.B) int64 {
+	if s := os.Getenv("UFFDRESTORE_BENCH_SIZE"); s != "" {
+		n, err := uffd.ParseSize(s)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return n
+	}
+	return 256 << 20
+}
+
+// memLike fills p (a multiple of 4 KiB) with page-typed content seeded by
+// the page index: zero pages, pointer-and-integer heavy pages, text pages and
+// random pages, in proportions that compress like a real heap (~4-8x).
+func memLike(p []byte, firstPage int64) {
+	var words = [...]string{"object", "value", "dict", "list", "tuple", "self", "return", "import", "module", "name", "__init__", "None", "True"}
+	for pg := 0; pg*4096 < len(p); pg++ {
+		b := p[pg*4096 : (pg+1)*4096]
+		idx := uint64(firstPage) + uint64(pg)
+		rng := rand.New(rand.NewPCG(idx, 7))
+		switch k := rng.IntN(10); {
+		case k < 3:
+			clear(b)
+		case k < 7: // structured: small ints, pointers, refcounts
+			base := uint64(0x7f3a00000000) + (idx<<12)&0xffffff000
+			for i := 0; i < 4096; i += 8 {
+				var v uint64
+				switch rng.IntN(4) {
+				case 0:
+					v = base + uint64(rng.IntN(4096))&^7
+				case 1:
+					v = uint64(rng.IntN(64))
+				case 2:
+					v = 0
+				default:
+					v = uint64(i) | 0x10000
+				}
+				binary.LittleEndian.PutUint64(b[i:], v)
+			}
+		case k < 9:
+			for i := 0; i < 4096; {
+				w := words[rng.IntN(len(words))]
+				i += copy(b[i:], w)
+				if i < 4096 {
+					b[i] = ' '
+					i++
+				}
+			}
+		default:
+			for i := 0; i < 4096; i += 8 {
+				binary.LittleEndian.PutUint64(b[i:], rng.Uint64())
+			}
+		}
+	}
+}
+
+var benchMu sync.Mutex
+
+// benchSnapshot returns a cached snapshot (and its raw image when raw) of
+// size bytes of content ("mem" or "sparse").
+func benchSnapshot(b *testing.B, size int64, content string, codec format.Codec, chunk int, raw bool) (snap, image string) {
+	benchMu.Lock()
+	defer benchMu.Unlock()
+	dir := filepath.Join(os.TempDir(), "uffdrestore-bench")
+	os.MkdirAll(dir, 0o700)
+	name := fmt.Sprintf("%s-%dM-%v-%dK", content, size>>20, codec, chunk>>10)
+	snap = filepath.Join(dir, name+".snap")
+	image = filepath.Join(dir, fmt.Sprintf("%s-%dM.raw", content, size>>20))
+	_, serr := os.Stat(snap)
+	_, ierr := os.Stat(image)
+	if serr == nil && (!raw || ierr == nil) {
+		return snap, image
+	}
+	f, err := os.Create(snap + ".tmp")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	bw := bufio.NewWriterSize(f, 1<<20)
+	w, err := format.NewWriter(bw, format.WriterOptions{ChunkSize: chunk, Codec: codec})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var img io.Writer = io.Discard
+	if raw {
+		fi, err := os.Create(image)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer fi.Close()
+		img = fi
+	}
+	w.BeginRegion("heap", 0x7f3a00000000, 3)
+	buf := make([]byte, 8<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		n := min(int64(len(buf)), size-off)
+		part := buf[:n]
+		if content == "sparse" {
+			clear(part)
+			for i := int64(0); i < n; i += 1 << 20 {
+				binary.LittleEndian.PutUint64(part[i:], uint64(off+i)|1)
+			}
+		} else {
+			memLike(part, off/4096)
+		}
+		if _, err := w.Write(part); err != nil {
+			b.Fatal(err)
+		}
+		img.Write(part)
+	}
+	w.EndRegion()
+	if err := w.Close(); err != nil {
+		b.Fatal(err)
+	}
+	bw.Flush()
+	f.Close()
+	os.Rename(snap+".tmp", snap)
+	return snap, image
+}
+
+func benchBacking(b *testing.B, size int64) []Option {
+	if os.Geteuid() != 0 {
+		b.Skip("restore benchmarks need root (userfaultfd, huge pages)")
+	}
+	if testutil.FreeHugePages() >= size>>21+8 {
+		return []Option{WithBacking(BackingMemfdHugetlb)}
+	}
+	b.Logf("only %d huge pages free: using shmem", testutil.FreeHugePages())
+	return []Option{WithBacking(BackingShmem)}
+}
+
+// BenchmarkTimeToReady: lazy Open → view usable, for a small and a large
+// snapshot. It must be flat in the size.
+func BenchmarkTimeToReady(b *testing.B) {
+	for _, size := range []int64{256 << 20, 4 << 30} {
+		if size > benchSize(b) && size > 256<<20 && os.Getenv("UFFDRESTORE_BENCH_SIZE") == "" {
+			continue
+		}
+		b.Run(fmt.Sprintf("size=%dMiB", size>>20), func(b *testing.B) {
+			snap, _ := benchSnapshot(b, size, "sparse", format.CodecZstd, 2<<20, false)
+			opts := benchBacking(b, size)
+			var total time.Duration
+			for i := 0; i < b.N; i++ {
+				t0 := time.Now()
+				r, err := Open(context.Background(), snap, opts...)
+				d := time.Since(t0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				total += d
+				r.Close()
+			}
+			b.ReportMetric(float64(total.Microseconds())/float64(b.N)/1000, "ms/ready")
+		})
+	}
+}
+
+// BenchmarkEager: the whole snapshot decompressed into the backing, with 1
+// and 2 workers.
+func BenchmarkEager(b *testing.B) {
+	size := benchSize(b)
+	for _, codec := range []format.Codec{format.CodecZstd, format.CodecS2} {
+		for _, workers := range []int{1, 2} {
+			b.Run(fmt.Sprintf("codec=%v/workers=%d", codec, workers), func(b *testing.B) {
+				snap, _ := benchSnapshot(b, size, "mem", codec, 2<<20, false)
+				opts := append(benchBacking(b, size), WithMode(ModeEager), WithWorkers(workers))
+				// Warm the huge page pool (the VM's first touch is slow).
+				if l, err := NewLoader(context.Background(), snap, opts...); err == nil {
+					l.Close()
+				}
+				b.SetBytes(size)
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					l, err := NewLoader(context.Background(), snap, opts...)
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.StopTimer()
+					l.Close()
+					b.StartTimer()
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkBaselineZstdCLI is what users do today: `zstd -d -T0` of the
+// image into a tmpfs file, then read it back into memory.
+func BenchmarkBaselineZstdCLI(b *testing.B) {
+	if _, err := exec.LookPath("zstd"); err != nil {
+		b.Skip("zstd not installed (apt-get install zstd)")
+	}
+	size := benchSize(b)
+	_, image := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, true)
+	zst := image + ".zst"
+	if _, err := os.Stat(zst); err != nil {
+		if out, err := exec.Command("zstd", "-q", "-f", "-T0", "-3", image, "-o", zst).CombinedOutput(); err != nil {
+			b.Fatalf("zstd: %v %s", err, out)
+		}
+	}
+	dst := filepath.Join("/dev/shm", fmt.Sprintf("uffdrestore-bench-%d", os.Getpid()))
+	defer os.Remove(dst)
+	mem := make([]byte, size)
+	memLike(mem[:4096], 0) // touch to fault in lazily below
+	for i := range mem {
+		if i%4096 == 0 {
+			mem[i] = 0
+		}
+	}
+	b.SetBytes(size)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if out, err := exec.Command("zstd", "-q", "-f", "-d", "-T0", zst, "-o", dst).CombinedOutput(); err != nil {
+			b.Fatalf("zstd -d: %v %s", err, out)
+		}
+		f, err := os.Open(dst)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(f, mem); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+		b.StopTimer()
+		os.Remove(dst)
+		b.StartTimer()
+	}
+}
+
+func pct(v []uint64, q float64) time.Duration {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]uint64(nil), v...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return time.Duration(s[min(len(s)-1, int(q*float64(len(s))))])
+}
+
+// BenchmarkFaultLatency: the first touch of each 2 MiB unit as the touching
+// thread sees it, beside what it ideally costs here: decoding that chunk
+// into a warm buffer plus allocating one huge page, measured in the same run.
+// Then the same pages through a second view (present: CONTINUE only).
+func BenchmarkFaultLatency(b *testing.B) {
+	size := min(benchSize(b), 512<<20)
+	for _, codec := range []format.Codec{format.CodecS2, format.CodecZstd} {
+		for _, spin := range []time.Duration{0, DefaultSpin} {
+			b.Run(fmt.Sprintf("codec=%v/spin=%v", codec, spin), func(b *testing.B) {
+				snap, _ := benchSnapshot(b, size, "mem", codec, 2<<20, false)
+				opts := append(benchBacking(b, size), WithSpin(spin), WithPremap(false))
+				var first, second []uint64
+				var ideal []time.Duration
+				for i := 0; i < b.N; i++ {
+					l, err := NewLoader(context.Background(), snap, opts...)
+					if err != nil {
+						b.Fatal(err)
+					}
+					m1, u1 := benchView(b, l)
+					m2, u2 := benchView(b, l)
+					units := int(l.Layout().FileSize) / l.e.unitSize
+					lat := make([]uint64, units)
+					uffd.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, lat)
+					first = append(first, lat...)
+					uffd.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, lat)
+					second = append(second, lat...)
+					ideal = append(ideal, idealFault(b, l, units)...)
+					u1.Close()
+					u2.Close()
+					m1.Close()
+					m2.Close()
+					l.Close()
+				}
+				sort.Slice(ideal, func(i, j int) bool { return ideal[i] < ideal[j] })
+				idealP50 := ideal[len(ideal)/2]
+				p50 := pct(first, 0.5)
+				b.ReportMetric(float64(p50.Microseconds()), "first-p50-µs")
+				b.ReportMetric(float64(pct(first, 0.99).Microseconds()), "first-p99-µs")
+				b.ReportMetric(float64(idealP50.Microseconds()), "ideal-p50-µs")
+				b.ReportMetric(float64(p50)/float64(idealP50), "first/ideal")
+				b.ReportMetric(float64(pct(second, 0.5).Nanoseconds())/1000, "present-p50-µs")
+				b.ReportMetric(float64(pct(second, 0.99).Nanoseconds())/1000, "present-p99-µs")
+			})
+		}
+	}
+}
+
+// benchView maps l's backing and attaches it as a view.
+func benchView(b *testing.B, l *Loader) (*uffd.Mapping, *View) {
+	lay := l.Layout()
+	want := uffd.FeatureMinorShmem | uffd.FeatureMissingShmem
+	if lay.Backing == "hugetlb" {
+		want = uffd.FeatureMinorHugetlbfs | uffd.FeatureMissingHugetlbfs
+	}
+	u, err := uffd.Open(uffd.OpenOptions{NonBlock: true}, want)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, err := uffd.Mmap(0, int(lay.FileSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, l.BackingFD(), 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := u.Register(m.Addr(), uintptr(lay.FileSize), uffd.ModeMinor|uffd.ModeMissing); err != nil {
+		b.Fatal(err)
+	}
+	v, err := l.AttachView(u, []ViewRange{{Base: m.Addr(), Size: lay.FileSize}}, "bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m, v
+}
+
+// idealFault measures, per unit, decoding its chunk into a warm buffer plus
+// allocating (and zeroing) one fresh page of the backing's kind.
+func idealFault(b *testing.B, l *Loader, units int) []time.Duration {
+	dec := l.e.r.NewDecoder()
+	defer dec.Close()
+	buf := make([]byte, l.e.unitSize)
+	hugetlb := l.b.kind.hugetlb()
+	fd, err := uffd.MemfdCreate("uffdrestore-bench-ideal", hugetlb, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	uffd.Ftruncate(fd, int64(l.e.unitSize))
+	var out []time.Duration
+	for u := 0; u < units && u < 64; u++ {
+		c := u * l.e.chunksPerUnit
+		dec.DecodeChunk(c, buf) // warm
+		t0 := time.Now()
+		if l.e.r.Chunk(c).Codec != format.CodecZero {
+			if err := dec.DecodeChunk(c, buf); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := uffd.Fallocate(fd, 0, 0, int64(l.e.unitSize)); err != nil {
+			b.Fatal(err)
+		}
+		out = append(out, time.Since(t0))
+		uffd.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, int64(l.e.unitSize))
+	}
+	return out
+}
+
+// BenchmarkLoaderRSS: the restorer's own memory for an eager fill, which
+// must not grow with the snapshot. Runs the fill in a child process and
+// reports its peak anonymous RSS (the backing's pages are not the
+// restorer's).
+func BenchmarkLoaderRSS(b *testing.B) {
+	size := benchSize(b)
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	opts := benchBacking(b, size)
+	backing := "shmem"
+	if len(opts) > 0 && testutil.FreeHugePages() >= size>>21+8 {
+		backing = "memfd-hugetlb"
+	}
+	for i := 0; i < b.N; i++ {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestRSSChild$")
+		cmd.Env = append(os.Environ(), "UFFDRESTORE_RSS_CHILD="+snap, "UFFDRESTORE_RSS_BACKING="+backing)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			b.Fatalf("%v\n%s", err, out)
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if v, ok := strings.CutPrefix(l, "rss-anon-peak-kb="); ok {
+				kb, _ := strconv.Atoi(v)
+				b.ReportMetric(float64(kb)/1024, "MiB-rss-anon")
+			}
+		}
+	}
+	b.ReportMetric(float64(size>>20), "MiB-snapshot")
+}
+
+// TestRSSChild is BenchmarkLoaderRSS's child; it does nothing otherwise.
+func TestRSSChild(t *testing.T) {
+	snap := os.Getenv("UFFDRESTORE_RSS_CHILD")
+	if snap == "" {
+		return
+	}
+	kind, _ := ParseBacking(os.Getenv("UFFDRESTORE_RSS_BACKING"))
+	var peak int
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			if kb := rssAnonKB(); kb > peak {
+				peak = kb
+			}
+		}
+	}()
+	l, err := NewLoader(context.Background(), snap, WithBacking(kind), WithMode(ModeEager))
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(done)
+	if kb := rssAnonKB(); kb > peak {
+		peak = kb
+	}
+	l.Close()
+	fmt.Printf("rss-anon-peak-kb=%d\n", peak)
+}
+
+func rssAnonKB() int {
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "RssAnon:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			return n
+		}
+	}
+	return 0
+}

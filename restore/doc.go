@@ -1,0 +1,84 @@
+// Package restore loads uffdrestore snapshots into memory and fills pages
+// lazily with userfaultfd minor faults.
+//
+// # Data path
+//
+// A snapshot is loaded into a backing file: a hugetlb memfd, a file in a
+// hugetlbfs mount, or a shmem memfd (auto picks hugetlb when the pool has
+// room for the whole snapshot, else shmem). The restorer maps the backing
+// once as its alias; views of the same file — in this process or in attached
+// targets — are registered with userfaultfd in MISSING|MINOR mode. On a
+// fault, a filler decompresses the unit's chunks straight into the alias (no
+// bounce buffer, no UFFDIO_COPY) and the fault is resolved with
+// UFFDIO_CONTINUE, which only installs page-table entries. Because the page
+// cache is shared, every view restores from one fill.
+//
+// A unit is max(chunk size, page size): one CONTINUE covers whole pages, and a
+// 64 KiB-chunk snapshot on 2 MiB pages fills a page's 32 chunks together.
+// Each unit has an atomic state (absent → filling → present, or poisoned).
+// Faults on absent units go to a queue the fillers serve before any
+// prefetch; a fault on a filling unit waits on it (no second fill); a fault
+// on a present unit is one CONTINUE. Zero chunks are never decompressed:
+// their pages are allocated zeroed with fallocate.
+//
+// # Choices, and the measurements behind them (2 vCPU VM, kernel 6.18)
+//
+// MISSING|MINOR, no pre-allocation. Registering MINOR alone needs every page
+// in the page cache before the first touch (fallocate of 4 GiB: 0.25–0.46 s),
+// which makes time to ready grow with the snapshot. With MISSING as well, a
+// never-touched page raises a missing fault, the filler's write into the
+// alias allocates it, and CONTINUE maps it. Lazy Open measured 1.1–1.4 ms
+// for 256 MiB and 1.1–1.3 ms for 4 GiB (BenchmarkTimeToReady); most of it is
+// starting the helper process.
+//
+// Huge pages are reserved, not allocated, up front: the alias is a
+// MAP_SHARED hugetlb mapping, which reserves the whole file's pages at mmap
+// time, so a short pool fails with ErrNoHugePages and the fix before anything
+// is mapped, never with a SIGBUS later.
+//
+// Premap. A unit filled without a fault (eager, prefetch, another view's
+// fault) is CONTINUEd into every view at once, so a later first touch costs
+// no fault at all; with premap off (WithPremap(false)) a touch of a present
+// unit costs one CONTINUE round trip, measured at p50 9–12 µs, p99 100–190 µs
+// on this VM (BenchmarkFaultLatency, present-p50/p99).
+//
+// First-touch latency of an absent 2 MiB unit (BenchmarkFaultLatency) was
+// 1.0–1.5x the ideal measured in the same run (decode of that chunk into a
+// warm buffer plus allocating and zeroing one huge page): the fault round
+// trip is small next to a 2 MiB decode.
+//
+// Spinning. After serving a batch, the fault loop busy-polls the uffd for
+// DefaultSpin before sleeping in poll(2): a wake-up across vCPUs costs
+// ~50–70 µs here, a spinning handler answers in a few. The spin is short
+// because on two vCPUs a spinning handler takes a core from the fillers;
+// WithSpin(0) turns it off.
+//
+// # The in-process trap, and the helper process
+//
+// A page fault is not a system call: a goroutine that touches an unfilled
+// page blocks its thread while keeping its P, and a Go fault handler in the
+// same process needs a P to run. With GOMAXPROCS=1 that deadlocks; with more
+// Ps it deadlocks as soon as the runtime stops the world (a GC) while a
+// goroutine is blocked in a fault inside non-preemptible code such as
+// memmove. So Open serves faults from a helper process: this program
+// re-executed (/proc/self/exe, or WithHelper) with the snapshot, the backing
+// and the userfaultfd passed as file descriptors, running the same engine as
+// `uffdrestore load`. Open itself creates the backing, maps and registers the
+// view and starts the helper, then returns: the first fault waits for the
+// helper to come up. Any goroutine, with any GOMAXPROCS, may then touch the
+// view. If the helper dies, faults on unfilled pages block rather than read
+// zeros; Stats and Wait report the helper's exit. Eager mode needs no
+// helper: everything is decompressed before Open returns.
+//
+// A Loader (the server side) serves views that other processes registered;
+// their faulting threads are theirs, so the Loader's fault loops, which run
+// on locked OS threads, never wait on them.
+//
+// # Errors
+//
+// A chunk that fails its checksum during a lazy fill is punched out of the
+// page cache and the unit is poisoned with UFFDIO_POISON: the thread that
+// touches it gets SIGBUS, never wrong bytes; the error is in Stats.LastError
+// and returned by Wait. A unit whose pages were punched out by a target
+// (MADV_REMOVE, fallocate(PUNCH_HOLE)) is filled again when touched.
+package restore
