@@ -134,6 +134,10 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	}
 	a := Attach{Type: TypeAttach, Version: Version, UffdFeatures: uint64(cl.u.Features())}
 	for _, r := range h.Regions {
+		if r.Size == 0 { // an empty region: nothing to map
+			cl.Regions = append(cl.Regions, ClientRegion{Region: r, Data: []byte{}})
+			continue
+		}
 		var hint uintptr
 		fl := flags
 		if o.AtOriginalAddr {
@@ -254,7 +258,7 @@ func (cl *Client) release() {
 	cl.closed = true
 	var errs []error
 	for _, r := range cl.Regions {
-		if cl.u != nil {
+		if cl.u != nil && r.m != nil {
 			if err := cl.u.Unregister(r.m.Addr(), uintptr(r.m.Len())); err != nil {
 				errs = append(errs, err)
 			}
@@ -264,7 +268,9 @@ func (cl *Client) release() {
 		cl.u.Close()
 	}
 	for _, r := range cl.Regions {
-		r.m.Close()
+		if r.m != nil {
+			r.m.Close()
+		}
 	}
 	cl.Regions = nil
 	if cl.c != nil {

@@ -3,6 +3,7 @@ package attach
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 
@@ -43,6 +44,9 @@ func RecvMsg(c *net.UnixConn) ([]byte, []int, error) {
 	oob := make([]byte, oobSize)
 	// On Linux, net passes MSG_CMSG_CLOEXEC.
 	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
+	if errors.Is(err, io.EOF) {
+		return nil, nil, ErrClosed
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("attach: receive: %w", err)
 	}

@@ -355,7 +355,7 @@ func (v *fakeView) Close() error {
 type target struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
-	stdout bytes.Buffer
+	stdout *lineBuf
 	stderr *lineBuf
 	done   chan struct{}
 	err    error
@@ -365,8 +365,12 @@ type target struct {
 type lineBuf struct {
 	mu    sync.Mutex
 	buf   bytes.Buffer
-	cond  chan struct{}
-	close bool
+}
+
+func (l *lineBuf) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(b)
 }
 
 func (l *lineBuf) String() string {
@@ -394,8 +398,8 @@ func startTarget(t testing.TB, sock string, args ...string) *target {
 
 func startTargetCmd(t testing.TB, cmd *exec.Cmd) *target {
 	t.Helper()
-	tg := &target{cmd: cmd, stderr: &lineBuf{}, done: make(chan struct{})}
-	cmd.Stdout = &tg.stdout
+	tg := &target{cmd: cmd, stdout: &lineBuf{}, stderr: &lineBuf{}, done: make(chan struct{})}
+	cmd.Stdout = tg.stdout
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -478,7 +482,7 @@ type result struct {
 func (tg *target) result(t testing.TB) result {
 	t.Helper()
 	var r result
-	if err := json.Unmarshal(tg.stdout.Bytes(), &r); err != nil {
+	if err := json.Unmarshal([]byte(tg.stdout.String()), &r); err != nil {
 		t.Fatalf("target output %q: %v", tg.stdout.String(), err)
 	}
 	return r
@@ -537,9 +541,11 @@ func helperServer(path string) int {
 		fmt.Fprintln(os.Stderr, "helper server:", err)
 		return 1
 	}
+	defer s.Close()
 	fmt.Println("serving")
-	select {}
-	_ = s // unreachable: the test kills this process
+	for { // until the test kills this process
+		time.Sleep(time.Hour)
+	}
 }
 
 // helperTB is enough of testing.TB for newFakeBackend in a helper process.

@@ -95,7 +95,7 @@ type ProtocolError struct {
 func (e *ProtocolError) Error() string {
 	s := "attach: "
 	if e.Msg != "" {
-		s += e.Msg + ": "
+		s += e.Msg + " message: "
 	}
 	if e.Field != "" {
 		s += e.Field + ": "
@@ -168,8 +168,7 @@ type Reply struct {
 
 // Envelope is what every message has: its type.
 type Envelope struct {
-	Type    string `json:"type"`
-	Version *int   `json:"version,omitempty"`
+	Type string `json:"type"`
 }
 
 var knownTypes = map[string]bool{
@@ -277,10 +276,10 @@ func (h *Hello) Validate() error {
 		switch {
 		case r.Offset%h.PageSize != 0:
 			return invalid(m, f("offset"), "%d is not a multiple of page_size %d", r.Offset, h.PageSize)
-		case r.Size == 0 || r.Size%h.PageSize != 0:
-			return invalid(m, f("size"), "%d is not a positive multiple of page_size %d", r.Size, h.PageSize)
-		case r.Length > r.Size || r.Size-r.Length >= h.PageSize:
-			return invalid(m, f("length"), "%d does not round up to size %d", r.Length, r.Size)
+		case r.Size%h.PageSize != 0:
+			return invalid(m, f("size"), "%d is not a multiple of page_size %d", r.Size, h.PageSize)
+		case r.Length > r.Size || (r.Size > 0 && r.Size-r.Length >= h.PageSize):
+			return invalid(m, f("length"), "%d does not round up to size %d (size is length rounded up to page_size)", r.Length, r.Size)
 		case r.Offset > h.FileSize || r.Size > h.FileSize-r.Offset:
 			return invalid(m, f("size"), "[%d, +%d) is outside the file (%d bytes)", r.Offset, r.Size, h.FileSize)
 		case r.Prot&^7 != 0:

@@ -312,6 +312,14 @@ type inMsg struct {
 	err error
 }
 
+// setInfo changes cn.info under the server's lock (Targets reads it). Only
+// the connection's own goroutine writes it, so it may read it unlocked.
+func (cn *conn) setInfo(f func(*TargetInfo)) {
+	cn.s.mu.Lock()
+	f(&cn.info)
+	cn.s.mu.Unlock()
+}
+
 func (cn *conn) logf(format string, args ...any) {
 	cn.s.o.Logf("%s: "+format, append([]any{cn.info.Name}, args...)...)
 }
@@ -336,7 +344,8 @@ func (cn *conn) serve() {
 		s.mu.Unlock()
 		s.wg.Done()
 	}()
-	cn.info.Name = "target#" + strconv.FormatUint(s.seq.Add(1), 10)
+	name := "target#" + strconv.FormatUint(s.seq.Add(1), 10)
+	cn.setInfo(func(ti *TargetInfo) { ti.Name = name })
 	// A forced shutdown ends a handshake in progress by closing its socket;
 	// an attached target is ended by attached() itself.
 	go func() {
@@ -354,8 +363,8 @@ func (cn *conn) serve() {
 		return
 	}
 	reason := cn.attached(v)
-	cn.info.Stats = v.Stats()
-	cn.info.Reason = reason
+	st := v.Stats()
+	cn.setInfo(func(ti *TargetInfo) { ti.Stats, ti.Reason = st, reason })
 	cn.logf("ended: %s", reason)
 	if s.o.OnDetach != nil {
 		s.o.OnDetach(cn.info)
@@ -369,8 +378,10 @@ func (cn *conn) handshake() (View, error) {
 	if err != nil {
 		return nil, err
 	}
-	cn.info.PID, cn.info.UID = cred.Pid, cred.Uid
-	cn.info.Name += " (pid " + strconv.Itoa(int(cred.Pid)) + ")"
+	cn.setInfo(func(ti *TargetInfo) {
+		ti.PID, ti.UID = cred.Pid, cred.Uid
+		ti.Name += " (pid " + strconv.Itoa(int(cred.Pid)) + ")"
+	})
 	if !slices.Contains(s.allowed, cred.Uid) {
 		return nil, fmt.Errorf("uid %d may not attach (allowed: %s; see --allow-uid)", cred.Uid, uidList(s.allowed))
 	}
@@ -387,7 +398,7 @@ func (cn *conn) handshake() (View, error) {
 	cn.c.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
 	raw, fds, err := RecvMsg(cn.c)
 	if err != nil {
-		if os.IsTimeout(err) {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return nil, fmt.Errorf("no attach message within %v", s.o.HandshakeTimeout)
 		}
 		return nil, err
@@ -425,7 +436,7 @@ func (cn *conn) handshake() (View, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attach view: %w", err)
 	}
-	cn.info.Mappings = len(ranges)
+	cn.setInfo(func(ti *TargetInfo) { ti.Mappings = len(ranges) })
 	cn.view.Store(&v)
 	if err := cn.send(Reply{Type: TypeReady}); err != nil {
 		v.Close()

@@ -1,0 +1,1191 @@
+/*
+ * ur_client.c - see ur_client.h and PROTOCOL.md.
+ *
+ * Self-contained: a SOCK_SEQPACKET socket, SCM_RIGHTS, the userfaultfd
+ * calls, and a small bounds-checked JSON reader for exactly the shapes the
+ * server sends (hello, ready, error, stats, bye, shutdown). It does not use
+ * ur_shim.c, so the library links on its own.
+ */
+#define _GNU_SOURCE
+#include "ur_client.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <linux/types.h>
+#include <linux/userfaultfd.h>
+
+/* What Debian's 6.1 uapi headers may lack; values from upstream. */
+#ifndef UFFD_FEATURE_MINOR_HUGETLBFS
+#define UFFD_FEATURE_MINOR_HUGETLBFS (1 << 9)
+#endif
+#ifndef UFFD_FEATURE_MINOR_SHMEM
+#define UFFD_FEATURE_MINOR_SHMEM (1 << 10)
+#endif
+#ifndef UFFDIO_REGISTER_MODE_MINOR
+#define UFFDIO_REGISTER_MODE_MINOR ((__u64)1 << 2)
+#endif
+#ifndef USERFAULTFD_IOC
+#define USERFAULTFD_IOC 0xAA
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#endif
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
+#define UR_MAX_FDS 4
+#define UR_MAX_NAME 4096
+#define UR_MAX_DEPTH 32
+#define UR_ERRLEN 512
+
+struct ur_session {
+	int sock;
+	int uffd;
+	uint64_t features;
+	uint64_t page_size, chunk_size, file_size;
+	char backing[16];
+	char *snapshot;
+	size_t nregions;
+	struct ur_region *regions;
+	int timeout_ms;
+	int shutdown_requested;
+	char err[UR_ERRLEN];
+};
+
+static __thread char last_err[UR_ERRLEN];
+
+static void seterr(char *dst, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void seterr(char *dst, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(dst, UR_ERRLEN, fmt, ap);
+	va_end(ap);
+}
+
+const char *ur_strerror(int code)
+{
+	switch (code) {
+	case 0:
+		return "success";
+	case UR_EMALFORMED:
+		return "malformed message from the server";
+	case UR_ETOOLARGE:
+		return "message too large";
+	case UR_EREFUSED:
+		return "refused by the server";
+	case UR_EVERSION:
+		return "unsupported protocol version";
+	case UR_ECLOSED:
+		return "the server closed the connection";
+	case UR_ENOFEATURE:
+		return "the kernel lacks userfaultfd minor faults for this backing";
+	case UR_EADDR:
+		return "region has no usable original address";
+	case UR_ETIMEDOUT:
+		return "timed out waiting for the server";
+	}
+	if (code < 0 && code > -4096)
+		return strerror(-code);
+	return "unknown error";
+}
+
+const char *ur_session_error(const struct ur_session *s)
+{
+	return s ? s->err : last_err;
+}
+
+/* ---- JSON reading ------------------------------------------------------ */
+
+struct jp {
+	const char *s;
+	size_t n, i;
+	int depth;
+};
+
+static void jws(struct jp *p)
+{
+	while (p->i < p->n && (p->s[p->i] == ' ' || p->s[p->i] == '\t' || p->s[p->i] == '\n' || p->s[p->i] == '\r'))
+		p->i++;
+}
+
+static int jpeek(struct jp *p)
+{
+	jws(p);
+	return p->i < p->n ? (unsigned char)p->s[p->i] : -1;
+}
+
+static int jexpect(struct jp *p, char c)
+{
+	if (jpeek(p) != (unsigned char)c)
+		return -1;
+	p->i++;
+	return 0;
+}
+
+static int hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+static int jhex4(struct jp *p, unsigned *v)
+{
+	if (p->n - p->i < 4)
+		return -1;
+	*v = 0;
+	for (int k = 0; k < 4; k++) {
+		int h = hexval((unsigned char)p->s[p->i++]);
+		if (h < 0)
+			return -1;
+		*v = *v << 4 | (unsigned)h;
+	}
+	return 0;
+}
+
+/* Decodes a string into out (NUL-terminated, at most cap-1 bytes) or, with
+ * out == NULL, skips it. Returns -1 on a syntax error or when it is longer. */
+static int jstring(struct jp *p, char *out, size_t cap)
+{
+	size_t o = 0;
+	if (jexpect(p, '"') < 0)
+		return -1;
+	for (;;) {
+		if (p->i >= p->n)
+			return -1;
+		unsigned char c = (unsigned char)p->s[p->i++];
+		char enc[4];
+		size_t elen = 1;
+		if (c == '"')
+			break;
+		if (c < 0x20)
+			return -1;
+		enc[0] = (char)c;
+		if (c == '\\') {
+			if (p->i >= p->n)
+				return -1;
+			c = (unsigned char)p->s[p->i++];
+			switch (c) {
+			case '"': case '\\': case '/':
+				enc[0] = (char)c;
+				break;
+			case 'b': enc[0] = '\b'; break;
+			case 'f': enc[0] = '\f'; break;
+			case 'n': enc[0] = '\n'; break;
+			case 'r': enc[0] = '\r'; break;
+			case 't': enc[0] = '\t'; break;
+			case 'u': {
+				unsigned cp, lo;
+				if (jhex4(p, &cp) < 0)
+					return -1;
+				if (cp >= 0xD800 && cp <= 0xDBFF) {
+					if (p->n - p->i < 6 || p->s[p->i] != '\\' || p->s[p->i + 1] != 'u')
+						return -1;
+					p->i += 2;
+					if (jhex4(p, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF)
+						return -1;
+					cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+				} else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+					return -1;
+				}
+				if (cp == 0)
+					return -1; /* no NULs inside names */
+				if (cp < 0x80) {
+					enc[0] = (char)cp;
+				} else if (cp < 0x800) {
+					enc[0] = (char)(0xC0 | cp >> 6);
+					enc[1] = (char)(0x80 | (cp & 0x3F));
+					elen = 2;
+				} else if (cp < 0x10000) {
+					enc[0] = (char)(0xE0 | cp >> 12);
+					enc[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+					enc[2] = (char)(0x80 | (cp & 0x3F));
+					elen = 3;
+				} else {
+					enc[0] = (char)(0xF0 | cp >> 18);
+					enc[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+					enc[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+					enc[3] = (char)(0x80 | (cp & 0x3F));
+					elen = 4;
+				}
+				break;
+			}
+			default:
+				return -1;
+			}
+		}
+		if (out) {
+			if (o + elen >= cap)
+				return -1;
+			memcpy(out + o, enc, elen);
+		}
+		o += elen;
+	}
+	if (out)
+		out[o] = 0;
+	return 0;
+}
+
+/* A non-negative integer without sign, fraction or exponent, < 2^64. */
+static int juint(struct jp *p, uint64_t *v)
+{
+	int c = jpeek(p);
+	if (c < '0' || c > '9')
+		return -1;
+	uint64_t x = 0;
+	size_t start = p->i;
+	while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9') {
+		unsigned d = (unsigned)(p->s[p->i] - '0');
+		if (x > (UINT64_MAX - d) / 10)
+			return -1;
+		x = x * 10 + d;
+		p->i++;
+	}
+	if (p->i - start > 1 && p->s[start] == '0')
+		return -1;
+	if (p->i < p->n && (p->s[p->i] == '.' || p->s[p->i] == 'e' || p->s[p->i] == 'E'))
+		return -1;
+	*v = x;
+	return 0;
+}
+
+static int jlit(struct jp *p, const char *lit)
+{
+	size_t l = strlen(lit);
+	jws(p);
+	if (p->n - p->i < l || memcmp(p->s + p->i, lit, l) != 0)
+		return -1;
+	p->i += l;
+	return 0;
+}
+
+/* Skips any JSON value (bounded nesting). */
+static int jskip(struct jp *p)
+{
+	int c = jpeek(p);
+	switch (c) {
+	case '"':
+		return jstring(p, NULL, 0);
+	case 't':
+		return jlit(p, "true");
+	case 'f':
+		return jlit(p, "false");
+	case 'n':
+		return jlit(p, "null");
+	case '{':
+	case '[': {
+		char close = c == '{' ? '}' : ']';
+		if (++p->depth > UR_MAX_DEPTH)
+			return -1;
+		p->i++;
+		if (jpeek(p) == close) {
+			p->i++;
+			p->depth--;
+			return 0;
+		}
+		for (;;) {
+			if (c == '{') {
+				if (jstring(p, NULL, 0) < 0 || jexpect(p, ':') < 0)
+					return -1;
+			}
+			if (jskip(p) < 0)
+				return -1;
+			int d = jpeek(p);
+			p->i++;
+			if (d == ',')
+				continue;
+			if (d == close)
+				break;
+			return -1;
+		}
+		p->depth--;
+		return 0;
+	}
+	}
+	/* A number: -?digits(.digits)?([eE][+-]?digits)? */
+	if (c == '-')
+		p->i++;
+	size_t d0 = p->i;
+	while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9')
+		p->i++;
+	if (p->i == d0)
+		return -1;
+	if (p->i < p->n && p->s[p->i] == '.') {
+		size_t f0 = ++p->i;
+		while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9')
+			p->i++;
+		if (p->i == f0)
+			return -1;
+	}
+	if (p->i < p->n && (p->s[p->i] == 'e' || p->s[p->i] == 'E')) {
+		p->i++;
+		if (p->i < p->n && (p->s[p->i] == '+' || p->s[p->i] == '-'))
+			p->i++;
+		size_t e0 = p->i;
+		while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9')
+			p->i++;
+		if (p->i == e0)
+			return -1;
+	}
+	return 0;
+}
+
+/* Iterates the members of an object: call with *first = 1; returns 1 with
+ * key filled and the parser at the value, 0 at the end, -1 on error. */
+static int jmember(struct jp *p, int *first, char *key, size_t cap)
+{
+	if (*first) {
+		if (jexpect(p, '{') < 0)
+			return -1;
+		*first = 0;
+		if (jpeek(p) == '}') {
+			p->i++;
+			return 0;
+		}
+	} else {
+		int c = jpeek(p);
+		if (c == '}') {
+			p->i++;
+			return 0;
+		}
+		if (c != ',')
+			return -1;
+		p->i++;
+	}
+	/* A key longer than cap is not one we know: skip it. */
+	size_t save = p->i;
+	if (jstring(p, key, cap) < 0) {
+		p->i = save;
+		if (jstring(p, NULL, 0) < 0)
+			return -1;
+		key[0] = 0;
+	}
+	if (jexpect(p, ':') < 0)
+		return -1;
+	return 1;
+}
+
+/* ---- messages ------------------------------------------------------------ */
+
+struct msg {
+	char type[16];
+	int has_version;
+	uint64_t version;
+	char error[UR_ERRLEN];
+	const char *stats; /* span of the "stats" value */
+	size_t stats_len;
+	/* hello */
+	char backing[16];
+	uint64_t page_size, chunk_size, file_size;
+	char *snapshot;
+	size_t nregions;
+	struct ur_region *regions;
+	char field[64]; /* where parsing failed */
+};
+
+static void msg_free(struct msg *m)
+{
+	free(m->snapshot);
+	if (m->regions) {
+		for (size_t i = 0; i < m->nregions; i++)
+			free((char *)m->regions[i].name);
+		free(m->regions);
+	}
+	m->snapshot = NULL;
+	m->regions = NULL;
+	m->nregions = 0;
+}
+
+static int parse_region(struct jp *p, struct ur_region *r)
+{
+	char key[32];
+	int first = 1, k;
+	char *name = malloc(UR_MAX_NAME);
+	if (!name)
+		return -1;
+	name[0] = 0;
+	int have_name = 0;
+	while ((k = jmember(p, &first, key, sizeof key)) == 1) {
+		int rc = 0;
+		uint64_t v = 0;
+		if (!strcmp(key, "name")) {
+			rc = jstring(p, name, UR_MAX_NAME);
+			have_name = 1;
+		} else if (!strcmp(key, "offset")) {
+			rc = juint(p, &r->offset);
+		} else if (!strcmp(key, "size")) {
+			rc = juint(p, &r->size);
+		} else if (!strcmp(key, "length")) {
+			rc = juint(p, &r->length);
+		} else if (!strcmp(key, "addr")) {
+			rc = juint(p, &r->orig_addr);
+		} else if (!strcmp(key, "prot")) {
+			rc = juint(p, &v);
+			if (rc == 0 && v > 7)
+				rc = -1;
+			r->prot = (uint32_t)v;
+		} else {
+			rc = jskip(p);
+		}
+		if (rc < 0) {
+			free(name);
+			return -1;
+		}
+	}
+	if (k < 0 || !have_name) {
+		free(name);
+		return -1;
+	}
+	r->name = strdup(name);
+	free(name);
+	return r->name ? 0 : -1;
+}
+
+/* Parses one server message. Returns 0 or UR_EMALFORMED (m->field says where). */
+static int parse_msg(const char *buf, size_t n, struct msg *m)
+{
+	struct jp p = { .s = buf, .n = n };
+	char key[32];
+	int first = 1, k;
+	memset(m, 0, sizeof(*m));
+	while ((k = jmember(&p, &first, key, sizeof key)) == 1) {
+		int rc;
+		if (!strcmp(key, "type")) {
+			rc = jstring(&p, m->type, sizeof m->type);
+		} else if (!strcmp(key, "version")) {
+			rc = juint(&p, &m->version);
+			m->has_version = 1;
+		} else if (!strcmp(key, "error")) {
+			/* Truncate long error texts instead of failing. */
+			size_t save = p.i;
+			rc = jstring(&p, m->error, sizeof m->error);
+			if (rc < 0) {
+				p.i = save;
+				rc = jstring(&p, NULL, 0);
+				snprintf(m->error, sizeof m->error, "(error message too long)");
+			}
+		} else if (!strcmp(key, "stats")) {
+			jws(&p);
+			size_t s0 = p.i;
+			rc = jskip(&p);
+			m->stats = buf + s0;
+			m->stats_len = p.i - s0;
+		} else if (!strcmp(key, "backing")) {
+			rc = jstring(&p, m->backing, sizeof m->backing);
+		} else if (!strcmp(key, "page_size")) {
+			rc = juint(&p, &m->page_size);
+		} else if (!strcmp(key, "chunk_size")) {
+			rc = juint(&p, &m->chunk_size);
+		} else if (!strcmp(key, "file_size")) {
+			rc = juint(&p, &m->file_size);
+		} else if (!strcmp(key, "snapshot")) {
+			free(m->snapshot);
+			m->snapshot = malloc(UR_MAX_NAME);
+			rc = m->snapshot ? jstring(&p, m->snapshot, UR_MAX_NAME) : -1;
+		} else if (!strcmp(key, "regions")) {
+			msg_free(m);
+			rc = jexpect(&p, '[');
+			if (rc == 0 && jpeek(&p) == ']') {
+				p.i++;
+			} else {
+				while (rc == 0) {
+					if (m->nregions >= UR_MAX_REGIONS) {
+						rc = -1;
+						break;
+					}
+					struct ur_region *nr = realloc(m->regions, (m->nregions + 1) * sizeof(*nr));
+					if (!nr) {
+						rc = -1;
+						break;
+					}
+					m->regions = nr;
+					memset(&nr[m->nregions], 0, sizeof(*nr));
+					if (parse_region(&p, &nr[m->nregions]) < 0) {
+						snprintf(m->field, sizeof m->field, "regions[%zu]", m->nregions);
+						msg_free(m);
+						return UR_EMALFORMED;
+					}
+					m->nregions++;
+					int c = jpeek(&p);
+					p.i++;
+					if (c == ']')
+						break;
+					if (c != ',')
+						rc = -1;
+				}
+			}
+		} else {
+			rc = jskip(&p);
+		}
+		if (rc < 0) {
+			snprintf(m->field, sizeof m->field, "%s", key);
+			msg_free(m);
+			return UR_EMALFORMED;
+		}
+	}
+	if (k < 0 || jpeek(&p) != -1) {
+		snprintf(m->field, sizeof m->field, "(not one JSON object)");
+		msg_free(m);
+		return UR_EMALFORMED;
+	}
+	if (!m->type[0]) {
+		snprintf(m->field, sizeof m->field, "type");
+		msg_free(m);
+		return UR_EMALFORMED;
+	}
+	return 0;
+}
+
+/* Appends s as a JSON string. */
+static int jput_string(char *b, size_t cap, size_t *o, const char *s)
+{
+	static const char hex[] = "0123456789abcdef";
+	if (*o + 1 >= cap)
+		return -1;
+	b[(*o)++] = '"';
+	for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+		char e[7];
+		size_t l = 0;
+		if (*c == '"' || *c == '\\') {
+			e[l++] = '\\';
+			e[l++] = (char)*c;
+		} else if (*c < 0x20) {
+			e[l++] = '\\';
+			e[l++] = 'u';
+			e[l++] = '0';
+			e[l++] = '0';
+			e[l++] = hex[*c >> 4];
+			e[l++] = hex[*c & 15];
+		} else {
+			e[l++] = (char)*c;
+		}
+		if (*o + l + 1 >= cap)
+			return -1;
+		memcpy(b + *o, e, l);
+		*o += l;
+	}
+	if (*o + 2 >= cap)
+		return -1;
+	b[(*o)++] = '"';
+	b[*o] = 0;
+	return 0;
+}
+
+static int jputf(char *b, size_t cap, size_t *o, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int jputf(char *b, size_t cap, size_t *o, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(b + *o, cap - *o, fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= cap - *o)
+		return -1;
+	*o += (size_t)n;
+	return 0;
+}
+
+/* ---- transport ------------------------------------------------------------ */
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int send_msg(int sock, const char *buf, size_t n, int fd)
+{
+	struct iovec iov = { .iov_base = (void *)buf, .iov_len = n };
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} cb;
+	struct msghdr mh;
+	memset(&mh, 0, sizeof(mh));
+	memset(&cb, 0, sizeof(cb));
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	if (fd >= 0) {
+		mh.msg_control = cb.b;
+		mh.msg_controllen = sizeof(cb.b);
+		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	}
+	ssize_t r;
+	do
+		r = sendmsg(sock, &mh, MSG_NOSIGNAL);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	if ((size_t)r != n)
+		return -EMSGSIZE;
+	return 0;
+}
+
+/* Receives one message into buf (cap >= UR_MAX_MSG + 1) and up to
+ * UR_MAX_FDS fds. Waits at most timeout_ms (< 0: forever; 0: do not wait,
+ * returning -EAGAIN when nothing is pending). Returns the length. */
+static long recv_msg(int sock, char *buf, size_t cap, int *fds, int *nfds, int timeout_ms)
+{
+	*nfds = 0;
+	int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+	for (;;) {
+		int wait = timeout_ms < 0 ? -1 : 0;
+		if (timeout_ms > 0) {
+			int64_t left = deadline - now_ms();
+			wait = left > 0 ? (int)left : 0;
+		}
+		struct pollfd pf = { .fd = sock, .events = POLLIN };
+		int pr = poll(&pf, 1, wait);
+		if (pr < 0 && errno == EINTR)
+			continue;
+		if (pr < 0)
+			return -errno;
+		if (pr == 0)
+			return timeout_ms == 0 ? -EAGAIN : UR_ETIMEDOUT;
+		break;
+	}
+	struct iovec iov = { .iov_base = buf, .iov_len = cap };
+	union {
+		char b[CMSG_SPACE(UR_MAX_FDS * sizeof(int))];
+		struct cmsghdr align;
+	} cb;
+	struct msghdr mh;
+	memset(&mh, 0, sizeof(mh));
+	mh.msg_iov = &iov;
+	mh.msg_iovlen = 1;
+	mh.msg_control = cb.b;
+	mh.msg_controllen = sizeof(cb.b);
+	ssize_t r;
+	do
+		r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (size_t j = 0; j < k; j++) {
+			int fd;
+			memcpy(&fd, CMSG_DATA(c) + j * sizeof(int), sizeof(int));
+			if (*nfds < UR_MAX_FDS)
+				fds[(*nfds)++] = fd;
+			else
+				close(fd);
+		}
+	}
+	if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || (size_t)r > UR_MAX_MSG) {
+		for (int j = 0; j < *nfds; j++)
+			close(fds[j]);
+		*nfds = 0;
+		return UR_ETOOLARGE;
+	}
+	if (r == 0) {
+		for (int j = 0; j < *nfds; j++)
+			close(fds[j]);
+		*nfds = 0;
+		return UR_ECLOSED;
+	}
+	return (long)r;
+}
+
+static void close_fds(int *fds, int n)
+{
+	for (int i = 0; i < n; i++)
+		close(fds[i]);
+}
+
+/* Receives a message and parses it. A {"type":"error"} becomes
+ * UR_EREFUSED with its text in err. */
+static int recv_parse(int sock, char *buf, struct msg *m, int timeout_ms, int *fds, int *nfds, char *err)
+{
+	int lfds[UR_MAX_FDS], ln = 0;
+	if (!fds) {
+		fds = lfds;
+		nfds = &ln;
+	}
+	long n = recv_msg(sock, buf, UR_MAX_MSG + 1, fds, nfds, timeout_ms);
+	if (n < 0) {
+		if (n == UR_ETOOLARGE)
+			seterr(err, "message too large (over %d bytes or %d fds)", UR_MAX_MSG, UR_MAX_FDS);
+		else if (n == UR_ECLOSED)
+			seterr(err, "the server closed the connection");
+		else if (n == UR_ETIMEDOUT)
+			seterr(err, "no answer from the server within %d ms", timeout_ms);
+		else if (n != -EAGAIN)
+			seterr(err, "recvmsg: %s", strerror((int)-n));
+		return (int)n;
+	}
+	int rc = parse_msg(buf, (size_t)n, m);
+	if (rc < 0) {
+		seterr(err, "malformed message from the server (field %s)", m->field);
+	} else if (!strcmp(m->type, "error")) {
+		seterr(err, "server: %s", m->error[0] ? m->error : "(no message)");
+		rc = UR_EREFUSED;
+	}
+	if (rc < 0) {
+		close_fds(fds, *nfds);
+		*nfds = 0;
+		msg_free(m);
+	} else if (fds == lfds) {
+		close_fds(lfds, ln);
+	}
+	return rc;
+}
+
+/* ---- userfaultfd ------------------------------------------------------------ */
+
+static int uffd_open(void)
+{
+	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd >= 0)
+		return fd;
+	int err = errno;
+	if (err != EPERM && err != ENOSYS)
+		return -err;
+	int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	if (dev < 0)
+		return -err; /* report the syscall's EPERM: that is the one to fix */
+	fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+	int e2 = errno;
+	close(dev);
+	return fd < 0 ? -e2 : fd;
+}
+
+static int uffd_api(int fd, uint64_t want, uint64_t *got)
+{
+	struct uffdio_api api;
+	memset(&api, 0, sizeof(api));
+	api.api = UFFD_API;
+	api.features = want;
+	if (ioctl(fd, UFFDIO_API, &api) < 0)
+		return -errno;
+	*got = api.features;
+	return 0;
+}
+
+/* ---- sessions ------------------------------------------------------------ */
+
+static void session_free(struct ur_session *s)
+{
+	if (!s)
+		return;
+	for (size_t i = 0; i < s->nregions; i++) {
+		struct ur_region *r = &s->regions[i];
+		if (r->addr) {
+			if (s->uffd >= 0) {
+				struct uffdio_range rg = { .start = (uintptr_t)r->addr, .len = r->size };
+				ioctl(s->uffd, UFFDIO_UNREGISTER, &rg);
+			}
+		}
+	}
+	/* Unregistered first, so the munmaps raise no UNMAP events that would
+	 * wait for a server that may be gone. */
+	if (s->uffd >= 0)
+		close(s->uffd);
+	for (size_t i = 0; i < s->nregions; i++) {
+		struct ur_region *r = &s->regions[i];
+		if (r->addr)
+			munmap(r->addr, r->size);
+		free((char *)r->name);
+	}
+	free(s->regions);
+	free(s->snapshot);
+	if (s->sock >= 0)
+		close(s->sock);
+	free(s);
+}
+
+static int validate_hello(const struct msg *m, char *err)
+{
+	if (!m->has_version || m->version != UR_PROTOCOL_VERSION) {
+		seterr(err, "hello: version %llu, this client speaks %d", (unsigned long long)m->version, UR_PROTOCOL_VERSION);
+		return UR_EVERSION;
+	}
+	if (strcmp(m->backing, "hugetlb") && strcmp(m->backing, "shmem")) {
+		seterr(err, "hello: backing: \"%s\" is neither \"hugetlb\" nor \"shmem\"", m->backing);
+		return UR_EMALFORMED;
+	}
+	uint64_t ps = m->page_size;
+	if (ps < 4096 || (ps & (ps - 1))) {
+		seterr(err, "hello: page_size: %llu is not a power of two >= 4096", (unsigned long long)ps);
+		return UR_EMALFORMED;
+	}
+	if (m->nregions == 0) {
+		seterr(err, "hello: regions: none");
+		return UR_EMALFORMED;
+	}
+	for (size_t i = 0; i < m->nregions; i++) {
+		const struct ur_region *r = &m->regions[i];
+		if (r->offset % ps || r->size % ps || r->length > r->size || (r->size && r->size - r->length >= ps) ||
+		    r->offset > m->file_size || r->size > m->file_size - r->offset) {
+			seterr(err, "hello: regions[%zu] (\"%s\"): offset %llu size %llu length %llu is not a page-aligned range of the %llu-byte file",
+			       i, r->name, (unsigned long long)r->offset, (unsigned long long)r->size,
+			       (unsigned long long)r->length, (unsigned long long)m->file_size);
+			return UR_EMALFORMED;
+		}
+	}
+	return 0;
+}
+
+int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out)
+{
+	static const struct ur_attach_opts defaults;
+	struct msg m;
+	int fds[UR_MAX_FDS], nfds = 0, backing = -1, rc;
+	char *buf = NULL;
+	struct ur_session *s = NULL;
+
+	memset(&m, 0, sizeof(m));
+	last_err[0] = 0;
+	if (!out || !socket_path) {
+		seterr(last_err, "ur_attach: NULL argument");
+		return -EINVAL;
+	}
+	*out = NULL;
+	if (!opts)
+		opts = &defaults;
+	s = calloc(1, sizeof(*s));
+	buf = malloc(UR_MAX_MSG + 1);
+	if (!s || !buf) {
+		free(s);
+		free(buf);
+		seterr(last_err, "out of memory");
+		return -ENOMEM;
+	}
+	s->sock = -1;
+	s->uffd = -1;
+	s->timeout_ms = opts->timeout_ms == 0 ? 10000 : opts->timeout_ms;
+
+	struct sockaddr_un sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	if (strlen(socket_path) >= sizeof(sa.sun_path)) {
+		seterr(last_err, "socket path %s is too long (at most %zu bytes)", socket_path, sizeof(sa.sun_path) - 1);
+		rc = -ENAMETOOLONG;
+		goto fail;
+	}
+	strcpy(sa.sun_path, socket_path);
+	s->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (s->sock < 0) {
+		rc = -errno;
+		seterr(last_err, "socket: %s", strerror(errno));
+		goto fail;
+	}
+	if (connect(s->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		rc = -errno;
+		seterr(last_err, "connect to %s: %s", socket_path, strerror(errno));
+		goto fail;
+	}
+
+	/* 1. hello + the backing file. */
+	rc = recv_parse(s->sock, buf, &m, s->timeout_ms, fds, &nfds, last_err);
+	if (rc < 0)
+		goto fail;
+	if (strcmp(m.type, "hello")) {
+		seterr(last_err, "expected a hello, got \"%s\"", m.type);
+		rc = UR_EMALFORMED;
+		goto fail;
+	}
+	if (nfds != 1) {
+		seterr(last_err, "hello came with %d file descriptors, want 1", nfds);
+		rc = UR_EMALFORMED;
+		goto fail;
+	}
+	backing = fds[0];
+	nfds = 0;
+	rc = validate_hello(&m, last_err);
+	if (rc < 0)
+		goto fail;
+	s->page_size = m.page_size;
+	s->chunk_size = m.chunk_size;
+	s->file_size = m.file_size;
+	snprintf(s->backing, sizeof s->backing, "%s", m.backing);
+	s->snapshot = m.snapshot ? m.snapshot : strdup("");
+	m.snapshot = NULL;
+	s->regions = m.regions;
+	s->nregions = m.nregions;
+	m.regions = NULL;
+	m.nregions = 0;
+	for (size_t i = 0; i < s->nregions; i++)
+		s->regions[i].addr = NULL;
+
+	/* 2. A userfaultfd with the features this backing needs. */
+	int hugetlb = !strcmp(s->backing, "hugetlb");
+	uint64_t required = hugetlb ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+	uint64_t want = required | (hugetlb ? UFFD_FEATURE_MISSING_HUGETLBFS : UFFD_FEATURE_MISSING_SHMEM) |
+			UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+	if (!opts->no_fork_events)
+		want |= UFFD_FEATURE_EVENT_FORK;
+	uint64_t have = 0;
+	int probe = uffd_open();
+	if (probe < 0) {
+		rc = probe;
+		seterr(last_err, "userfaultfd: %s (as non-root: sysctl vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd)", strerror(-rc));
+		goto fail;
+	}
+	rc = uffd_api(probe, 0, &have);
+	close(probe);
+	if (rc < 0) {
+		seterr(last_err, "ioctl UFFDIO_API: %s", strerror(-rc));
+		goto fail;
+	}
+	if ((have & required) != required) {
+		seterr(last_err, "the kernel lacks minor faults on %s (needs Linux >= %s)", hugetlb ? "hugetlbfs" : "shmem", hugetlb ? "5.13" : "5.14");
+		rc = UR_ENOFEATURE;
+		goto fail;
+	}
+	s->uffd = uffd_open();
+	if (s->uffd < 0) {
+		rc = s->uffd;
+		seterr(last_err, "userfaultfd: %s", strerror(-rc));
+		goto fail;
+	}
+	rc = uffd_api(s->uffd, want & have, &s->features);
+	if (rc < 0) {
+		seterr(last_err, "ioctl UFFDIO_API: %s", strerror(-rc));
+		goto fail;
+	}
+
+	/* 3. Map and register every region, in hello order. */
+	int prot = opts->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
+	int flags = opts->private_mapping ? MAP_PRIVATE : MAP_SHARED;
+	for (size_t i = 0; i < s->nregions; i++) {
+		struct ur_region *r = &s->regions[i];
+		void *hint = NULL;
+		int fl = flags;
+		if (r->size == 0)
+			continue; /* an empty region: nothing to map */
+		if (opts->at_original_addr) {
+			if (r->orig_addr == 0 || r->orig_addr % s->page_size) {
+				seterr(last_err, "region \"%s\": original address %#llx is not a non-zero multiple of the page size %llu%s",
+				       r->name, (unsigned long long)r->orig_addr, (unsigned long long)s->page_size,
+				       hugetlb ? " (a hugetlb backing needs huge-page-aligned addresses)" : "");
+				rc = UR_EADDR;
+				goto fail;
+			}
+			hint = (void *)(uintptr_t)r->orig_addr;
+			fl |= MAP_FIXED_NOREPLACE;
+		}
+		void *a = mmap(hint, r->size, prot, fl, backing, (off_t)r->offset);
+		if (a == MAP_FAILED) {
+			rc = -errno;
+			seterr(last_err, "mmap region \"%s\" (%llu bytes at offset %llu): %s", r->name,
+			       (unsigned long long)r->size, (unsigned long long)r->offset, strerror(errno));
+			goto fail;
+		}
+		if (hint && a != hint) { /* a kernel without MAP_FIXED_NOREPLACE took it as a hint */
+			munmap(a, r->size);
+			seterr(last_err, "region \"%s\": address %p is taken", r->name, hint);
+			rc = -EEXIST;
+			goto fail;
+		}
+		r->addr = a;
+		struct uffdio_register reg;
+		memset(&reg, 0, sizeof(reg));
+		reg.range.start = (uintptr_t)a;
+		reg.range.len = r->size;
+		reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+		if (ioctl(s->uffd, UFFDIO_REGISTER, &reg) < 0) {
+			rc = -errno;
+			seterr(last_err, "ioctl UFFDIO_REGISTER region \"%s\": %s", r->name, strerror(errno));
+			goto fail;
+		}
+	}
+	close(backing); /* the mappings keep the file */
+	backing = -1;
+
+	/* 4. attach + the userfaultfd. */
+	size_t o = 0;
+	int w = jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"attach\",\"version\":%d,\"uffd_features\":%llu,\"mappings\":[",
+		      UR_PROTOCOL_VERSION, (unsigned long long)s->features);
+	size_t nmapped = 0;
+	for (size_t i = 0; w == 0 && i < s->nregions; i++) {
+		const struct ur_region *r = &s->regions[i];
+		if (!r->addr)
+			continue;
+		w |= jputf(buf, UR_MAX_MSG + 1, &o, "%s{\"region\":", nmapped++ ? "," : "");
+		w |= jput_string(buf, UR_MAX_MSG + 1, &o, r->name);
+		w |= jputf(buf, UR_MAX_MSG + 1, &o,
+			   ",\"base_host_virt_addr\":%llu,\"size\":%llu,\"offset\":%llu,\"page_size\":%llu,\"private\":%s}",
+			   (unsigned long long)(uintptr_t)r->addr, (unsigned long long)r->size,
+			   (unsigned long long)r->offset, (unsigned long long)s->page_size,
+			   opts->private_mapping ? "true" : "false");
+	}
+	w |= jputf(buf, UR_MAX_MSG + 1, &o, "]}");
+	if (w || o > UR_MAX_MSG) {
+		seterr(last_err, "attach message over %d bytes (too many or too long region names)", UR_MAX_MSG);
+		rc = UR_ETOOLARGE;
+		goto fail;
+	}
+	rc = send_msg(s->sock, buf, o, s->uffd);
+	if (rc < 0) {
+		seterr(last_err, "sendmsg: %s", strerror(-rc));
+		goto fail;
+	}
+
+	/* 5. ready. */
+	rc = recv_parse(s->sock, buf, &m, s->timeout_ms, NULL, NULL, last_err);
+	if (rc < 0)
+		goto fail;
+	if (strcmp(m.type, "ready")) {
+		seterr(last_err, "expected ready, got \"%s\"", m.type);
+		rc = UR_EMALFORMED;
+		goto fail;
+	}
+	msg_free(&m);
+	free(buf);
+	*out = s;
+	return 0;
+
+fail:
+	close_fds(fds, nfds);
+	if (backing >= 0)
+		close(backing);
+	msg_free(&m);
+	free(buf);
+	session_free(s);
+	return rc;
+}
+
+size_t ur_session_nregions(const struct ur_session *s) { return s->nregions; }
+
+const struct ur_region *ur_session_region(const struct ur_session *s, size_t i)
+{
+	return i < s->nregions ? &s->regions[i] : NULL;
+}
+
+const struct ur_region *ur_session_find(const struct ur_session *s, const char *name)
+{
+	for (size_t i = 0; i < s->nregions; i++)
+		if (!strcmp(s->regions[i].name, name))
+			return &s->regions[i];
+	return NULL;
+}
+
+const char *ur_session_snapshot(const struct ur_session *s) { return s->snapshot; }
+const char *ur_session_backing(const struct ur_session *s) { return s->backing; }
+uint64_t ur_session_page_size(const struct ur_session *s) { return s->page_size; }
+uint64_t ur_session_chunk_size(const struct ur_session *s) { return s->chunk_size; }
+uint64_t ur_session_uffd_features(const struct ur_session *s) { return s->features; }
+int ur_session_socket(const struct ur_session *s) { return s->sock; }
+
+int ur_poll(struct ur_session *s)
+{
+	char *buf = malloc(UR_MAX_MSG + 1);
+	if (!buf)
+		return -ENOMEM;
+	int rc = 0;
+	for (;;) {
+		struct msg m;
+		int r = recv_parse(s->sock, buf, &m, 0, NULL, NULL, s->err);
+		if (r == -EAGAIN)
+			break;
+		if (r < 0) {
+			rc = r;
+			break;
+		}
+		if (!strcmp(m.type, "shutdown"))
+			s->shutdown_requested = 1;
+		msg_free(&m);
+	}
+	free(buf);
+	if (rc < 0)
+		return rc;
+	return s->shutdown_requested;
+}
+
+/* Sends {"type":typ} and waits for a reply of type want, skipping shutdown
+ * notices; copies its stats to sbuf. */
+static int request(struct ur_session *s, const char *typ, const char *want, char *sbuf, size_t n)
+{
+	char *buf = malloc(UR_MAX_MSG + 1);
+	if (!buf)
+		return -ENOMEM;
+	int len = snprintf(buf, UR_MAX_MSG, "{\"type\":\"%s\"}", typ);
+	int rc = send_msg(s->sock, buf, (size_t)len, -1);
+	if (rc < 0) {
+		seterr(s->err, "sendmsg: %s", strerror(-rc));
+		goto out;
+	}
+	for (;;) {
+		struct msg m;
+		rc = recv_parse(s->sock, buf, &m, s->timeout_ms, NULL, NULL, s->err);
+		if (rc < 0)
+			goto out;
+		if (!strcmp(m.type, "shutdown")) {
+			s->shutdown_requested = 1;
+			msg_free(&m);
+			continue;
+		}
+		if (strcmp(m.type, want)) {
+			seterr(s->err, "expected \"%s\", got \"%s\"", want, m.type);
+			msg_free(&m);
+			rc = UR_EMALFORMED;
+			goto out;
+		}
+		rc = 0;
+		if (sbuf && n > 0) {
+			const char *st = m.stats ? m.stats : "{}";
+			size_t sl = m.stats ? m.stats_len : 2;
+			if (sl + 1 > n) {
+				rc = -ERANGE;
+				seterr(s->err, "stats (%zu bytes) do not fit the %zu-byte buffer", sl, n);
+			} else {
+				memcpy(sbuf, st, sl);
+				sbuf[sl] = 0;
+				rc = (int)sl;
+			}
+		}
+		msg_free(&m);
+		goto out;
+	}
+out:
+	free(buf);
+	return rc;
+}
+
+int ur_stats(struct ur_session *s, char *buf, size_t n)
+{
+	if (!buf || n == 0)
+		return -EINVAL;
+	return request(s, "stats", "stats", buf, n);
+}
+
+int ur_detach_stats(struct ur_session *s, char *buf, size_t n)
+{
+	if (!s)
+		return -EINVAL;
+	int rc = request(s, "detach", "bye", buf, n);
+	if (rc < 0)
+		seterr(last_err, "detach: %s", s->err);
+	session_free(s);
+	return rc < 0 ? rc : 0;
+}
+
+int ur_detach(struct ur_session *s) { return ur_detach_stats(s, NULL, 0); }
+
+void ur_close(struct ur_session *s) { session_free(s); }

@@ -1,0 +1,121 @@
+/*
+ * ur_client.h - the C client of the uffdrestore attach protocol (v1).
+ *
+ * A target process links this (bin/libuffdrestore.a or .so) to map a
+ * snapshot that `uffdrestore load SNAP --socket PATH` serves:
+ *
+ *	struct ur_session *s;
+ *	int rc = ur_attach("/run/snap.sock", NULL, &s);
+ *	if (rc < 0) {
+ *		fprintf(stderr, "attach: %s\n", ur_session_error(NULL));
+ *		return 1;
+ *	}
+ *	const struct ur_region *r = ur_session_find(s, "heap");
+ *	... read r->addr[0 .. r->length) : pages fill on first touch ...
+ *	ur_detach(s);
+ *
+ * ur_attach connects, receives the hello and the backing file, maps every
+ * region (in hello order), creates a userfaultfd, registers the mappings
+ * (MISSING|MINOR), sends them with the userfaultfd and waits for "ready".
+ * The session keeps its own copy of the userfaultfd: if the server dies,
+ * a thread touching a page that was never filled waits (it never reads
+ * zeros); see PROTOCOL.md for what an operator does then.
+ *
+ * Every function returning int returns >= 0 on success, -errno for a
+ * system error, or one of the UR_E* protocol codes below (all < -4095, so
+ * they never collide with an errno). ur_strerror names a code; the detailed
+ * message (which field, what the server said) is ur_session_error(s), or
+ * ur_session_error(NULL) for the calling thread's last ur_attach.
+ *
+ * A session is not thread-safe: call ur_stats/ur_poll/ur_detach from one
+ * thread at a time. Any thread may touch the mapped regions.
+ *
+ * Standalone: needs only libc and the kernel uapi headers.
+ */
+#ifndef UR_CLIENT_H
+#define UR_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define UR_PROTOCOL_VERSION 1
+#define UR_MAX_MSG (64 * 1024) /* bytes in one message, either way */
+#define UR_MAX_REGIONS 1024
+
+/* Protocol error codes. */
+#define UR_EMALFORMED (-10001) /* the server sent something this client cannot parse */
+#define UR_ETOOLARGE (-10002) /* a message larger than UR_MAX_MSG, or with too many fds */
+#define UR_EREFUSED (-10003) /* the server answered {"type":"error"}; see ur_session_error */
+#define UR_EVERSION (-10004) /* the server speaks another protocol version */
+#define UR_ECLOSED (-10005) /* the server closed the connection */
+#define UR_ENOFEATURE (-10006) /* the kernel lacks minor faults for this backing */
+#define UR_EADDR (-10007) /* at_original_addr: no or misaligned original address */
+#define UR_ETIMEDOUT (-10008) /* the server did not answer within timeout_ms */
+
+struct ur_attach_opts {
+	int private_mapping; /* MAP_PRIVATE: writes are copy-on-write, private to this process */
+	int at_original_addr; /* map each region at its original address (MAP_FIXED_NOREPLACE);
+				 with a hugetlb backing that address must be 2 MiB aligned */
+	int readonly; /* PROT_READ only (default PROT_READ|PROT_WRITE) */
+	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK */
+	int timeout_ms; /* bound on each handshake step; 0 = 10000, < 0 = none */
+};
+
+struct ur_region {
+	const char *name;
+	unsigned char *addr; /* where it is mapped */
+	uint64_t size; /* bytes mapped: length rounded up to the page size */
+	uint64_t length; /* the region's bytes in the snapshot */
+	uint64_t offset; /* offset in the backing file */
+	uint64_t orig_addr; /* the address it had when snapshotted, 0 if unknown */
+	uint32_t prot; /* PROT_* it had when snapshotted */
+};
+
+struct ur_session;
+
+int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out);
+
+size_t ur_session_nregions(const struct ur_session *s);
+const struct ur_region *ur_session_region(const struct ur_session *s, size_t i);
+const struct ur_region *ur_session_find(const struct ur_session *s, const char *name);
+const char *ur_session_snapshot(const struct ur_session *s);
+const char *ur_session_backing(const struct ur_session *s); /* "hugetlb" or "shmem" */
+uint64_t ur_session_page_size(const struct ur_session *s);
+uint64_t ur_session_chunk_size(const struct ur_session *s);
+uint64_t ur_session_uffd_features(const struct ur_session *s);
+/* The socket, to poll(2) for POLLIN; then call ur_poll. */
+int ur_session_socket(const struct ur_session *s);
+
+/* Reads pending server notices without blocking: returns 1 if the server
+ * asked this target to detach (it is shutting down), 0 if not, < 0 on error
+ * (UR_ECLOSED: the server is gone). */
+int ur_poll(struct ur_session *s);
+
+/* Asks for this target's stats; copies the JSON object (NUL-terminated) to
+ * buf. Returns its length, or -ERANGE if it does not fit. */
+int ur_stats(struct ur_session *s, char *buf, size_t n);
+
+/* Sends detach, waits for bye (copying its stats to buf when buf != NULL),
+ * then unregisters, closes the userfaultfd, unmaps, closes the socket and
+ * frees s, also on error. No thread may touch the regions any more. */
+int ur_detach_stats(struct ur_session *s, char *buf, size_t n);
+int ur_detach(struct ur_session *s);
+
+/* Hangs up without a goodbye (the server frees its side when the socket
+ * closes), unmaps and frees s. */
+void ur_close(struct ur_session *s);
+
+const char *ur_strerror(int code);
+/* The detailed message of the last failure on s, or of this thread's last
+ * ur_attach when s is NULL. Never NULL. */
+const char *ur_session_error(const struct ur_session *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
