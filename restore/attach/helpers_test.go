@@ -363,8 +363,8 @@ type target struct {
 
 // lineBuf collects stderr and lets a test wait for a line.
 type lineBuf struct {
-	mu    sync.Mutex
-	buf   bytes.Buffer
+	mu  sync.Mutex
+	buf bytes.Buffer
 }
 
 func (l *lineBuf) Write(b []byte) (int, error) {
@@ -551,7 +551,10 @@ func helperServer(path string) int {
 // helperTB is enough of testing.TB for newFakeBackend in a helper process.
 type helperTB struct{ testing.TB }
 
-func (helperTB) Helper()                           {}
-func (helperTB) Cleanup(func())                    {}
-func (helperTB) Fatal(args ...any)                 { fmt.Fprintln(os.Stderr, args...); os.Exit(1) }
-func (helperTB) Fatalf(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...); os.Exit(1) }
+func (helperTB) Helper()           {}
+func (helperTB) Cleanup(func())    {}
+func (helperTB) Fatal(args ...any) { fmt.Fprintln(os.Stderr, args...); os.Exit(1) }
+func (helperTB) Fatalf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, format+"\n", args...)
+	os.Exit(1)
+}
