@@ -75,7 +75,7 @@ int ur_uffd_unregister(int fd, uint64_t start, uint64_t len)
 	return ioctl(fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
 }
 
-int ur_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+long ur_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct uffdio_continue c;
 	memset(&c, 0, sizeof(c));
@@ -86,7 +86,13 @@ int ur_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_
 	int err = errno;
 	if (done)
 		*done = c.mapped;
-	return rc < 0 ? -err : 0;
+	if (rc == 0)
+		return (long)len;
+	/* A partial success (some pages mapped, then one already mapped) is
+	 * EAGAIN with the count in mapped. */
+	if (err == EAGAIN && c.mapped > 0)
+		return (long)c.mapped;
+	return -err;
 }
 
 int ur_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)

@@ -73,7 +73,10 @@ int ur_uffd_api(int fd, uint64_t *features, uint64_t *ioctls);
 int ur_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
 int ur_uffd_unregister(int fd, uint64_t start, uint64_t len);
 /* The range ioctls report how much they did in *done (mapped/copy/zeropage/updated) unless done is NULL. */
-int ur_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+/* CONTINUE returns the bytes mapped (len, or fewer when it stopped at a page
+ * that was mapped already: the kernel's partial-success EAGAIN) or -errno when
+ * nothing was mapped (EEXIST: the first page is mapped already). */
+long ur_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int ur_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
 int ur_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int ur_uffd_wake(int fd, uint64_t start, uint64_t len);

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +17,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
@@ -36,51 +36,6 @@ func benchSize(b *testing.B) int64 {
 		return n
 	}
 	return 256 << 20
-}
-
-// memLike fills p (a multiple of 4 KiB) with page-typed content seeded by
-// the page index: zero pages, pointer-and-integer heavy pages, text pages and
-// random pages, in proportions that compress like a real heap (~4-8x).
-func memLike(p []byte, firstPage int64) {
-	var words = [...]string{"object", "value", "dict", "list", "tuple", "self", "return", "import", "module", "name", "__init__", "None", "True"}
-	for pg := 0; pg*4096 < len(p); pg++ {
-		b := p[pg*4096 : (pg+1)*4096]
-		idx := uint64(firstPage) + uint64(pg)
-		rng := rand.New(rand.NewPCG(idx, 7))
-		switch k := rng.IntN(10); {
-		case k < 3:
-			clear(b)
-		case k < 7: // structured: small ints, pointers, refcounts
-			base := uint64(0x7f3a00000000) + (idx<<12)&0xffffff000
-			for i := 0; i < 4096; i += 8 {
-				var v uint64
-				switch rng.IntN(4) {
-				case 0:
-					v = base + uint64(rng.IntN(4096))&^7
-				case 1:
-					v = uint64(rng.IntN(64))
-				case 2:
-					v = 0
-				default:
-					v = uint64(i) | 0x10000
-				}
-				binary.LittleEndian.PutUint64(b[i:], v)
-			}
-		case k < 9:
-			for i := 0; i < 4096; {
-				w := words[rng.IntN(len(words))]
-				i += copy(b[i:], w)
-				if i < 4096 {
-					b[i] = ' '
-					i++
-				}
-			}
-		default:
-			for i := 0; i < 4096; i += 8 {
-				binary.LittleEndian.PutUint64(b[i:], rng.Uint64())
-			}
-		}
-	}
 }
 
 var benchMu sync.Mutex
@@ -130,7 +85,7 @@ func benchSnapshot(b *testing.B, size int64, content string, codec format.Codec,
 				binary.LittleEndian.PutUint64(part[i:], uint64(off+i)|1)
 			}
 		} else {
-			memLike(part, off/4096)
+			memgen.Fill(part, off/memgen.PageSize)
 		}
 		if _, err := w.Write(part); err != nil {
 			b.Fatal(err)
@@ -230,11 +185,8 @@ func BenchmarkBaselineZstdCLI(b *testing.B) {
 	dst := filepath.Join("/dev/shm", fmt.Sprintf("uffdrestore-bench-%d", os.Getpid()))
 	defer os.Remove(dst)
 	mem := make([]byte, size)
-	memLike(mem[:4096], 0) // touch to fault in lazily below
-	for i := range mem {
-		if i%4096 == 0 {
-			mem[i] = 0
-		}
+	for i := 0; i < len(mem); i += 4096 {
+		mem[i] = 0 // fault the buffer in before timing
 	}
 	b.SetBytes(size)
 	b.ResetTimer()

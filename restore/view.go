@@ -33,6 +33,11 @@ type View struct {
 	wakefd int // -1 once closed
 	c      counters
 	dead   atomic.Bool
+	// mapped has a bit per unit this view has fully mapped: a fault there
+	// (a thread that raced the CONTINUE, or a page a target zapped) needs
+	// one single-page CONTINUE, not a walk of the unit. Cleared on remove,
+	// unmap and remap events.
+	mapped []atomic.Uint64
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -83,7 +88,8 @@ func (e *engine) newView(u *uffd.FD, ranges []ViewRange, name string) (*View, er
 		unix.Close(wfd)
 		return nil, os.NewSyscallError("fcntl O_NONBLOCK", err)
 	}
-	v := &View{e: e, name: name, u: u, wakefd: wfd, done: make(chan struct{}), loopDone: make(chan struct{})}
+	v := &View{e: e, name: name, u: u, wakefd: wfd, done: make(chan struct{}), loopDone: make(chan struct{}),
+		mapped: make([]atomic.Uint64, (e.nUnits+63)/64)}
 	s := append([]ViewRange(nil), ranges...)
 	sort.Slice(s, func(i, j int) bool { return s[i].Base < s[j].Base })
 	v.ranges.Store(&s)
@@ -235,10 +241,13 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 		}
 		v.e.request(v, uint32(off/uint64(v.e.unitSize)), addr, t0)
 	case uffd.EventRemap:
+		v.forgetMapped()
 		v.remap(uintptr(m.RemapFrom), uintptr(m.RemapTo), uintptr(m.RemapLen))
 	case uffd.EventUnmap:
+		v.forgetMapped()
 		v.unmap(uintptr(m.Start), uintptr(m.End))
 	case uffd.EventRemove:
+		v.forgetMapped()
 		// MADV_DONTNEED zaps page tables: the next touch is a minor fault.
 		// MADV_REMOVE also punches the page cache: CONTINUE then fails and
 		// the unit is filled again (see engine.refill).
@@ -268,6 +277,22 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 	us := uint64(v.e.unitSize)
 	ustart, uend := uint64(u)*us, uint64(u+1)*us
 	ps := uintptr(v.e.b.pageSize)
+	word, bit := &v.mapped[u/64], uint64(1)<<(u%64)
+	if word.Load()&bit != 0 {
+		if addr == 0 {
+			return nil // premap of a unit this view has mapped already
+		}
+		pg := addr &^ (ps - 1)
+		out, err := v.u.Continue(pg, ps, false)
+		v.c.continues.Add(1)
+		if err == nil && out == uffd.AlreadyMapped {
+			v.u.Wake(pg, ps)
+		}
+		if errors.Is(err, unix.EFAULT) {
+			return errRefill
+		}
+		return nil
+	}
 	var firstErr error
 	for _, r := range *v.ranges.Load() {
 		lo, hi := max(ustart, r.Offset), min(uend, r.Offset+r.Size)
@@ -276,21 +301,16 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 		}
 		start := r.Base + uintptr(lo-r.Offset)
 		n := uintptr(hi - lo)
-		out, err := v.u.Continue(start, n, false)
-		v.c.continues.Add(1)
-		fault := addr >= start && addr < start+n
-		if err == nil && out == uffd.Mapped {
-			continue
-		}
-		if err != nil && !errors.Is(err, unix.EAGAIN) {
-			if errors.Is(err, unix.EFAULT) {
+		calls, err := v.u.ContinueRange(start, n, ps)
+		v.c.continues.Add(int64(calls))
+		if err != nil {
+			switch {
+			case errors.Is(err, unix.EFAULT):
 				return errRefill
-			}
-			if errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENOSPC) {
+			case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
 				v.stop(nil) // the target's address space is gone
 				return err
-			}
-			if errors.Is(err, unix.ENOENT) {
+			case errors.Is(err, unix.ENOENT):
 				continue // the range was unmapped under us
 			}
 			if firstErr == nil {
@@ -298,25 +318,31 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 			}
 			continue
 		}
-		// Part of the range was mapped already (EEXIST stops the kernel at
-		// the first mapped page) or the address space changed (EAGAIN).
-		// Make sure the faulting page itself is mapped and woken.
-		if fault {
+		// Some pages were mapped already (a race with another fill, or a
+		// target that zapped part of the unit): the CONTINUE that mapped
+		// the rest did not wake a thread waiting on one of those.
+		if calls > 1 && addr >= start && addr < start+n {
 			pg := addr &^ (ps - 1)
-			for try := 0; try < 100; try++ {
-				_, err = v.u.Continue(pg, ps, false)
-				v.c.continues.Add(1)
-				if !errors.Is(err, unix.EAGAIN) {
-					break
-				}
-			}
-			if errors.Is(err, unix.EFAULT) {
-				return errRefill
-			}
 			v.u.Wake(pg, ps)
 		}
 	}
+	if firstErr == nil {
+		for {
+			w := word.Load()
+			if word.CompareAndSwap(w, w|bit) {
+				break
+			}
+		}
+	}
 	return firstErr
+}
+
+// forgetMapped clears the mapped bits: after a remove, unmap or remap event
+// the view's page tables no longer match them.
+func (v *View) forgetMapped() {
+	for i := range v.mapped {
+		v.mapped[i].Store(0)
+	}
 }
 
 // poison makes unit u raise SIGBUS in this view.

@@ -308,24 +308,73 @@ const (
 
 // Continue resolves a minor fault: it installs page-table entries for the
 // page-cache pages already in [addr, addr+length) and wakes the waiters
-// (unless dontWake). EEXIST comes back as AlreadyMapped with a nil error;
-// EAGAIN (the address space is changing: read the pending events, then
-// retry) and the target-gone errnos (ENOENT, ESRCH, ENOSPC) come back as
-// errors that errors.Is can test.
+// (unless dontWake). It returns how many bytes it mapped: the kernel stops at
+// the first page that is mapped already, so that may be fewer than length
+// (with a nil error). EEXIST on the first page comes back as AlreadyMapped
+// with a nil error; EAGAIN (the address space is changing), EFAULT (a page
+// is not in the page cache) and the target-gone errnos (ENOENT, ESRCH,
+// ENOSPC) come back as errors that errors.Is can test.
 func (u *FD) Continue(addr, length uintptr, dontWake bool) (Outcome, error) {
+	_, out, err := u.continueN(addr, length, dontWake)
+	return out, err
+}
+
+func (u *FD) continueN(addr, length uintptr, dontWake bool) (uintptr, Outcome, error) {
 	mode := C.uint64_t(0)
 	if dontWake {
 		mode = 1 // UFFDIO_CONTINUE_MODE_DONTWAKE
 	}
-	// nil for the mapped count: passing a Go pointer to C would make it
-	// escape, one allocation per fault.
-	rc := u.do(func(fd C.int) C.int {
-		return C.ur_uffd_continue(fd, C.uint64_t(addr), C.uint64_t(length), mode, nil)
-	})
-	if rc == -C.int(unix.EEXIST) {
-		return AlreadyMapped, nil
+	var rc C.long
+	u.closeMu.RLock()
+	if u.closed.Load() {
+		u.closeMu.RUnlock()
+		return 0, Mapped, os.NewSyscallError("ioctl UFFDIO_CONTINUE", unix.EBADF)
 	}
-	return Mapped, errno("ioctl UFFDIO_CONTINUE", rc)
+	for {
+		// nil for the mapped count: passing a Go pointer to C would make it
+		// escape, one allocation per fault.
+		rc = C.ur_uffd_continue(C.int(u.fd), C.uint64_t(addr), C.uint64_t(length), mode, nil)
+		if rc != -C.long(unix.EINTR) {
+			break
+		}
+	}
+	u.closeMu.RUnlock()
+	switch {
+	case rc >= 0:
+		return uintptr(rc), Mapped, nil
+	case rc == -C.long(unix.EEXIST):
+		return 0, AlreadyMapped, nil
+	}
+	return 0, Mapped, os.NewSyscallError("ioctl UFFDIO_CONTINUE", unix.Errno(-rc))
+}
+
+// ContinueRange maps every page of [addr, addr+length) that is not mapped
+// yet, stepping over pages that are (one CONTINUE would stop at the first of
+// them). It returns the number of ioctls it made. Waiters on pages that were
+// mapped already are not woken: use Wake for those.
+func (u *FD) ContinueRange(addr, length, pageSize uintptr) (int, error) {
+	calls := 0
+	again := 0
+	for length > 0 {
+		n, out, err := u.continueN(addr, length, false)
+		calls++
+		switch {
+		case err == nil && out == AlreadyMapped:
+			n = pageSize
+		case err == nil:
+		case errors.Is(err, unix.EAGAIN) && again < 100:
+			again++
+			continue
+		default:
+			return calls, err
+		}
+		if n > length {
+			n = length
+		}
+		addr += n
+		length -= n
+	}
+	return calls, nil
 }
 
 // Copy resolves a missing fault by copying length bytes from src into the

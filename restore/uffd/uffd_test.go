@@ -283,6 +283,19 @@ func TestMinorRoundTrip(t *testing.T) {
 			if err != nil || out != AlreadyMapped {
 				t.Fatalf("second CONTINUE = %v, %v; want AlreadyMapped, nil", out, err)
 			}
+			// ContinueRange steps over mapped pages: unmap page 1 and 3,
+			// then map the whole range again.
+			view.Madvise(page, page, unix.MADV_DONTNEED)
+			view.Madvise(3*page, page, unix.MADV_DONTNEED)
+			calls, err := u.ContinueRange(view.Addr(), uintptr(size), uintptr(page))
+			if err != nil || calls < 3 {
+				t.Fatalf("ContinueRange over a partly mapped range: %d calls, %v", calls, err)
+			}
+			before := h.minor.Load()
+			Touch(view.Addr(), size, page, false, nil, nil)
+			if h.minor.Load() != before {
+				t.Fatalf("pages still faulted after ContinueRange")
+			}
 			if err := u.Unregister(view.Addr(), uintptr(size)); err != nil {
 				t.Fatal(err)
 			}
