@@ -1,0 +1,242 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/attach"
+)
+
+func init() {
+	registerCommand(&cli.Command{
+		Name:      "load",
+		Usage:     "load a snapshot and serve it to target processes over a Unix socket",
+		ArgsUsage: "SNAP",
+		Description: `Loads SNAP into a backing file (a hugetlb memfd, a file in a hugetlbfs mount,
+or a shmem memfd) and listens on --socket for target processes. A target (for
+example one linked with bin/libuffdrestore.a, or bin/uffdrestore-target)
+receives the backing file, maps the snapshot's regions, and hands its
+userfaultfd back; from then on the first touch of each page is filled from
+the snapshot (the attach protocol: PROTOCOL.md). Any number of targets may
+attach; every chunk is decompressed once for all of them.
+
+Modes: lazy fills only what targets touch; prefetch also fills the rest in
+the background; eager fills everything before listening.
+
+SIGINT or SIGTERM shuts down: targets are asked to detach, and detached after
+--shutdown-timeout (a target touching a page never filled then waits until it
+is killed); a second signal shuts down at once. The stats are printed (and
+written to --stats-json), the socket is removed and the backing freed.
+
+Only the server's own uid and root may attach, plus --allow-uid; the socket
+is created mode 0600 (--socket-mode).
+
+Examples:
+   uffdrestore load app.snap --socket /run/app.sock
+   uffdrestore load app.snap --socket /run/app.sock --mode prefetch --backing memfd
+   uffdrestore load app.snap --socket /tmp/s.sock --once --stats-json stats.json &
+   bin/uffdrestore-target --socket /tmp/s.sock --private --pattern random --dump out.raw`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "socket", Aliases: []string{"s"}, Usage: "Unix socket to listen on (`PATH`)", Required: true},
+			&cli.StringFlag{Name: "mode", Value: "lazy", Usage: "lazy, eager or prefetch"},
+			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "auto, hugetlbfs (needs --hugetlbfs), memfd (hugetlb memfd) or shmem"},
+			&cli.StringFlag{Name: "hugetlbfs", Usage: "hugetlbfs mount for --backing hugetlbfs (`DIR`)"},
+			&cli.StringFlag{Name: "allow-uid", Usage: "uids that may attach besides the server's own and root (`UID,...`)"},
+			&cli.StringFlag{Name: "socket-mode", Value: "0600", Usage: "permission bits of the socket file (octal)"},
+			&cli.StringFlag{Name: "stats-json", Usage: "write the final stats as JSON to `FILE`"},
+			&cli.BoolFlag{Name: "once", Usage: "exit when the first target detaches or goes away"},
+			&cli.IntFlag{Name: "workers", Usage: "fill workers (default: number of CPUs)"},
+			&cli.DurationFlag{Name: "shutdown-timeout", Value: 5 * time.Second, Usage: "how long targets get to detach on shutdown"},
+			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no per-target lines on stderr"},
+		},
+		Action: runLoad,
+	})
+}
+
+func loadParseUIDs(s string) ([]uint32, error) {
+	var out []uint32
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
+		n, err := strconv.ParseUint(f, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("--allow-uid: %q is not a uid", f)
+		}
+		out = append(out, uint32(n))
+	}
+	return out, nil
+}
+
+func runLoad(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return cli.Exit("load: want exactly one SNAP argument (see uffdrestore load --help)", 2)
+	}
+	snap := c.Args().First()
+	mode, err := restore.ParseMode(c.String("mode"))
+	if err != nil {
+		return cli.Exit("load: --mode: "+err.Error(), 2)
+	}
+	backing, err := restore.ParseBacking(c.String("backing"))
+	if err != nil {
+		return cli.Exit("load: --backing: "+err.Error(), 2)
+	}
+	uids, err := loadParseUIDs(c.String("allow-uid"))
+	if err != nil {
+		return cli.Exit("load: "+err.Error(), 2)
+	}
+	sockMode, err := strconv.ParseUint(c.String("socket-mode"), 8, 32)
+	if err != nil || sockMode > 0o777 || sockMode == 0 {
+		return cli.Exit(fmt.Sprintf("load: --socket-mode: %q is not an octal mode such as 0600", c.String("socket-mode")), 2)
+	}
+	sock := c.String("socket")
+	stderr := c.App.ErrWriter
+	if stderr == nil {
+		stderr = os.Stderr
+	}
+
+	// Signals: the first starts a graceful shutdown, the second forces it.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	loadCtx, cancelLoad := context.WithCancel(c.Context)
+	defer cancelLoad()
+	go func() {
+		select {
+		case <-sigs:
+			cancelLoad()
+		case <-loadCtx.Done():
+		}
+	}()
+
+	opts := []restore.Option{restore.WithMode(mode), restore.WithBacking(backing)}
+	if d := c.String("hugetlbfs"); d != "" {
+		opts = append(opts, restore.WithHugetlbfsDir(d))
+	}
+	if n := c.Int("workers"); n > 0 {
+		opts = append(opts, restore.WithWorkers(n))
+	}
+	l, err := restore.NewLoader(loadCtx, snap, opts...)
+	if err != nil {
+		return cli.Exit("load: "+err.Error(), 1)
+	}
+	defer l.Close()
+	if loadCtx.Err() != nil { // interrupted right after an eager load
+		return cli.Exit("load: interrupted", 130)
+	}
+	cancelLoad()
+
+	detached := make(chan attach.TargetInfo, 1)
+	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "uffdrestore: "+format+"\n", args...) }
+	if c.Bool("quiet") {
+		logf = func(string, ...any) {}
+	}
+	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{
+		Mode:      fs.FileMode(sockMode),
+		AllowUIDs: uids,
+		Logf:      logf,
+		OnDetach: func(ti attach.TargetInfo) {
+			select {
+			case detached <- ti:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		return cli.Exit("load: "+err.Error(), 1)
+	}
+	lay := l.Layout()
+	var total uint64
+	for _, r := range lay.Regions {
+		total += r.Length
+	}
+	plural := "s"
+	if len(lay.Regions) == 1 {
+		plural = ""
+	}
+	fmt.Fprintf(stderr, "ready: serving %s on %s (backing %s, %d region%s, %.1f MiB, mode %s)\n",
+		snap, sock, lay.Backing, len(lay.Regions), plural, float64(total)/(1<<20), mode)
+
+	var once <-chan attach.TargetInfo
+	if c.Bool("once") {
+		once = detached
+	}
+	var reason string
+	select {
+	case s := <-sigs:
+		reason = "got " + s.String()
+	case ti := <-once:
+		reason = fmt.Sprintf("--once: %s ended (%s)", ti.Name, ti.Reason)
+	case <-c.Context.Done():
+		reason = c.Context.Err().Error()
+	}
+	fmt.Fprintf(stderr, "uffdrestore: shutting down (%s)\n", reason)
+
+	ctx, cancel := context.WithTimeout(context.Background(), c.Duration("shutdown-timeout"))
+	defer cancel()
+	go func() {
+		select {
+		case <-sigs: // a second signal: no more waiting
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var errs []error
+	if err := srv.Shutdown(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		fmt.Fprintf(stderr, "uffdrestore: %v\n", err)
+	}
+	st := l.Stats()
+	fmt.Fprintf(stderr, "stats: %s\n", loadStatsLine(st))
+	if p := c.String("stats-json"); p != "" {
+		if err := loadWriteFileAtomic(p, append(st.JSON(), '\n')); err != nil {
+			errs = append(errs, fmt.Errorf("--stats-json: %w", err))
+		}
+	}
+	if err := l.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("serving %s: %w", snap, err))
+	}
+	if err := l.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+		errs = append(errs, fmt.Errorf("free the backing: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return cli.Exit("load: "+err.Error(), 1)
+	}
+	return nil
+}
+
+func loadStatsLine(st restore.Stats) string {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err.Error()
+	}
+	return string(b)
+}
+
+// loadWriteFileAtomic writes b to a temporary file beside path and renames it.
+func loadWriteFileAtomic(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}

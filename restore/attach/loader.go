@@ -1,0 +1,43 @@
+package attach
+
+import (
+	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+)
+
+// FromLoader serves a restore.Loader: its layout is the hello, its backing
+// file is the fd the hello carries, and each attached target becomes one of
+// its views.
+func FromLoader(l *restore.Loader) Backend { return loaderBackend{l} }
+
+type loaderBackend struct{ l *restore.Loader }
+
+func (b loaderBackend) Hello() Hello {
+	lay := b.l.Layout()
+	h := Hello{
+		Backing: lay.Backing, PageSize: uint64(lay.PageSize), ChunkSize: uint64(lay.ChunkSize),
+		FileSize: lay.FileSize, Snapshot: lay.Snapshot,
+	}
+	for _, r := range lay.Regions {
+		h.Regions = append(h.Regions, Region{Name: r.Name, Offset: r.Offset, Size: r.Size, Length: r.Length, Addr: r.Addr, Prot: r.Prot})
+	}
+	return h
+}
+
+func (b loaderBackend) BackingFD() int { return b.l.BackingFD() }
+
+func (b loaderBackend) AttachView(u *uffd.FD, ranges []Range, name string) (View, error) {
+	rr := make([]restore.ViewRange, len(ranges))
+	for i, r := range ranges {
+		rr[i] = restore.ViewRange{Base: r.Base, Size: r.Size, Offset: r.Offset, Private: r.Private}
+	}
+	v, err := b.l.AttachView(u, rr, name)
+	if err != nil {
+		return nil, err
+	}
+	return loaderView{v}, nil
+}
+
+type loaderView struct{ *restore.View }
+
+func (v loaderView) Stats() any { return v.View.Stats() }
