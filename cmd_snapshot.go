@@ -340,6 +340,32 @@ func runSnapCreate(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// A read blocked on a pipe does not see ctx: if an interrupt is not
+	// honoured within 2 s, remove the partial output and exit from here.
+	var finish sync.Mutex
+	finished := make(chan struct{})
+	go func() {
+		select {
+		case <-finished:
+			return
+		case <-ctx.Done():
+		}
+		select {
+		case <-finished:
+			return
+		case <-time.After(2 * time.Second):
+		}
+		finish.Lock() // never unlocked: the process exits
+		select {
+		case <-finished:
+			finish.Unlock()
+			return
+		default:
+		}
+		abort()
+		fmt.Fprintln(c.App.ErrWriter, "uffdrestore: snapshot create: interrupted; no output written")
+		os.Exit(130)
+	}()
 	start := time.Now()
 	var st format.WriterStats
 	switch {
@@ -352,9 +378,15 @@ func runSnapCreate(c *cli.Context) error {
 		st, err = snapshot.CreateFromPID(ctx, fromPID, w, opts)
 	}
 	prog.done()
+	finish.Lock()
+	close(finished)
+	if err == nil && ctx.Err() != nil {
+		err = ctx.Err()
+	}
 	if err == nil {
 		err = commit()
 	}
+	finish.Unlock()
 	if err != nil {
 		abort()
 		if errors.Is(err, context.Canceled) {

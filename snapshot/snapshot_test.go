@@ -30,7 +30,27 @@ func TestMain(m *testing.M) {
 		childMain()
 		return
 	}
-	os.Exit(m.Run())
+	// The runtime's poller (epoll + eventfd) opens lazily: start it first.
+	if r, w, err := os.Pipe(); err == nil {
+		r.Close()
+		w.Close()
+	}
+	before := openFDs()
+	code := m.Run()
+	if after := openFDs(); code == 0 && after > before {
+		fmt.Fprintf(os.Stderr, "FAIL: %d file descriptors leaked (%d open before the tests, %d after)\n", after-before, before, after)
+		code = 1
+	}
+	os.Exit(code)
+}
+
+// openFDs counts this process's open file descriptors.
+func openFDs() int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return 0
+	}
+	return len(ents)
 }
 
 // pattern is the byte at address a in the child's test mapping.
