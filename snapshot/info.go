@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strconv"
 	"strings"
+	"unicode"
 	"text/tabwriter"
 	"time"
 
@@ -147,18 +149,18 @@ func (rep InfoReport) WriteText(w io.Writer) error {
 	if rep.Metadata.Created != nil {
 		fmt.Fprintf(&b, "created:         %s\n", rep.Metadata.Created.Format(time.RFC3339))
 	}
-	fmt.Fprintf(&b, "source:          %s\n", rep.Metadata.Source)
-	fmt.Fprintf(&b, "tool version:    %s\n", rep.Metadata.ToolVersion)
+	fmt.Fprintf(&b, "source:          %s\n", printable(rep.Metadata.Source))
+	fmt.Fprintf(&b, "tool version:    %s\n", printable(rep.Metadata.ToolVersion))
 	keys := make([]string, 0, len(rep.Metadata.Extra))
 	for k := range rep.Metadata.Extra {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		fmt.Fprintf(&b, "  %s: %s\n", k, rep.Metadata.Extra[k])
+		fmt.Fprintf(&b, "  %s: %s\n", printable(k), printable(rep.Metadata.Extra[k]))
 	}
 	for _, p := range rep.Profiles {
-		fmt.Fprintf(&b, "profile:         %s (%d chunks)\n", p.Name, p.Entries)
+		fmt.Fprintf(&b, "profile:         %s (%d chunks)\n", printable(p.Name), p.Entries)
 	}
 	fmt.Fprintf(&b, "regions:         %d\n", len(rep.Regions))
 	if _, err := io.WriteString(w, b.String()); err != nil {
@@ -167,9 +169,20 @@ func (rep InfoReport) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "#\tADDRESS\tLENGTH\tPROT\tCHUNKS\tZERO\tSTORED\t NAME\n")
 	for i, r := range rep.Regions {
-		fmt.Fprintf(tw, "%d\t%#x\t%s\t%s\t%d\t%d\t%s\t %s\n", i, r.Addr, HumanBytes(r.Length), r.Prot, r.Chunks, r.ZeroChunks, HumanBytes(r.StoredBytes), r.Name)
+		fmt.Fprintf(tw, "%d\t%#x\t%s\t%s\t%d\t%d\t%s\t %s\n", i, r.Addr, HumanBytes(r.Length), r.Prot, r.Chunks, r.ZeroChunks, HumanBytes(r.StoredBytes), printable(r.Name))
 	}
 	return tw.Flush()
+}
+
+// printable returns s, quoted if it has characters that are not printable
+// (names come from the file, which may be hostile: no terminal escapes).
+func printable(s string) string {
+	for _, r := range s {
+		if !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
 }
 
 func codecSummary(m map[string]int) string {

@@ -327,8 +327,10 @@ func TestInfo(t *testing.T) {
 		t.Errorf("json %s %v", js, err)
 	}
 	var text bytes.Buffer
-	if err := rep.WriteText(&text); err != nil || !strings.Contains(text.String(), "/lib/libc.so") {
-		t.Errorf("text %s %v", text.String(), err)
+	rep.Regions[2].Name = "evil\x1b[2J"
+	if err := rep.WriteText(&text); err != nil || !strings.Contains(text.String(), "/lib/libc.so") ||
+		strings.Contains(text.String(), "\x1b") || !strings.Contains(text.String(), `"evil\x1b[2J"`) {
+		t.Errorf("text %q %v", text.String(), err)
 	}
 }
 
