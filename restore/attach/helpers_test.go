@@ -3,6 +3,7 @@ package attach
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -534,8 +536,23 @@ func socketPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
 // helperServer runs a fake-backend server in this (child) process until it
 // is killed: for the test that kills the server under an attached target.
 func helperServer(path string) int {
-	tb := &helperTB{}
-	b := newFakeBackend(tb, os.Getenv("UR_ATTACH_TEST_HUGETLB") == "1", nil)
+	var b Backend
+	if snap := os.Getenv("UR_ATTACH_TEST_SNAP"); snap != "" {
+		kind, err := restore.ParseBacking(os.Getenv("UR_ATTACH_TEST_BACKING"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "helper server:", err)
+			return 1
+		}
+		l, err := restore.NewLoader(context.Background(), snap, restore.WithBacking(kind))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "helper server:", err)
+			return 1
+		}
+		defer l.Close()
+		b = FromLoader(l)
+	} else {
+		b = newFakeBackend(&helperTB{}, os.Getenv("UR_ATTACH_TEST_HUGETLB") == "1", nil)
+	}
 	s, err := Listen(path, b, Options{})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "helper server:", err)
