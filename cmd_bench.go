@@ -1,0 +1,227 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/uffdrestore/uffdrestore/bench"
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore"
+)
+
+func init() {
+	registerCommand(&cli.Command{
+		Name:      "bench",
+		Usage:     "compare restore strategies and the usual baselines on one snapshot",
+		ArgsUsage: "[SNAP]",
+		Description: `Restores one snapshot with every strategy asked for, interleaved (A B C A B C
+...) over --runs timed runs after one untimed warm-up run of each, touches the
+memory with an access pattern, checks the memory equals the image byte for
+byte, and reports medians with [min-max]:
+
+  eager, lazy, prefetch   restore.Open in that mode (lazy and prefetch: MINOR
+                          faults served by a helper process)
+  raw-read                read(2) of the uncompressed image, warm in the page
+                          cache, into anonymous memory on every CPU
+  decompress-anon         every chunk decompressed into anonymous memory on
+                          every CPU, then used
+  uffd-copy               anonymous 4 KiB pages registered MISSING; a Go
+                          handler decompresses the faulting chunk and
+                          resolves it with UFFDIO_COPY (Firecracker-style)
+
+Every strategy uses the same clock: t0 = start of restore, ready = memory
+usable, first byte = ready -> the first touch returns, complete = t0 -> the
+access pattern is done. Patterns: sequential and random touch every 4 KiB
+page; sparse:F touches every page of a random fraction F of the 2 MiB blocks.
+Several patterns may be given, comma-separated. Pages are touched from C
+(--threads goroutines) so the touch latency is the toucher's.
+
+--out-of-process runs eager, lazy and prefetch through the example C target
+(bin/uffdrestore-target, or --target) attached over the attach protocol to a
+loader in this process. Generated snapshots and raw images are cached in
+$TMPDIR/uffdrestore-bench. Needs root (userfaultfd, huge pages).
+
+Examples:
+   uffdrestore bench --generate 1GiB --content realistic --pattern sparse:0.1,sequential
+   uffdrestore bench image.snap --modes eager,lazy,uffd-copy --runs 7 --json out.json --svg out.svg
+   uffdrestore bench --generate 256MiB --out-of-process --modes eager,lazy,prefetch --threads 2
+   uffdrestore bench --generate 1GiB --markdown results.md`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "generate", Usage: "benchmark a generated snapshot of `SIZE` (e.g. 1GiB) instead of SNAP"},
+			&cli.StringFlag{Name: "content", Value: "realistic", Usage: "with --generate: realistic (heap-like, ~5-8x), zeros or random"},
+			&cli.StringFlag{Name: "codec", Value: "zstd", Usage: "with --generate: zstd or s2"},
+			&cli.StringFlag{Name: "chunk-size", Value: "2M", Usage: "with --generate: chunk size (64K to 2M)"},
+			&cli.StringFlag{Name: "modes", Value: strings.Join(bench.StrategyNames(), ","), Usage: "strategies to run, comma-separated"},
+			&cli.StringFlag{Name: "pattern", Value: "sequential", Usage: "access patterns, comma-separated: sequential, random, sparse:FRACTION"},
+			&cli.IntFlag{Name: "threads", Value: 1, Usage: "threads touching the memory"},
+			&cli.IntFlag{Name: "runs", Value: 5, Usage: "timed runs of every strategy"},
+			&cli.BoolFlag{Name: "no-warmup", Usage: "skip the untimed warm-up run"},
+			&cli.BoolFlag{Name: "out-of-process", Usage: "run eager/lazy/prefetch through the example C target"},
+			&cli.StringFlag{Name: "target", Usage: "the example target program (`PATH`; default bin/uffdrestore-target)"},
+			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "restore backing: auto, memfd-hugetlb, hugetlbfs or shmem"},
+			&cli.IntFlag{Name: "workers", Usage: "decompression workers (default: every CPU)"},
+			&cli.Uint64Flag{Name: "seed", Value: 1, Usage: "seed of the random patterns"},
+			&cli.StringFlag{Name: "json", Usage: "write every run and the summaries as JSON to `FILE`"},
+			&cli.StringFlag{Name: "svg", Usage: "write a chart (times, latency CDF) as SVG to `FILE`"},
+			&cli.StringFlag{Name: "markdown", Usage: "write the summary as a Markdown table to `FILE` (- for stdout)"},
+			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no per-run progress lines"},
+		},
+		Action: runBench,
+	})
+}
+
+func runBench(c *cli.Context) error {
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if c.Args().Len() > 1 {
+		return cli.Exit("bench: one snapshot at most (see --help)", 2)
+	}
+	snap := c.Args().First()
+	gen := c.String("generate")
+	if (snap == "") == (gen == "") {
+		return cli.Exit("bench: give a snapshot or --generate SIZE (see --help)", 2)
+	}
+	strategies, err := bench.ParseStrategies(c.String("modes"))
+	if err != nil {
+		return cli.Exit(err, 2)
+	}
+	patterns, err := bench.ParsePatterns(c.String("pattern"))
+	if err != nil {
+		return cli.Exit(err, 2)
+	}
+	backing, err := restore.ParseBacking(c.String("backing"))
+	if err != nil {
+		return cli.Exit(err, 2)
+	}
+	if c.Int("threads") < 1 || c.Int("runs") < 1 {
+		return cli.Exit("bench: --threads and --runs must be at least 1", 2)
+	}
+	errw := c.App.ErrWriter
+	if errw == nil {
+		errw = os.Stderr
+	}
+	logf := func(format string, args ...any) { fmt.Fprintf(errw, format+"\n", args...) }
+	if c.Bool("quiet") {
+		logf = nil
+	}
+
+	var image, generated string
+	if gen != "" {
+		size, err := snapParseSize(gen)
+		if err != nil {
+			return cli.Exit(fmt.Sprintf("bench: --generate: %v", err), 2)
+		}
+		codec, err := format.ParseCodec(c.String("codec"))
+		if err != nil {
+			return cli.Exit(fmt.Sprintf("bench: --codec: %v", err), 2)
+		}
+		chunk, err := snapParseSize(c.String("chunk-size"))
+		if err != nil {
+			return cli.Exit(fmt.Sprintf("bench: --chunk-size: %v", err), 2)
+		}
+		if logf != nil {
+			logf("generating (or reusing) a %s %s snapshot in %s ...", gen, c.String("content"), bench.CacheDir())
+		}
+		snap, image, err = bench.Generate(ctx, bench.CacheDir(), size, c.String("content"), codec, int(chunk))
+		if err != nil {
+			return err
+		}
+		generated = fmt.Sprintf("generated --generate %s --content %s --codec %s --chunk-size %s", gen, c.String("content"), codec, c.String("chunk-size"))
+	} else if image, err = bench.PrepareImage(ctx, bench.CacheDir(), snap); err != nil {
+		return err
+	}
+	f, err := format.Open(snap)
+	if err != nil {
+		return err
+	}
+	env := &bench.Env{Snap: snap, Image: image, Layout: bench.LayoutOf(f.Reader), Backing: backing, Workers: c.Int("workers")}
+	f.Close()
+
+	cfg := bench.Config{Env: env, Strategies: strategies, Patterns: patterns, Threads: c.Int("threads"), Runs: c.Int("runs"),
+		NoWarmup: c.Bool("no-warmup"), OutOfProcess: c.Bool("out-of-process"), Seed: c.Uint64("seed"), Log: logf}
+	if cfg.OutOfProcess {
+		cfg.Target = c.String("target")
+		if cfg.Target == "" {
+			cfg.Target = bench.FindTarget()
+		}
+		if cfg.Target == "" {
+			return cli.Exit("bench: --out-of-process: no uffdrestore-target found: run `make build` or pass --target", 2)
+		}
+	}
+	rep, runErr := bench.Run(ctx, cfg)
+	if rep == nil {
+		return runErr
+	}
+	rep.Command = benchCommandLine(c)
+	rep.Snapshot.Generated = generated
+
+	var errs []error
+	errs = append(errs, runErr)
+	if p := c.String("json"); p != "" {
+		errs = append(errs, writeFileWith(p, rep.WriteJSON))
+	}
+	if runErr == nil {
+		if p := c.String("svg"); p != "" {
+			errs = append(errs, writeFileWith(p, rep.WriteSVG))
+		}
+		if p := c.String("markdown"); p != "" {
+			if p == "-" {
+				errs = append(errs, rep.WriteMarkdown(c.App.Writer))
+			} else {
+				errs = append(errs, writeFileWith(p, rep.WriteMarkdown))
+			}
+		}
+		w := c.App.Writer
+		if w == nil {
+			w = os.Stdout
+		}
+		if c.String("markdown") != "-" {
+			errs = append(errs, rep.WriteTable(w))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// writeFileWith writes path atomically with write.
+func writeFileWith(path string, write func(io.Writer) error) error {
+	tmp := path + ".tmp"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return err
+	}
+	if err := write(f); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return err
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// benchCommandLine spells the command as run, from its parsed flags.
+func benchCommandLine(c *cli.Context) string {
+	parts := []string{"uffdrestore bench"}
+	parts = append(parts, c.Args().Slice()...)
+	for _, fl := range c.Command.Flags {
+		name := fl.Names()[0]
+		if !c.IsSet(name) {
+			continue
+		}
+		if _, ok := fl.(*cli.BoolFlag); ok {
+			parts = append(parts, "--"+name)
+			continue
+		}
+		parts = append(parts, "--"+name, fmt.Sprint(c.Value(name)))
+	}
+	return strings.Join(parts, " ")
+}
