@@ -411,3 +411,39 @@ func TestCorruptErrorText(t *testing.T) {
 		t.Error("truncated does not match io.ErrUnexpectedEOF")
 	}
 }
+
+func TestReadStoredCoalesced(t *testing.T) {
+	img := testImage(4*MinChunkSize+5, 8)
+	snap := buildSnap(t, WriterOptions{ChunkSize: MinChunkSize, Codec: CodecS2}, []testRegion{{name: "x", data: img}})
+	r, err := NewReader(bytes.NewReader(snap), int64(len(snap)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, last := r.Chunk(0), r.Chunk(r.NumChunks()-1)
+	buf := make([]byte, last.Offset+uint64(last.StoredLen)-first.Offset)
+	if err := r.ReadStored(buf, int64(first.Offset)); err != nil {
+		t.Fatal(err)
+	}
+	d := r.NewDecoder()
+	defer d.Close()
+	out := make([]byte, r.TotalSize())
+	for i := 0; i < r.NumChunks(); i++ {
+		c := r.Chunk(i)
+		lo := c.Offset - first.Offset
+		if err := d.DecodeStored(i, buf[lo:lo+uint64(c.StoredLen)], out[r.ChunkOffset(i):]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(out[:len(img)], img) {
+		t.Error("coalesced decode differs")
+	}
+	if err := r.ReadStored(make([]byte, 10), int64(r.indexOff)-5); !errors.Is(err, ErrInvalid) {
+		t.Errorf("read past the data area: %v", err)
+	}
+	if err := r.ReadStored(make([]byte, 10), 0); !errors.Is(err, ErrInvalid) {
+		t.Errorf("read of the header: %v", err)
+	}
+	if err := d.DecodeStored(0, buf[:3], out); !errors.Is(err, ErrInvalid) {
+		t.Errorf("wrong stored length: %v", err)
+	}
+}

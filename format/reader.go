@@ -40,6 +40,17 @@ func readFull(ra io.ReaderAt, b []byte, off int64, field string, chunk int) erro
 	return fmt.Errorf("format: read %s (%d bytes at offset %#x): %w", field, len(b), off, err)
 }
 
+// ReadStored reads the file bytes [off, off+len(b)) that hold stored chunk
+// data, for callers that read several adjacent chunks at once and decode
+// them with Decoder.DecodeStored (which checks each chunk's stored CRC). The
+// range must lie inside the data area.
+func (r *Reader) ReadStored(b []byte, off int64) error {
+	if off < int64(r.headerLen) || uint64(off)+uint64(len(b)) > r.indexOff {
+		return fmt.Errorf("%w: stored range [%#x, %#x) is outside the data area", ErrInvalid, off, off+int64(len(b)))
+	}
+	return readFull(r.ra, b, off, "chunk data", -1)
+}
+
 // NewReader reads and validates the snapshot in r, which is size bytes long.
 func NewReader(r io.ReaderAt, size int64) (*Reader, error) {
 	if size < 0 {
