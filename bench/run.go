@@ -151,7 +151,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		if c.OutOfProcess {
 			r = runOutOfProcess(ctx, cfg.Env, c.Strategy.Name, c.Pattern, cfg.Threads, cfg.Target, seed)
 		} else {
-			r = runInProcess(ctx, cfg.Env, c.Strategy, c.Pattern.Order(pages, seed), cfg.Threads)
+			r = runInProcess(ctx, cfg.Env, c.Strategy, c.Pattern.Order(pages, seed), cfg.Threads, nil)
 		}
 		r.Strategy, r.Pattern, r.OutOfProcess, r.Run = c.Strategy.Name, c.Pattern.String(), c.OutOfProcess, sl.Run
 		what := fmt.Sprintf("run %d", sl.Run+1)
@@ -173,7 +173,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 // runInProcess restores with s and touches order (4 KiB page indexes) from
 // threads goroutines, each in uffd.Touch (C, with its P released).
-func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, threads int) RunResult {
+// timedDone, if set, is called when the timed part ends (b.StopTimer).
+func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, threads int, timedDone func()) RunResult {
 	res := RunResult{Metrics: map[string]float64{}}
 	fail := func(err error) RunResult { res.Error = err.Error(); return res }
 	if len(order) == 0 {
@@ -211,6 +212,9 @@ func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, thr
 	}
 	wg.Wait()
 	complete := time.Since(t0)
+	if timedDone != nil {
+		timedDone()
+	}
 
 	su1, ss1, sf1 := rusage(unix.RUSAGE_SELF)
 	cu1, cs1, cf1 := rusage(unix.RUSAGE_CHILDREN)

@@ -101,8 +101,8 @@ func (r *Report) WriteSVG(w io.Writer) error {
 	b.text(20, 30, "start", "title", "uffdrestore bench: time to ready and to complete (median, whiskers min-max)")
 	hy := 50.0
 	for _, l := range r.Header() {
-		if len(l) > 150 {
-			l = l[:147] + "..."
+		if len(l) > 165 {
+			l = l[:162] + "..."
 		}
 		b.text(20, hy, "start", "small", l)
 		hy += 15
@@ -179,7 +179,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 		y += 20
 		const panelH = 260.0
 		n := float64(len(patterns))
-		gap := 40.0
+		gap := 80.0
 		pw := (width - 100 - gap*(n-1)) / n
 		// Common x range.
 		lmin, lmax := math.Inf(1), 0.0
@@ -221,7 +221,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 			if i == 0 {
 				cdf.f(`<text transform="translate(%.1f %.1f) rotate(-90)" text-anchor="middle" class="label">fraction of touches at or below</text>`+"\n", x0-50, (top+bot)/2)
 			}
-			ly := top + 14
+			ly := bot + 60
 			for _, c := range byPattern[p] {
 				if len(c.TouchCDF) == 0 {
 					continue
@@ -237,12 +237,16 @@ func (r *Report) WriteSVG(w io.Writer) error {
 					fmt.Fprintf(&d, "H%.1fV%.1f", x, yOf(pt.Frac))
 				}
 				cdf.f(`<path d="%s" fill="none" stroke="%s" stroke-width="1.8"><title>%s</title></path>`+"\n", d.String(), colorOf(c.Strategy), html.EscapeString(c.Name()))
-				cdf.f(`<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="3"/>`+"\n", x0+8, ly-4, x0+26, ly-4, colorOf(c.Strategy))
-				cdf.text(x0+31, ly, "start", "small", fmt.Sprintf("%s (p99 %s µs)", c.Name(), fmtNum(c.Metrics[MTouchP99].Median)))
+				cdf.f(`<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="3"/>`+"\n", x0, ly-4, x0+18, ly-4, colorOf(c.Strategy))
+				cdf.text(x0+23, ly, "start", "small", fmt.Sprintf("%s (p99 %s µs)", c.Name(), fmtNum(c.Metrics[MTouchP99].Median)))
 				ly += 15
 			}
 		}
-		y += panelH + 80
+		most := 0
+		for _, p := range patterns {
+			most = max(most, len(byPattern[p]))
+		}
+		y += panelH + 90 + 15*float64(most)
 	}
 
 	height := y
