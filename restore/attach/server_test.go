@@ -3,9 +3,11 @@ package attach
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -683,6 +685,158 @@ func TestCClientVsBadServer(t *testing.T) {
 			err = tg.wait(t, 10*time.Second)
 			if err == nil || !strings.Contains(tg.stderr.String(), c.want) {
 				t.Fatalf("target: %v, stderr %q, want %q", err, tg.stderr, c.want)
+			}
+		})
+	}
+}
+
+// TestCParserHostile runs the C client's JSON reader, under ASan and
+// UBSan, over every truncation and thousands of byte flips of real server
+// messages, plus deep nesting and huge numbers: it must never read out of
+// bounds, and must reject what is not a well-formed message.
+func TestCParserHostile(t *testing.T) {
+	if _, err := exec.LookPath("gcc"); err != nil {
+		testutil.Skip(t, "gcc: %v", err)
+	}
+	dir := t.TempDir()
+	harness := filepath.Join(dir, "h.c")
+	os.WriteFile(harness, []byte(`#include "ur_client.c"
+#include <stdio.h>
+int main(void) {
+	static char buf[UR_MAX_MSG + 1];
+	unsigned len;
+	int ok = 0, bad = 0;
+	while (fread(&len, 4, 1, stdin) == 1) {
+		if (len > UR_MAX_MSG || fread(buf, 1, len, stdin) != len)
+			return 2;
+		char *copy = malloc(len ? len : 1); /* exact size: ASan sees any overread */
+		memcpy(copy, buf, len);
+		struct msg m;
+		if (parse_msg(copy, len, &m) == 0) {
+			ok++;
+			if (!strcmp(m.type, "hello")) {
+				char err[UR_ERRLEN];
+				validate_hello(&m, err);
+			}
+			msg_free(&m);
+		} else {
+			bad++;
+		}
+		free(copy);
+	}
+	printf("%d %d\n", ok, bad);
+	return 0;
+}
+`), 0o644)
+	exe := filepath.Join(dir, "h")
+	args := []string{"-O1", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-I" + csrcDir(t), "-o", exe, harness}
+	if b, err := exec.Command("gcc", args...).CombinedOutput(); err != nil {
+		testutil.Skip(t, "gcc with sanitizers: %v\n%s", err, b)
+	}
+	h := testHello()
+	h.Regions[0].Name = "h\u00e9ap \"quoted\" \\ \U0001F600"
+	hb, _ := json.Marshal(h)
+	seeds := [][]byte{hb,
+		[]byte(`{"type":"error","error":"uid 5 may not attach \u00e9\ud83d\ude00"}`),
+		[]byte(`{"type":"bye","stats":{"a":[1,2.5e-3,-4,{"b":null,"c":true}],"d":"x"}}`),
+		[]byte(`{"type":"ready"}`), []byte(`{"type":"shutdown","extra":[[[]]]}`),
+	}
+	var in bytes.Buffer
+	add := func(b []byte) {
+		var l [4]byte
+		binary.LittleEndian.PutUint32(l[:], uint32(len(b)))
+		in.Write(l[:])
+		in.Write(b)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, s := range seeds {
+		add(s)
+		for i := range s {
+			add(s[:i])
+		}
+		for i := 0; i < 3000; i++ {
+			m := bytes.Clone(s)
+			for k := 0; k < 1+rng.IntN(3); k++ {
+				m[rng.IntN(len(m))] = "{}[]\",:\\0123456789eE.-+ tfnu\x00\xff"[rng.IntN(30)]
+			}
+			add(m)
+		}
+	}
+	add([]byte(`{"type":"hello","x":` + strings.Repeat("[", 5000) + strings.Repeat("]", 5000) + `}`))
+	add([]byte(`{"type":"hello","page_size":18446744073709551615}`))
+	add([]byte(`{"type":"hello","page_size":18446744073709551616}`))
+	add([]byte(`{"type":"hello","snapshot":"` + strings.Repeat("\\u00e9", 5000) + `"}`))
+	add([]byte(`{"type":"hello","regions":[` + strings.Repeat(`{"name":"r"},`, 1100) + `{"name":"r"}]}`))
+	add([]byte(`{"type":"error","error":"` + strings.Repeat("x", 60000) + `"}`))
+	add([]byte(`{"type":"x\ud800"}`))
+	cmd := exec.Command(exe)
+	cmd.Stdin = &in
+	cmd.Env = append(os.Environ(), "ASAN_OPTIONS=detect_leaks=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("harness: %v\n%s", err, out)
+	}
+	var ok, bad int
+	fmt.Sscanf(string(out), "%d %d", &ok, &bad)
+	if ok == 0 || bad == 0 {
+		t.Errorf("parsed %d, rejected %d: the corpus should have both", ok, bad)
+	}
+	t.Logf("C parser: %d accepted, %d rejected, no sanitizer report", ok, bad)
+}
+
+// TestOriginalAddr: --at-original-addr maps each region where it was; with
+// a hugetlb backing an address that is not 2 MiB aligned is refused with a
+// message saying so; a shmem backing takes 4 KiB-aligned addresses.
+func TestOriginalAddr(t *testing.T) {
+	cases := []struct {
+		hugetlb bool
+		specs   []regionSpec
+		want    string // error text; "" = success
+	}{
+		{true, []regionSpec{{"a", 3<<20 + 5, 0x7e0000000000}, {"b", 100, 0x7e0000800000}}, ""},
+		{true, []regionSpec{{"a", 100, 0x7e0000001000}}, "huge-page-aligned"},
+		{true, []regionSpec{{"a", 100, 0}}, `region "a": original address 0`},
+		{false, []regionSpec{{"a", 3<<12 + 5, 0x7e0000001000}, {"b", 100, 0x7e0000100000}}, ""},
+	}
+	for i, c := range cases {
+		t.Run(fmt.Sprintf("%s/%d", backingName(c.hugetlb), i), func(t *testing.T) {
+			requireUffd(t, c.hugetlb)
+			b := newFakeBackend(t, c.hugetlb, c.specs)
+			_, sock := listen(t, b, Options{})
+			dump := filepath.Join(t.TempDir(), "dump")
+			tg := startTarget(t, sock, "--at-original-addr", "--hold", "--dump", dump)
+			if c.want != "" {
+				if err := tg.wait(t, 10*time.Second); err == nil || !strings.Contains(tg.stderr.String(), c.want) {
+					t.Fatalf("want an error with %q, got %v\n%s", c.want, err, tg.stderr)
+				}
+				return
+			}
+			waitFor(t, 10*time.Second, "touched", func() bool { return tg.stdout.String() != "" })
+			maps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/maps", tg.cmd.Process.Pid))
+			for _, s := range c.specs {
+				if !strings.Contains(string(maps), fmt.Sprintf("%x-", s.addr)) {
+					t.Errorf("no mapping at %#x:\n%s", s.addr, maps)
+				}
+			}
+			tg.stdin.Close()
+			if err := tg.wait(t, 10*time.Second); err != nil {
+				t.Fatalf("%v\n%s", err, tg.stderr)
+			}
+			if got, _ := os.ReadFile(dump); !bytes.Equal(got, b.want()) {
+				t.Error("dump differs")
+			}
+			// The Go client too.
+			cl, err := Dial(sock, ClientOptions{AtOriginalAddr: true, ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for j, r := range cl.Regions {
+				if got := uint64(uintptr(unsafe.Pointer(unsafe.SliceData(r.Data)))); got != c.specs[j].addr {
+					t.Errorf("Go client: region %s at %#x, want %#x", r.Name, got, c.specs[j].addr)
+				}
+			}
+			if _, err := cl.Detach(); err != nil {
+				t.Error(err)
 			}
 		})
 	}
