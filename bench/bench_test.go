@@ -19,7 +19,7 @@ func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }
 
 func TestSummarize(t *testing.T) {
 	for _, tc := range []struct {
-		in                     []float64
+		in                    []float64
 		med, min, max, q1, q3 float64
 	}{
 		{[]float64{5}, 5, 5, 5, 5, 5},
