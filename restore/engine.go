@@ -41,6 +41,12 @@ type engine struct {
 	faultq        chan uint32
 	prefetchOrder []uint32
 	prefetchNext  atomic.Int64
+	prefetchLimit atomic.Int64
+	moreWork      chan struct{}
+	moreWorkAll   chan struct{}
+	moreWorkOnce  sync.Once
+	ws            *wsState
+	rec           *recorder
 	prefetchOnce  sync.Once
 	prefetchOn    chan struct{}
 
@@ -108,9 +114,14 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 			return nil, fmt.Errorf("restore: map backing: %w", err)
 		}
 	}
-	e.prefetchOrder = make([]uint32, e.nUnits)
-	for i := range e.prefetchOrder {
-		e.prefetchOrder[i] = uint32(i)
+	e.moreWork = make(chan struct{}, 1)
+	e.moreWorkAll = make(chan struct{})
+	if err := e.setupWorkingSet(); err != nil {
+		e.alias.Close()
+		return nil, err
+	}
+	if cfg.record != "" {
+		e.rec = newRecorder(r.NumChunks(), e.epoch)
 	}
 	workers := cfg.workers
 	if workers <= 0 {
@@ -153,6 +164,8 @@ func (e *engine) worker() {
 	dec := e.r.NewDecoder()
 	defer dec.Close()
 	var done []waiter
+	var batch []uint32
+	var rbuf []byte
 	for {
 		select {
 		case u := <-e.faultq:
@@ -164,11 +177,11 @@ func (e *engine) worker() {
 		}
 		select {
 		case <-e.prefetchOn:
-			if i := e.prefetchNext.Add(1) - 1; i < int64(len(e.prefetchOrder)) {
-				u := e.prefetchOrder[i]
-				if e.state[u].CompareAndSwap(stAbsent, stFilling) {
-					done = e.fill(dec, u, false, done)
+			if batch = e.claimPrefetch(batch[:0]); len(batch) > 0 {
+				if rbuf == nil {
+					rbuf = make([]byte, e.batchUnits()*e.unitSize)
 				}
+				done = e.fillBatch(dec, batch, rbuf, done)
 				continue
 			}
 		default:
@@ -179,9 +192,52 @@ func (e *engine) worker() {
 		case <-e.stop:
 			return
 		case <-e.prefetchOnIfPending():
+		case <-e.moreWork:
 		}
 	}
 }
+
+// prefetchBatchBytes is how much a worker claims from the prefetch order at
+// once; the stored bytes of those units are read with as few preads as their
+// layout in the file allows (adjacent chunks are read together).
+const prefetchBatchBytes = 8 << 20
+
+func (e *engine) batchUnits() int { return max(1, prefetchBatchBytes/e.unitSize) }
+
+// claimPrefetch takes up to batchUnits units from the prefetch order and
+// claims those still absent.
+func (e *engine) claimPrefetch(out []uint32) []uint32 {
+	for len(out) == 0 {
+		next := e.prefetchNext.Load()
+		limit := e.prefetchLimit.Load()
+		if next >= limit {
+			return out
+		}
+		k := min(int64(e.batchUnits()), limit-next)
+		if !e.prefetchNext.CompareAndSwap(next, next+k) {
+			continue
+		}
+		for _, u := range e.prefetchOrder[next : next+k] {
+			if e.state[u].CompareAndSwap(stAbsent, stFilling) {
+				out = append(out, u)
+			}
+		}
+	}
+	return out
+}
+
+// extendPrefetch lets prefetch run through the whole order (the rest of the
+// units after a working set) and wakes idle workers.
+func (e *engine) extendPrefetch() {
+	e.prefetchLimit.Store(int64(len(e.prefetchOrder)))
+	select {
+	case e.moreWork <- struct{}{}:
+	default:
+	}
+	close1(e.moreWorkAll, &e.moreWorkOnce)
+}
+
+func close1(c chan struct{}, o *sync.Once) { o.Do(func() { close(c) }) }
 
 // prefetchOnIfPending returns a channel that becomes ready when prefetch
 // starts, or nil (never ready) when it has already started and run out.
@@ -194,19 +250,37 @@ func (e *engine) prefetchOnIfPending() <-chan struct{} {
 	}
 }
 
+// unitChunks returns unit u's chunk range and whether decoding them writes
+// every byte of the unit (no zero chunk, no short chunk, no tail).
+func (e *engine) unitChunks(u uint32) (c0, c1 int, whole bool) {
+	c0 = int(u) * e.chunksPerUnit
+	c1 = min(c0+e.chunksPerUnit, e.r.NumChunks())
+	whole = c1-c0 == e.chunksPerUnit
+	for c := c0; c < c1 && whole; c++ {
+		ch := e.r.Chunk(c)
+		whole = ch.Codec != format.CodecZero && int(ch.RawLen) == e.chunkSize
+	}
+	return c0, c1, whole
+}
+
+// allocUnit allocates the (zeroed) pages of a unit that decoding does not
+// write in full, so CONTINUE finds every page in the page cache.
+func (e *engine) allocUnit(u uint32) error {
+	if err := uffd.Fallocate(e.b.fd, 0, int64(u)*int64(e.unitSize), int64(e.unitSize)); err != nil {
+		return fmt.Errorf("restore: allocate unit %d: %w", u, err)
+	}
+	return nil
+}
+
 // fillUnit decodes unit u's chunks straight into the alias mapping and makes
 // sure every page of the unit is allocated.
 func (e *engine) fillUnit(dec *format.Decoder, u uint32) error {
-	start := int(u) * e.unitSize
-	c0 := start / e.chunkSize
-	c1 := min(c0+e.chunksPerUnit, e.r.NumChunks())
-	whole := c1-c0 == e.chunksPerUnit
+	c0, c1, whole := e.unitChunks(u)
 	mem := e.alias.Bytes()
 	for c := c0; c < c1; c++ {
 		ch := e.r.Chunk(c)
 		if ch.Codec == format.CodecZero {
 			e.c.zeroChunks.Add(1)
-			whole = false
 			continue
 		}
 		off := c * e.chunkSize
@@ -215,24 +289,97 @@ func (e *engine) fillUnit(dec *format.Decoder, u uint32) error {
 		}
 		e.c.bytesDecoded.Add(int64(ch.RawLen))
 		e.c.bytesRead.Add(int64(ch.StoredLen))
-		if int(ch.RawLen) < e.chunkSize {
-			whole = false
-		}
 	}
 	if !whole {
-		// Zero chunks and short tails are not written: allocate their
-		// (zeroed) pages so CONTINUE finds every page in the page cache.
-		if err := uffd.Fallocate(e.b.fd, 0, int64(start), int64(e.unitSize)); err != nil {
-			return fmt.Errorf("restore: allocate unit %d: %w", u, err)
-		}
+		return e.allocUnit(u)
 	}
 	return nil
+}
+
+// fillBatch fills claimed units (prefetch), reading the stored bytes of
+// chunks that are adjacent in the file with one pread into rbuf.
+func (e *engine) fillBatch(dec *format.Decoder, units []uint32, rbuf []byte, done []waiter) []waiter {
+	mem := e.alias.Bytes()
+	var winOff uint64 // rbuf holds the file's bytes [winOff, winOff+winLen)
+	winLen := 0
+	for _, u := range units {
+		c0, c1, whole := e.unitChunks(u)
+		var err error
+		for c := c0; c < c1 && err == nil; c++ {
+			ch := e.r.Chunk(c)
+			if ch.Codec == format.CodecZero {
+				e.c.zeroChunks.Add(1)
+				continue
+			}
+			if ch.Offset < winOff || ch.Offset+uint64(ch.StoredLen) > winOff+uint64(winLen) {
+				winOff, winLen, err = e.readAhead(units, u, c, rbuf)
+				if err != nil {
+					break
+				}
+			}
+			lo := int(ch.Offset - winOff)
+			off := c * e.chunkSize
+			if err = dec.DecodeStored(c, rbuf[lo:lo+int(ch.StoredLen)], mem[off:off+e.chunkSize]); err == nil {
+				e.c.bytesDecoded.Add(int64(ch.RawLen))
+			}
+		}
+		if err == nil && !whole {
+			err = e.allocUnit(u)
+		}
+		done = e.publish(u, err, false, done)
+	}
+	return done
+}
+
+// readAhead reads, from chunk c of unit u on, the stored bytes of the run of
+// chunks of units (from u on) that lie back to back in the file, as many as
+// fit in rbuf.
+func (e *engine) readAhead(units []uint32, u uint32, c int, rbuf []byte) (uint64, int, error) {
+	start := e.r.Chunk(c)
+	end := start.Offset + uint64(start.StoredLen)
+	if int(start.StoredLen) > len(rbuf) {
+		return 0, 0, fmt.Errorf("restore: chunk %d: stored length %d exceeds the read buffer", c, start.StoredLen)
+	}
+	i := 0
+	for i < len(units) && units[i] != u {
+		i++
+	}
+	next := c + 1
+extend:
+	for ; i < len(units); i++ {
+		c0, c1, _ := e.unitChunks(units[i])
+		if units[i] != u {
+			next = c0
+		}
+		for ; next < c1; next++ {
+			ch := e.r.Chunk(next)
+			if ch.Codec == format.CodecZero {
+				continue
+			}
+			if ch.Offset != end || end+uint64(ch.StoredLen)-start.Offset > uint64(len(rbuf)) {
+				break extend
+			}
+			end += uint64(ch.StoredLen)
+		}
+	}
+	n := int(end - start.Offset)
+	if err := e.r.ReadStored(rbuf[:n], int64(start.Offset)); err != nil {
+		return 0, 0, fmt.Errorf("restore: read chunks at %#x: %w", start.Offset, err)
+	}
+	e.c.bytesRead.Add(int64(n))
+	e.c.reads.Add(1)
+	return start.Offset, n, nil
 }
 
 // fill fills unit u (already claimed: state filling), publishes it and
 // resolves every fault waiting on it. done is a reusable scratch slice.
 func (e *engine) fill(dec *format.Decoder, u uint32, byFault bool, done []waiter) []waiter {
-	err := e.fillUnit(dec, u)
+	return e.publish(u, e.fillUnit(dec, u), byFault, done)
+}
+
+// publish marks unit u present (or poisoned, after err) and answers its
+// waiters.
+func (e *engine) publish(u uint32, err error, byFault bool, done []waiter) []waiter {
 	final := stPresent
 	if err != nil {
 		final = stPoisoned
@@ -242,8 +389,18 @@ func (e *engine) fill(dec *format.Decoder, u uint32, byFault bool, done []waiter
 		e.c.poisoned.Add(1)
 	} else if byFault {
 		e.c.filledByFault.Add(1)
+		if e.ws != nil {
+			if e.ws.inSet[u] {
+				e.c.wsLate.Add(1)
+			} else {
+				e.c.wsMissed.Add(1)
+			}
+		}
 	} else {
 		e.c.filledByPrefill.Add(1)
+		if e.ws != nil && e.ws.inSet[u] {
+			e.c.wsPrefilled.Add(1)
+		}
 	}
 	sh := &e.shards[u%uint32(len(e.shards))]
 	sh.mu.Lock()
@@ -393,6 +550,10 @@ func (e *engine) stats() Stats {
 	total.fill(&s)
 	s.UnitsPresent = e.present.Load()
 	s.FillTime = time.Duration(e.fillTime.Load())
+	if e.ws != nil {
+		s.WorkingSet = &WorkingSetStats{Profile: e.ws.name, Units: e.ws.units, Prefilled: total.wsPrefilled.Load(),
+			Late: total.wsLate.Load(), Missed: total.wsMissed.Load(), Warning: e.ws.warned}
+	}
 	if err := e.err(); err != nil {
 		s.LastError = err.Error()
 	}
@@ -422,5 +583,9 @@ func (c *counters) add(o *counters) {
 	c.premapped.Add(o.premapped.Load())
 	c.poisoned.Add(o.poisoned.Load())
 	c.errors.Add(o.errors.Load())
+	c.reads.Add(o.reads.Load())
+	c.wsPrefilled.Add(o.wsPrefilled.Load())
+	c.wsLate.Add(o.wsLate.Load())
+	c.wsMissed.Add(o.wsMissed.Load())
 	c.latency.merge(&o.latency)
 }

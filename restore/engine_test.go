@@ -74,6 +74,11 @@ func TestManyViewsOneFill(t *testing.T) {
 			m1, v1 := attachLocal(t, l, false)
 			m2, v2 := attachLocal(t, l, true)
 			uffd.Touch(m1.Addr(), m1.Len(), 4096, false, nil, nil)
+			// Wait returns once the last fill has been published, premap
+			// into the second view included.
+			if err := l.Wait(context.Background()); err != nil {
+				t.Fatal(err)
+			}
 			uffd.Touch(m2.Addr(), m2.Len(), 4096, false, nil, nil)
 			checkRegions(t, m1.Bytes(), l.Layout(), regions)
 			checkRegions(t, m2.Bytes(), l.Layout(), regions)

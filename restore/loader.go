@@ -2,6 +2,7 @@ package restore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -102,6 +103,7 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 	}
 	switch cfg.mode {
 	case ModeEager:
+		e.extendPrefetch()
 		e.startPrefetch()
 		select {
 		case <-e.allPresent:
@@ -115,6 +117,9 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 			return nil, fmt.Errorf("restore: eager fill: %d unit(s) failed: %w", p, err)
 		}
 	case ModePrefetch:
+		e.extendPrefetch()
+		e.startPrefetch()
+	case ModeWorkingSet:
 		e.startPrefetch()
 	}
 	return l, nil
@@ -144,11 +149,27 @@ func (l *Loader) AttachView(u *uffd.FD, ranges []ViewRange, name string) (*View,
 
 // Prefetch starts filling every absent unit in the background (faults still
 // go first).
-func (l *Loader) Prefetch() { l.e.startPrefetch() }
+func (l *Loader) Prefetch() {
+	l.e.extendPrefetch()
+	l.e.startPrefetch()
+}
+
+// Profile returns the working-set profile recorded so far (WithRecord), or
+// an error when the loader is not recording.
+func (l *Loader) Profile() (format.Profile, error) {
+	if l.e.rec == nil {
+		return format.Profile{}, errors.New("restore: not recording (WithRecord)")
+	}
+	return l.e.rec.profile(l.e.cfg.record), nil
+}
+
+// Reader is the snapshot's reader (for SaveProfile, SnapshotID).
+func (l *Loader) Reader() *format.Reader { return l.f.Reader }
 
 // Wait fills whatever is not filled yet and waits until every unit is
 // present. It returns the engine's error if a unit failed.
 func (l *Loader) Wait(ctx context.Context) error {
+	l.e.extendPrefetch()
 	l.e.startPrefetch()
 	select {
 	case <-l.e.allPresent:

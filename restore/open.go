@@ -186,6 +186,31 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 	return s, nil
 }
 
+// Profile returns the working-set profile recorded so far (WithRecord).
+func (r *Restore) Profile(ctx context.Context) (format.Profile, error) {
+	if r.eager != nil {
+		return r.eager.Profile()
+	}
+	f, err := os.CreateTemp("", "uffdrestore-profile-*.json")
+	if err != nil {
+		return format.Profile{}, err
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	if _, err := r.call(ctx, ctlMsg{Op: "profile", Path: f.Name()}); err != nil {
+		return format.Profile{}, err
+	}
+	b, err := os.ReadFile(f.Name())
+	if err != nil {
+		return format.Profile{}, err
+	}
+	var p format.Profile
+	if err := json.Unmarshal(b, &p); err != nil {
+		return format.Profile{}, fmt.Errorf("restore: profile from the helper: %w", err)
+	}
+	return p, nil
+}
+
 // Wait fills every unit not filled yet and returns when all are present
 // (at once in eager mode). It returns the first fill error, if any.
 func (r *Restore) Wait(ctx context.Context) error {
@@ -261,6 +286,9 @@ type helperConfig struct {
 	ViewBase    uintptr       `json:"view_base"`
 	UffdFeature uint64        `json:"uffd_features"`
 	Name        string        `json:"name"`
+	Record      string        `json:"record,omitempty"`
+	Profile     ProfileSource `json:"profile"`
+	Rest        bool          `json:"prefetch_rest,omitempty"`
 }
 
 // ctlMsg is a message on the control socket between a Restore and its
@@ -270,6 +298,7 @@ type ctlMsg struct {
 	Op    string `json:"op,omitempty"` // stats, wait, prefetch; "ready" from the helper
 	Error string `json:"error,omitempty"`
 	Stats *Stats `json:"stats,omitempty"`
+	Path  string `json:"path,omitempty"` // profile: where the helper writes it
 }
 
 func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
@@ -284,7 +313,8 @@ func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
 	uf := os.NewFile(uintptr(r.u.Fd()), "uffd")       // not closed here: r.u owns it
 	hc := helperConfig{Mode: r.cfg.mode, Workers: r.cfg.workers, Spin: r.cfg.spin, Premap: r.cfg.premap,
 		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, SnapSize: snapSize,
-		ViewBase: r.view.Addr(), UffdFeature: uint64(r.u.Features()), Name: r.layout.Snapshot}
+		ViewBase: r.view.Addr(), UffdFeature: uint64(r.u.Features()), Name: r.layout.Snapshot,
+		Record: r.cfg.record, Profile: r.cfg.profile, Rest: r.cfg.prefetchRest}
 	js, _ := json.Marshal(hc)
 	exe := r.cfg.helperPath
 	if exe == "" {
@@ -395,11 +425,16 @@ func helperMain(js string) int {
 	b := backingFromFD(4, hc.Backing, hc.Size, hc.PageSize)
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
+	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest
 	e, err := newEngine(rd, b, cfg)
 	if err != nil {
 		return fail(err)
 	}
-	if cfg.mode == ModePrefetch {
+	switch cfg.mode {
+	case ModePrefetch:
+		e.extendPrefetch()
+		e.startPrefetch()
+	case ModeWorkingSet:
 		e.startPrefetch()
 	}
 	u := uffd.FromFD(5, uffd.Features(hc.UffdFeature))
@@ -427,6 +462,7 @@ func helperMain(js string) int {
 			s := e.stats()
 			reply(ctlMsg{ID: m.ID, Stats: &s})
 		case "wait":
+			e.extendPrefetch()
 			e.startPrefetch()
 			wg.Add(1)
 			go func(id uint64) {
@@ -439,8 +475,24 @@ func helperMain(js string) int {
 				reply(rep)
 			}(m.ID)
 		case "prefetch":
+			e.extendPrefetch()
 			e.startPrefetch()
 			reply(ctlMsg{ID: m.ID})
+		case "profile":
+			if e.rec == nil {
+				reply(ctlMsg{ID: m.ID, Error: "restore: not recording (WithRecord)"})
+				break
+			}
+			// Profiles can be larger than a SEQPACKET message: the
+			// helper writes it to the file the parent named.
+			p := e.rec.profile(cfg.record)
+			rep := ctlMsg{ID: m.ID}
+			if b, err := json.Marshal(p); err != nil {
+				rep.Error = err.Error()
+			} else if err := os.WriteFile(m.Path, b, 0o600); err != nil {
+				rep.Error = fmt.Sprintf("restore: write profile: %v", err)
+			}
+			reply(rep)
 		default:
 			reply(ctlMsg{ID: m.ID, Error: "unknown op " + m.Op})
 		}

@@ -19,6 +19,10 @@ const (
 	// ModePrefetch is lazy plus idle workers filling the rest in file
 	// order; faults jump the queue.
 	ModePrefetch
+	// ModeWorkingSet is lazy plus a recorded working set (WithProfile)
+	// filled first, in recorded order; faults still jump the queue. With
+	// WithPrefetchRest the rest follows.
+	ModeWorkingSet
 )
 
 func (m Mode) String() string {
@@ -27,6 +31,8 @@ func (m Mode) String() string {
 		return "eager"
 	case ModePrefetch:
 		return "prefetch"
+	case ModeWorkingSet:
+		return "working-set"
 	}
 	return "lazy"
 }
@@ -40,8 +46,10 @@ func ParseMode(s string) (Mode, error) {
 		return ModeEager, nil
 	case "prefetch":
 		return ModePrefetch, nil
+	case "working-set", "workingset", "ws":
+		return ModeWorkingSet, nil
 	}
-	return 0, fmt.Errorf("restore: unknown mode %q (want lazy, eager or prefetch)", s)
+	return 0, fmt.Errorf("restore: unknown mode %q (want lazy, eager, prefetch or working-set)", s)
 }
 
 type config struct {
@@ -52,6 +60,9 @@ type config struct {
 	spin         time.Duration
 	premap       bool
 	helperPath   string
+	record       string
+	profile      ProfileSource
+	prefetchRest bool
 }
 
 func defaultConfig() config {
@@ -97,3 +108,20 @@ func WithPremap(on bool) Option { return func(c *config) { c.premap = on } }
 // WithHelper sets the executable that runs the fault handler of an
 // in-process restore (default: this program itself, /proc/self/exe).
 func WithHelper(path string) Option { return func(c *config) { c.helperPath = path } }
+
+// WithRecord records the first-touch order of chunks as a working-set
+// profile named name (read it with Loader.Profile or Restore.Profile).
+// Recording wants lazy mode: prefetched units raise no faults to record.
+func WithRecord(name string) Option { return func(c *config) { c.record = name } }
+
+// WithProfile selects the working set to replay and sets ModeWorkingSet.
+func WithProfile(p ProfileSource) Option {
+	return func(c *config) {
+		c.profile = p
+		c.mode = ModeWorkingSet
+	}
+}
+
+// WithPrefetchRest makes a working-set restore prefetch every other unit
+// after the working set.
+func WithPrefetchRest(on bool) Option { return func(c *config) { c.prefetchRest = on } }

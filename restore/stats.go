@@ -29,6 +29,10 @@ type Stats struct {
 	Premapped       int64 `json:"premapped"`         // units mapped into views before any fault
 	Poisoned        int64 `json:"poisoned"`          // units poisoned after a checksum failure
 	Errors          int64 `json:"errors"`
+	Reads           int64 `json:"reads"` // preads of chunk data (coalesced reads count once)
+
+	// WorkingSet is filled in working-set mode.
+	WorkingSet *WorkingSetStats `json:"working_set,omitempty"`
 
 	TimeToReady time.Duration `json:"time_to_ready_ns"`
 	FillTime    time.Duration `json:"fill_time_ns,omitempty"` // eager/prefetch: until every unit was present
@@ -153,6 +157,8 @@ type counters struct {
 	filledByFault, filledByPrefill, refills  atomic.Int64
 	zeroChunks, bytesDecoded, bytesRead      atomic.Int64
 	continues, premapped, poisoned, errors   atomic.Int64
+	reads                                    atomic.Int64
+	wsPrefilled, wsLate, wsMissed            atomic.Int64
 	latency                                  histogram
 }
 
@@ -170,5 +176,16 @@ func (c *counters) fill(s *Stats) {
 	s.Premapped = c.premapped.Load()
 	s.Poisoned = c.poisoned.Load()
 	s.Errors = c.errors.Load()
+	s.Reads = c.reads.Load()
 	s.FaultLatency = c.latency.percentiles()
+}
+
+// WorkingSetStats says how well a working-set profile predicted the faults.
+type WorkingSetStats struct {
+	Profile   string `json:"profile"`
+	Units     int    `json:"units"`     // units in the profile
+	Prefilled int64  `json:"prefilled"` // profile units filled before any fault asked: faults avoided
+	Late      int64  `json:"late"`      // profile units a fault needed before the prefetch got there
+	Missed    int64  `json:"missed"`    // units faulted that the profile did not have
+	Warning   string `json:"warning,omitempty"`
 }

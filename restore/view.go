@@ -239,6 +239,9 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 			v.u.Wake(addr&^uintptr(v.e.b.pageSize-1), uintptr(v.e.b.pageSize))
 			return
 		}
+		if v.e.rec != nil {
+			v.e.rec.note(int(off / uint64(v.e.chunkSize)))
+		}
 		v.e.request(v, uint32(off/uint64(v.e.unitSize)), addr, t0)
 	case uffd.EventRemap:
 		v.forgetMapped()

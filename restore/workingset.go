@@ -1,0 +1,304 @@
+package restore
+
+import (
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc64"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/format"
+)
+
+// Working sets: record which chunks a restore touched first, in order, and
+// replay that order as a prefetch ahead of the faults the next time (REAP,
+// FaaSnap's loading set).
+
+// recorder notes each chunk's first fault, in order. It does not allocate:
+// its slice holds a place for every chunk.
+type recorder struct {
+	epoch   time.Time
+	seen    []atomic.Bool
+	mu      sync.Mutex
+	entries []format.ProfileEntry
+}
+
+func newRecorder(chunks int, epoch time.Time) *recorder {
+	return &recorder{epoch: epoch, seen: make([]atomic.Bool, chunks), entries: make([]format.ProfileEntry, 0, chunks)}
+}
+
+func (r *recorder) note(chunk int) {
+	if chunk < 0 || chunk >= len(r.seen) || r.seen[chunk].Swap(true) {
+		return
+	}
+	t := uint64(time.Since(r.epoch))
+	r.mu.Lock()
+	r.entries = append(r.entries, format.ProfileEntry{Chunk: uint32(chunk), Rank: uint32(len(r.entries)), TimeNS: t})
+	r.mu.Unlock()
+}
+
+func (r *recorder) profile(name string) format.Profile {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return format.Profile{Name: name, Entries: append([]format.ProfileEntry(nil), r.entries...)}
+}
+
+// wsState is a working-set restore's profile and its accounting.
+type wsState struct {
+	name   string
+	inSet  []bool // per unit
+	units  int
+	warned string
+}
+
+// setupWorkingSet builds the prefetch order: in working-set mode the
+// profile's units first (in recorded order), then every unit in file order.
+// Prefetch runs through the profile part only, unless WithPrefetchRest or
+// Wait asks for the rest.
+func (e *engine) setupWorkingSet() error {
+	all := make([]uint32, 0, 2*e.nUnits)
+	limit := e.nUnits
+	if e.cfg.mode == ModeWorkingSet {
+		p, warn, err := e.cfg.profile.resolve(e.r)
+		if err != nil {
+			return err
+		}
+		ws := &wsState{name: p.Name, inSet: make([]bool, e.nUnits), warned: warn}
+		entries := append([]format.ProfileEntry(nil), p.Entries...)
+		sort.SliceStable(entries, func(i, j int) bool { return entries[i].Rank < entries[j].Rank })
+		for _, en := range entries {
+			u := int(en.Chunk) / e.chunksPerUnit
+			if int(en.Chunk) >= e.r.NumChunks() || u >= e.nUnits {
+				continue // resolve already rejected these; be safe
+			}
+			if !ws.inSet[u] {
+				ws.inSet[u] = true
+				ws.units++
+				all = append(all, uint32(u))
+			}
+		}
+		e.ws = ws
+		limit = len(all)
+		if e.cfg.prefetchRest {
+			limit += e.nUnits
+		}
+	}
+	for u := 0; u < e.nUnits; u++ {
+		all = append(all, uint32(u))
+	}
+	e.prefetchOrder = all
+	e.prefetchLimit.Store(int64(limit))
+	return nil
+}
+
+// ProfileSource says where a working-set profile comes from.
+type ProfileSource struct {
+	// Name selects a profile stored in the snapshot ("" with one profile:
+	// that one; "" with several: all of them merged).
+	Name string
+	// File is a sidecar profile file written by SaveProfile.
+	File string
+	// Profile is a profile given directly.
+	Profile *format.Profile
+}
+
+// resolve finds the profile and checks it belongs to this snapshot. A
+// stale or foreign profile is rejected, never trusted blindly; out-of-range
+// entries are dropped with a warning.
+func (ps ProfileSource) resolve(r *format.Reader) (format.Profile, string, error) {
+	var p format.Profile
+	switch {
+	case ps.Profile != nil:
+		p = *ps.Profile
+	case ps.File != "":
+		sc, err := LoadProfile(ps.File)
+		if err != nil {
+			return p, "", err
+		}
+		if id := SnapshotID(r); sc.SnapshotID != id {
+			return p, "", fmt.Errorf("%w: profile file %s was recorded on snapshot %s, this is %s", ErrForeignProfile, ps.File, sc.SnapshotID, id)
+		}
+		p = sc.Profile
+	default:
+		profs := r.Profiles()
+		if len(profs) == 0 {
+			return p, "", fmt.Errorf("%w: the snapshot has no working-set profile (record one with `uffdrestore load --record`)", ErrNoProfile)
+		}
+		if ps.Name == "" {
+			p = MergeProfiles("merged", profs...)
+			if len(profs) == 1 {
+				p = profs[0]
+			}
+		} else {
+			found := false
+			for _, q := range profs {
+				if q.Name == ps.Name {
+					p, found = q, true
+				}
+			}
+			if !found {
+				var names []string
+				for _, q := range profs {
+					names = append(names, q.Name)
+				}
+				return p, "", fmt.Errorf("%w: no profile %q in the snapshot (it has %q)", ErrNoProfile, ps.Name, names)
+			}
+		}
+	}
+	kept := p.Entries[:0:0]
+	dropped := 0
+	for _, e := range p.Entries {
+		if int(e.Chunk) < r.NumChunks() {
+			kept = append(kept, e)
+		} else {
+			dropped++
+		}
+	}
+	var warn string
+	if dropped > 0 {
+		warn = fmt.Sprintf("profile %q: ignored %d entries naming chunks beyond the snapshot's %d (stale profile?)", p.Name, dropped, r.NumChunks())
+		if len(kept) == 0 {
+			return p, warn, fmt.Errorf("%w: %s", ErrForeignProfile, warn)
+		}
+	}
+	p.Entries = kept
+	return p, warn, nil
+}
+
+// Errors of working-set profiles.
+var (
+	ErrNoProfile      = errors.New("restore: no working-set profile")
+	ErrForeignProfile = errors.New("restore: working-set profile does not belong to this snapshot")
+)
+
+// MergeProfiles unions profiles from several runs: every chunk any of them
+// touched, ordered by its average first-touch rank (a chunk missing from a
+// run counts as touched last in that run).
+func MergeProfiles(name string, ps ...format.Profile) format.Profile {
+	type acc struct {
+		sum   float64
+		first uint64
+	}
+	m := map[uint32]*acc{}
+	for _, p := range ps {
+		for _, e := range p.Entries {
+			if m[e.Chunk] == nil {
+				m[e.Chunk] = &acc{first: e.TimeNS}
+			}
+		}
+	}
+	for _, p := range ps {
+		rank := map[uint32]uint32{}
+		for _, e := range p.Entries {
+			rank[e.Chunk] = e.Rank
+		}
+		for c, a := range m {
+			if r, ok := rank[c]; ok {
+				a.sum += float64(r)
+			} else {
+				a.sum += float64(len(p.Entries))
+			}
+			for _, e := range p.Entries {
+				if e.Chunk == c && e.TimeNS < a.first {
+					a.first = e.TimeNS
+				}
+			}
+		}
+	}
+	chunks := make([]uint32, 0, len(m))
+	for c := range m {
+		chunks = append(chunks, c)
+	}
+	sort.Slice(chunks, func(i, j int) bool {
+		a, b := m[chunks[i]], m[chunks[j]]
+		if a.sum != b.sum {
+			return a.sum < b.sum
+		}
+		return chunks[i] < chunks[j]
+	})
+	out := format.Profile{Name: name}
+	for i, c := range chunks {
+		out.Entries = append(out.Entries, format.ProfileEntry{Chunk: c, Rank: uint32(i), TimeNS: m[c].first})
+	}
+	return out
+}
+
+// SnapshotID identifies a snapshot's content: a CRC-64 over its chunk size
+// and every chunk's length and checksum. A sidecar profile carries it.
+func SnapshotID(r *format.Reader) string {
+	h := crc64.New(crc64.MakeTable(crc64.ECMA))
+	var b [16]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(r.ChunkSize()))
+	binary.LittleEndian.PutUint64(b[8:], uint64(r.NumChunks()))
+	h.Write(b[:])
+	for i := 0; i < r.NumChunks(); i++ {
+		c := r.Chunk(i)
+		binary.LittleEndian.PutUint32(b[:], c.RawLen)
+		binary.LittleEndian.PutUint32(b[4:], c.CRC)
+		h.Write(b[:8])
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// SidecarProfile is a working-set profile stored beside a snapshot.
+type SidecarProfile struct {
+	Version    int            `json:"version"`
+	SnapshotID string         `json:"snapshot_id"`
+	ChunkSize  int            `json:"chunk_size"`
+	Chunks     int            `json:"chunks"`
+	Profile    format.Profile `json:"profile"`
+}
+
+// SaveProfile writes p as a sidecar file for the snapshot r.
+func SaveProfile(path string, r *format.Reader, p format.Profile) error {
+	b, err := json.MarshalIndent(SidecarProfile{Version: 1, SnapshotID: SnapshotID(r), ChunkSize: r.ChunkSize(), Chunks: r.NumChunks(), Profile: p}, "", " ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// LoadProfile reads a sidecar profile file.
+func LoadProfile(path string) (*SidecarProfile, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("restore: profile: %w", err)
+	}
+	defer f.Close()
+	var sc SidecarProfile
+	dec := json.NewDecoder(&limitedReader{f, 256 << 20})
+	if err := dec.Decode(&sc); err != nil {
+		return nil, fmt.Errorf("restore: profile %s: %w", path, err)
+	}
+	if sc.Version != 1 {
+		return nil, fmt.Errorf("restore: profile %s: version %d, want 1", path, sc.Version)
+	}
+	return &sc, nil
+}
+
+type limitedReader struct {
+	f *os.File
+	n int64
+}
+
+func (l *limitedReader) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, errors.New("profile file larger than 256 MiB")
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.f.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
