@@ -57,7 +57,7 @@ func fmtTick(v float64, unit string) string {
 	case v >= 1000 && unit == "ms":
 		return fmt.Sprintf("%g s", v/1000)
 	case v >= 1000 && unit == "µs":
-		return fmt.Sprintf("%.3g ms", v/1000)
+		return fmt.Sprintf("%g ms", v/1000)
 	}
 	return fmt.Sprintf("%g %s", v, unit)
 }
@@ -238,7 +238,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 				}
 				cdf.f(`<path d="%s" fill="none" stroke="%s" stroke-width="1.8"><title>%s</title></path>`+"\n", d.String(), colorOf(c.Strategy), html.EscapeString(c.Name()))
 				cdf.f(`<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="3"/>`+"\n", x0, ly-4, x0+18, ly-4, colorOf(c.Strategy))
-				cdf.text(x0+23, ly, "start", "small", fmt.Sprintf("%s: p99 %s µs, max %s", c.Name(), fmtNum(c.Metrics[MTouchP99].Median), fmtTick(c.Metrics[MTouchMax].Median, "µs")))
+				cdf.text(x0+23, ly, "start", "small", fmt.Sprintf("%s: p99 %s µs, max %s", c.Name(), fmtNum(c.Metrics[MTouchP99].Median), fmtMicros(c.Metrics[MTouchMax].Median)))
 				ly += 15
 			}
 		}
@@ -268,4 +268,12 @@ func (r *Report) WriteSVG(w io.Writer) error {
 %s%s%s</svg>
 `, width, height, width, height, grid.String(), b.String(), cdf.String())
 	return err
+}
+
+// fmtMicros prints a latency given in µs, in ms from 1000 µs on.
+func fmtMicros(us float64) string {
+	if us >= 1000 {
+		return fmtNum(us/1000) + " ms"
+	}
+	return fmtNum(us) + " µs"
 }
