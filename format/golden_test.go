@@ -2,9 +2,11 @@ package format
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -93,6 +95,49 @@ func TestGolden(t *testing.T) {
 	}
 }
 
+// goldenReordered is golden-zstd.snap rewritten with its working set (the
+// "boot" profile: chunk 2, then chunk 1) first in the data area.
+func goldenReordered(t testing.TB, zstdSnap []byte) []byte {
+	r, err := NewReader(bytes.NewReader(zstdSnap), int64(len(zstdSnap)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if _, err := Rewrite(context.Background(), &buf, r, RewriteOptions{Order: []uint32{2, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// TestGoldenReordered pins a snapshot whose chunk data is not in chunk
+// order (chunk 2's stored bytes come before chunk 1's).
+func TestGoldenReordered(t *testing.T) {
+	const name = "golden-reordered.snap"
+	snap := goldenReordered(t, readTestdata(t, "golden-zstd.snap"))
+	if *update {
+		writeTestdata(t, name, snap)
+	}
+	want := readTestdata(t, name)
+	if !bytes.Equal(snap, want) {
+		t.Errorf("%s: Rewrite output differs from the golden file: the format or Rewrite drifted; if intended, run with -update", name)
+	}
+	got, err := readAll(want)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	if !bytes.Equal(append(got[0], got[1]...), readTestdata(t, "golden-image.raw")) {
+		t.Errorf("%s: decodes to different bytes than golden-image.raw", name)
+	}
+	r, _ := NewReader(bytes.NewReader(want), int64(len(want)))
+	c1, c2 := r.Chunk(1), r.Chunk(2)
+	if c2.Offset != HeaderSize || c1.Offset != c2.Offset+uint64(c2.StoredLen) {
+		t.Errorf("%s: chunk 2 at %#x, chunk 1 at %#x: want chunk 2 first, then chunk 1", name, c2.Offset, c1.Offset)
+	}
+	if !slices.Equal(r.DataOrder(), []uint32{2, 1}) {
+		t.Errorf("DataOrder = %v, want [2 1]", r.DataOrder())
+	}
+}
+
 // fixIndexCRC recomputes the footer's index CRC and footer CRC after the
 // index was edited, so that the reader's field validation is exercised.
 func fixIndexCRC(b []byte) []byte {
@@ -157,6 +202,14 @@ var brokenCases = []brokenCase{
 		le.PutUint32(b[r.indexOff+16:], 0xFFFFFFFF)
 		return fixIndexCRC(b)
 	}, ErrTooLarge, "index.chunk_count", true},
+	{"broken-overlap.snap", func(t *testing.T, b []byte) []byte {
+		// Out of order and overlapping: chunk 2 (2000 bytes) at the start of
+		// the data area, chunk 1 (3000 bytes) 1500 bytes in.
+		e1, e2 := chunkEntry(t, b, 1), chunkEntry(t, b, 2)
+		le.PutUint64(b[e2:], HeaderSize)
+		le.PutUint64(b[e1:], HeaderSize+1500)
+		return fixIndexCRC(b)
+	}, ErrCorrupt, "index.chunks[1].offset) at offset", true},
 	{"broken-badcrc.snap", func(t *testing.T, b []byte) []byte {
 		b[le.Uint64(b[chunkEntry(t, b, 1):])+100] ^= 0x40 // a byte of chunk 1's raw data
 		return b

@@ -1,6 +1,7 @@
 package format
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -402,7 +403,12 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			"section is %d bytes, want %d chunks x %d", len(cp.payload), nchunk, chunkEntrySize)
 	}
 	ix.chunks = make([]Chunk, nchunk)
+	// Stored ranges may lie in any order (writers may order chunk data for
+	// locality). While they come in chunk order, back to back or with gaps,
+	// checking each against the previous one's end proves there is no
+	// overlap; otherwise checkOverlap sorts them by offset once.
 	prevEnd := lay.dataStart
+	inOrder := true
 	zc := zeroCRCs{}
 	for ri, r := range ix.regions {
 		n := r.NumChunks(int(cs))
@@ -455,13 +461,22 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			default:
 				return nil, corrupt(ErrCorrupt, chunkField(ci, ".codec"), at+16, ci, "unknown codec %d", uint8(c.Codec))
 			}
-			if c.Offset < prevEnd || c.Offset > lay.dataEnd || uint64(c.StoredLen) > lay.dataEnd-c.Offset {
+			if c.Offset < lay.dataStart || c.Offset > lay.dataEnd || uint64(c.StoredLen) > lay.dataEnd-c.Offset {
 				return nil, corrupt(ErrCorrupt, chunkField(ci, ".offset"), at, ci,
-					"stored range [%#x, %#x) is outside the data area [%#x, %#x) or overlaps the previous chunk",
-					c.Offset, c.Offset+uint64(c.StoredLen), prevEnd, lay.dataEnd)
+					"stored range [%#x, %#x) is outside the data area [%#x, %#x)",
+					c.Offset, c.Offset+uint64(c.StoredLen), lay.dataStart, lay.dataEnd)
+			}
+			if c.Offset < prevEnd {
+				inOrder = false
 			}
 			prevEnd = c.Offset + uint64(c.StoredLen)
 			ix.chunks[ci] = c
+		}
+	}
+
+	if !inOrder {
+		if err := checkOverlap(ix.chunks, cp.base); err != nil {
+			return nil, err
 		}
 	}
 
@@ -505,6 +520,42 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 		ix.profiles = ps
 	}
 	return ix, nil
+}
+
+// checkOverlap checks that no two chunks' stored ranges overlap, whatever
+// their order in the file: it sorts the stored chunks by offset (one index
+// slice, O(n log n)) and compares neighbours. Every stored range is already
+// known to lie inside the data area and to be non-empty. base is the file
+// offset of the chunk table, for the error.
+func checkOverlap(chunks []Chunk, base int64) error {
+	n := 0
+	for i := range chunks {
+		if chunks[i].Codec != CodecZero {
+			n++
+		}
+	}
+	order := make([]uint32, 0, n)
+	for i := range chunks {
+		if chunks[i].Codec != CodecZero {
+			order = append(order, uint32(i))
+		}
+	}
+	slices.SortFunc(order, func(a, b uint32) int {
+		if oa, ob := chunks[a].Offset, chunks[b].Offset; oa != ob {
+			return cmp.Compare(oa, ob)
+		}
+		return cmp.Compare(a, b)
+	})
+	for k := 1; k < len(order); k++ {
+		p, c := chunks[order[k-1]], chunks[order[k]]
+		if pend := p.Offset + uint64(p.StoredLen); c.Offset < pend {
+			ci, pi := int(order[k]), int(order[k-1])
+			return corrupt(ErrCorrupt, chunkField(ci, ".offset"), base+int64(ci)*chunkEntrySize, ci,
+				"stored range [%#x, %#x) overlaps chunk %d's stored range [%#x, %#x)",
+				c.Offset, c.Offset+uint64(c.StoredLen), pi, p.Offset, pend)
+		}
+	}
+	return nil
 }
 
 func parseProfiles(b []byte, base int64, nchunk uint32) ([]Profile, error) {

@@ -261,41 +261,17 @@ func (f *File) Close() error {
 // Only the index and footer are rewritten; chunk data is untouched. A crash
 // during the rewrite leaves the file without a valid footer (NewReader then
 // reports ErrTruncated); the chunk data survives.
-func AppendProfile(path string, p Profile) (err error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := f.Close(); err == nil {
-			err = cerr
+func AppendProfile(path string, p Profile) error {
+	return rewriteIndex(path, "append profile to", func(ix *index) error {
+		if err := checkProfile(p, len(ix.chunks)); err != nil {
+			return err
 		}
-	}()
-	st, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	r, err := NewReader(f, st.Size())
-	if err != nil {
-		return fmt.Errorf("append profile to %s: %w", path, err)
-	}
-	if err := checkProfile(p, len(r.ix.chunks)); err != nil {
-		return err
-	}
-	ix := *r.ix
-	ix.profiles = append(slices.Clone(ix.profiles), p)
-	ib, err := encodeIndex(&ix)
-	if err != nil {
-		return err
-	}
-	tail := appendFooter(ib, r.indexOff, ib)
-	if _, err := f.WriteAt(tail, int64(r.indexOff)); err != nil {
-		return fmt.Errorf("append profile to %s: %w", path, err)
-	}
-	if err := f.Truncate(int64(r.indexOff) + int64(len(tail))); err != nil {
-		return fmt.Errorf("append profile to %s: %w", path, err)
-	}
-	return f.Sync()
+		if len(ix.profiles) >= MaxProfiles {
+			return fmt.Errorf("%w: more than %d profiles", ErrTooLarge, MaxProfiles)
+		}
+		ix.profiles = append(slices.Clone(ix.profiles), p)
+		return nil
+	})
 }
 
 func checkProfile(p Profile, nchunks int) error {
