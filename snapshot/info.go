@@ -29,6 +29,9 @@ type InfoReport struct {
 	Regions      []RegionInfo   `json:"regions"`
 	Metadata     MetadataInfo   `json:"metadata"`
 	Profiles     []ProfileInfo  `json:"profiles"`
+	// ChunkOrder is false when the chunk data was reordered (snapshot
+	// reorder: a working set first).
+	ChunkOrder bool `json:"chunk_order"`
 }
 
 // RegionInfo describes one region.
@@ -49,12 +52,6 @@ type MetadataInfo struct {
 	Source      string            `json:"source"`
 	ToolVersion string            `json:"tool_version"`
 	Extra       map[string]string `json:"extra,omitempty"`
-}
-
-// ProfileInfo describes one working-set profile.
-type ProfileInfo struct {
-	Name    string `json:"name"`
-	Entries int    `json:"entries"`
 }
 
 // ProtString formats PROT_* bits as "rwx" with dashes.
@@ -115,8 +112,9 @@ func Info(r *format.Reader) InfoReport {
 		rep.Metadata.Created = &t
 	}
 	for _, p := range r.Profiles() {
-		rep.Profiles = append(rep.Profiles, ProfileInfo{Name: p.Name, Entries: len(p.Entries)})
+		rep.Profiles = append(rep.Profiles, SummarizeProfile(r, p, 0))
 	}
+	rep.ChunkOrder = InChunkOrder(r)
 	return rep
 }
 
@@ -159,8 +157,11 @@ func (rep InfoReport) WriteText(w io.Writer) error {
 	for _, k := range keys {
 		fmt.Fprintf(&b, "  %s: %s\n", printable(k), printable(rep.Metadata.Extra[k]))
 	}
+	if !rep.ChunkOrder {
+		fmt.Fprintf(&b, "chunk data:      reordered (not in chunk order)\n")
+	}
 	for _, p := range rep.Profiles {
-		fmt.Fprintf(&b, "profile:         %s (%d chunks)\n", printable(p.Name), p.Entries)
+		fmt.Fprintf(&b, "profile:         %s\n", p.Text())
 	}
 	fmt.Fprintf(&b, "regions:         %d\n", len(rep.Regions))
 	if _, err := io.WriteString(w, b.String()); err != nil {
@@ -196,4 +197,20 @@ func codecSummary(m map[string]int) string {
 		return "none"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// Text is the profile on one line: name, entries, chunks and units covered,
+// first and last first-touch times.
+func (p ProfileInfo) Text() string {
+	units := "units"
+	if p.Units == 1 {
+		units = "unit"
+	}
+	s := fmt.Sprintf("%s: %d entries, %d chunks (%s), %d %s of %s, first touch at %s, last at %s",
+		printable(p.Name), p.Entries, p.Chunks, HumanBytes(p.CoveredBytes), p.Units, units, HumanBytes(uint64(p.UnitSize)),
+		time.Duration(p.FirstNS), time.Duration(p.LastNS))
+	if p.OutOfRange > 0 {
+		s += fmt.Sprintf(", %d entries out of range", p.OutOfRange)
+	}
+	return s
 }
