@@ -292,3 +292,8 @@ uint64_t ur_touch(uint64_t addr, uint64_t len, uint64_t stride, int write,
 	}
 	return sum;
 }
+
+int ur_mincore(uint64_t addr, uint64_t len, unsigned char *vec)
+{
+	return mincore((void *)(uintptr_t)addr, len, vec) < 0 ? -errno : 0;
+}

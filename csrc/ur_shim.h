@@ -141,3 +141,7 @@ int ur_get_seals(int fd);
  */
 uint64_t ur_touch(uint64_t addr, uint64_t len, uint64_t stride, int write,
 		  const uint32_t *order, uint64_t norder, uint64_t *lat_ns);
+
+/* mincore(2): one byte per page of [addr, addr+len) in vec, bit 0 set when
+ * the page is resident (for shmem: in the page cache). */
+int ur_mincore(uint64_t addr, uint64_t len, unsigned char *vec);

@@ -3,6 +3,7 @@ package restore
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,7 @@ type engine struct {
 	chunksPerUnit int
 	nUnits        int
 	state         []atomic.Uint32
+	partial       []atomic.Bool // unit is being filled again after a punch
 	shards        [64]waitShard
 
 	faultq        chan uint32
@@ -53,7 +55,7 @@ type engine struct {
 	present    atomic.Int64
 	allPresent chan struct{}
 	allOnce    sync.Once
-	fillStart  time.Time
+	fillStart  atomic.Int64 // e.now() when prefetch started, 0 before
 	fillTime   atomic.Int64
 
 	viewsMu sync.RWMutex
@@ -94,6 +96,7 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 		return nil, fmt.Errorf("restore: backing of %d bytes is smaller than the snapshot's %d units of %d bytes", b.size, e.nUnits, e.unitSize)
 	}
 	e.state = make([]atomic.Uint32, e.nUnits)
+	e.partial = make([]atomic.Bool, e.nUnits)
 	for i := range e.shards {
 		e.shards[i].w = make([]waiter, 0, 8)
 	}
@@ -154,22 +157,30 @@ func (e *engine) err() error {
 // Faults still go first.
 func (e *engine) startPrefetch() {
 	e.prefetchOnce.Do(func() {
-		e.fillStart = time.Now()
+		e.fillStart.Store(max(1, e.now()))
 		close(e.prefetchOn)
 	})
 }
 
+// workerState is one filler's reusable state: nothing on the fill path
+// allocates once it is warm.
+type workerState struct {
+	dec     *format.Decoder
+	done    []waiter
+	batch   []uint32
+	rbuf    []byte
+	scratch []byte // refills decode here first
+	vec     []byte // mincore
+}
+
 func (e *engine) worker() {
 	defer e.workers.Done()
-	dec := e.r.NewDecoder()
-	defer dec.Close()
-	var done []waiter
-	var batch []uint32
-	var rbuf []byte
+	w := &workerState{dec: e.r.NewDecoder()}
+	defer w.dec.Close()
 	for {
 		select {
 		case u := <-e.faultq:
-			done = e.fill(dec, u, true, done)
+			e.fill(w, u, true)
 			continue
 		case <-e.stop:
 			return
@@ -177,18 +188,18 @@ func (e *engine) worker() {
 		}
 		select {
 		case <-e.prefetchOn:
-			if batch = e.claimPrefetch(batch[:0]); len(batch) > 0 {
-				if rbuf == nil {
-					rbuf = make([]byte, e.batchUnits()*e.unitSize)
+			if w.batch = e.claimPrefetch(w.batch[:0]); len(w.batch) > 0 {
+				if w.rbuf == nil {
+					w.rbuf = make([]byte, e.batchUnits()*e.unitSize)
 				}
-				done = e.fillBatch(dec, batch, rbuf, done)
+				e.fillBatch(w, w.batch)
 				continue
 			}
 		default:
 		}
 		select {
 		case u := <-e.faultq:
-			done = e.fill(dec, u, true, done)
+			e.fill(w, u, true)
 		case <-e.stop:
 			return
 		case <-e.prefetchOnIfPending():
@@ -298,7 +309,8 @@ func (e *engine) fillUnit(dec *format.Decoder, u uint32) error {
 
 // fillBatch fills claimed units (prefetch), reading the stored bytes of
 // chunks that are adjacent in the file with one pread into rbuf.
-func (e *engine) fillBatch(dec *format.Decoder, units []uint32, rbuf []byte, done []waiter) []waiter {
+func (e *engine) fillBatch(w *workerState, units []uint32) {
+	dec, rbuf := w.dec, w.rbuf
 	mem := e.alias.Bytes()
 	var winOff uint64 // rbuf holds the file's bytes [winOff, winOff+winLen)
 	winLen := 0
@@ -326,9 +338,8 @@ func (e *engine) fillBatch(dec *format.Decoder, units []uint32, rbuf []byte, don
 		if err == nil && !whole {
 			err = e.allocUnit(u)
 		}
-		done = e.publish(u, err, false, done)
+		e.publish(w, u, err, false)
 	}
-	return done
 }
 
 // readAhead reads, from chunk c of unit u on, the stored bytes of the run of
@@ -373,13 +384,53 @@ extend:
 
 // fill fills unit u (already claimed: state filling), publishes it and
 // resolves every fault waiting on it. done is a reusable scratch slice.
-func (e *engine) fill(dec *format.Decoder, u uint32, byFault bool, done []waiter) []waiter {
-	return e.publish(u, e.fillUnit(dec, u), byFault, done)
+func (e *engine) fill(w *workerState, u uint32, byFault bool) {
+	var err error
+	if e.partial[u].Swap(false) {
+		err = e.refillUnit(w, u)
+	} else {
+		err = e.fillUnit(w.dec, u)
+	}
+	e.publish(w, u, err, byFault)
+}
+
+// refillUnit fills the pages of unit u that are missing from the page cache
+// (a target punched them out) and leaves the others alone: in a shared view
+// they may hold the target's writes. The unit is decoded into scratch first.
+func (e *engine) refillUnit(w *workerState, u uint32) error {
+	if w.scratch == nil {
+		w.scratch = make([]byte, e.unitSize)
+		w.vec = make([]byte, e.unitSize/os.Getpagesize()) // mincore: a byte per base page
+	}
+	c0, c1, _ := e.unitChunks(u)
+	for c := c0; c < c1; c++ {
+		dst := w.scratch[(c-c0)*e.chunkSize : (c-c0+1)*e.chunkSize]
+		if err := w.dec.DecodeChunk(c, dst); err != nil {
+			return err
+		}
+		clear(dst[e.r.Chunk(c).RawLen:])
+	}
+	clear(w.scratch[(c1-c0)*e.chunkSize:])
+	start := int(u) * e.unitSize
+	if err := e.alias.Resident(start, e.unitSize, w.vec); err != nil {
+		return fmt.Errorf("restore: refill unit %d: %w", u, err)
+	}
+	mem := e.alias.Bytes()[start : start+e.unitSize]
+	ps := e.b.pageSize
+	perPage := ps / os.Getpagesize()
+	for i := 0; i < e.unitSize/ps; i++ {
+		if w.vec[i*perPage]&1 == 0 {
+			copy(mem[i*ps:(i+1)*ps], w.scratch[i*ps:(i+1)*ps])
+		}
+	}
+	e.c.bytesDecoded.Add(int64(e.unitSize))
+	return nil
 }
 
 // publish marks unit u present (or poisoned, after err) and answers its
 // waiters.
-func (e *engine) publish(u uint32, err error, byFault bool, done []waiter) []waiter {
+func (e *engine) publish(w *workerState, u uint32, err error, byFault bool) {
+	done := w.done
 	final := stPresent
 	if err != nil {
 		final = stPoisoned
@@ -425,13 +476,13 @@ func (e *engine) publish(u uint32, err error, byFault bool, done []waiter) []wai
 		e.premap(u, done)
 	}
 	if last {
-		if !e.fillStart.IsZero() {
-			e.fillTime.Store(int64(time.Since(e.fillStart)))
+		if st := e.fillStart.Load(); st != 0 {
+			e.fillTime.Store(e.now() - st)
 		}
 		e.allOnce.Do(func() { close(e.allPresent) })
 	}
 	clear(done)
-	return done[:0]
+	w.done = done[:0]
 }
 
 // premap maps unit u into every view that has not just been answered, so
@@ -498,6 +549,7 @@ var errRefill = errors.New("restore: page missing from the page cache")
 // is filled again, so the toucher sees the snapshot's bytes, never zeros.
 func (e *engine) refill(v *View, u uint32, addr uintptr, t0 int64) {
 	if e.state[u].CompareAndSwap(stPresent, stAbsent) {
+		e.partial[u].Store(true)
 		e.present.Add(-1)
 		e.c.refills.Add(1)
 	}

@@ -309,8 +309,18 @@ func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
 	r.ctl = os.NewFile(uintptr(fds[0]), "uffdrestore-ctl")
 	child := os.NewFile(uintptr(fds[1]), "uffdrestore-ctl-helper")
 	defer child.Close()
-	backing := os.NewFile(uintptr(r.b.fd), "backing") // not closed here: r.b owns it
-	uf := os.NewFile(uintptr(r.u.Fd()), "uffd")       // not closed here: r.u owns it
+	// ExtraFiles wants *os.File, whose finalizer would close the fd: hand
+	// it duplicates and close those once the helper has its copies.
+	backing, err := dupFile(r.b.fd, "backing")
+	if err != nil {
+		return err
+	}
+	defer backing.Close()
+	uf, err := dupFile(r.u.Fd(), "uffd")
+	if err != nil {
+		return err
+	}
+	defer uf.Close()
 	hc := helperConfig{Mode: r.cfg.mode, Workers: r.cfg.workers, Spin: r.cfg.spin, Premap: r.cfg.premap,
 		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, SnapSize: snapSize,
 		ViewBase: r.view.Addr(), UffdFeature: uint64(r.u.Features()), Name: r.layout.Snapshot,
@@ -339,6 +349,14 @@ func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
 	r.helper = cmd
 	go r.readCtl()
 	return nil
+}
+
+func dupFile(fd int, name string) (*os.File, error) {
+	n, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
+	}
+	return os.NewFile(uintptr(n), name), nil
 }
 
 func (r *Restore) readCtl() {

@@ -39,6 +39,9 @@ type View struct {
 	// unmap and remap events.
 	mapped []atomic.Uint64
 
+	childMu  sync.Mutex
+	children []*View // views of forked children: they stop with this one
+
 	done      chan struct{}
 	closeOnce sync.Once
 	loopDone  chan struct{}
@@ -169,6 +172,13 @@ func (v *View) stop(err error) {
 func (v *View) loop() {
 	runtime.LockOSThread()
 	defer func() {
+		v.childMu.Lock()
+		children := v.children
+		v.children = nil
+		v.childMu.Unlock()
+		for _, c := range children {
+			c.Close()
+		}
 		v.e.removeView(v)
 		v.u.Close()
 		v.wakeMu.Lock()
@@ -257,9 +267,14 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 	case uffd.EventFork:
 		child := uffd.FromFD(int(m.ForkUFD), v.u.Features())
 		rs := *v.ranges.Load()
-		if _, err := v.e.newView(child, rs, v.name+"/fork"); err != nil {
+		cv, err := v.e.newView(child, rs, v.name+"/fork")
+		if err != nil {
 			v.e.setErr(fmt.Errorf("restore: view %s: serve forked child: %w", v.name, err))
+			return
 		}
+		v.childMu.Lock()
+		v.children = append(v.children, cv)
+		v.childMu.Unlock()
 	}
 }
 

@@ -132,3 +132,16 @@ func Touch(addr uintptr, length, stride int, write bool, order []uint32, lat []u
 	}
 	return uint64(C.ur_touch(C.uint64_t(addr), C.uint64_t(length), C.uint64_t(stride), w, op, C.uint64_t(len(order)), lp))
 }
+
+// Resident reports which pages of [off, off+length) of the mapping are
+// resident, one byte per base page (os.Getpagesize(), also for huge page
+// mappings), bit 0 set when resident; for a shared shmem mapping that means
+// "in the page cache". vec must hold (length+pagesize-1)/pagesize bytes: the
+// kernel writes that many.
+func (m *Mapping) Resident(off, length int, vec []byte) error {
+	ps := os.Getpagesize()
+	if off < 0 || length <= 0 || off+length > m.n || len(vec) < (length+ps-1)/ps {
+		return os.NewSyscallError("mincore", unix.EINVAL)
+	}
+	return errno("mincore", C.ur_mincore(C.uint64_t(uintptr(m.ptr)+uintptr(off)), C.uint64_t(length), (*C.uchar)(unsafe.Pointer(&vec[0]))))
+}

@@ -546,3 +546,25 @@ func mustDup(t *testing.T, fd int) int {
 	}
 	return n
 }
+
+// TestResidentVecSize: mincore writes a byte per base page, also on a huge
+// page mapping; Resident refuses a vector too short for that.
+func TestResidentVecSize(t *testing.T) {
+	testutil.RequireHugePages(t, 1)
+	fd, page := backing(t, hugetlbMemfd, 1)
+	m := mmap(t, fd, page, unix.MAP_SHARED)
+	m.Bytes()[0] = 1
+	if err := m.Resident(0, page, make([]byte, 1)); !errors.Is(err, unix.EINVAL) {
+		t.Fatalf("Resident with a 1-byte vector for a huge page: %v, want EINVAL", err)
+	}
+	vec := make([]byte, page/os.Getpagesize()+8)
+	for i := range vec {
+		vec[i] = 0xee
+	}
+	if err := m.Resident(0, page, vec); err != nil {
+		t.Fatal(err)
+	}
+	if vec[0]&1 == 0 || vec[len(vec)-1] != 0xee {
+		t.Fatalf("mincore vector: first %#x, guard %#x", vec[0], vec[len(vec)-1])
+	}
+}
