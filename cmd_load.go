@@ -16,6 +16,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/attach"
 )
@@ -34,7 +35,14 @@ the snapshot (the attach protocol: PROTOCOL.md). Any number of targets may
 attach; every chunk is decompressed once for all of them.
 
 Modes: lazy fills only what targets touch; prefetch also fills the rest in
-the background; eager fills everything before listening.
+the background; eager fills everything before listening; working-set fills a
+recorded working set first, in recorded order, ahead of the faults (then the
+rest with --prefetch-rest).
+
+Working sets: --record NAME records which chunks the targets touch first, in
+order; on shutdown the profile is stored in the snapshot (replacing one of the
+same name) or, with --record-to FILE, in a sidecar file. Replay it with
+--profile NAME (or --profile-file FILE), which implies --mode working-set.
 
 SIGINT or SIGTERM shuts down: targets are asked to detach, and detached after
 --shutdown-timeout (a target touching a page never filled then waits until it
@@ -48,10 +56,17 @@ Examples:
    uffdrestore load app.snap --socket /run/app.sock
    uffdrestore load app.snap --socket /run/app.sock --mode prefetch --backing memfd
    uffdrestore load app.snap --socket /tmp/s.sock --once --stats-json stats.json &
-   bin/uffdrestore-target --socket /tmp/s.sock --private --pattern random --dump out.raw`,
+   bin/uffdrestore-target --socket /tmp/s.sock --private --pattern random --dump out.raw
+   uffdrestore load app.snap --socket /tmp/s.sock --record boot --once
+   uffdrestore load app.snap --socket /tmp/s.sock --profile boot --prefetch-rest`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "socket", Aliases: []string{"s"}, Usage: "Unix socket to listen on (`PATH`)", Required: true},
-			&cli.StringFlag{Name: "mode", Value: "lazy", Usage: "lazy, eager or prefetch"},
+			&cli.StringFlag{Name: "mode", Value: "lazy", Usage: "lazy, eager, prefetch or working-set"},
+			&cli.StringFlag{Name: "record", Usage: "record the targets' first-touch order as the working-set profile `NAME`"},
+			&cli.StringFlag{Name: "record-to", Usage: "with --record: write the profile to this sidecar `FILE` instead of into the snapshot"},
+			&cli.StringFlag{Name: "profile", Usage: "replay the snapshot's working-set profile `NAME` (implies --mode working-set)"},
+			&cli.StringFlag{Name: "profile-file", Usage: "replay the working-set profile in this sidecar `FILE` (implies --mode working-set)"},
+			&cli.BoolFlag{Name: "prefetch-rest", Usage: "working-set mode: after the working set, prefetch everything else"},
 			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "auto, hugetlbfs (needs --hugetlbfs), memfd (hugetlb memfd) or shmem"},
 			&cli.StringFlag{Name: "hugetlbfs", Usage: "hugetlbfs mount for --backing hugetlbfs (`DIR`)"},
 			&cli.StringFlag{Name: "allow-uid", Usage: "uids that may attach besides the server's own and root (`UID,...`)"},
@@ -126,6 +141,25 @@ func runLoad(c *cli.Context) error {
 	if n := c.Int("workers"); n > 0 {
 		opts = append(opts, restore.WithWorkers(n))
 	}
+	record := c.String("record")
+	if record != "" {
+		if mode != restore.ModeLazy || c.IsSet("profile") || c.IsSet("profile-file") {
+			return cli.Exit("load: --record needs --mode lazy: prefetched pages raise no faults to record", 2)
+		}
+		opts = append(opts, restore.WithRecord(record))
+	} else if c.IsSet("record-to") {
+		return cli.Exit("load: --record-to goes with --record NAME", 2)
+	}
+	if c.IsSet("profile") && c.IsSet("profile-file") {
+		return cli.Exit("load: give --profile or --profile-file, not both", 2)
+	}
+	if c.IsSet("profile") || c.IsSet("profile-file") || mode == restore.ModeWorkingSet {
+		opts = append(opts, restore.WithProfile(restore.ProfileSource{Name: c.String("profile"), File: c.String("profile-file")}))
+		mode = restore.ModeWorkingSet
+	}
+	if c.Bool("prefetch-rest") {
+		opts = append(opts, restore.WithPrefetchRest(true))
+	}
 	l, err := restore.NewLoader(loadCtx, snap, opts...)
 	if err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
@@ -197,6 +231,21 @@ func runLoad(c *cli.Context) error {
 	}
 	st := l.Stats()
 	fmt.Fprintf(stderr, "stats: %s\n", loadStatsLine(st))
+	if w := st.WorkingSet; w != nil {
+		if w.Warning != "" {
+			fmt.Fprintf(stderr, "uffdrestore: warning: %s\n", w.Warning)
+		}
+		fmt.Fprintf(stderr, "working set %q: %d units, %d filled ahead of any fault, %d needed by a fault first, %d faulted outside it\n",
+			w.Profile, w.Units, w.Prefilled, w.Late, w.Missed)
+	}
+	var recorded *format.Profile
+	if record != "" {
+		if p, err := l.Profile(); err != nil {
+			errs = append(errs, err)
+		} else {
+			recorded = &p
+		}
+	}
 	if p := c.String("stats-json"); p != "" {
 		if err := loadWriteFileAtomic(p, append(st.JSON(), '\n')); err != nil {
 			errs = append(errs, fmt.Errorf("--stats-json: %w", err))
@@ -205,6 +254,17 @@ func runLoad(c *cli.Context) error {
 	if err := l.Err(); err != nil {
 		errs = append(errs, fmt.Errorf("serving %s: %w", snap, err))
 	}
+	if recorded != nil {
+		if err := loadSaveProfile(l, snap, c.String("record-to"), *recorded); err != nil {
+			errs = append(errs, fmt.Errorf("--record: %w", err))
+		} else {
+			where := snap
+			if f := c.String("record-to"); f != "" {
+				where = f
+			}
+			fmt.Fprintf(stderr, "recorded working set %q: %d chunks, saved to %s\n", recorded.Name, len(recorded.Entries), where)
+		}
+	}
 	if err := l.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
 		errs = append(errs, fmt.Errorf("free the backing: %w", err))
 	}
@@ -212,6 +272,22 @@ func runLoad(c *cli.Context) error {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
 	return nil
+}
+
+// loadSaveProfile stores a recorded profile in a sidecar file, or in the
+// snapshot itself (its index is rewritten; the chunk data stays), replacing
+// a profile of the same name.
+func loadSaveProfile(l *restore.Loader, snap, sidecar string, p format.Profile) error {
+	if sidecar != "" {
+		return restore.SaveProfile(sidecar, l.Reader(), p)
+	}
+	ps := []format.Profile{}
+	for _, q := range l.Reader().Profiles() {
+		if q.Name != p.Name {
+			ps = append(ps, q)
+		}
+	}
+	return format.SetProfiles(snap, append(ps, p))
 }
 
 func loadStatsLine(st restore.Stats) string {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
@@ -252,5 +253,66 @@ func TestLoadErrors(t *testing.T) {
 		if code := waitExit(t, cmd, 30*time.Second); code != c.code || !strings.Contains(out.String(), c.want) {
 			t.Errorf("%v: exit %d, output %q; want exit %d and %q", c.args, code, out.String(), c.code, c.want)
 		}
+	}
+}
+
+// TestLoadRecordReplay: --record stores the targets' first-touch order in
+// the snapshot; --profile replays it, so the same workload finds its working
+// set filled before it faults.
+func TestLoadRecordReplay(t *testing.T) {
+	loadRequire(t)
+	tp := loadTarget(t)
+	snap, _ := loadTestSnap(t)
+	dir := t.TempDir()
+	run := func(args ...string) (stats []byte, stderr string) {
+		t.Helper()
+		sock, statsPath := filepath.Join(dir, "s.sock"), filepath.Join(dir, "stats.json")
+		var se syncBuf
+		ld := loadCmd(append([]string{"load", snap, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath}, args...)...)
+		ld.Stderr = &se
+		if err := ld.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer ld.Process.Kill()
+		waitOutput(t, &se, "ready: serving", 30*time.Second)
+		if out, err := exec.Command(tp, "--socket", sock, "--pattern", "fraction:0.4", "--seed", "7").CombinedOutput(); err != nil {
+			t.Fatalf("target: %v\n%s", err, out)
+		}
+		if code := waitExit(t, ld, 30*time.Second); code != 0 {
+			t.Fatalf("load %v exited %d:\n%s", args, code, se.String())
+		}
+		b, _ := os.ReadFile(statsPath)
+		return b, se.String()
+	}
+	_, se := run("--record", "boot")
+	if !strings.Contains(se, `recorded working set "boot"`) {
+		t.Fatalf("no recording reported:\n%s", se)
+	}
+	f, err := format.Open(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	profs := f.Profiles()
+	f.Close()
+	if len(profs) != 1 || profs[0].Name != "boot" || len(profs[0].Entries) == 0 {
+		t.Fatalf("profiles in the snapshot after --record: %+v", profs)
+	}
+	b, se := run("--profile", "boot")
+	var st restore.Stats
+	if err := json.Unmarshal(b, &st); err != nil || st.WorkingSet == nil {
+		t.Fatalf("stats %s: %v", b, err)
+	}
+	if st.WorkingSet.Missed != 0 || st.WorkingSet.Prefilled+st.WorkingSet.Late != int64(st.WorkingSet.Units) {
+		t.Fatalf("replay of the same workload: %+v\n%s", st.WorkingSet, se)
+	}
+	// Recording twice under the same name replaces the profile.
+	run("--record", "boot", "--record-to", filepath.Join(dir, "side.json"))
+	if _, err := restore.LoadProfile(filepath.Join(dir, "side.json")); err != nil {
+		t.Fatal(err)
+	}
+	// Bad combinations are refused up front.
+	out, err := loadCmd("load", snap, "--socket", filepath.Join(dir, "x.sock"), "--record", "a", "--mode", "prefetch").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "--record needs --mode lazy") {
+		t.Fatalf("--record with prefetch: %v\n%s", err, out)
 	}
 }
