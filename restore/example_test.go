@@ -54,12 +54,12 @@ func ExampleOpen() {
 	defer r.Close()
 
 	heap := r.Region("heap") // nothing decompressed yet
-	fmt.Printf("%s\n", heap[12*41:12*42])
+	fmt.Printf("%q\n", heap[12*41:12*42])
 	s, _ := r.Stats(context.Background())
 	fmt.Println("units filled:", s.FilledByFault, "of", s.Units)
 	// Output:
-	// object 0041 
-	// units filled: 1 of 18
+	// "object 0041 "
+	// units filled: 1 of 17
 }
 
 // A Loader serves the faults of other processes' views: the server side of
