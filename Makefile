@@ -107,16 +107,7 @@ bench: build
 # The demo generates a snapshot, restores it lazily and prints stats. Until
 # the demo command lands it says what it will do and runs the doctor.
 demo: build
-	@if bin/uffdrestore help demo >/dev/null 2>&1; then \
-		echo "bin/uffdrestore demo"; bin/uffdrestore demo; \
-	else \
-		echo "demo: 'uffdrestore demo' has not landed yet. It will generate a memory image, write it"; \
-		echo "demo: as a compressed snapshot, restore it lazily with userfaultfd minor faults on the"; \
-		echo "demo: best backing the doctor finds, touch part of it, and print the restore stats."; \
-		echo "demo: For now, what this machine can do:"; \
-		echo; \
-		bin/uffdrestore doctor; \
-	fi
+	bin/uffdrestore demo --target bin/uffdrestore-target
 
 # Reserves at least HUGEPAGES default-size huge pages; a bigger pool is left
 # alone. The first reservation on a fresh VM is slow (the host faults the

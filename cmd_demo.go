@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/attach"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"github.com/urfave/cli/v2"
 )
@@ -26,9 +29,16 @@ process (hugetlb memfd when huge pages are reserved, else shmem), touches a
 random fraction of its pages from several goroutines, checks every byte against
 the original, then fills the rest and checks again.
 
+With --target, the demo then serves the same snapshot over a Unix socket (as
+'uffdrestore load' does) and runs that example target program, a separate C
+process, which attaches, touches the same fraction of pages, and dumps what it
+sees; the dump is checked against the original and both sides' figures are
+printed.
+
 Example:
    uffdrestore demo
-   uffdrestore demo --size 1GiB --touch 0.25 --mode lazy --json`,
+   uffdrestore demo --size 1GiB --touch 0.25 --mode lazy --json
+   uffdrestore demo --target bin/uffdrestore-target`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "size", Value: "256MiB", Usage: "snapshot size"},
 			&cli.Float64Flag{Name: "touch", Value: 0.1, Usage: "fraction of pages to touch before the full check"},
@@ -38,6 +48,7 @@ Example:
 			&cli.IntFlag{Name: "goroutines", Value: 4, Usage: "goroutines touching the view"},
 			&cli.StringFlag{Name: "dir", Usage: "where to write the snapshot (default: a temporary directory, removed after)"},
 			&cli.BoolFlag{Name: "json", Usage: "print the final stats as JSON"},
+			&cli.StringFlag{Name: "target", Usage: "also restore into this example target program (`PATH`, e.g. bin/uffdrestore-target) over a Unix socket"},
 		},
 		Action: runDemo,
 	})
@@ -178,5 +189,59 @@ func runDemo(c *cli.Context) error {
 		fmt.Fprintf(out, "stats:    faults %d minor / %d missing, filled %d by fault / %d by prefetch, %d zero chunks, %d continues, %d premapped\n",
 			s.FaultsMinor, s.FaultsMissing, s.FilledByFault, s.FilledByPrefill, s.ZeroChunks, s.Continues, s.Premapped)
 	}
+	if t := c.String("target"); t != "" {
+		r.Close()
+		return demoAttach(c, path, dir, t, kind, frac, size)
+	}
+	return nil
+}
+
+// demoAttach serves the snapshot over a socket and runs the C example
+// target against it: the out-of-process restore, in real separate processes.
+func demoAttach(c *cli.Context, snap, dir, target string, kind restore.BackingKind, frac float64, size int64) error {
+	out := c.App.Writer
+	ctx := context.Background()
+	l, err := restore.NewLoader(ctx, snap, restore.WithBacking(kind))
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	sock := filepath.Join(dir, "demo.sock")
+	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	fmt.Fprintf(out, "\nserve:    %s on %s (backing %s), as `uffdrestore load` does\n", filepath.Base(snap), sock, l.Layout().Backing)
+	dump := filepath.Join(dir, "target.dump")
+	cmd := exec.Command(target, "--socket", sock, "--pattern", fmt.Sprintf("fraction:%g", frac), "--threads", "2", "--dump", dump)
+	cmd.Stderr = os.Stderr
+	res, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("demo: target %s: %w", target, err)
+	}
+	fmt.Fprintf(out, "target:   %s", res)
+	f, err := os.Open(dump)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	want := make([]byte, 1<<20)
+	got := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(want)) {
+		n := int(min(int64(len(want)), size-off))
+		memgen.Fill(want[:n], off/memgen.PageSize)
+		if _, err := io.ReadFull(f, got[:n]); err != nil {
+			return fmt.Errorf("demo: target dump: %w", err)
+		}
+		if !bytes.Equal(got[:n], want[:n]) {
+			return cli.Exit(fmt.Sprintf("demo: the target's memory differs from the original near offset %#x", off), 1)
+		}
+	}
+	s := l.Stats()
+	fmt.Fprintf(out, "server:   %d faults, %d units filled of %d, %d MiB decompressed, fault service p50 %v p99 %v\n",
+		s.FaultsMinor+s.FaultsMissing, s.FilledByFault+s.FilledByPrefill, s.Units, s.BytesDecoded>>20,
+		s.FaultLatency.P50.Round(time.Microsecond), s.FaultLatency.P99.Round(time.Microsecond))
+	fmt.Fprintf(out, "complete: the target process's %d MiB equal the original, byte for byte\n", size>>20)
 	return nil
 }
