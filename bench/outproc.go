@@ -160,6 +160,7 @@ func runOutOfProcess(ctx context.Context, env *Env, mode string, p Pattern, thre
 	m[MReady] = startMS + out.ReadyMS
 	m[MFirstByte] = max(0, out.FirstByteMS-out.ReadyMS)
 	m[MComplete] = min(ms(wall), startMS+out.ReadyMS+out.TouchMS)
+	m[MLoaded] = startMS
 	m[MTouches] = float64(out.Pages)
 	setFaults(m, figuresOf(st))
 	m[MTouchP50], m[MTouchP90], m[MTouchP99], m[MTouchMax] = out.Lat.P50, out.Lat.P90, out.Lat.P99, out.Lat.Max

@@ -21,6 +21,7 @@ const (
 	MReady      = "ready_ms"       // t0 "start restore" → "memory usable"
 	MFirstByte  = "first_byte_ms"  // ready → the first touch returned
 	MComplete   = "complete_ms"    // t0 → the access pattern is done
+	MLoaded     = "loaded_ms"      // t0 → the restorer is ready to serve (out of process: loader + socket; in process: = ready)
 	MTouches    = "touches"        // pages touched
 	MFaults     = "faults"         // userfaultfd faults served
 	MFaultP50   = "fault_p50_us"   // handler-side fault service time
@@ -45,7 +46,7 @@ const (
 )
 
 // Metrics lists every metric name in table order.
-var Metrics = []string{MReady, MFirstByte, MComplete, MTouches, MFaults, MFaultP50, MFaultP90, MFaultP99, MFaultMax,
+var Metrics = []string{MReady, MFirstByte, MComplete, MLoaded, MTouches, MFaults, MFaultP50, MFaultP90, MFaultP99, MFaultMax,
 	MTouchP50, MTouchP90, MTouchP99, MTouchMax, MDecoded, MCPU, MCPUUser, MCPUSys, MHelperCPU, MMinflt,
 	MRSSPeak, MHelperRSS, MHugetlb, MMemPeak, MVerifiedOK}
 
@@ -235,6 +236,7 @@ func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, thr
 	m[MReady] = ms(ready)
 	m[MFirstByte] = ms(firstByte)
 	m[MComplete] = ms(complete)
+	m[MLoaded] = ms(ready)
 	m[MTouches] = float64(len(order))
 	setFaults(m, figs)
 	tl := LatencyOf(lat)
