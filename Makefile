@@ -70,6 +70,7 @@ fmt-check:
 # bin/test-summary.txt for .ci/run to repeat at the end of its log).
 test: vet fmt-check | bin
 	set -o pipefail; $(GO) test -race -count=1 -timeout $(GOTEST_TIMEOUT) -json ./... 2>&1 | $(GO) run ./scripts/testsummary -o bin/test-summary.txt
+	$(GO) test -count=1 -run 'NoAlloc|Allocations' ./...   # allocation counts, without the race detector
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME)
 	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
 

@@ -203,6 +203,9 @@ func TestWorkersIdentical(t *testing.T) {
 }
 
 func TestDecodeNoAlloc(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts are not meaningful under the race detector; `make test` also runs this test without -race")
+	}
 	img := testImage(2<<20, 9)
 	for _, codec := range codecs {
 		snap := buildSnap(t, WriterOptions{Codec: codec}, []testRegion{{name: "x", data: img}})

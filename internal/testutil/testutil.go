@@ -162,3 +162,22 @@ func MountHugetlbfs(t testing.TB) string {
 	})
 	return dir
 }
+
+// HugetlbMappedKB is how much huge-page memory this process maps now
+// (/proc/self/smaps_rollup). Unlike the pool's free count, other processes
+// (such as test packages running in parallel) do not move it.
+func HugetlbMappedKB() int64 {
+	b, err := os.ReadFile("/proc/self/smaps_rollup")
+	if err != nil {
+		return -1
+	}
+	var total int64
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 2 && (f[0] == "Shared_Hugetlb:" || f[0] == "Private_Hugetlb:") {
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			total += n
+		}
+	}
+	return total
+}
