@@ -5,6 +5,7 @@
  *   uffdrestore-target --socket PATH [--private] [--at-original-addr]
  *       [--pattern sequential|random|fraction:F] [--threads N] [--seed N]
  *       [--write] [--dump FILE] [--wait] [--hold] [--stats]
+ *       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]
  *
  * It attaches (ur_attach), touches one byte of every page of every region
  * (pages covering each region's length) in the order asked for, prints one
@@ -20,6 +21,47 @@
  * detaches. --wait waits for a line on stdin after attaching and before
  * touching; --hold waits for stdin EOF, SIGTERM/SIGINT or the server's
  * shutdown notice before detaching. Exit status 0 on success, 1 on error.
+ *
+ * Address-space events (the server must follow them; see PROTOCOL.md §7).
+ * Each runs after attaching (and after --wait), before the touch, on the
+ * "part region": the first region with at least 3 whole pages (page_size
+ * from the hello: 2 MiB with a hugetlb backing, so every part is a multiple
+ * of it). Its middle part is whole pages [n/3, n/3 + max(1, n/3)) of its n
+ * whole pages.
+ *   --unmap-part  munmaps the middle part (an UNMAP event) and puts a
+ *                 PROT_NONE anonymous placeholder there (so nothing else
+ *                 lands in the hole before ur_detach unmaps the region).
+ *                 The touch and the dump skip the part: the dump is the
+ *                 image without those bytes (nothing is written for them).
+ *   --mremap      touches the part's first page, then moves the part with
+ *                 mremap(MREMAP_MAYMOVE|MREMAP_FIXED) to a new page-aligned
+ *                 address (a REMAP event); the touch and the dump read it
+ *                 there, so the dump is still the whole image. The moved
+ *                 part is munmapped before detaching (an UNMAP event).
+ *   --remove      touches pages M = n/3 and P = M+1 (saving their bytes),
+ *                 writes a 64-byte marker at the start of M, then drops P:
+ *                 MADV_REMOVE with a shared mapping (punches P out of the
+ *                 backing file for every target), MADV_DONTNEED with
+ *                 --private (after writing the marker into P's private copy
+ *                 too). It then checks P reads back the snapshot's bytes
+ *                 (not zeros, not the marker) and M still holds the marker,
+ *                 prints what it checked on stderr, restores M's bytes (so
+ *                 the dump is the image) and fails if a check failed.
+ *   --fork        touches the first half of the pages (in touch-list
+ *                 order), forks; the child touches the other half (pages
+ *                 the parent has not touched), dumps its view to FILE.child
+ *                 (with --dump FILE) and, with --private, writes a byte the
+ *                 parent has read and checks it reads it back; it exits
+ *                 without detaching (the session is the parent's). The
+ *                 parent waits for it, fails if it failed, checks (with
+ *                 --private) that the child's write did not reach it, and
+ *                 goes on with its own touch and dump.
+ *   --churn       while the touch threads run, one more thread drops the
+ *                 first page of the touch list with MADV_DONTNEED in a loop
+ *                 (a REMOVE event each time) until they are done.
+ *   --pause-before-dump  waits for a line on stdin after the touch, before
+ *                 the dump (stderr says "touched").
+ * The JSON line then has an "events" object saying what was done.
  */
 #define _GNU_SOURCE
 #include "ur_client.h"
@@ -33,7 +75,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/signalfd.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -117,6 +161,52 @@ static double pct_us(const uint64_t *sorted, uint64_t n, unsigned p)
 	return (double)sorted[rank - 1] / 1000.0;
 }
 
+/* A region's bytes as the target sees them now: up to 3 segments, in
+ * region order, each a run of the region's bytes [off, off+len) mapped at
+ * addr (after --unmap-part a part is missing, after --mremap it lives
+ * elsewhere). Boundaries are page aligned. */
+struct seg {
+	unsigned char *addr;
+	uint64_t off, len;
+};
+
+struct rview {
+	struct seg seg[3];
+	int nseg;
+};
+
+static struct rview *rviews;
+
+static void init_rviews(struct ur_session *s)
+{
+	size_t n = ur_session_nregions(s);
+	rviews = calloc(n ? n : 1, sizeof(*rviews));
+	if (!rviews)
+		die("out of memory");
+	for (size_t i = 0; i < n; i++) {
+		const struct ur_region *r = ur_session_region(s, i);
+		if (r->length == 0)
+			continue;
+		rviews[i].seg[0] = (struct seg){ .addr = r->addr, .off = 0, .len = r->length };
+		rviews[i].nseg = 1;
+	}
+}
+
+/* Splits region i's single segment at [lo, hi) (region offsets): the part
+ * moves to to, or disappears when to is NULL. */
+static void split_rview(size_t i, uint64_t lo, uint64_t hi, unsigned char *to)
+{
+	struct rview *v = &rviews[i];
+	if (v->nseg != 1 || lo >= hi || hi > v->seg[0].len)
+		die("split_rview: region %zu: bad part [%llu, %llu)", i, (unsigned long long)lo, (unsigned long long)hi);
+	struct seg whole = v->seg[0];
+	v->nseg = 0;
+	v->seg[v->nseg++] = (struct seg){ .addr = whole.addr, .off = 0, .len = lo };
+	if (to)
+		v->seg[v->nseg++] = (struct seg){ .addr = to, .off = lo, .len = hi - lo };
+	v->seg[v->nseg++] = (struct seg){ .addr = whole.addr + hi, .off = hi, .len = whole.len - hi };
+}
+
 static void dump(struct ur_session *s, const char *path)
 {
 	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -130,19 +220,21 @@ static void dump(struct ur_session *s, const char *path)
 	if (!b)
 		die("out of memory");
 	for (size_t i = 0; i < ur_session_nregions(s); i++) {
-		const struct ur_region *r = ur_session_region(s, i);
-		for (uint64_t off = 0; off < r->length;) {
-			size_t n = r->length - off < bs ? (size_t)(r->length - off) : bs;
-			memcpy(b, r->addr + off, n);
-			for (size_t done = 0; done < n;) {
-				ssize_t k = write(fd, b + done, n - done);
-				if (k < 0 && errno == EINTR)
-					continue;
-				if (k < 0)
-					die("write %s: %s", path, strerror(errno));
-				done += (size_t)k;
+		for (int g = 0; g < rviews[i].nseg; g++) {
+			const struct seg *sg = &rviews[i].seg[g];
+			for (uint64_t off = 0; off < sg->len;) {
+				size_t n = sg->len - off < bs ? (size_t)(sg->len - off) : bs;
+				memcpy(b, sg->addr + off, n);
+				for (size_t done = 0; done < n;) {
+					ssize_t k = write(fd, b + done, n - done);
+					if (k < 0 && errno == EINTR)
+						continue;
+					if (k < 0)
+						die("write %s: %s", path, strerror(errno));
+					done += (size_t)k;
+				}
+				off += n;
 			}
-			off += n;
 		}
 	}
 	free(b);
@@ -205,11 +297,245 @@ static void hold(struct ur_session *s)
 	close(sfd);
 }
 
+/* ---- address-space events ----------------------------------------------- */
+
+static char events_json[4096];
+static size_t events_len;
+
+static void add_event(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void add_event(const char *fmt, ...)
+{
+	if (events_len > 0 && events_len < sizeof events_json - 1)
+		events_json[events_len++] = ',';
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(events_json + events_len, sizeof events_json - events_len, fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= sizeof events_json - events_len)
+		die("events: JSON too long");
+	events_len += (size_t)n;
+}
+
+/* The part region (the first with at least 3 whole pages) and its middle
+ * part [*lo, *hi) (region offsets, whole pages). */
+static size_t part_region(struct ur_session *s, uint64_t ps, uint64_t *lo, uint64_t *hi)
+{
+	for (size_t i = 0; i < ur_session_nregions(s); i++) {
+		uint64_t n = ur_session_region(s, i)->length / ps;
+		if (n >= 3) {
+			uint64_t a = n / 3, c = n / 3 ? n / 3 : 1;
+			*lo = a * ps;
+			*hi = (a + c) * ps;
+			return i;
+		}
+	}
+	die("no region has 3 whole pages of %llu bytes", (unsigned long long)ps);
+}
+
+/* Where region i's byte at offset off is mapped now, or NULL. */
+static unsigned char *addr_of(size_t i, uint64_t off)
+{
+	for (int g = 0; g < rviews[i].nseg; g++) {
+		const struct seg *sg = &rviews[i].seg[g];
+		if (off >= sg->off && off < sg->off + sg->len)
+			return sg->addr + (off - sg->off);
+	}
+	return NULL;
+}
+
+/* Maps a PROT_NONE anonymous placeholder at [a, a+n) (a hole we made), so
+ * nothing else lands there before ur_detach unmaps the whole region. */
+static void placeholder(unsigned char *a, uint64_t n)
+{
+	void *p = mmap(a, n, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+	if (p == MAP_FAILED)
+		die("placeholder at %p: %s", (void *)a, strerror(errno));
+	if (p != a) {
+		munmap(p, n);
+		die("placeholder at %p: the kernel put it at %p", (void *)a, p);
+	}
+}
+
+static void do_unmap_part(struct ur_session *s, uint64_t ps)
+{
+	uint64_t lo, hi;
+	size_t i = part_region(s, ps, &lo, &hi);
+	const struct ur_region *r = ur_session_region(s, i);
+	if (munmap(r->addr + lo, hi - lo) < 0)
+		die("unmap-part: munmap: %s", strerror(errno));
+	placeholder(r->addr + lo, hi - lo);
+	split_rview(i, lo, hi, NULL);
+	fprintf(stderr, "%s: unmap-part: region %s: [%llu, %llu) unmapped\n", prog, r->name, (unsigned long long)lo,
+		(unsigned long long)hi);
+	add_event("\"unmap\":{\"region\":%zu,\"offset\":%llu,\"length\":%llu}", i, (unsigned long long)lo,
+		  (unsigned long long)(hi - lo));
+}
+
+static unsigned char *moved_addr;
+static uint64_t moved_len;
+
+static void do_mremap(struct ur_session *s, uint64_t ps)
+{
+	uint64_t lo, hi;
+	size_t i = part_region(s, ps, &lo, &hi);
+	const struct ur_region *r = ur_session_region(s, i);
+	unsigned char *old = r->addr + lo;
+	uint64_t n = hi - lo;
+	/* The first page is mapped before the move (its page table entry
+	 * moves with it), the others are not. */
+	unsigned char first = *(volatile unsigned char *)old;
+	unsigned char *res = mmap(NULL, n + ps, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (res == MAP_FAILED)
+		die("mremap: reserve %llu bytes: %s", (unsigned long long)(n + ps), strerror(errno));
+	unsigned char *to = (unsigned char *)(((uintptr_t)res + ps - 1) & ~(uintptr_t)(ps - 1));
+	void *got = mremap(old, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+	if (got == MAP_FAILED)
+		die("mremap %p -> %p (%llu bytes): %s", (void *)old, (void *)to, (unsigned long long)n, strerror(errno));
+	if (to > res)
+		munmap(res, (size_t)(to - res));
+	if (res + n + ps > to + n)
+		munmap(to + n, (size_t)((res + n + ps) - (to + n)));
+	placeholder(old, n);
+	split_rview(i, lo, hi, to);
+	moved_addr = to;
+	moved_len = n;
+	if (*(volatile unsigned char *)to != first)
+		die("mremap: the moved first page reads %u, it read %u before the move", *to, first);
+	fprintf(stderr, "%s: mremap: region %s: [%llu, %llu) moved from %p to %p\n", prog, r->name,
+		(unsigned long long)lo, (unsigned long long)hi, (void *)old, (void *)to);
+	add_event("\"mremap\":{\"region\":%zu,\"offset\":%llu,\"length\":%llu}", i, (unsigned long long)lo,
+		  (unsigned long long)n);
+}
+
+static void do_remove(struct ur_session *s, uint64_t ps, int private_map)
+{
+	uint64_t lo, hi;
+	size_t i = part_region(s, ps, &lo, &hi);
+	const struct ur_region *r = ur_session_region(s, i);
+	unsigned char *m = addr_of(i, lo), *p = addr_of(i, lo + ps);
+	if (!m || !p || addr_of(i, lo + ps - 1) != m + ps - 1)
+		die("remove: pages %llu and %llu of region %s are not both mapped (with --unmap-part?)",
+		    (unsigned long long)lo, (unsigned long long)(lo + ps), r->name);
+	unsigned char *save_m = malloc(ps), *save_p = malloc(ps), *back = malloc(ps);
+	if (!save_m || !save_p || !back)
+		die("out of memory");
+	unsigned char marker[64];
+	for (size_t k = 0; k < sizeof marker; k++)
+		marker[k] = (unsigned char)("uffdrestore-target marker "[k % 26] ^ (k >> 5));
+	memcpy(save_m, m, ps); /* touches both pages */
+	memcpy(save_p, p, ps);
+	memcpy(m, marker, sizeof marker);
+	if (private_map)
+		memcpy(p, marker, sizeof marker);
+	const char *adv = private_map ? "MADV_DONTNEED" : "MADV_REMOVE";
+	if (madvise(p, ps, private_map ? MADV_DONTNEED : MADV_REMOVE) < 0)
+		die("remove: madvise(%s) of page %llu of region %s: %s", adv, (unsigned long long)(lo + ps), r->name,
+		    strerror(errno));
+	memcpy(back, p, ps); /* the touch again */
+	int p_ok = memcmp(back, save_p, ps) == 0;
+	int p_zero = 1, snap_zero = 1;
+	for (uint64_t k = 0; k < ps; k++) {
+		p_zero &= back[k] == 0;
+		snap_zero &= save_p[k] == 0;
+	}
+	int m_ok = memcmp(m, marker, sizeof marker) == 0;
+	memcpy(m, save_m, sizeof marker); /* the snapshot's bytes again */
+	fprintf(stderr,
+		"%s: remove: region %s: %s of the page at offset %llu: %s; the marker page at offset %llu: %s\n", prog,
+		r->name, adv, (unsigned long long)(lo + ps),
+		p_ok ? "came back with the snapshot's bytes" : (p_zero && !snap_zero ? "came back ZERO" : "came back WRONG"),
+		(unsigned long long)lo, m_ok ? "kept the marker" : "LOST the marker");
+	add_event("\"remove\":{\"region\":%zu,\"advice\":\"%s\",\"marker_offset\":%llu,\"removed_offset\":%llu,"
+		  "\"removed_ok\":%s,\"removed_zero\":%s,\"marker_ok\":%s}",
+		  i, adv, (unsigned long long)lo, (unsigned long long)(lo + ps), p_ok ? "true" : "false",
+		  p_zero && !snap_zero ? "true" : "false", m_ok ? "true" : "false");
+	free(save_m);
+	free(save_p);
+	free(back);
+	if (!p_ok || !m_ok)
+		die("remove: check failed");
+}
+
+static void do_fork(struct ur_session *s, const struct page *pages, uint64_t npages, const char *dump_path,
+		    int private_map)
+{
+	uint64_t half = npages / 2;
+	for (uint64_t i = 0; i < half; i++)
+		(void)*(volatile unsigned char *)pages[i].addr;
+	unsigned char *wp = npages ? pages[0].addr : NULL;
+	unsigned char before = wp ? *(volatile unsigned char *)wp : 0;
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		/* The child: pages the parent has not touched first. It never
+		 * talks on the socket: the session is the parent's. */
+		for (uint64_t i = half; i < npages; i++)
+			(void)*(volatile unsigned char *)pages[i].addr;
+		if (dump_path) {
+			char path[4096];
+			if (snprintf(path, sizeof path, "%s.child", dump_path) >= (int)sizeof path)
+				die("fork: dump path too long");
+			dump(s, path);
+		}
+		int rc = 0;
+		if (private_map && wp) {
+			*(volatile unsigned char *)wp = (unsigned char)~before;
+			if (*(volatile unsigned char *)wp != (unsigned char)~before) {
+				fprintf(stderr, "%s: fork child: its own write does not read back\n", prog);
+				rc = 1;
+			}
+		}
+		_exit(rc);
+	}
+	int st;
+	while (waitpid(pid, &st, 0) < 0)
+		if (errno != EINTR)
+			die("waitpid: %s", strerror(errno));
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+		die("fork: the child %s %d", WIFEXITED(st) ? "exited with" : "was killed by signal",
+		    WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+	const char *isolated = "null";
+	if (private_map && wp) {
+		if (*(volatile unsigned char *)wp != before)
+			die("fork: the child's write to its private copy shows in the parent");
+		isolated = "true";
+	}
+	fprintf(stderr, "%s: fork: child %d touched %llu pages the parent had not, exited 0\n", prog, (int)pid,
+		(unsigned long long)(npages - half));
+	add_event("\"fork\":{\"child_pid\":%d,\"parent_touched\":%llu,\"child_touched\":%llu,\"child_dump\":%s,"
+		  "\"private_write_isolated\":%s}",
+		  (int)pid, (unsigned long long)half, (unsigned long long)(npages - half), dump_path ? "true" : "false",
+		  isolated);
+}
+
+struct churn {
+	pthread_t th;
+	unsigned char *addr;
+	uint64_t ps;
+	int stop;
+	uint64_t n;
+};
+
+/* Drops one page again and again (a REMOVE event each time) until stopped. */
+static void *churn_loop(void *arg)
+{
+	struct churn *c = arg;
+	while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+		if (madvise(c->addr, c->ps, MADV_DONTNEED) < 0)
+			die("churn: madvise(MADV_DONTNEED): %s", strerror(errno));
+		c->n++;
+	}
+	return NULL;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
 		"usage: %s --socket PATH [--private] [--at-original-addr] [--pattern sequential|random|fraction:F]\n"
 		"       [--threads N] [--seed N] [--write] [--dump FILE] [--wait] [--hold] [--stats]\n"
+		"       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]\n"
 		"Example: %s --socket /run/snap.sock --pattern random --threads 2 --dump out.raw\n",
 		prog, prog);
 	exit(2);
@@ -224,6 +550,7 @@ int main(int argc, char **argv)
 	long threads = 1;
 	uint64_t seed = 1;
 	int do_hold = 0, do_wait = 0, do_write = 0, do_stats = 0;
+	int do_unmap = 0, do_mremap_ = 0, do_remove_ = 0, do_fork_ = 0, do_churn = 0, do_pause = 0;
 	double fraction = 1.0;
 	int random_order = 0;
 
@@ -269,6 +596,18 @@ int main(int argc, char **argv)
 			do_write = 1;
 		} else if (!strcmp(a, "--stats")) {
 			do_stats = 1;
+		} else if (!strcmp(a, "--unmap-part")) {
+			do_unmap = 1;
+		} else if (!strcmp(a, "--mremap")) {
+			do_mremap_ = 1;
+		} else if (!strcmp(a, "--remove")) {
+			do_remove_ = 1;
+		} else if (!strcmp(a, "--fork")) {
+			do_fork_ = 1;
+		} else if (!strcmp(a, "--churn")) {
+			do_churn = 1;
+		} else if (!strcmp(a, "--pause-before-dump")) {
+			do_pause = 1;
 		} else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
 			usage();
 		} else {
@@ -278,6 +617,8 @@ int main(int argc, char **argv)
 	}
 	if (!sock)
 		usage();
+	if (do_unmap && do_mremap_)
+		die("--unmap-part and --mremap both act on the same part: choose one");
 	if (!strcmp(pattern, "sequential")) {
 	} else if (!strcmp(pattern, "random")) {
 		random_order = 1;
@@ -309,10 +650,18 @@ int main(int argc, char **argv)
 		wait_line();
 
 	uint64_t ps = ur_session_page_size(s), npages = 0, bytes = 0;
+	init_rviews(s);
+	if (do_unmap)
+		do_unmap_part(s, ps);
+	if (do_mremap_)
+		do_mremap(s, ps);
+	if (do_remove_)
+		do_remove(s, ps, opts.private_mapping);
 	for (size_t i = 0; i < ur_session_nregions(s); i++) {
-		const struct ur_region *r = ur_session_region(s, i);
-		npages += (r->length + ps - 1) / ps;
-		bytes += r->length;
+		for (int g = 0; g < rviews[i].nseg; g++) {
+			npages += (rviews[i].seg[g].len + ps - 1) / ps;
+			bytes += rviews[i].seg[g].len;
+		}
 	}
 	struct page *pages = calloc(npages ? npages : 1, sizeof(*pages));
 	uint64_t *order = calloc(npages ? npages : 1, sizeof(*order));
@@ -321,10 +670,14 @@ int main(int argc, char **argv)
 		die("out of memory for %llu pages", (unsigned long long)npages);
 	uint64_t k = 0;
 	for (size_t i = 0; i < ur_session_nregions(s); i++) {
-		const struct ur_region *r = ur_session_region(s, i);
-		for (uint64_t off = 0; off < r->length; off += ps)
-			pages[k++].addr = r->addr + off;
+		for (int g = 0; g < rviews[i].nseg; g++) {
+			const struct seg *sg = &rviews[i].seg[g];
+			for (uint64_t off = 0; off < sg->len; off += ps)
+				pages[k++].addr = sg->addr + off;
+		}
 	}
+	if (do_fork_)
+		do_fork(s, pages, npages, dump_path, opts.private_mapping);
 	for (uint64_t i = 0; i < npages; i++)
 		order[i] = i;
 	uint64_t ntouch = npages;
@@ -349,6 +702,15 @@ int main(int argc, char **argv)
 	struct worker *w = calloc((size_t)threads, sizeof(*w));
 	if (!w)
 		die("out of memory");
+	struct churn ch;
+	memset(&ch, 0, sizeof(ch));
+	if (do_churn && npages) {
+		ch.addr = pages[0].addr;
+		ch.ps = ps;
+		int e = pthread_create(&ch.th, NULL, churn_loop, &ch);
+		if (e)
+			die("pthread_create: %s", strerror(e));
+	}
 	uint64_t t_touch0 = now_ns();
 	for (long t = 0; t < threads; t++) {
 		w[t].pages = pages;
@@ -373,8 +735,17 @@ int main(int argc, char **argv)
 		sum = sum * 1000003 + w[t].sum;
 	}
 	uint64_t t_touch1 = now_ns();
+	if (do_churn && npages) {
+		__atomic_store_n(&ch.stop, 1, __ATOMIC_RELEASE);
+		pthread_join(ch.th, NULL);
+		add_event("\"churn\":%llu", (unsigned long long)ch.n);
+	}
 	qsort(lat, ntouch, sizeof(*lat), cmp_u64);
 
+	if (do_pause) {
+		fprintf(stderr, "%s: touched\n", prog);
+		wait_line();
+	}
 	if (dump_path)
 		dump(s, dump_path);
 
@@ -387,7 +758,7 @@ int main(int argc, char **argv)
 	printf("{\"ready_ms\":%.3f,\"first_byte_ms\":%.3f,\"touch_ms\":%.3f,\"pages\":%llu,\"page_size\":%llu,"
 	       "\"threads\":%ld,\"pattern\":\"%s\",\"private\":%s,"
 	       "\"lat_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
-	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\"%s%s}\n",
+	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\"%s%s%s%s%s}\n",
 	       (double)(t_ready - t_start) / 1e6, first ? (double)(first - t_start) / 1e6 : 0.0,
 	       (double)(t_touch1 - t_touch0) / 1e6, (unsigned long long)ntouch, (unsigned long long)ps,
 	       threads, random_order ? (fraction < 1 ? "fraction" : "random") : "sequential",
@@ -395,11 +766,17 @@ int main(int argc, char **argv)
 	       pct_us(lat, ntouch, 50), pct_us(lat, ntouch, 90), pct_us(lat, ntouch, 99),
 	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)sum,
 	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s),
-	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "");
+	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
+	       events_json, events_len ? "}" : "");
 	fflush(stdout);
 
 	if (do_hold)
 		hold(s);
+	/* The moved part is not where the session mapped it: unmap it while
+	 * the server still serves (an UNMAP event it must read). */
+	if (moved_addr && munmap(moved_addr, moved_len) < 0)
+		die("munmap the moved part: %s", strerror(errno));
+	free(rviews);
 	free(pages);
 	free(order);
 	free(lat);
