@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
@@ -392,4 +394,78 @@ func rssAnonKB() int {
 		}
 	}
 	return 0
+}
+
+// BenchmarkWorkingSet: a workload touches 20% of the snapshot's units, every
+// 4 KiB page of each, in a fixed random order. Time from Open to the last
+// touch, for lazy, a replayed working set (recorded by a first lazy run),
+// eager, and the same touches on memory that is already there.
+func BenchmarkWorkingSet(b *testing.B) {
+	size := benchSize(b)
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	opts := benchBacking(b, size)
+	unit := 2 << 20
+	units := int(size) / unit
+	rng := rand.New(rand.NewPCG(2026, 11))
+	pick := rng.Perm(units)[:max(1, units/5)]
+	var order []uint32
+	for _, u := range pick {
+		for p := 0; p < unit/4096; p++ {
+			order = append(order, uint32(u*unit/4096+p))
+		}
+	}
+	run := func(extra ...Option) (time.Duration, Stats) {
+		t0 := time.Now()
+		r, err := Open(context.Background(), snap, append(append([]Option{}, opts...), extra...)...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		uffd.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
+		d := time.Since(t0)
+		s, _ := r.Stats(context.Background())
+		r.Close()
+		return d, s
+	}
+	// Record once (and warm the pool).
+	r, err := Open(context.Background(), snap, append(append([]Option{}, opts...), WithRecord("bench"))...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	uffd.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
+	prof, err := r.Profile(context.Background())
+	r.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	warm := make([]byte, size)
+	for i := 0; i < len(warm); i += 4096 {
+		warm[i] = 1
+	}
+	var lazy, ws, eager, hot []time.Duration
+	var wsStats Stats
+	for i := 0; i < b.N; i++ {
+		d, _ := run()
+		lazy = append(lazy, d)
+		d, wsStats = run(WithProfile(ProfileSource{Profile: &prof}))
+		ws = append(ws, d)
+		d, _ = run(WithMode(ModeEager))
+		eager = append(eager, d)
+		t0 := time.Now()
+		uffd.Touch(uintptr(unsafe.Pointer(&warm[0])), len(warm), 4096, false, order, nil)
+		hot = append(hot, time.Since(t0))
+	}
+	med := func(v []time.Duration) float64 {
+		s := append([]time.Duration(nil), v...)
+		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+		return float64(s[len(s)/2].Microseconds()) / 1000
+	}
+	b.ReportMetric(med(lazy), "lazy-ms")
+	b.ReportMetric(med(ws), "workingset-ms")
+	b.ReportMetric(med(eager), "eager-ms")
+	b.ReportMetric(med(hot), "warm-ms")
+	b.ReportMetric(med(lazy)/med(ws), "lazy/ws")
+	if w := wsStats.WorkingSet; w != nil {
+		b.ReportMetric(float64(w.Prefilled), "ws-prefilled")
+		b.ReportMetric(float64(w.Late), "ws-late")
+	}
 }

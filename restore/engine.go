@@ -339,6 +339,16 @@ func (e *engine) fillBatch(w *workerState, units []uint32) {
 			err = e.allocUnit(u)
 		}
 		e.publish(w, u, err, false)
+		// Faults jump the queue: serve any that arrived during this unit
+		// before the next one.
+		for drained := false; !drained; {
+			select {
+			case fu := <-e.faultq:
+				e.fill(w, fu, true)
+			default:
+				drained = true
+			}
+		}
 	}
 }
 
