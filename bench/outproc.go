@@ -15,44 +15,8 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/attach"
-	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
-
-// loaderBackend serves a restore.Loader over the attach protocol (what
-// `uffdrestore load` does).
-type loaderBackend struct{ l *restore.Loader }
-
-func (b loaderBackend) Hello() attach.Hello {
-	lay := b.l.Layout()
-	h := attach.Hello{Backing: lay.Backing, PageSize: uint64(lay.PageSize), ChunkSize: uint64(lay.ChunkSize),
-		FileSize: lay.FileSize, Snapshot: lay.Snapshot}
-	for _, r := range lay.Regions {
-		h.Regions = append(h.Regions, attach.Region{Name: r.Name, Offset: r.Offset, Size: r.Size, Length: r.Length, Addr: r.Addr, Prot: r.Prot})
-	}
-	return h
-}
-
-func (b loaderBackend) BackingFD() int { return b.l.BackingFD() }
-
-func (b loaderBackend) AttachView(u *uffd.FD, ranges []attach.Range, name string) (attach.View, error) {
-	vr := make([]restore.ViewRange, len(ranges))
-	for i, r := range ranges {
-		vr[i] = restore.ViewRange{Base: r.Base, Size: r.Size, Offset: r.Offset, Private: r.Private}
-	}
-	v, err := b.l.AttachView(u, vr, name)
-	if err != nil {
-		return nil, err
-	}
-	return loaderView{v}, nil
-}
-
-type loaderView struct{ v *restore.View }
-
-func (v loaderView) Done() <-chan struct{} { return v.v.Done() }
-func (v loaderView) Err() error            { return v.v.Err() }
-func (v loaderView) Stats() any            { return v.v.Stats() }
-func (v loaderView) Close() error          { return v.v.Close() }
 
 // targetOutput is the JSON line bin/uffdrestore-target prints.
 type targetOutput struct {
@@ -134,7 +98,7 @@ func runOutOfProcess(ctx context.Context, env *Env, mode string, p Pattern, thre
 		return fail(err)
 	}
 	defer l.Close()
-	srv, err := attach.Listen(sock, loaderBackend{l}, attach.Options{})
+	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{})
 	if err != nil {
 		return fail(err)
 	}
