@@ -35,6 +35,9 @@ byte, and reports medians with [min-max]:
   uffd-copy               anonymous 4 KiB pages registered MISSING; a Go
                           handler decompresses the faulting chunk and
                           resolves it with UFFDIO_COPY (Firecracker-style)
+  working-set             restore.Open replaying a working set recorded by an
+                          untimed lazy run of the same workload; with it, every
+                          run touches the same order (a stable working set)
 
 Every strategy uses the same clock: t0 = start of restore, ready = memory
 usable, first byte = ready -> the first touch returns, complete = t0 -> the
@@ -52,7 +55,8 @@ Examples:
    uffdrestore bench --generate 1GiB --content realistic --pattern sparse:0.1,sequential
    uffdrestore bench image.snap --modes eager,lazy,uffd-copy --runs 7 --json out.json --svg out.svg
    uffdrestore bench --generate 256MiB --out-of-process --modes eager,lazy,prefetch --threads 2
-   uffdrestore bench --generate 1GiB --markdown results.md`,
+   uffdrestore bench --generate 1GiB --markdown results.md
+   uffdrestore bench --generate 4GiB --modes lazy,working-set,eager --pattern sparse:0.2`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "generate", Usage: "benchmark a generated snapshot of `SIZE` (e.g. 1GiB) instead of SNAP"},
 			&cli.StringFlag{Name: "content", Value: "realistic", Usage: "with --generate: realistic (heap-like, ~5-8x), zeros or random"},

