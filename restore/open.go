@@ -101,14 +101,15 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if b.kind.hugetlb() {
 		want = uffd.FeatureMinorHugetlbfs | uffd.FeatureMissingHugetlbfs
 	}
-	have, _, err := uffd.Supported(uffd.OpenOptions{})
+	uo := uffd.OpenOptions{NonBlock: true, FallbackUserModeOnly: true}
+	have, _, err := uffd.Supported(uo)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w (see `uffdrestore doctor`)", err)
 	}
 	if have&uffd.FeaturePoison != 0 {
 		want |= uffd.FeaturePoison
 	}
-	if r.u, err = uffd.Open(uffd.OpenOptions{NonBlock: true}, want); err != nil {
+	if r.u, err = uffd.Open(uo, want); err != nil {
 		return nil, fmt.Errorf("restore: open userfaultfd: %w (see `uffdrestore doctor`)", err)
 	}
 	if r.view, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd, 0); err != nil {
@@ -166,6 +167,14 @@ func (r *Restore) Regions() [][]byte {
 
 // TimeToReady is how long Open took.
 func (r *Restore) TimeToReady() time.Duration { return r.ready }
+
+// UserModeOnly reports whether the view's userfaultfd was opened with
+// UFFD_USER_MODE_ONLY, because this user may not handle kernel-mode faults
+// (not root, no access to /dev/userfaultfd). Then only touches from user
+// code wait for a fill: a system call that reads or writes an unfilled page
+// of the view (read(2) into it, write(2) from it) fails with EFAULT. Touch
+// such pages first, or Wait before handing the view to the kernel.
+func (r *Restore) UserModeOnly() bool { return r.u != nil && r.u.Via() == uffd.ViaUserModeOnly }
 
 // Backing is the backing in use (auto resolved).
 func (r *Restore) Backing() BackingKind { return r.b.kind }

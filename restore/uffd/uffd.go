@@ -144,6 +144,10 @@ type OpenOptions struct {
 	// Via chooses how to open: the userfaultfd(2) syscall, /dev/userfaultfd,
 	// or (ViaAuto) the syscall first and the device when that is refused.
 	Via Via
+	// FallbackUserModeOnly: when both the syscall and the device are
+	// refused, open with UFFD_USER_MODE_ONLY (allowed to any user) rather
+	// than fail. Via then reports ViaUserModeOnly.
+	FallbackUserModeOnly bool
 }
 
 // Via says how a userfaultfd is opened.
@@ -154,6 +158,9 @@ const (
 	ViaAuto Via = iota
 	ViaSyscall
 	ViaDevice
+	// ViaUserModeOnly: the syscall with UFFD_USER_MODE_ONLY, after the full
+	// kinds were refused (OpenOptions.FallbackUserModeOnly).
+	ViaUserModeOnly
 )
 
 func (v Via) String() string {
@@ -162,6 +169,8 @@ func (v Via) String() string {
 		return "syscall"
 	case ViaDevice:
 		return "/dev/userfaultfd"
+	case ViaUserModeOnly:
+		return "userfaultfd(UFFD_USER_MODE_ONLY)"
 	}
 	return "auto"
 }
@@ -196,10 +205,15 @@ func openRaw(o OpenOptions) (int, Via, error) {
 		}
 	}
 	rc := C.ur_uffd_open_dev(flags, umo)
-	if rc < 0 {
-		return -1, ViaDevice, errno("open /dev/userfaultfd", rc)
+	if rc >= 0 {
+		return int(rc), ViaDevice, nil
 	}
-	return int(rc), ViaDevice, nil
+	if o.FallbackUserModeOnly && umo == 0 && o.Via == ViaAuto {
+		if um := C.ur_uffd_open_syscall(flags, 1); um >= 0 {
+			return int(um), ViaUserModeOnly, nil
+		}
+	}
+	return -1, ViaDevice, fmt.Errorf("userfaultfd refused (run as root or with CAP_SYS_PTRACE, or get read/write access to /dev/userfaultfd; see `uffdrestore doctor`): %w", errno("open /dev/userfaultfd", rc))
 }
 
 // Supported opens a userfaultfd, asks the kernel which features and ioctls it

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -566,5 +567,59 @@ func TestResidentVecSize(t *testing.T) {
 	}
 	if vec[0]&1 == 0 || vec[len(vec)-1] != 0xee {
 		t.Fatalf("mincore vector: first %#x, guard %#x", vec[0], vec[len(vec)-1])
+	}
+}
+
+// TestUserModeOnlyFallback: a user who may not open a full userfaultfd
+// (here: this test's thread switched to uid 65534) gets a
+// UFFD_USER_MODE_ONLY one when it asks for the fallback, and it serves
+// minor faults on shmem.
+func TestUserModeOnlyFallback(t *testing.T) {
+	testutil.RequireRoot(t)
+	type result struct {
+		full    error
+		via     Via
+		fallErr error
+		regErr  error
+	}
+	ch := make(chan result)
+	go func() {
+		// Credentials are per thread: change this one's and let it die
+		// with the goroutine (it stays locked).
+		runtime.LockOSThread()
+		var res result
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 65534, 65534, 0); e != 0 {
+			res.full = e
+			ch <- res
+			return
+		}
+		_, res.full = Open(OpenOptions{}, 0)
+		u, err := Open(OpenOptions{FallbackUserModeOnly: true}, FeatureMinorShmem)
+		res.fallErr = err
+		if err == nil {
+			res.via = u.Via()
+			fd, _ := MemfdCreate("uffdrestore-umo", false, 0)
+			Ftruncate(fd, 1<<16)
+			m, merr := Mmap(0, 1<<16, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+			if merr == nil {
+				_, res.regErr = u.Register(m.Addr(), 1<<16, ModeMinor)
+				m.Close()
+			} else {
+				res.regErr = merr
+			}
+			unix.Close(fd)
+			u.Close()
+		}
+		ch <- res
+	}()
+	res := <-ch
+	if res.full == nil {
+		t.Fatal("uid 65534 opened a full userfaultfd with vm.unprivileged_userfaultfd=0 and /dev/userfaultfd 0600")
+	}
+	if !strings.Contains(res.full.Error(), "/dev/userfaultfd") || !strings.Contains(res.full.Error(), "doctor") {
+		t.Errorf("refusal does not say what to do: %v", res.full)
+	}
+	if res.fallErr != nil || res.via != ViaUserModeOnly || res.regErr != nil {
+		t.Fatalf("user-mode-only fallback: via %v, open %v, register %v", res.via, res.fallErr, res.regErr)
 	}
 }
