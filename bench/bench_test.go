@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"encoding/xml"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"io"
 	"math"
 	"os"
@@ -325,7 +326,7 @@ func CheckSVG(t *testing.T, b []byte) {
 func TestVerifyMemory(t *testing.T) {
 	dir := t.TempDir()
 	img := make([]byte, 6<<20)
-	memLike(img, 0)
+	memgen.Fill(img, 0)
 	path := filepath.Join(dir, "img.raw")
 	if err := os.WriteFile(path, img, 0o600); err != nil {
 		t.Fatal(err)

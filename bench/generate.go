@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 )
 
 // Layout is where the snapshot's bytes are in restored memory: chunk i at
@@ -162,7 +163,7 @@ func fillContent(p []byte, content string, off int64) {
 			if content == "random" {
 				randomPages(p[lo:hi], (off+int64(lo))/4096)
 			} else {
-				memLike(p[lo:hi], (off+int64(lo))/4096)
+				memgen.Fill(p[lo:hi], (off+int64(lo))/memgen.PageSize)
 			}
 		}()
 	}
@@ -175,52 +176,6 @@ func randomPages(p []byte, firstPage int64) {
 		b := p[pg*4096 : min(len(p), (pg+1)*4096)]
 		for i := 0; i+8 <= len(b); i += 8 {
 			binary.LittleEndian.PutUint64(b[i:], rng.Uint64())
-		}
-	}
-}
-
-// memLike fills p with page-typed content seeded by the page index, like a
-// process heap: 30% zero pages, 40% pointer- and small-integer-heavy pages,
-// 20% text, 10% random bytes (zstd packs it about 5-8x). The same generator
-// as restore's benchmarks.
-func memLike(p []byte, firstPage int64) {
-	words := [...]string{"object", "value", "dict", "list", "tuple", "self", "return", "import", "module", "name", "__init__", "None", "True"}
-	for pg := 0; pg*4096 < len(p); pg++ {
-		b := p[pg*4096 : min(len(p), (pg+1)*4096)]
-		idx := uint64(firstPage) + uint64(pg)
-		rng := rand.New(rand.NewPCG(idx, 7))
-		switch k := rng.IntN(10); {
-		case k < 3:
-			clear(b)
-		case k < 7:
-			base := uint64(0x7f3a00000000) + (idx<<12)&0xffffff000
-			for i := 0; i+8 <= len(b); i += 8 {
-				var v uint64
-				switch rng.IntN(4) {
-				case 0:
-					v = base + uint64(rng.IntN(4096))&^7
-				case 1:
-					v = uint64(rng.IntN(64))
-				case 2:
-					v = 0
-				default:
-					v = uint64(i) | 0x10000
-				}
-				binary.LittleEndian.PutUint64(b[i:], v)
-			}
-		case k < 9:
-			for i := 0; i < len(b); {
-				w := words[rng.IntN(len(words))]
-				i += copy(b[i:], w)
-				if i < len(b) {
-					b[i] = ' '
-					i++
-				}
-			}
-		default:
-			for i := 0; i+8 <= len(b); i += 8 {
-				binary.LittleEndian.PutUint64(b[i:], rng.Uint64())
-			}
 		}
 	}
 }
