@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 	"github.com/uffdrestore/uffdrestore/restore"
+	"golang.org/x/sys/unix"
 )
 
 // These tests serve real snapshots with the real engine to targets that
@@ -330,11 +332,29 @@ func TestEngineEventsChurn(t *testing.T) {
 		tg := startTarget(t, f.sock, privArgs(private, "--churn", "--dump", f.path("ev"), "--pattern", "random", "--threads", "2")...)
 		select {
 		case <-tg.done:
-		case <-time.After(30 * time.Second):
+		case <-time.After(15 * time.Second):
+			threads := threadStates(tg.cmd.Process.Pid)
+			if os.Getenv("UR_EVENTS_DEBUG") != "" { // the server's side: goroutines, threads, its uffds' readiness
+				pprof.Lookup("goroutine").WriteTo(os.Stderr, 2)
+				fmt.Fprintf(os.Stderr, "server threads:\n%s", threadStates(os.Getpid()))
+				ents, _ := os.ReadDir("/proc/self/fd")
+				for _, e := range ents {
+					l, _ := os.Readlink("/proc/self/fd/" + e.Name())
+					if strings.Contains(l, "userfaultfd") {
+						info, _ := os.ReadFile("/proc/self/fdinfo/" + e.Name())
+						var fd int
+						fmt.Sscan(e.Name(), &fd)
+						pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+						n, err := unix.Poll(pfd, 0)
+						fmt.Fprintf(os.Stderr, "fd %s: poll %d %v revents %#x\n%s\n", e.Name(), n, err, pfd[0].Revents, info)
+					}
+				}
+			}
 			tg.cmd.Process.Kill()
 			<-tg.done
-			t.Fatalf("target stuck for 30s while another of its threads raised REMOVE events: a fault whose "+
-				"UFFDIO_CONTINUE failed with EAGAIN was never resolved (stats %s)\nstderr %s", f.l.Stats().JSON(), tg.stderr)
+			t.Fatalf("target stuck for 15s while another of its threads raised REMOVE events: a fault whose "+
+				"UFFDIO_CONTINUE failed with EAGAIN (the kernel's mmap_changing) was never resolved nor woken.\n"+
+				"threads:\n%s\nstats %s\nstderr %s", threads, f.l.Stats().JSON(), tg.stderr)
 		}
 		if tg.err != nil {
 			t.Fatalf("%v\n%s", tg.err, tg.stderr)
@@ -345,6 +365,25 @@ func TestEngineEventsChurn(t *testing.T) {
 		f.checkDump(t, "churn target", f.path("ev"), f.want)
 		f.finish(t)
 	})
+}
+
+// threadStates describes where each thread of pid waits (wchan, and the
+// kernel stack when readable).
+func threadStates(pid int) string {
+	var b strings.Builder
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, e := range ents {
+		dir := fmt.Sprintf("/proc/%d/task/%s/", pid, e.Name())
+		wchan, _ := os.ReadFile(dir + "wchan")
+		stack, _ := os.ReadFile(dir + "stack")
+		fmt.Fprintf(&b, "  tid %s: wchan %s\n", e.Name(), wchan)
+		for _, l := range strings.Split(strings.TrimSpace(string(stack)), "\n") {
+			if l != "" {
+				fmt.Fprintf(&b, "      %s\n", l)
+			}
+		}
+	}
+	return b.String()
 }
 
 // TestEngineEventsCloseNoLeak: after targets that used every kind of event
