@@ -548,11 +548,17 @@ func (e *engine) answer(v *View, u uint32, addr uintptr, t0 int64, st uint32) {
 	} else if err := v.continueUnit(u, addr); errors.Is(err, errRefill) {
 		e.refill(v, u, addr, t0)
 		return
+	} else if errors.Is(err, errRetry) {
+		v.deferFault(u, addr, t0)
+		return
 	}
 	v.c.latency.record(time.Duration(e.now() - t0))
 }
 
-var errRefill = errors.New("restore: page missing from the page cache")
+var (
+	errRefill = errors.New("restore: page missing from the page cache")
+	errRetry  = errors.New("restore: address space changing (EAGAIN): answer again after the pending event")
+)
 
 // refill handles a unit whose pages were punched out of the backing (a
 // target's MADV_REMOVE or fallocate(PUNCH_HOLE)): it goes back to absent and

@@ -42,6 +42,14 @@ type View struct {
 	childMu  sync.Mutex
 	children []*View // views of forked children: they stop with this one
 
+	// retry holds faults whose CONTINUE the kernel refused with EAGAIN: the
+	// address space is changing (an unmap, remap or remove event is pending
+	// on this uffd) and only this view's fault loop, by reading that event,
+	// lets it settle. The loop answers them again after its next read.
+	retryMu sync.Mutex
+	retry   []waiter
+	retryN  atomic.Int32
+
 	done      chan struct{}
 	closeOnce sync.Once
 	loopDone  chan struct{}
@@ -141,13 +149,7 @@ func (v *View) Close() error {
 	v.closeOnce.Do(func() {
 		first = true
 		v.dead.Store(true)
-		v.wakeMu.Lock()
-		if v.wakefd >= 0 {
-			var one [8]byte
-			one[0] = 1
-			unix.Write(v.wakefd, one[:])
-		}
-		v.wakeMu.Unlock()
+		v.kick()
 	})
 	<-v.loopDone
 	if !first {
@@ -203,6 +205,15 @@ func (v *View) loop() {
 			return
 		}
 		if n == 0 {
+			if v.retryN.Load() > 0 {
+				// Faults refused with EAGAIN: the event that refused them
+				// has been read by now (or is about to arrive): try again,
+				// pausing briefly so a refusal that persists is no spin.
+				if v.runRetries() {
+					uffd.Poll(v.u.Fd(), -1, 1)
+				}
+				continue
+			}
 			now := v.e.now()
 			if idleSince < 0 {
 				idleSince = now
@@ -216,7 +227,11 @@ func (v *View) loop() {
 				return
 			}
 			if woken {
-				return
+				var cnt [8]byte
+				unix.Read(v.wakefd, cnt[:])
+				if v.dead.Load() {
+					return
+				}
 			}
 			if hup {
 				v.stop(nil)
@@ -278,6 +293,41 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 	}
 }
 
+// deferFault queues a fault whose CONTINUE got EAGAIN and wakes the fault
+// loop, which answers it again after reading the pending events.
+func (v *View) deferFault(u uint32, addr uintptr, t0 int64) {
+	v.retryMu.Lock()
+	v.retry = append(v.retry, waiter{unit: u, v: v, addr: addr, t0: t0})
+	v.retryN.Store(int32(len(v.retry)))
+	v.retryMu.Unlock()
+	v.kick()
+}
+
+// kick wakes the fault loop out of poll(2).
+func (v *View) kick() {
+	v.wakeMu.Lock()
+	if v.wakefd >= 0 {
+		var one [8]byte
+		one[0] = 1
+		unix.Write(v.wakefd, one[:])
+	}
+	v.wakeMu.Unlock()
+}
+
+// runRetries answers the deferred faults again. It reports whether some
+// were deferred once more.
+func (v *View) runRetries() bool {
+	v.retryMu.Lock()
+	list := v.retry
+	v.retry = nil
+	v.retryN.Store(0)
+	v.retryMu.Unlock()
+	for _, w := range list {
+		v.e.request(v, w.unit, w.addr, w.t0)
+	}
+	return v.retryN.Load() > 0
+}
+
 // offsetOf maps an address of the view to a backing offset.
 func (v *View) offsetOf(addr uintptr) (uint64, bool) {
 	rs := *v.ranges.Load()
@@ -303,11 +353,15 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 		pg := addr &^ (ps - 1)
 		out, err := v.u.Continue(pg, ps, false)
 		v.c.continues.Add(1)
-		if err == nil && out == uffd.AlreadyMapped {
+		switch {
+		case err == nil && out == uffd.AlreadyMapped:
 			v.u.Wake(pg, ps)
-		}
-		if errors.Is(err, unix.EFAULT) {
+		case errors.Is(err, unix.EFAULT):
 			return errRefill
+		case errors.Is(err, unix.EAGAIN):
+			return errRetry
+		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
+			v.stop(nil)
 		}
 		return nil
 	}
@@ -325,6 +379,8 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 			switch {
 			case errors.Is(err, unix.EFAULT):
 				return errRefill
+			case errors.Is(err, unix.EAGAIN):
+				return errRetry
 			case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
 				v.stop(nil) // the target's address space is gone
 				return err

@@ -365,10 +365,11 @@ func (u *FD) continueN(addr, length uintptr, dontWake bool) (uintptr, Outcome, e
 // ContinueRange maps every page of [addr, addr+length) that is not mapped
 // yet, stepping over pages that are (one CONTINUE would stop at the first of
 // them). It returns the number of ioctls it made. Waiters on pages that were
-// mapped already are not woken: use Wake for those.
+// mapped already are not woken: use Wake for those. EAGAIN (the address
+// space is changing: an event is pending on this uffd) is returned at once,
+// since only reading that event lets it settle.
 func (u *FD) ContinueRange(addr, length, pageSize uintptr) (int, error) {
 	calls := 0
-	again := 0
 	for length > 0 {
 		n, out, err := u.continueN(addr, length, false)
 		calls++
@@ -376,9 +377,7 @@ func (u *FD) ContinueRange(addr, length, pageSize uintptr) (int, error) {
 		case err == nil && out == AlreadyMapped:
 			n = pageSize
 		case err == nil:
-		case errors.Is(err, unix.EAGAIN) && again < 100:
-			again++
-			continue
+
 		default:
 			return calls, err
 		}
