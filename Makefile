@@ -97,13 +97,15 @@ fuzz:
 	done; \
 	if [ $$n -eq 0 ]; then echo "fuzz: no Fuzz* targets yet; nothing to fuzz"; else echo "fuzz: $$n targets fuzzed for $(FUZZTIME) each"; fi
 
+# Benchmarks at real sizes: the Go benchmarks with UFFDRESTORE_BENCH_SIZE
+# (CI runs them once at their small defaults from `make test`), then the
+# side-by-side comparison of `uffdrestore bench` on a generated snapshot.
+BENCH_SIZE  ?= 2GiB
+BENCH_COUNT ?= 3
+BENCH_GEN   ?= 1GiB
 bench: build
-	$(GO) test -run='^$$' -bench=. -benchmem -count=5 ./...
-	@if bin/uffdrestore help bench >/dev/null 2>&1; then \
-		echo "bin/uffdrestore bench"; bin/uffdrestore bench; \
-	else \
-		echo "bench: no 'uffdrestore bench' command yet; only the Go benchmarks ran"; \
-	fi
+	UFFDRESTORE_BENCH_SIZE=$(BENCH_SIZE) $(GO) test -run='^$$' -bench=. -benchmem -count=$(BENCH_COUNT) -timeout 60m ./...
+	bin/uffdrestore bench --generate $(BENCH_GEN) --content realistic --pattern sparse:0.1,sequential --runs 5
 
 # The demo generates a snapshot, restores it lazily and prints stats. Until
 # the demo command lands it says what it will do and runs the doctor.
