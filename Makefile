@@ -107,8 +107,8 @@ bench: build
 	UFFDRESTORE_BENCH_SIZE=$(BENCH_SIZE) $(GO) test -run='^$$' -bench=. -benchmem -count=$(BENCH_COUNT) -timeout 60m ./...
 	bin/uffdrestore bench --generate $(BENCH_GEN) --content realistic --pattern sparse:0.1,sequential --runs 5
 
-# The demo generates a snapshot, restores it lazily and prints stats. Until
-# the demo command lands it says what it will do and runs the doctor.
+# The demo generates a snapshot, restores it lazily in-process (checking every
+# byte), then serves it to the C example target, a separate process.
 demo: build
 	bin/uffdrestore demo --target bin/uffdrestore-target
 
