@@ -226,7 +226,7 @@ func pct(v []uint64, q float64) time.Duration {
 func BenchmarkFaultLatency(b *testing.B) {
 	size := min(benchSize(b), 512<<20)
 	for _, codec := range []format.Codec{format.CodecS2, format.CodecZstd} {
-		for _, spin := range []time.Duration{0, DefaultSpin} {
+		for _, spin := range []time.Duration{0, 50 * time.Microsecond} {
 			b.Run(fmt.Sprintf("codec=%v/spin=%v", codec, spin), func(b *testing.B) {
 				snap, _ := benchSnapshot(b, size, "mem", codec, 2<<20, false)
 				opts := append(benchBacking(b, size), WithSpin(spin), WithPremap(false))

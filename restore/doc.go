@@ -27,9 +27,9 @@
 // in the page cache before the first touch (fallocate of 4 GiB: 0.25–0.46 s),
 // which makes time to ready grow with the snapshot. With MISSING as well, a
 // never-touched page raises a missing fault, the filler's write into the
-// alias allocates it, and CONTINUE maps it. Lazy Open measured 1.1–1.4 ms
-// for 256 MiB and 1.1–1.3 ms for 4 GiB (BenchmarkTimeToReady); most of it is
-// starting the helper process.
+// alias allocates it, and CONTINUE maps it. Lazy Open measured 1.46 ms for
+// 256 MiB and 1.52 ms for 4 GiB (BenchmarkTimeToReady, medians of 3x20);
+// most of it is starting the helper process.
 //
 // Huge pages are reserved, not allocated, up front: the alias is a
 // MAP_SHARED hugetlb mapping, which reserves the whole file's pages at mmap
@@ -39,19 +39,28 @@
 // Premap. A unit filled without a fault (eager, prefetch, another view's
 // fault) is CONTINUEd into every view at once, so a later first touch costs
 // no fault at all; with premap off (WithPremap(false)) a touch of a present
-// unit costs one CONTINUE round trip, measured at p50 9–12 µs, p99 100–190 µs
-// on this VM (BenchmarkFaultLatency, present-p50/p99).
+// unit costs one CONTINUE round trip: p50 10–14 µs, p99 75–200 µs on this VM
+// (BenchmarkFaultLatency, present-p50/p99, quiet machine).
 //
-// First-touch latency of an absent 2 MiB unit (BenchmarkFaultLatency) was
-// 1.0–1.5x the ideal measured in the same run (decode of that chunk into a
-// warm buffer plus allocating and zeroing one huge page): the fault round
-// trip is small next to a 2 MiB decode.
+// First-touch latency of an absent 2 MiB unit was 1.08–1.29x the ideal
+// measured in the same run (decoding that chunk into a warm buffer plus
+// allocating and zeroing one huge page): s2 2.36 ms against 2.19 ms, zstd
+// 3.88 ms against 3.02 ms. The fault round trip is small next to a 2 MiB
+// decode; what is left is mostly decoding into cold memory.
 //
-// Spinning. After serving a batch, the fault loop busy-polls the uffd for
-// DefaultSpin before sleeping in poll(2): a wake-up across vCPUs costs
-// ~50–70 µs here, a spinning handler answers in a few. The spin is short
-// because on two vCPUs a spinning handler takes a core from the fillers;
-// WithSpin(0) turns it off.
+// No spinning. A fault loop sleeps in poll(2) as soon as the uffd is empty.
+// Busy-polling 50 µs, or even 1 ms, after each batch left the present-unit
+// p50 where it was (11–14 µs) and did not lower the p99: the cost is waking
+// the faulting thread's vCPU, which the handler cannot speed up, and on two
+// vCPUs a spinning handler takes a core from the fillers. WithSpin sets a
+// spin for machines where it pays.
+//
+// Eager throughput (BenchmarkEager, 2 GiB of heap-like content, zstd,
+// 2 MiB chunks, medians of 3x3): 709 MB/s with one worker, 1153 MB/s with
+// two (1.63x), against 487 MB/s for `zstd -d -T0` into tmpfs and reading the
+// file back (BenchmarkBaselineZstdCLI): 2.4x faster. The restorer's own
+// memory for an eager fill of a 4 GiB snapshot peaked at 9–11 MiB of
+// anonymous RSS (BenchmarkLoaderRSS): one decoder and read buffer per worker.
 //
 // # The in-process trap, and the helper process
 //
