@@ -37,8 +37,10 @@
 // is mapped, never with a SIGBUS later.
 //
 // Premap. A unit filled without a fault (eager, prefetch, another view's
-// fault) is CONTINUEd into every view at once, so a later first touch costs
-// no fault at all; with premap off (WithPremap(false)) a touch of a present
+// fault) is CONTINUEd into every view at once, and a view that attaches
+// later gets every present unit mapped at attach, so its first touch costs
+// no fault at all (BenchmarkSecondViewPremapped: 0 faults, touch p50
+// 0.03 µs, p99 0.53 µs); with premap off (WithPremap(false)) a touch of a present
 // unit costs one CONTINUE round trip: p50 10–14 µs, p99 75–200 µs on this VM
 // (BenchmarkFaultLatency, present-p50/p99, quiet machine).
 //
