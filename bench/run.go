@@ -75,6 +75,9 @@ type Config struct {
 	OutOfProcess bool   // eager/lazy/prefetch through Target over the attach protocol
 	Target       string // bin/uffdrestore-target
 	Seed         uint64
+	// Cold drops the snapshot file (and the raw image) from the page cache
+	// before every run, as a restore from disk after a reboot would find it.
+	Cold bool
 	// Log receives one line per run (may be nil).
 	Log func(format string, args ...any)
 }
@@ -172,6 +175,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			seed = cfg.Seed + 1000003
 			cfg.Env.Profile = profiles[c.Pattern.String()]
 		}
+		if cfg.Cold {
+			if err := DropFromPageCache(cfg.Env.Snap, cfg.Env.Image); err != nil {
+				return rep, fmt.Errorf("bench: --cold: %w", err)
+			}
+		}
 		var r RunResult
 		if c.OutOfProcess {
 			r = runOutOfProcess(ctx, cfg.Env, c.Strategy.Name, c.Pattern, cfg.Threads, cfg.Target, seed)
@@ -194,6 +202,28 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep.summarize(cases)
 	return rep, nil
+}
+
+// DropFromPageCache evicts files' clean pages from the page cache
+// (posix_fadvise DONTNEED after fdatasync), so the next read comes from the
+// disk.
+func DropFromPageCache(paths ...string) error {
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		unix.Fdatasync(int(f.Fd()))
+		err = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+		f.Close()
+		if err != nil {
+			return os.NewSyscallError("posix_fadvise", err)
+		}
+	}
+	return nil
 }
 
 // recordProfile runs the workload once on a lazy restore that records its
