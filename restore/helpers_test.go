@@ -2,11 +2,10 @@ package restore
 
 import (
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/testutil"
 )
 
 type testRegion struct {
@@ -46,31 +45,11 @@ func testImage(n int, seed uint64) []byte {
 // writeSnap writes a snapshot of regions and returns its path.
 func writeSnap(t testing.TB, regions []testRegion, codec format.Codec, chunk int) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "test.snap")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
+	rs := make([]testutil.Region, len(regions))
+	for i, r := range regions {
+		rs[i] = testutil.Region{Name: r.name, Addr: r.addr, Data: r.data}
 	}
-	defer f.Close()
-	w, err := format.NewWriter(f, format.WriterOptions{ChunkSize: chunk, Codec: codec, Workers: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range regions {
-		if err := w.BeginRegion(r.name, r.addr, 3); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := w.Write(r.data); err != nil {
-			t.Fatal(err)
-		}
-		if err := w.EndRegion(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return p
+	return testutil.WriteSnapshot(t, rs, codec, chunk)
 }
 
 // regionBytes returns each region of a restored layout from mem.

@@ -6,6 +6,7 @@ package testutil
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/uffdrestore/uffdrestore/format"
 	"golang.org/x/sys/unix"
 )
 
@@ -180,4 +182,42 @@ func HugetlbMappedKB() int64 {
 		}
 	}
 	return total
+}
+
+// Region is one region of a test snapshot.
+type Region struct {
+	Name string
+	Addr uint64
+	Data []byte
+}
+
+// WriteSnapshot writes regions as a snapshot (2 compression workers) in a
+// temporary directory of the test and returns its path.
+func WriteSnapshot(t testing.TB, regions []Region, codec format.Codec, chunk int) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "test.snap")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w, err := format.NewWriter(f, format.WriterOptions{ChunkSize: chunk, Codec: codec, Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range regions {
+		if err := w.BeginRegion(r.Name, r.Addr, 3); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write(r.Data); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.EndRegion(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

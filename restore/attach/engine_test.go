@@ -61,31 +61,11 @@ func testRegions() []snapRegion {
 
 func writeSnapshot(t testing.TB, regions []snapRegion, chunk int) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "test.snap")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
+	rs := make([]testutil.Region, len(regions))
+	for i, r := range regions {
+		rs[i] = testutil.Region{Name: r.name, Addr: r.addr, Data: r.data}
 	}
-	defer f.Close()
-	w, err := format.NewWriter(f, format.WriterOptions{ChunkSize: chunk, Codec: format.CodecZstd, Level: 1, Workers: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range regions {
-		if err := w.BeginRegion(r.name, r.addr, 3); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := w.Write(r.data); err != nil {
-			t.Fatal(err)
-		}
-		if err := w.EndRegion(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return p
+	return testutil.WriteSnapshot(t, rs, format.CodecZstd, chunk)
 }
 
 func concatRegions(rs []snapRegion) []byte {
