@@ -62,17 +62,24 @@ func BenchmarkStrategy(b *testing.B) {
 	for _, pat := range []Pattern{{Sparse, 0.1}, {Sequential, 1}} {
 		for _, s := range Strategies {
 			b.Run(s.Name+"/"+pat.String(), func(b *testing.B) {
-				env := benchEnv(b)
+				env := *benchEnv(b) // a copy: the profile is per pattern
 				order := pat.Order(env.Layout.Pages(), 1)
+				if s.Name == "working-set" {
+					prof, err := recordProfile(context.Background(), &env, order, 1)
+					if err != nil {
+						b.Fatal(err)
+					}
+					env.Profile = prof
+				}
 				b.SetBytes(env.Layout.RawBytes)
 				// Warm-up: the first touch of memory the VM never used is slow.
-				if r := runInProcess(context.Background(), env, s, order, 1, nil); r.Error != "" {
+				if r := runInProcess(context.Background(), &env, s, order, 1, nil); r.Error != "" {
 					b.Fatal(r.Error)
 				}
 				var ready, complete float64
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
-					r := runInProcess(context.Background(), env, s, order, runtime.NumCPU(), b.StopTimer)
+					r := runInProcess(context.Background(), &env, s, order, runtime.NumCPU(), b.StopTimer)
 					if r.Error != "" {
 						b.Fatal(r.Error)
 					}
