@@ -315,6 +315,12 @@ func (e *engine) fillBatch(w *workerState, units []uint32) {
 	var winOff uint64 // rbuf holds the file's bytes [winOff, winOff+winLen)
 	winLen := 0
 	for _, u := range units {
+		if e.partial[u].Swap(false) {
+			// Punched out by a target and claimed here before a fault
+			// did: fill only the missing pages, like a fault would.
+			e.publish(w, u, e.refillUnit(w, u), false)
+			continue
+		}
 		c0, c1, whole := e.unitChunks(u)
 		var err error
 		for c := c0; c < c1 && err == nil; c++ {
