@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -138,9 +139,14 @@ func runLoad(c *cli.Context) error {
 	if d := c.String("hugetlbfs"); d != "" {
 		opts = append(opts, restore.WithHugetlbfsDir(d))
 	}
+	workers := runtime.NumCPU()
 	if n := c.Int("workers"); n > 0 {
 		opts = append(opts, restore.WithWorkers(n))
+		workers = n
 	}
+	// One P more than fill workers, so a target's fault loop never waits for
+	// a P while every P decodes (see restore's package documentation).
+	runtime.GOMAXPROCS(workers + 1)
 	record := c.String("record")
 	if record != "" {
 		if mode != restore.ModeLazy || c.IsSet("profile") || c.IsSet("profile-file") {

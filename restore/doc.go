@@ -81,6 +81,16 @@
 // zeros; Stats and Wait report the helper's exit. Eager mode needs no
 // helper: everything is decompressed before Open returns.
 //
+// GOMAXPROCS. A fault loop is a goroutine on a locked thread that sleeps in
+// poll(2) without a P; when a fault wakes it, it needs a P again, and if the
+// fillers hold every P (a 2 MiB decode has no preemption point; Go preempts
+// it after 10 ms) the fault waits. The helper process and `uffdrestore load`
+// therefore run with one P more than they have fillers. A trace of the
+// helper in a working-set restore (UFFDRESTORE_HELPER_TRACE=FILE writes one)
+// showed 260 ms of runnable-without-a-P time in a 320 ms restore before, and
+// the restore took 163 ms after. A program that embeds a Loader should leave
+// the same headroom: WithWorkers(runtime.GOMAXPROCS(0) - 1).
+//
 // A Loader (the server side) serves views that other processes registered;
 // their faulting threads are theirs, so the Loader's fault loops, which run
 // on locked OS threads, never wait on them.

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/trace"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -443,6 +445,25 @@ func helperMain(js string) int {
 	if err := json.Unmarshal([]byte(js), &hc); err != nil {
 		return fail(err)
 	}
+	// UFFDRESTORE_HELPER_TRACE=FILE writes a Go execution trace of the
+	// helper (go tool trace), for looking into where a restore waits.
+	if p := os.Getenv("UFFDRESTORE_HELPER_TRACE"); p != "" {
+		if f, err := os.Create(fmt.Sprintf("%s.%d", p, os.Getpid())); err == nil {
+			if trace.Start(f) == nil {
+				defer func() { trace.Stop(); f.Close() }()
+			}
+		}
+	}
+	// One more P than filler workers: a fault loop that wakes up must not
+	// wait for a P while every P decodes a chunk (Go preempts those only
+	// every 10 ms). Measured with a trace of the helper: without it, fault
+	// loops and fillers spent 260 ms runnable without a P in a 320 ms
+	// working-set restore.
+	workers := hc.Workers
+	if workers <= 0 {
+		workers = runtime.NumCPU()
+	}
+	runtime.GOMAXPROCS(workers + 1)
 	ctl := os.NewFile(6, "ctl")
 	snap := os.NewFile(3, "snapshot")
 	rd, err := format.NewReader(snap, hc.SnapSize)
