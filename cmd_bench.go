@@ -68,6 +68,7 @@ Examples:
 			&cli.IntFlag{Name: "runs", Value: 5, Usage: "timed runs of every strategy"},
 			&cli.BoolFlag{Name: "no-warmup", Usage: "skip the untimed warm-up run"},
 			&cli.BoolFlag{Name: "cold", Usage: "drop the snapshot from the page cache before every run (a restore from disk)"},
+			&cli.StringFlag{Name: "profile-out", Usage: "with working-set: save the recorded working set as a sidecar profile `FILE`"},
 			&cli.BoolFlag{Name: "out-of-process", Usage: "run eager/lazy/prefetch through the example C target"},
 			&cli.StringFlag{Name: "target", Usage: "the example target program (`PATH`; default bin/uffdrestore-target)"},
 			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "restore backing: auto, memfd-hugetlb, hugetlbfs or shmem"},
@@ -150,7 +151,7 @@ func runBench(c *cli.Context) error {
 	f.Close()
 
 	cfg := bench.Config{Env: env, Strategies: strategies, Patterns: patterns, Threads: c.Int("threads"), Runs: c.Int("runs"),
-		NoWarmup: c.Bool("no-warmup"), OutOfProcess: c.Bool("out-of-process"), Seed: c.Uint64("seed"), Log: logf, Cold: c.Bool("cold")}
+		NoWarmup: c.Bool("no-warmup"), OutOfProcess: c.Bool("out-of-process"), Seed: c.Uint64("seed"), Log: logf, Cold: c.Bool("cold"), ProfileOut: c.String("profile-out")}
 	if cfg.OutOfProcess {
 		cfg.Target = c.String("target")
 		if cfg.Target == "" {

@@ -78,6 +78,10 @@ type Config struct {
 	// Cold drops the snapshot file (and the raw image) from the page cache
 	// before every run, as a restore from disk after a reboot would find it.
 	Cold bool
+	// ProfileOut, with the working-set strategy, saves the recorded working
+	// set (of the first pattern) as a sidecar profile file, e.g. for
+	// `uffdrestore snapshot reorder --profile-file`.
+	ProfileOut string
 	// Log receives one line per run (may be nil).
 	Log func(format string, args ...any)
 }
@@ -163,6 +167,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			}
 			cfg.Log("%-26s %-14s recorded a working set of %d chunks", "working-set", p, len(prof.Entries))
 			profiles[p.String()] = prof
+			if cfg.ProfileOut != "" && p == cfg.Patterns[0] {
+				if err := saveSidecar(cfg.ProfileOut, cfg.Env.Snap, *prof); err != nil {
+					return rep, fmt.Errorf("bench: --profile-out: %w", err)
+				}
+			}
 		}
 	}
 	for _, sl := range Schedule(len(cases), cfg.Runs, !cfg.NoWarmup) {
@@ -202,6 +211,15 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep.summarize(cases)
 	return rep, nil
+}
+
+func saveSidecar(path, snap string, p format.Profile) error {
+	f, err := format.Open(snap)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return restore.SaveProfile(path, f.Reader, p)
 }
 
 // DropFromPageCache evicts files' clean pages from the page cache
