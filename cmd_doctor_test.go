@@ -16,9 +16,9 @@ import (
 	"github.com/uffdrestore/uffdrestore/restore/doctor"
 )
 
-// TestDoctorHelperProcess is not a test: run by doctorCmd as a child, it
-// is the uffdrestore binary (the usual os/exec helper-process pattern), so
-// the real command runs with its real exit code.
+// TestDoctorHelperProcess is not a test: run by doctorCmd (and loadCmd) as a
+// child, it is the uffdrestore binary (the usual os/exec helper-process
+// pattern), so the real command runs with real signals and exit codes.
 func TestDoctorHelperProcess(t *testing.T) {
 	if os.Getenv("UFFDRESTORE_HELPER_MAIN") != "1" {
 		return

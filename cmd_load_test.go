@@ -19,28 +19,8 @@ import (
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
-// TestLoadHelperProcess is not a test: run by loadCmd as a child, it is the
-// uffdrestore binary, so `load` runs with real signals and exit codes.
-func TestLoadHelperProcess(t *testing.T) {
-	if os.Getenv("UFFDRESTORE_LOAD_HELPER") != "1" {
-		return
-	}
-	args := []string{"uffdrestore"}
-	for i, a := range os.Args {
-		if a == "--" {
-			args = append(args, os.Args[i+1:]...)
-			break
-		}
-	}
-	os.Args = args
-	main()
-	os.Exit(0)
-}
-
 func loadCmd(args ...string) *exec.Cmd {
-	cmd := exec.Command(os.Args[0], append([]string{"-test.run=^TestLoadHelperProcess$", "--"}, args...)...)
-	cmd.Env = append(os.Environ(), "UFFDRESTORE_LOAD_HELPER=1")
-	return cmd
+	return doctorCmd(os.Args[0], args...) // the test binary as the uffdrestore command
 }
 
 // loadTarget compiles csrc/target.c with the Makefile's flags into the
