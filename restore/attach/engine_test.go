@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -241,38 +240,7 @@ func TestEngineServerKilled(t *testing.T) {
 			requireUffd(t, bk.hugetlb)
 			buildTarget(t)
 			snap := writeSnapshot(t, []snapRegion{{"data", 0, memImage(8<<20, 4)}}, 2<<20)
-			sock := filepath.Join(t.TempDir(), "s.sock")
-			srv := exec.Command(os.Args[0], "-test.run=^$")
-			srv.Env = append(os.Environ(), "UR_ATTACH_TEST_SERVER="+sock, "UR_ATTACH_TEST_SNAP="+snap, "UR_ATTACH_TEST_BACKING="+bk.kind.String())
-			out, err := srv.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			srv.Stderr = os.Stderr
-			if err := srv.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer func() { srv.Process.Kill(); srv.Wait() }()
-			line := make([]byte, 8)
-			if _, err := out.Read(line); err != nil || !strings.HasPrefix(string(line), "serving") {
-				t.Fatalf("helper server: %q %v", line, err)
-			}
-			dump := filepath.Join(t.TempDir(), "dump")
-			tg := startTarget(t, sock, "--wait", "--dump", dump)
-			tg.stderr.wait(t, "attached", 10*time.Second)
-			srv.Process.Kill()
-			srv.Wait()
-			tg.stdin.Write([]byte("\n"))
-			select {
-			case <-tg.done:
-				t.Fatalf("target finished after the server died (%v): it must wait on the unfilled page\nstdout %s\nstderr %s", tg.err, tg.stdout, tg.stderr)
-			case <-time.After(time.Second):
-			}
-			if _, err := os.Stat(dump); err == nil {
-				t.Fatal("target dumped after the server died")
-			}
-			tg.cmd.Process.Kill()
-			tg.wait(t, 5*time.Second)
+			killServerUnderTarget(t, "UR_ATTACH_TEST_SNAP="+snap, "UR_ATTACH_TEST_BACKING="+bk.kind.String())
 		})
 	}
 }

@@ -467,43 +467,53 @@ func TestServerKilled(t *testing.T) {
 		t.Run(backingName(hugetlb), func(t *testing.T) {
 			requireUffd(t, hugetlb)
 			buildTarget(t)
-			sock := filepath.Join(t.TempDir(), "s.sock")
-			srv := exec.Command(os.Args[0], "-test.run=^$")
-			srv.Env = append(os.Environ(), "UR_ATTACH_TEST_SERVER="+sock)
+			env := []string{}
 			if hugetlb {
-				srv.Env = append(srv.Env, "UR_ATTACH_TEST_HUGETLB=1")
+				env = append(env, "UR_ATTACH_TEST_HUGETLB=1")
 			}
-			out, err := srv.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			srv.Stderr = os.Stderr
-			if err := srv.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer func() { srv.Process.Kill(); srv.Wait() }()
-			line := make([]byte, 8)
-			if _, err := out.Read(line); err != nil || !strings.HasPrefix(string(line), "serving") {
-				t.Fatalf("helper server: %q %v", line, err)
-			}
-			dump := filepath.Join(t.TempDir(), "dump")
-			tg := startTarget(t, sock, "--wait", "--dump", dump)
-			tg.stderr.wait(t, "attached", 10*time.Second)
-			srv.Process.Kill()
-			srv.Wait()
-			tg.stdin.Write([]byte("\n")) // now touch
-			select {
-			case <-tg.done:
-				t.Fatalf("target finished after the server died (%v); it must wait on the unfilled page\nstdout %s\nstderr %s", tg.err, tg.stdout.String(), tg.stderr)
-			case <-time.After(time.Second):
-			}
-			if _, err := os.Stat(dump); err == nil {
-				t.Fatal("target dumped after the server died")
-			}
-			tg.cmd.Process.Kill()
-			tg.wait(t, 5*time.Second)
+			killServerUnderTarget(t, env...)
 		})
 	}
+}
+
+// killServerUnderTarget starts a server (this test binary, with env) in a
+// child process, attaches a target that waits, SIGKILLs the server, lets
+// the target touch its pages, and checks it neither finishes nor dumps: a
+// page never filled makes it wait instead of reading zeros.
+func killServerUnderTarget(t *testing.T, env ...string) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	srv := exec.Command(os.Args[0], "-test.run=^$")
+	srv.Env = append(append(os.Environ(), "UR_ATTACH_TEST_SERVER="+sock), env...)
+	out, err := srv.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Stderr = os.Stderr
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	line := make([]byte, 8)
+	if _, err := out.Read(line); err != nil || !strings.HasPrefix(string(line), "serving") {
+		t.Fatalf("helper server: %q %v", line, err)
+	}
+	dump := filepath.Join(t.TempDir(), "dump")
+	tg := startTarget(t, sock, "--wait", "--dump", dump)
+	tg.stderr.wait(t, "attached", 10*time.Second)
+	srv.Process.Kill()
+	srv.Wait()
+	tg.stdin.Write([]byte("\n")) // now touch
+	select {
+	case <-tg.done:
+		t.Fatalf("target finished after the server died (%v); it must wait on the unfilled page\nstdout %s\nstderr %s", tg.err, tg.stdout.String(), tg.stderr)
+	case <-time.After(time.Second):
+	}
+	if _, err := os.Stat(dump); err == nil {
+		t.Fatal("target dumped after the server died")
+	}
+	tg.cmd.Process.Kill()
+	tg.wait(t, 5*time.Second)
 }
 
 // TestListenPaths: the socket path's corner cases.
