@@ -599,10 +599,10 @@ func (e *engine) refill(v *View, u uint32, addr uintptr, t0 int64) {
 	// shared target's writes). A stale true is harmless: every later fill
 	// of a unit that was present once is a refill.
 	e.partial[u].Store(true)
-	if h := e.hooks; h != nil && h.refillMarked != nil {
-		h.refillMarked(u)
-	}
 	if e.state[u].CompareAndSwap(stPresent, stAbsent) {
+		if h := e.hooks; h != nil && h.refillAbsent != nil {
+			h.refillAbsent(u)
+		}
 		e.present.Add(-1)
 		e.c.refills.Add(1)
 	}
@@ -655,7 +655,7 @@ var (
 
 // engineHooks let tests widen race windows and inject failures.
 type engineHooks struct {
-	refillMarked func(u uint32)       // in refill, between marking u partial and making it absent
+	refillAbsent func(u uint32)       // in refill, right after it made u absent
 	punch        func(u uint32) error // replaces the punch of a failed unit
 }
 

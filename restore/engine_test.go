@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/format"
@@ -290,5 +291,59 @@ func TestPunchedPageComesBackFilled(t *testing.T) {
 				t.Fatalf("refills = %d, want 1", s.Refills)
 			}
 		})
+	}
+}
+
+// TestRefillRaceKeepsWrites: a fault that finds a unit absent while a
+// refill is taking it from present to absent must refill only its missing
+// pages: a shared target's write to another page of the unit survives. The
+// hook runs the racing fault (another shared view touching the unit) inside
+// refill's window, every time, for every unit.
+func TestRefillRaceKeepsWrites(t *testing.T) {
+	const chunk, page = 64 << 10, 4096
+	regions := []testRegion{{"a", 0, testImage(1<<20, 23)}}
+	path := writeSnap(t, regions, format.CodecZstd, chunk)
+	l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 0)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	m1, _ := attachLocal(t, l, false)
+	m2, _ := attachLocal(t, l, false)
+	uffd.Touch(m1.Addr(), m1.Len(), page, false, nil, nil)
+	img, mem1, mem2 := regions[0].data, m1.Bytes(), m2.Bytes()
+	var raced atomic.Int32
+	l.e.hooks = &engineHooks{refillAbsent: func(u uint32) {
+		// The second view's first touch of page 2 of the unit, now.
+		uffd.Touch(m2.Addr()+uintptr(int(u)*chunk+2*page), page, page, false, nil, nil)
+		raced.Add(1)
+	}}
+	units := len(img) / chunk
+	for round := 0; round < 4; round++ {
+		for u := 0; u < units; u++ {
+			base := u * chunk
+			mem1[base] = img[base] ^ byte(0x5a+round) // the target's write, page 0
+			if err := m1.Madvise(base+page, page, unix.MADV_REMOVE); err != nil {
+				t.Fatal(err)
+			}
+			if err := m2.Madvise(0, m2.Len(), unix.MADV_DONTNEED); err != nil {
+				t.Fatal(err)
+			}
+			uffd.Touch(m1.Addr()+uintptr(base+page), page, page, false, nil, nil)
+			if mem1[base] != img[base]^byte(0x5a+round) {
+				t.Fatalf("round %d unit %d: a fault racing the refill decoded the whole unit over the target's write", round, u)
+			}
+			if !bytes.Equal(mem1[base+page:base+2*page], img[base+page:base+2*page]) ||
+				!bytes.Equal(mem2[base+2*page:base+3*page], img[base+2*page:base+3*page]) {
+				t.Fatalf("round %d unit %d: the refilled or the racing page is not the snapshot's", round, u)
+			}
+			mem1[base] = img[base]
+		}
+	}
+	if want := int32(4 * units); raced.Load() != want {
+		t.Fatalf("the racing touch ran %d times, want %d", raced.Load(), want)
+	}
+	if s := l.Stats(); s.Errors != 0 {
+		t.Fatalf("errors: %s", s.LastError)
 	}
 }
