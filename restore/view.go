@@ -395,32 +395,10 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 		if addr == 0 {
 			return nil // premap of a unit this view has mapped already
 		}
-		pg := addr &^ (ps - 1)
-		out, err := v.u.Continue(pg, ps, false)
-		v.c.continues.Add(1)
-		switch {
-		case err == nil && out == uffd.AlreadyMapped:
-			if err := v.u.Wake(pg, ps); err != nil {
-				return fmt.Errorf("wake the fault at %#x: %w", addr, err)
-			}
-		case err == nil:
-		case errors.Is(err, unix.EFAULT):
-			return errRefill
-		case errors.Is(err, unix.EAGAIN):
-			return errRetry
-		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
-			v.stop(nil) // the target's address space is gone
-			return errGone
-		case errors.Is(err, unix.ENOENT):
-			// Unmapped under us: the woken thread faults again on
-			// whatever is there now (SIGSEGV if nothing).
-			v.u.Wake(pg, ps)
-		default:
-			return fmt.Errorf("map the fault at %#x (unit %d): %w", addr, u, err)
-		}
-		return nil
+		return v.continuePage(u, addr)
 	}
 	var firstErr error
+	complete := true
 	for _, r := range *v.ranges.Load() {
 		lo, hi := max(ustart, r.Offset), min(uend, r.Offset+r.Size)
 		if lo >= hi {
@@ -440,7 +418,14 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 				v.stop(nil) // the target's address space is gone
 				return errGone
 			case errors.Is(err, unix.ENOENT):
-				continue // the range was unmapped under us
+				// Part of the range is no longer one registered
+				// mapping (unmapped under us, or the target changed
+				// it behind our back): map the faulting page alone.
+				complete = false
+				if addr >= start && addr < start+n {
+					return v.continuePage(u, addr)
+				}
+				continue
 			}
 			if firstErr == nil {
 				firstErr = fmt.Errorf("map unit %d at %#x: %w", u, start, err)
@@ -455,7 +440,7 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 			v.u.Wake(pg, ps)
 		}
 	}
-	if firstErr == nil {
+	if firstErr == nil && complete {
 		for {
 			w := word.Load()
 			if word.CompareAndSwap(w, w|bit) {
@@ -464,6 +449,36 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 		}
 	}
 	return firstErr
+}
+
+// continuePage maps the page at faulting address addr (in unit u) and
+// wakes its thread.
+func (v *View) continuePage(u uint32, addr uintptr) error {
+	ps := uintptr(v.e.b.pageSize)
+	pg := addr &^ (ps - 1)
+	out, err := v.u.Continue(pg, ps, false)
+	v.c.continues.Add(1)
+	switch {
+	case err == nil && out == uffd.AlreadyMapped:
+		if err := v.u.Wake(pg, ps); err != nil {
+			return fmt.Errorf("wake the fault at %#x: %w", addr, err)
+		}
+	case err == nil:
+	case errors.Is(err, unix.EFAULT):
+		return errRefill
+	case errors.Is(err, unix.EAGAIN):
+		return errRetry
+	case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
+		v.stop(nil) // the target's address space is gone
+		return errGone
+	case errors.Is(err, unix.ENOENT):
+		// Unmapped under us: the woken thread faults again on
+		// whatever is there now (SIGSEGV if nothing).
+		v.u.Wake(pg, ps)
+	default:
+		return fmt.Errorf("map the fault at %#x (unit %d): %w", addr, u, err)
+	}
+	return nil
 }
 
 // forgetMapped clears the mapped bits: after a remove, unmap or remap event
@@ -479,7 +494,7 @@ func (v *View) forgetMapped() {
 // view ends: a blocked thread is safer than wrong bytes.
 func (v *View) poison(u uint32, addr uintptr) error {
 	if v.e.poisonOff {
-		return fmt.Errorf("%w; this kernel has no UFFDIO_POISON (Linux >= 6.6) to answer the fault at %#x with SIGBUS", v.e.unitError(u), addr)
+		return fmt.Errorf("%w; without UFFDIO_POISON (Linux >= 6.6; off when %s=1) the fault at %#x cannot be answered with SIGBUS", v.e.unitError(u), DisablePoisonEnv, addr)
 	}
 	us := uint64(v.e.unitSize)
 	ustart, uend := uint64(u)*us, uint64(u+1)*us
