@@ -347,3 +347,47 @@ func TestRefillRaceKeepsWrites(t *testing.T) {
 		t.Fatalf("errors: %s", s.LastError)
 	}
 }
+
+// TestFailedPunchClearsUnit: when punching a unit that failed to fill out of
+// the backing fails too, the unit's unverified bytes are overwritten, never
+// left in the page cache, and the error says what happened.
+func TestFailedPunchClearsUnit(t *testing.T) {
+	const chunk = 64 << 10
+	img := make([]byte, 8*chunk)
+	for i := range img {
+		img[i] = byte(i*13 + i>>10 + 1)
+	}
+	path := writeSnap(t, []testRegion{{"a", 0, img}}, format.CodecRaw, chunk)
+	f, err := format.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := f.Chunk(2).Offset + 100
+	f.Close()
+	b, _ := os.ReadFile(path)
+	b[off] ^= 0x55
+	os.WriteFile(path, b, 0o600)
+	l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 0)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var punches atomic.Int32
+	l.e.hooks = &engineHooks{punch: func(u uint32) error { punches.Add(1); return unix.EIO }}
+	if err := l.Wait(context.Background()); !errors.Is(err, format.ErrChecksum) {
+		t.Fatalf("Wait = %v, want a checksum error", err)
+	}
+	if punches.Load() != 1 {
+		t.Fatalf("%d punches, want 1", punches.Load())
+	}
+	got := make([]byte, chunk)
+	if _, err := unix.Pread(l.BackingFD(), got, 2*chunk); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, chunk)) {
+		t.Fatal("the failed unit's unverified bytes stayed in the backing after its punch failed")
+	}
+	if s := l.Stats(); !strings.Contains(s.LastError, "punching it out of the backing failed too") {
+		t.Fatalf("last error: %q", s.LastError)
+	}
+}
