@@ -20,7 +20,9 @@
  * order to FILE (so `cmp` against `uffdrestore snapshot extract` works), and
  * detaches. --wait waits for a line on stdin after attaching and before
  * touching; --hold waits for stdin EOF, SIGTERM/SIGINT or the server's
- * shutdown notice before detaching. Exit status 0 on success, 1 on error.
+ * shutdown notice before detaching. Exit status 0 on success, 1 on error
+ * (also when the server ends the session with an error while the target
+ * touches or dumps: a fault it could not answer; the message is printed).
  *
  * Address-space events (the server must follow them; see PROTOCOL.md §7).
  * Each runs after attaching (and after --wait), before the touch, on the
