@@ -51,10 +51,12 @@ type View struct {
 	retry   []waiter
 	retryN  atomic.Int32
 
-	// strays counts faults outside every range since strayT0 with no
-	// remap or unmap event read in between (fault loop only).
-	strays  int
-	strayT0 int64
+	// strays counts faults outside every range since strayT0, each less
+	// than strayGap after the previous one (at strayLast), with no remap or
+	// unmap event read in between (fault loop only).
+	strays    int
+	strayT0   int64
+	strayLast int64
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -311,9 +313,14 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 	}
 }
 
-// strayLimit is how long faults outside every range of a view may go on
-// with no remap or unmap event that could explain them.
-const strayLimit = 50 * time.Millisecond
+// Faults outside every range of a view may go on for strayLimit (and at
+// least strayCount of them) with no remap or unmap event that could explain
+// them; one more than strayGap after the previous one starts a new count.
+const (
+	strayLimit = 50 * time.Millisecond
+	strayCount = 64
+	strayGap   = time.Second
+)
 
 // stray handles a fault outside every range of the view. Right after an
 // mremap or munmap that can be a fault read before the event that moves the
@@ -323,11 +330,12 @@ const strayLimit = 50 * time.Millisecond
 // them (read, wake, read again) would spin a server core for as long as the
 // target lives, so the view is ended instead.
 func (v *View) stray(addr uintptr, t0 int64) {
-	if v.strays == 0 {
-		v.strayT0 = t0
+	if v.strays == 0 || time.Duration(t0-v.strayLast) > strayGap {
+		v.strays, v.strayT0 = 0, t0
 	}
 	v.strays++
-	if time.Duration(t0-v.strayT0) >= strayLimit {
+	v.strayLast = t0
+	if v.strays >= strayCount && time.Duration(t0-v.strayT0) >= strayLimit {
 		v.fail(fmt.Errorf("the target faults at %#x, outside every mapping it attached (%d such faults in %v with no remap or unmap): "+
 			"it registered memory on its userfaultfd that it did not list in the attach message; attach every registered range",
 			addr, v.strays, time.Duration(t0-v.strayT0).Round(time.Millisecond)))
