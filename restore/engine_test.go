@@ -9,8 +9,10 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
@@ -152,6 +154,28 @@ func TestCorruptChunkPoisons(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "good-page-read") || strings.Contains(string(out), "read-returned") {
 		t.Fatalf("unexpected child output:\n%s", out)
+	}
+
+	// Without POISON (Linux < 6.6, forced here): the helper ends the view
+	// and says why; the toucher waits (never the chunk's bytes) until it
+	// is killed.
+	cmd = exec.Command(os.Args[0], "-test.run=^TestCorruptChunkPoisons$")
+	cmd.Env = append(os.Environ(), "UFFDRESTORE_POISON_CHILD="+path, DisablePoisonEnv+"=1")
+	var stderr lockedBuf
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(stderr.String(), "uffdrestore-helper:") && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	cmd.Process.Kill()
+	cmd.Wait()
+	if got := stderr.String(); !strings.Contains(got, "uffdrestore-helper: restore: view") || !strings.Contains(got, "UFFDIO_POISON") ||
+		!strings.Contains(got, "unit 1") || strings.Contains(got, "read-returned") {
+		t.Fatalf("without POISON: want the helper to say why the fault is not answered and the toucher to wait; child stderr:\n%s", got)
 	}
 
 	// In this process: the Loader reports the error and the stats count it.
@@ -390,4 +414,22 @@ func TestFailedPunchClearsUnit(t *testing.T) {
 	if s := l.Stats(); !strings.Contains(s.LastError, "punching it out of the backing failed too") {
 		t.Fatalf("last error: %q", s.LastError)
 	}
+}
+
+// lockedBuf is a bytes.Buffer safe for a child's output and the test.
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
