@@ -20,7 +20,9 @@
  * order to FILE (so `cmp` against `uffdrestore snapshot extract` works), and
  * detaches. --wait waits for a line on stdin after attaching and before
  * touching; --hold waits for stdin EOF, SIGTERM/SIGINT or the server's
- * shutdown notice before detaching. Exit status 0 on success, 1 on error.
+ * shutdown notice before detaching. Exit status 0 on success, 1 on error
+ * (also when the server ends the session with an error while the target
+ * touches or dumps: a fault it could not answer; the message is printed).
  *
  * Address-space events (the server must follow them; see PROTOCOL.md §7).
  * Each runs after attaching (and after --wait), before the touch, on the
@@ -255,6 +257,64 @@ static void wait_line(void)
 	}
 }
 
+/* Watches the session while the regions are touched: when the server ends
+ * it with an error (a fault it could not answer: the faulting thread would
+ * wait forever), says why and exits 1. A server that died (the socket
+ * closed) is only reported: the touch waits, as PROTOCOL.md section 5 says. */
+struct watch {
+	pthread_t th;
+	struct ur_session *s;
+	int stop[2];
+};
+
+static void *watch_loop(void *arg)
+{
+	struct watch *w = arg;
+	for (;;) {
+		struct pollfd p[2] = {
+			{ .fd = ur_session_socket(w->s), .events = POLLIN },
+			{ .fd = w->stop[0], .events = POLLIN },
+		};
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll: %s", strerror(errno));
+		}
+		if (p[1].revents)
+			return NULL;
+		if (p[0].revents) {
+			int r = ur_poll(w->s);
+			if (r == UR_EREFUSED)
+				die("the server ended the session: %s", ur_session_error(w->s));
+			if (r < 0) {
+				fprintf(stderr, "%s: %s: %s\n", prog, ur_strerror(r), ur_session_error(w->s));
+				return NULL;
+			}
+		}
+	}
+}
+
+static void watch_start(struct watch *w, struct ur_session *s)
+{
+	w->s = s;
+	if (pipe2(w->stop, O_CLOEXEC) < 0)
+		die("pipe: %s", strerror(errno));
+	int e = pthread_create(&w->th, NULL, watch_loop, w);
+	if (e)
+		die("pthread_create: %s", strerror(e));
+}
+
+/* Stops the watcher: the session is used from one thread at a time. */
+static void watch_stop(struct watch *w)
+{
+	char c = 1;
+	if (write(w->stop[1], &c, 1) < 0)
+		die("write: %s", strerror(errno));
+	pthread_join(w->th, NULL);
+	close(w->stop[0]);
+	close(w->stop[1]);
+}
+
 /* Waits for stdin EOF, SIGTERM/SIGINT, or the server's shutdown notice. */
 static void hold(struct ur_session *s)
 {
@@ -266,7 +326,10 @@ static void hold(struct ur_session *s)
 	if (sfd < 0)
 		die("signalfd: %s", strerror(errno));
 	int stdin_open = 1;
-	for (;;) {
+	int r = ur_poll(s); /* the watcher may have read the shutdown notice */
+	if (r < 0)
+		fprintf(stderr, "%s: %s\n", prog, ur_session_error(s));
+	for (; r == 0;) {
 		struct pollfd p[3] = {
 			{ .fd = sfd, .events = POLLIN },
 			{ .fd = ur_session_socket(s), .events = POLLIN },
@@ -280,7 +343,7 @@ static void hold(struct ur_session *s)
 		if (p[0].revents)
 			break;
 		if (p[1].revents) {
-			int r = ur_poll(s);
+			r = ur_poll(s);
 			if (r != 0) { /* shutdown asked, or the server is gone */
 				if (r < 0)
 					fprintf(stderr, "%s: %s\n", prog, ur_session_error(s));
@@ -646,6 +709,8 @@ int main(int argc, char **argv)
 		die("attach to %s: %s: %s", sock, ur_strerror(rc), ur_session_error(NULL));
 	uint64_t t_ready = now_ns();
 	fprintf(stderr, "%s: attached to %s (%s, %zu regions)\n", prog, sock, ur_session_backing(s), ur_session_nregions(s));
+	struct watch watch;
+	watch_start(&watch, s);
 	if (do_wait)
 		wait_line();
 
@@ -749,6 +814,7 @@ int main(int argc, char **argv)
 	if (dump_path)
 		dump(s, dump_path);
 
+	watch_stop(&watch);
 	char stats[8192] = "";
 	if (do_stats) {
 		rc = ur_stats(s, stats, sizeof stats);

@@ -92,7 +92,13 @@ int ur_session_socket(const struct ur_session *s);
 
 /* Reads pending server notices without blocking: returns 1 if the server
  * asked this target to detach (it is shutting down), 0 if not, < 0 on error
- * (UR_ECLOSED: the server is gone). */
+ * (UR_ECLOSED: the server is gone; UR_EREFUSED: the server ended this
+ * session, ur_session_error(s) says why, e.g. a fault it could not answer).
+ * After either, a thread waiting in a fault on a page never filled stays
+ * blocked (it never reads wrong bytes): poll the socket while touching the
+ * regions, report the error and exit (PROTOCOL.md section 3.4). Do not
+ * ur_close/ur_detach while such a thread waits: unregistering wakes it onto
+ * whatever the backing holds (zeros where a page was never filled). */
 int ur_poll(struct ur_session *s);
 
 /* Asks for this target's stats; copies the JSON object (NUL-terminated) to

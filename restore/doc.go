@@ -100,6 +100,14 @@
 // A chunk that fails its checksum during a lazy fill is punched out of the
 // page cache and the unit is poisoned with UFFDIO_POISON: the thread that
 // touches it gets SIGBUS, never wrong bytes; the error is in Stats.LastError
-// and returned by Wait. A unit whose pages were punched out by a target
+// and returned by Wait. Without UFFDIO_POISON (Linux < 6.6, or
+// UFFDRESTORE_DISABLE_POISON=1 to test that path) the fault cannot be
+// answered: the view ends with the error (an attached target's session
+// ends with it, see PROTOCOL.md §3.4) and the faulting thread stays
+// blocked; it never reads the unit's bytes. Any other fault that cannot be
+// resolved (a UFFDIO_CONTINUE failing with an unexpected errno, faults
+// outside every range of the view that no event explains) ends the view the
+// same way: a fault is never dropped in silence. A unit whose pages were
+// punched out by a target
 // (MADV_REMOVE, fallocate(PUNCH_HOLE)) is filled again when touched.
 package restore

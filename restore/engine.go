@@ -62,9 +62,12 @@ type engine struct {
 	views   []*View
 	retired counters // counters of views that are gone
 
-	c       counters
-	errMu   sync.Mutex
-	lastErr error
+	c         counters
+	errMu     sync.Mutex
+	lastErr   error
+	unitErr   map[uint32]error // why each poisoned unit failed
+	poisonOff bool             // answer poisoned units by ending the view, not with UFFDIO_POISON
+	hooks     *engineHooks     // nil outside tests
 
 	stop    chan struct{}
 	workers sync.WaitGroup
@@ -85,7 +88,8 @@ type waiter struct {
 }
 
 func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) {
-	e := &engine{r: r, b: b, cfg: cfg, chunkSize: r.ChunkSize(), epoch: time.Now()}
+	e := &engine{r: r, b: b, cfg: cfg, chunkSize: r.ChunkSize(), epoch: time.Now(), unitErr: map[uint32]error{}}
+	e.poisonOff = !poisonAvailable()
 	e.unitSize = max(e.chunkSize, b.pageSize)
 	if e.unitSize%e.chunkSize != 0 || e.unitSize%b.pageSize != 0 {
 		return nil, fmt.Errorf("restore: chunk size %d and page size %d do not nest", e.chunkSize, b.pageSize)
@@ -450,9 +454,18 @@ func (e *engine) publish(w *workerState, u uint32, err error, byFault bool) {
 	final := stPresent
 	if err != nil {
 		final = stPoisoned
-		e.setErr(fmt.Errorf("restore: unit %d (offset %#x): %w", u, int64(u)*int64(e.unitSize), err))
+		err = fmt.Errorf("restore: unit %d (offset %#x): %w", u, int64(u)*int64(e.unitSize), err)
 		// Never leave unverified bytes in the page cache.
-		uffd.Fallocate(e.b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(u)*int64(e.unitSize), int64(e.unitSize))
+		if perr := e.punch(u); perr != nil {
+			// Overwrite them instead: a page that stays is zeros, never
+			// half-decoded bytes (no view maps a poisoned unit anyway).
+			clear(e.alias.Bytes()[int64(u)*int64(e.unitSize) : int64(u+1)*int64(e.unitSize)])
+			err = fmt.Errorf("%w; punching it out of the backing failed too (%v): its bytes were cleared instead", err, perr)
+		}
+		e.setErr(err)
+		e.errMu.Lock()
+		e.unitErr[u] = err
+		e.errMu.Unlock()
 		e.c.poisoned.Add(1)
 	} else if byFault {
 		e.c.filledByFault.Add(1)
@@ -547,15 +560,25 @@ func (e *engine) request(v *View, u uint32, addr uintptr, t0 int64) {
 }
 
 // answer resolves a fault on a unit that is present (CONTINUE) or poisoned
-// (POISON: the toucher gets SIGBUS, never wrong bytes).
+// (POISON: the toucher gets SIGBUS, never wrong bytes). A fault that cannot
+// be resolved either way ends the view with the error (View.fail): it is
+// never dropped in silence.
 func (e *engine) answer(v *View, u uint32, addr uintptr, t0 int64, st uint32) {
+	var err error
 	if st == stPoisoned {
-		v.poison(u, addr)
-	} else if err := v.continueUnit(u, addr); errors.Is(err, errRefill) {
+		err = v.poison(u, addr)
+	} else if err = v.continueUnit(u, addr); errors.Is(err, errRefill) {
 		e.refill(v, u, addr, t0)
 		return
-	} else if errors.Is(err, errRetry) {
+	}
+	if errors.Is(err, errRetry) {
 		v.deferFault(u, addr, t0)
+		return
+	}
+	if err != nil {
+		if !errors.Is(err, errGone) && !v.dead.Load() {
+			v.fail(err)
+		}
 		return
 	}
 	v.c.latency.record(time.Duration(e.now() - t0))
@@ -564,18 +587,76 @@ func (e *engine) answer(v *View, u uint32, addr uintptr, t0 int64, st uint32) {
 var (
 	errRefill = errors.New("restore: page missing from the page cache")
 	errRetry  = errors.New("restore: address space changing (EAGAIN): answer again after the pending event")
+	errGone   = errors.New("restore: the view's address space is gone")
 )
 
 // refill handles a unit whose pages were punched out of the backing (a
 // target's MADV_REMOVE or fallocate(PUNCH_HOLE)): it goes back to absent and
 // is filled again, so the toucher sees the snapshot's bytes, never zeros.
 func (e *engine) refill(v *View, u uint32, addr uintptr, t0 int64) {
+	// partial first: a fault that claims the unit as soon as it is absent
+	// must refill only the missing pages, never decode over the others (a
+	// shared target's writes). A stale true is harmless: every later fill
+	// of a unit that was present once is a refill.
+	e.partial[u].Store(true)
 	if e.state[u].CompareAndSwap(stPresent, stAbsent) {
-		e.partial[u].Store(true)
+		if h := e.hooks; h != nil && h.refillAbsent != nil {
+			h.refillAbsent(u)
+		}
 		e.present.Add(-1)
 		e.c.refills.Add(1)
 	}
 	e.request(v, u, addr, t0)
+}
+
+// punch removes unit u from the backing's page cache.
+func (e *engine) punch(u uint32) error {
+	off, n := int64(u)*int64(e.unitSize), int64(e.unitSize)
+	if h := e.hooks; h != nil && h.punch != nil {
+		return h.punch(u)
+	}
+	return uffd.Fallocate(e.b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
+
+// unitError is why unit u was poisoned.
+func (e *engine) unitError(u uint32) error {
+	e.errMu.Lock()
+	defer e.errMu.Unlock()
+	if err := e.unitErr[u]; err != nil {
+		return err
+	}
+	return fmt.Errorf("restore: unit %d failed", u)
+}
+
+// DisablePoisonEnv, set to 1, makes the engine answer faults on units that
+// failed to fill as on a kernel without UFFDIO_POISON (before Linux 6.6):
+// by ending the view. For testing that path on newer kernels.
+const DisablePoisonEnv = "UFFDRESTORE_DISABLE_POISON"
+
+// poisonAvailable reports whether faults on a failed unit can be answered
+// with UFFDIO_POISON.
+func poisonAvailable() bool {
+	if os.Getenv(DisablePoisonEnv) == "1" {
+		return false
+	}
+	poisonProbe.Do(func() {
+		// When the probe itself fails, try the ioctl: its failure ends
+		// the view too.
+		have, _, err := uffd.Supported(uffd.OpenOptions{})
+		poisonOK = err != nil || have&uffd.FeaturePoison != 0
+	})
+	return poisonOK
+}
+
+var (
+	poisonProbe sync.Once
+	poisonOK    bool
+)
+
+// engineHooks let tests widen race windows and inject failures.
+type engineHooks struct {
+	refillAbsent func(u uint32)       // in refill, right after it made u absent
+	punch        func(u uint32) error // replaces the punch of a failed unit
 }
 
 func (e *engine) addView(v *View) {

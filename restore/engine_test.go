@@ -9,7 +9,10 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
@@ -153,6 +156,28 @@ func TestCorruptChunkPoisons(t *testing.T) {
 		t.Fatalf("unexpected child output:\n%s", out)
 	}
 
+	// Without POISON (Linux < 6.6, forced here): the helper ends the view
+	// and says why; the toucher waits (never the chunk's bytes) until it
+	// is killed.
+	cmd = exec.Command(os.Args[0], "-test.run=^TestCorruptChunkPoisons$")
+	cmd.Env = append(os.Environ(), "UFFDRESTORE_POISON_CHILD="+path, DisablePoisonEnv+"=1")
+	var stderr lockedBuf
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(stderr.String(), "uffdrestore-helper:") && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	cmd.Process.Kill()
+	cmd.Wait()
+	if got := stderr.String(); !strings.Contains(got, "uffdrestore-helper: restore: view") || !strings.Contains(got, "UFFDIO_POISON") ||
+		!strings.Contains(got, "unit 1") || strings.Contains(got, "read-returned") {
+		t.Fatalf("without POISON: want the helper to say why the fault is not answered and the toucher to wait; child stderr:\n%s", got)
+	}
+
 	// In this process: the Loader reports the error and the stats count it.
 	l, err := NewLoader(context.Background(), path, WithBacking(BackingMemfdHugetlb))
 	if err != nil {
@@ -291,4 +316,120 @@ func TestPunchedPageComesBackFilled(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRefillRaceKeepsWrites: a fault that finds a unit absent while a
+// refill is taking it from present to absent must refill only its missing
+// pages: a shared target's write to another page of the unit survives. The
+// hook runs the racing fault (another shared view touching the unit) inside
+// refill's window, every time, for every unit.
+func TestRefillRaceKeepsWrites(t *testing.T) {
+	const chunk, page = 64 << 10, 4096
+	regions := []testRegion{{"a", 0, testImage(1<<20, 23)}}
+	path := writeSnap(t, regions, format.CodecZstd, chunk)
+	l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 0)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	m1, _ := attachLocal(t, l, false)
+	m2, _ := attachLocal(t, l, false)
+	uffd.Touch(m1.Addr(), m1.Len(), page, false, nil, nil)
+	img, mem1, mem2 := regions[0].data, m1.Bytes(), m2.Bytes()
+	var raced atomic.Int32
+	l.e.hooks = &engineHooks{refillAbsent: func(u uint32) {
+		// The second view's first touch of page 2 of the unit, now.
+		uffd.Touch(m2.Addr()+uintptr(int(u)*chunk+2*page), page, page, false, nil, nil)
+		raced.Add(1)
+	}}
+	units := len(img) / chunk
+	for round := 0; round < 4; round++ {
+		for u := 0; u < units; u++ {
+			base := u * chunk
+			mem1[base] = img[base] ^ byte(0x5a+round) // the target's write, page 0
+			if err := m1.Madvise(base+page, page, unix.MADV_REMOVE); err != nil {
+				t.Fatal(err)
+			}
+			if err := m2.Madvise(0, m2.Len(), unix.MADV_DONTNEED); err != nil {
+				t.Fatal(err)
+			}
+			uffd.Touch(m1.Addr()+uintptr(base+page), page, page, false, nil, nil)
+			if mem1[base] != img[base]^byte(0x5a+round) {
+				t.Fatalf("round %d unit %d: a fault racing the refill decoded the whole unit over the target's write", round, u)
+			}
+			if !bytes.Equal(mem1[base+page:base+2*page], img[base+page:base+2*page]) ||
+				!bytes.Equal(mem2[base+2*page:base+3*page], img[base+2*page:base+3*page]) {
+				t.Fatalf("round %d unit %d: the refilled or the racing page is not the snapshot's", round, u)
+			}
+			mem1[base] = img[base]
+		}
+	}
+	if want := int32(4 * units); raced.Load() != want {
+		t.Fatalf("the racing touch ran %d times, want %d", raced.Load(), want)
+	}
+	if s := l.Stats(); s.Errors != 0 {
+		t.Fatalf("errors: %s", s.LastError)
+	}
+}
+
+// TestFailedPunchClearsUnit: when punching a unit that failed to fill out of
+// the backing fails too, the unit's unverified bytes are overwritten, never
+// left in the page cache, and the error says what happened.
+func TestFailedPunchClearsUnit(t *testing.T) {
+	const chunk = 64 << 10
+	img := make([]byte, 8*chunk)
+	for i := range img {
+		img[i] = byte(i*13 + i>>10 + 1)
+	}
+	path := writeSnap(t, []testRegion{{"a", 0, img}}, format.CodecRaw, chunk)
+	f, err := format.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := f.Chunk(2).Offset + 100
+	f.Close()
+	b, _ := os.ReadFile(path)
+	b[off] ^= 0x55
+	os.WriteFile(path, b, 0o600)
+	l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 0)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var punches atomic.Int32
+	l.e.hooks = &engineHooks{punch: func(u uint32) error { punches.Add(1); return unix.EIO }}
+	if err := l.Wait(context.Background()); !errors.Is(err, format.ErrChecksum) {
+		t.Fatalf("Wait = %v, want a checksum error", err)
+	}
+	if punches.Load() != 1 {
+		t.Fatalf("%d punches, want 1", punches.Load())
+	}
+	got := make([]byte, chunk)
+	if _, err := unix.Pread(l.BackingFD(), got, 2*chunk); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, chunk)) {
+		t.Fatal("the failed unit's unverified bytes stayed in the backing after its punch failed")
+	}
+	if s := l.Stats(); !strings.Contains(s.LastError, "punching it out of the backing failed too") {
+		t.Fatalf("last error: %q", s.LastError)
+	}
+}
+
+// lockedBuf is a bytes.Buffer safe for a child's output and the test.
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

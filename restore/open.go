@@ -490,6 +490,14 @@ func helperMain(js string) int {
 	if err != nil {
 		return fail(err)
 	}
+	go func() {
+		// A fault it could not answer ended the view: say why (the
+		// faulting thread waits; Wait and Stats return the error too).
+		<-v.Done()
+		if err := v.Err(); err != nil {
+			fmt.Fprintln(os.Stderr, "uffdrestore-helper:", err)
+		}
+	}()
 	reply := func(m ctlMsg) {
 		b, _ := json.Marshal(m)
 		ctl.Write(b)

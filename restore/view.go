@@ -8,6 +8,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
@@ -49,6 +50,13 @@ type View struct {
 	retryMu sync.Mutex
 	retry   []waiter
 	retryN  atomic.Int32
+
+	// strays counts faults outside every range since strayT0, each less
+	// than strayGap after the previous one (at strayLast), with no remap or
+	// unmap event read in between (fault loop only).
+	strays    int
+	strayT0   int64
+	strayLast int64
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -158,6 +166,18 @@ func (v *View) Close() error {
 	return nil
 }
 
+// fail ends the view because one of its faults cannot be answered with
+// verified bytes or SIGBUS. The error becomes the engine's last error and
+// the view's Err (the attach server logs it and sends it to the target
+// before closing the session). The faulting thread stays blocked, never
+// reading wrong bytes, until its process exits.
+func (v *View) fail(err error) {
+	err = fmt.Errorf("restore: view %s ended: %w", v.name, err)
+	v.e.setErr(err)
+	v.stop(err)
+	v.kick()
+}
+
 func (v *View) stop(err error) {
 	v.errMu.Lock()
 	if v.err == nil {
@@ -259,9 +279,7 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 		addr := uintptr(m.Address)
 		off, ok := v.offsetOf(addr)
 		if !ok {
-			// Not ours (a range we were told is gone): wake it so the
-			// kernel retries and raises what it must.
-			v.u.Wake(addr&^uintptr(v.e.b.pageSize-1), uintptr(v.e.b.pageSize))
+			v.stray(addr, t0)
 			return
 		}
 		if v.e.rec != nil {
@@ -269,9 +287,11 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 		}
 		v.e.request(v, uint32(off/uint64(v.e.unitSize)), addr, t0)
 	case uffd.EventRemap:
+		v.strays = 0
 		v.forgetMapped()
 		v.remap(uintptr(m.RemapFrom), uintptr(m.RemapTo), uintptr(m.RemapLen))
 	case uffd.EventUnmap:
+		v.strays = 0
 		v.forgetMapped()
 		v.unmap(uintptr(m.Start), uintptr(m.End))
 	case uffd.EventRemove:
@@ -290,6 +310,39 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 		v.childMu.Lock()
 		v.children = append(v.children, cv)
 		v.childMu.Unlock()
+	}
+}
+
+// Faults outside every range of a view may go on for strayLimit (and at
+// least strayCount of them) with no remap or unmap event that could explain
+// them; one more than strayGap after the previous one starts a new count.
+const (
+	strayLimit = 50 * time.Millisecond
+	strayCount = 64
+	strayGap   = time.Second
+)
+
+// stray handles a fault outside every range of the view. Right after an
+// mremap or munmap that can be a fault read before the event that moves the
+// range: waking it makes the thread fault again, at the new address or
+// raising SIGSEGV. Faults that go on with no such event come from memory
+// the target registered on its userfaultfd but did not attach: answering
+// them (read, wake, read again) would spin a server core for as long as the
+// target lives, so the view is ended instead.
+func (v *View) stray(addr uintptr, t0 int64) {
+	if v.strays == 0 || time.Duration(t0-v.strayLast) > strayGap {
+		v.strays, v.strayT0 = 0, t0
+	}
+	v.strays++
+	v.strayLast = t0
+	if v.strays >= strayCount && time.Duration(t0-v.strayT0) >= strayLimit {
+		v.fail(fmt.Errorf("the target faults at %#x, outside every mapping it attached (%d such faults in %v with no remap or unmap): "+
+			"it registered memory on its userfaultfd that it did not list in the attach message; attach every registered range",
+			addr, v.strays, time.Duration(t0-v.strayT0).Round(time.Millisecond)))
+		return
+	}
+	if err := v.u.Wake(addr&^uintptr(v.e.b.pageSize-1), uintptr(v.e.b.pageSize)); err != nil && !v.dead.Load() {
+		v.fail(fmt.Errorf("wake the fault at %#x outside every mapping: %w", addr, err))
 	}
 }
 
@@ -350,22 +403,10 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 		if addr == 0 {
 			return nil // premap of a unit this view has mapped already
 		}
-		pg := addr &^ (ps - 1)
-		out, err := v.u.Continue(pg, ps, false)
-		v.c.continues.Add(1)
-		switch {
-		case err == nil && out == uffd.AlreadyMapped:
-			v.u.Wake(pg, ps)
-		case errors.Is(err, unix.EFAULT):
-			return errRefill
-		case errors.Is(err, unix.EAGAIN):
-			return errRetry
-		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
-			v.stop(nil)
-		}
-		return nil
+		return v.continuePage(u, addr)
 	}
 	var firstErr error
+	complete := true
 	for _, r := range *v.ranges.Load() {
 		lo, hi := max(ustart, r.Offset), min(uend, r.Offset+r.Size)
 		if lo >= hi {
@@ -383,12 +424,19 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 				return errRetry
 			case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
 				v.stop(nil) // the target's address space is gone
-				return err
+				return errGone
 			case errors.Is(err, unix.ENOENT):
-				continue // the range was unmapped under us
+				// Part of the range is no longer one registered
+				// mapping (unmapped under us, or the target changed
+				// it behind our back): map the faulting page alone.
+				complete = false
+				if addr >= start && addr < start+n {
+					return v.continuePage(u, addr)
+				}
+				continue
 			}
 			if firstErr == nil {
-				firstErr = err
+				firstErr = fmt.Errorf("map unit %d at %#x: %w", u, start, err)
 			}
 			continue
 		}
@@ -400,7 +448,7 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 			v.u.Wake(pg, ps)
 		}
 	}
-	if firstErr == nil {
+	if firstErr == nil && complete {
 		for {
 			w := word.Load()
 			if word.CompareAndSwap(w, w|bit) {
@@ -411,6 +459,36 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 	return firstErr
 }
 
+// continuePage maps the page at faulting address addr (in unit u) and
+// wakes its thread.
+func (v *View) continuePage(u uint32, addr uintptr) error {
+	ps := uintptr(v.e.b.pageSize)
+	pg := addr &^ (ps - 1)
+	out, err := v.u.Continue(pg, ps, false)
+	v.c.continues.Add(1)
+	switch {
+	case err == nil && out == uffd.AlreadyMapped:
+		if err := v.u.Wake(pg, ps); err != nil {
+			return fmt.Errorf("wake the fault at %#x: %w", addr, err)
+		}
+	case err == nil:
+	case errors.Is(err, unix.EFAULT):
+		return errRefill
+	case errors.Is(err, unix.EAGAIN):
+		return errRetry
+	case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
+		v.stop(nil) // the target's address space is gone
+		return errGone
+	case errors.Is(err, unix.ENOENT):
+		// Unmapped under us: the woken thread faults again on
+		// whatever is there now (SIGSEGV if nothing).
+		v.u.Wake(pg, ps)
+	default:
+		return fmt.Errorf("map the fault at %#x (unit %d): %w", addr, u, err)
+	}
+	return nil
+}
+
 // forgetMapped clears the mapped bits: after a remove, unmap or remap event
 // the view's page tables no longer match them.
 func (v *View) forgetMapped() {
@@ -419,8 +497,13 @@ func (v *View) forgetMapped() {
 	}
 }
 
-// poison makes unit u raise SIGBUS in this view.
-func (v *View) poison(u uint32, addr uintptr) {
+// poison makes unit u raise SIGBUS in this view. Without UFFDIO_POISON
+// (Linux < 6.6, or DisablePoisonEnv) it returns the unit's error, and the
+// view ends: a blocked thread is safer than wrong bytes.
+func (v *View) poison(u uint32, addr uintptr) error {
+	if v.e.poisonOff {
+		return fmt.Errorf("%w; without UFFDIO_POISON (Linux >= 6.6; off when %s=1) the fault at %#x cannot be answered with SIGBUS", v.e.unitError(u), DisablePoisonEnv, addr)
+	}
 	us := uint64(v.e.unitSize)
 	ustart, uend := uint64(u)*us, uint64(u+1)*us
 	for _, r := range *v.ranges.Load() {
@@ -430,10 +513,17 @@ func (v *View) poison(u uint32, addr uintptr) {
 		}
 		start := r.Base + uintptr(lo-r.Offset)
 		if err := v.u.Poison(start, uintptr(hi-lo), false); err != nil {
-			v.e.setErr(fmt.Errorf("restore: view %s: poison %#x: %w (the faulting thread stays blocked)", v.name, start, err))
+			switch {
+			case errors.Is(err, unix.EAGAIN):
+				return errRetry
+			case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ESRCH):
+				continue
+			}
+			return fmt.Errorf("%w; poisoning it at %#x failed: %v", v.e.unitError(u), start, err)
 		}
 	}
 	v.c.poisoned.Add(1)
+	return nil
 }
 
 // remap follows an mremap of part of the view.

@@ -51,11 +51,12 @@ type Client struct {
 	Hello   Hello
 	Regions []ClientRegion
 
-	c       *net.UnixConn
-	u       *uffd.FD
-	timeout time.Duration
-	mu      sync.Mutex
-	closed  bool
+	c        *net.UnixConn
+	u        *uffd.FD
+	timeout  time.Duration
+	mu       sync.Mutex
+	closed   bool
+	shutdown bool // the server sent shutdown
 }
 
 // WantFeatures is what a client asks UFFDIO_API for: minor and missing
@@ -204,12 +205,53 @@ func (cl *Client) request(typ, want string) (*Reply, error) {
 		}
 		var r Reply
 		if t, err := PeekType(raw); err == nil && t == TypeShutdown {
+			cl.shutdown = true
 			continue
 		}
 		if err := Decode(raw, want, &r); err != nil {
 			return nil, err
 		}
 		return &r, nil
+	}
+}
+
+// Poll reads the server's notices, waiting up to wait for the first one
+// (0: only what is pending). It reports whether the server asked this target
+// to detach (it is shutting down). Its error is why the session ended: the
+// server's error message (errors.Is ErrRefused; after ready that is a fault
+// the server could not answer, or a target that broke the protocol) or
+// ErrClosed (the server is gone). A thread waiting in a fault of an ended
+// session stays blocked, never reading wrong bytes: report the error and
+// exit.
+func (cl *Client) Poll(wait time.Duration) (shutdown bool, err error) {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	if cl.closed {
+		return false, os.ErrClosed
+	}
+	defer cl.c.SetReadDeadline(time.Time{})
+	for deadline := time.Now().Add(wait); ; deadline = time.Now() {
+		cl.c.SetReadDeadline(deadline)
+		raw, fds, err := RecvMsg(cl.c)
+		CloseFDs(fds)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return cl.shutdown, nil
+		}
+		if err != nil {
+			return cl.shutdown, fmt.Errorf("attach: session ended: %w", err)
+		}
+		typ, err := PeekType(raw)
+		if err != nil {
+			return cl.shutdown, err
+		}
+		switch typ {
+		case TypeShutdown:
+			cl.shutdown = true
+		case TypeError:
+			return cl.shutdown, fmt.Errorf("attach: the server ended the session: %w", Decode(raw, TypeShutdown, nil))
+		default:
+			return cl.shutdown, invalid(typ, "type", "a %q message arrived unasked", typ)
+		}
 	}
 }
 

@@ -38,6 +38,9 @@ func TestMain(m *testing.M) {
 	if path := os.Getenv("UR_ATTACH_TEST_SERVER"); path != "" {
 		os.Exit(helperServer(path))
 	}
+	if mode := os.Getenv("UR_ATTACH_TEST_LIAR"); mode != "" {
+		os.Exit(helperLiar(mode, os.Getenv("UR_ATTACH_TEST_LIAR_SOCK")))
+	}
 	code := testutil.Main(m)
 	if binDir != "" {
 		os.RemoveAll(binDir)
