@@ -55,6 +55,7 @@ extern "C" {
 #define UR_ENOFEATURE (-10006) /* the kernel lacks minor faults for this backing */
 #define UR_EADDR (-10007) /* at_original_addr: no or misaligned original address */
 #define UR_ETIMEDOUT (-10008) /* the server did not answer within timeout_ms */
+#define UR_EUNTRUSTED (-10009) /* the server runs as a uid this client does not trust */
 
 struct ur_attach_opts {
 	int private_mapping; /* MAP_PRIVATE: writes are copy-on-write, private to this process */
@@ -63,6 +64,10 @@ struct ur_attach_opts {
 	int readonly; /* PROT_READ only (default PROT_READ|PROT_WRITE) */
 	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK */
 	int timeout_ms; /* bound on each handshake step; 0 = 10000, < 0 = none */
+	uint32_t server_uid; /* one more uid the server may run as. Before mapping anything
+				or sending its userfaultfd, ur_attach checks the server's uid
+				(SO_PEERCRED): root, this process's effective uid, or this one
+				(0 adds nothing); otherwise UR_EUNTRUSTED. */
 };
 
 struct ur_region {
