@@ -24,8 +24,8 @@
  *
  * It attaches only to a server running as root or as its own uid (checked
  * with SO_PEERCRED before it maps anything); --server-uid UID trusts one
- * more uid. --readonly maps PROT_READ (with a server that gives read-only
- * access, load --read-only-targets, map --private or --readonly).
+ * more uid. --readonly maps PROT_READ. A server that gives read-only
+ * access (load --read-only-targets) needs --private.
  *
  * Address-space events (the server must follow them; see PROTOCOL.md §7).
  * Each runs after attaching (and after --wait), before the touch, on the

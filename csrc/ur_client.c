@@ -964,12 +964,13 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	rc = validate_hello(&m, last_err);
 	if (rc < 0)
 		goto reject;
-	/* A server with read-only targets sends an O_RDONLY fd: it maps
-	 * MAP_PRIVATE or PROT_READ only. */
+	/* A server with read-only targets sends an O_RDONLY fd: only a
+	 * MAP_PRIVATE mapping of it can be registered (the kernel refuses
+	 * UFFDIO_REGISTER on a shared mapping the process may not write). */
 	int accmode = fcntl(backing, F_GETFL);
-	if (accmode >= 0 && (accmode & O_ACCMODE) == O_RDONLY && !opts->private_mapping && !opts->readonly) {
+	if (accmode >= 0 && (accmode & O_ACCMODE) == O_RDONLY && !opts->private_mapping) {
 		seterr(last_err, "the server gives read-only access to the snapshot (load --read-only-targets): "
-				 "map it private (--private, private_mapping) or read-only (readonly)");
+				 "map it private (--private, private_mapping)");
 		rc = -EACCES;
 		goto reject;
 	}

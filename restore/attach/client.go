@@ -143,10 +143,11 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	if len(fds) != 1 {
 		return nil, rejectHello(invalid(TypeHello, "fds", "%d file descriptors came with the hello, want 1", len(fds)))
 	}
-	// A server with read-only targets sends an O_RDONLY fd: it can be
-	// mapped MAP_PRIVATE or PROT_READ only.
-	if fl, err := unix.FcntlInt(uintptr(fds[0]), unix.F_GETFL, 0); err == nil && fl&unix.O_ACCMODE == unix.O_RDONLY && !o.Private && !o.ReadOnly {
-		return nil, rejectHello(fmt.Errorf("attach: the server gives read-only access to the snapshot (load --read-only-targets): map it private (ClientOptions.Private) or read-only (ClientOptions.ReadOnly)"))
+	// A server with read-only targets sends an O_RDONLY fd: only a
+	// MAP_PRIVATE mapping of it can be registered (the kernel refuses
+	// UFFDIO_REGISTER on a shared mapping the process may not write).
+	if fl, err := unix.FcntlInt(uintptr(fds[0]), unix.F_GETFL, 0); err == nil && fl&unix.O_ACCMODE == unix.O_RDONLY && !o.Private {
+		return nil, rejectHello(fmt.Errorf("attach: the server gives read-only access to the snapshot (load --read-only-targets): map it private (ClientOptions.Private)"))
 	}
 	want, required, err := WantFeatures(h.Backing)
 	if err != nil {
