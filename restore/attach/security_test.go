@@ -3,6 +3,7 @@ package attach
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -571,5 +572,71 @@ func TestClientRejectsHello(t *testing.T) {
 				t.Fatal("the client accepted version 9")
 			}
 		})
+	}
+}
+
+// TestShutdownDuringHandshake: shutdown never precedes ready (PROTOCOL.md
+// §3.7): a target whose handshake is in progress when the server starts
+// stopping gets ready, then shutdown, and may still detach.
+func TestShutdownDuringHandshake(t *testing.T) {
+	requireUffd(t, false)
+	b := newFakeBackend(t, false, nil)
+	s, sock := listen(t, b, Options{})
+	conn, h, fds := rawPeer(t, sock)
+	defer CloseFDs(fds)
+	stopped := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stopped <- s.Shutdown(ctx)
+	}()
+	waitFor(t, 5*time.Second, "no longer accepting", func() bool {
+		c, err := net.Dial("unixpacket", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	r := h.Regions[0]
+	m, err := uffd.Mmap(0, int(r.Size), unix.PROT_READ, unix.MAP_SHARED, fds[0], int64(r.Offset))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	u, err := uffd.Open(uffd.OpenOptions{NonBlock: true}, uffd.FeatureMinorShmem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if _, err := u.Register(m.Addr(), uintptr(r.Size), uffd.ModeMinor|uffd.ModeMissing); err != nil {
+		t.Fatal(err)
+	}
+	a := Attach{Type: TypeAttach, Version: 1, UffdFeatures: uint64(uffd.FeatureMinorShmem), Mappings: []Mapping{
+		{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize}}}
+	if err := SendMsg(conn, a, u.Fd()); err != nil {
+		t.Fatal(err)
+	}
+	var types []string
+	for len(types) < 2 {
+		raw, fds, err := RecvMsg(conn)
+		CloseFDs(fds)
+		if err != nil {
+			t.Fatalf("after %v: %v", types, err)
+		}
+		typ, _ := PeekType(raw)
+		types = append(types, typ)
+	}
+	if types[0] != TypeReady || types[1] != TypeShutdown {
+		t.Fatalf("got %v, want ready then shutdown", types)
+	}
+	if err := SendMsg(conn, Reply{Type: TypeDetach}); err != nil {
+		t.Fatal(err)
+	}
+	raw, _, err := RecvMsg(conn)
+	if typ, _ := PeekType(raw); err != nil || typ != TypeBye {
+		t.Fatalf("after detach: %s %v, want bye", raw, err)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("Shutdown: %v", err)
 	}
 }
