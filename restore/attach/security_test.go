@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -639,4 +640,74 @@ func TestShutdownDuringHandshake(t *testing.T) {
 	if err := <-stopped; err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
+}
+
+// TestBytesBetweenRegions: a target mapping the whole backing file (region
+// "") reads each region's bytes at its offset and zeros everywhere else —
+// the rest of a region's last chunk and after the last region (PROTOCOL.md
+// §3.1) — served by the real engine.
+func TestBytesBetweenRegions(t *testing.T) {
+	requireUffd(t, false)
+	regions := []snapRegion{{"a", 0, memImage(5000, 11)}, {"b", 0, memImage(70000, 12)}, {"c", 0, []byte{7, 7, 7}}}
+	for i := range regions { // no zero bytes, so a stray zero is visible
+		for j := range regions[i].data {
+			regions[i].data[j] |= 1
+		}
+	}
+	snap := writeSnapshot(t, regions, 64<<10)
+	kind, err := restore.ParseBacking("shmem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := restore.NewLoader(context.Background(), snap, restore.WithBacking(kind))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, sock := listen(t, FromLoader(l), Options{})
+	conn, h, fds := rawPeer(t, sock)
+	defer CloseFDs(fds)
+	m, err := uffd.Mmap(0, int(h.FileSize), unix.PROT_READ, unix.MAP_SHARED, fds[0], 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	u, err := uffd.Open(uffd.OpenOptions{NonBlock: true}, uffd.FeatureMinorShmem|uffd.FeatureMissingShmem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if _, err := u.Register(m.Addr(), uintptr(h.FileSize), uffd.ModeMinor|uffd.ModeMissing); err != nil {
+		t.Fatal(err)
+	}
+	a := Attach{Type: TypeAttach, Version: 1, UffdFeatures: uint64(uffd.FeatureMinorShmem | uffd.FeatureMissingShmem), Mappings: []Mapping{
+		{BaseHostVirtAddr: uint64(m.Addr()), Size: h.FileSize, PageSize: h.PageSize}}}
+	if err := SendMsg(conn, a, u.Fd()); err != nil {
+		t.Fatal(err)
+	}
+	raw, _, err := RecvMsg(conn)
+	if typ, _ := PeekType(raw); err != nil || typ != TypeReady {
+		t.Fatalf("attach of the whole file: %s %v", raw, err)
+	}
+	want := make([]byte, h.FileSize)
+	gaps := 0
+	for i, r := range h.Regions {
+		copy(want[r.Offset:], regions[i].data)
+		next := h.FileSize
+		if i+1 < len(h.Regions) {
+			next = h.Regions[i+1].Offset
+		}
+		gaps += int(next - r.Offset - r.Length)
+	}
+	if gaps == 0 {
+		t.Fatal("the layout has no bytes between regions: the test says nothing")
+	}
+	got := m.Bytes()
+	if !bytes.Equal(got, want) {
+		i := firstDiff(got, want)
+		t.Fatalf("byte %d of the file: %d, want %d (regions %+v)", i, got[i], want[i], h.Regions)
+	}
+	t.Logf("%d bytes outside the regions read as zeros", gaps)
+	SendMsg(conn, Reply{Type: TypeDetach})
+	RecvMsg(conn)
 }
