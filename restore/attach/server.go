@@ -59,8 +59,9 @@ type Options struct {
 	// ReadOnlyTargets sends every target an O_RDONLY fd of the backing
 	// (instead of O_RDWR), and takes group and other permissions off the
 	// backing file so a target of another uid cannot reopen it for
-	// writing through /proc/PID/fd. Such a target can map it MAP_PRIVATE
-	// (copy-on-write) or MAP_SHARED with PROT_READ only.
+	// writing through /proc/PID/fd. Such a target maps it MAP_PRIVATE
+	// (copy-on-write): the kernel refuses UFFDIO_REGISTER on a shared
+	// mapping of a file the process may not write.
 	ReadOnlyTargets bool
 	// HandshakeTimeout bounds hello → attach (default 10 s).
 	HandshakeTimeout time.Duration
