@@ -14,9 +14,12 @@
  *	... read r->addr[0 .. r->length) : pages fill on first touch ...
  *	ur_detach(s);
  *
- * ur_attach connects, receives the hello and the backing file, maps every
- * region (in hello order), creates a userfaultfd, registers the mappings
- * (MISSING|MINOR), sends them with the userfaultfd and waits for "ready".
+ * ur_attach connects, checks that the server runs as root, as this
+ * process's uid or as opts->server_uid (SO_PEERCRED; UR_EUNTRUSTED
+ * otherwise, before anything is mapped or sent), receives the hello and
+ * the backing file, maps every region (in hello order), creates a
+ * userfaultfd, registers the mappings (MISSING|MINOR), sends them with the
+ * userfaultfd and waits for "ready".
  * The session keeps its own copy of the userfaultfd: if the server dies,
  * a thread touching a page that was never filled waits (it never reads
  * zeros); see PROTOCOL.md for what an operator does then.
