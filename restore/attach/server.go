@@ -666,8 +666,8 @@ func statsJSON(v View) json.RawMessage {
 }
 
 // uffdFeatureInitialized is the kernel's internal "UFFDIO_API done" bit
-// of the features /proc/PID/fdinfo shows (Linux >= 6.1; older kernels
-// track that elsewhere and show the enabled features alone).
+// of the features /proc/PID/fdinfo shows on newer kernels (6.18 here);
+// older ones track that elsewhere and show the enabled features alone.
 const uffdFeatureInitialized = 1 << 31
 
 // enabledFeatures reads the features enabled on a userfaultfd of this
