@@ -51,7 +51,10 @@ is killed); a second signal shuts down at once. The stats are printed (and
 written to --stats-json), the socket is removed and the backing freed.
 
 Only the server's own uid and root may attach, plus --allow-uid; the socket
-is created mode 0600 (--socket-mode).
+is created mode 0600 (--socket-mode). Attached targets may write the shared
+snapshot pages unless --read-only-targets (then they must map it private).
+Put the socket in a directory only the server's user can write: targets
+attach only to a server running as root or as their own uid.
 
 Examples:
    uffdrestore load app.snap --socket /run/app.sock
@@ -72,6 +75,7 @@ Examples:
 			&cli.StringFlag{Name: "hugetlbfs", Usage: "hugetlbfs mount for --backing hugetlbfs (`DIR`)"},
 			&cli.StringFlag{Name: "allow-uid", Usage: "uids that may attach besides the server's own and root (`UID,...`)"},
 			&cli.StringFlag{Name: "socket-mode", Value: "0600", Usage: "permission bits of the socket file (octal)"},
+			&cli.BoolFlag{Name: "read-only-targets", Usage: "give targets a read-only backing fd: they map it private (copy-on-write) and cannot change the snapshot for the others"},
 			&cli.StringFlag{Name: "stats-json", Usage: "write the final stats as JSON to `FILE`"},
 			&cli.BoolFlag{Name: "once", Usage: "exit when the first target detaches or goes away"},
 			&cli.IntFlag{Name: "workers", Usage: "fill workers (default: number of CPUs)"},
@@ -182,9 +186,10 @@ func runLoad(c *cli.Context) error {
 		logf = func(string, ...any) {}
 	}
 	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{
-		Mode:      fs.FileMode(sockMode),
-		AllowUIDs: uids,
-		Logf:      logf,
+		Mode:            fs.FileMode(sockMode),
+		AllowUIDs:       uids,
+		ReadOnlyTargets: c.Bool("read-only-targets"),
+		Logf:            logf,
 		OnDetach: func(ti attach.TargetInfo) {
 			select {
 			case detached <- ti:

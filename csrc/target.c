@@ -2,7 +2,7 @@
  * target.c - uffdrestore-target, an example target process for the attach
  * protocol, and the program the tests and benchmarks attach.
  *
- *   uffdrestore-target --socket PATH [--private] [--at-original-addr]
+ *   uffdrestore-target --socket PATH [--server-uid UID] [--private] [--readonly] [--at-original-addr]
  *       [--pattern sequential|random|fraction:F] [--threads N] [--seed N]
  *       [--write] [--dump FILE] [--wait] [--hold] [--stats]
  *       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]
@@ -23,6 +23,11 @@
  * shutdown notice before detaching. Exit status 0 on success, 1 on error
  * (also when the server ends the session with an error while the target
  * touches or dumps: a fault it could not answer; the message is printed).
+ *
+ * It attaches only to a server running as root or as its own uid (checked
+ * with SO_PEERCRED before it maps anything); --server-uid UID trusts one
+ * more uid. --readonly maps PROT_READ. A server that gives read-only
+ * access (load --read-only-targets) needs --private.
  *
  * Address-space events (the server must follow them; see PROTOCOL.md §7).
  * Each runs after attaching (and after --wait), before the touch, on the
@@ -596,7 +601,8 @@ static void *churn_loop(void *arg)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: %s --socket PATH [--private] [--at-original-addr] [--pattern sequential|random|fraction:F]\n"
+		"usage: %s --socket PATH [--server-uid UID] [--private] [--readonly] [--at-original-addr]\n"
+		"       [--pattern sequential|random|fraction:F]\n"
 		"       [--threads N] [--seed N] [--write] [--dump FILE] [--wait] [--hold] [--stats]\n"
 		"       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]\n"
 		"Example: %s --socket /run/snap.sock --pattern random --threads 2 --dump out.raw\n",
@@ -629,6 +635,15 @@ int main(int argc, char **argv)
 		if (!strcmp(a, "--socket")) {
 			NEEDV();
 			sock = v;
+		} else if (!strcmp(a, "--server-uid")) {
+			NEEDV();
+			char *e;
+			unsigned long long u = strtoull(v, &e, 10);
+			if (*e || !*v || u > 0xfffffffeULL)
+				die("--server-uid: %s is not a uid", v);
+			opts.server_uid = (uint32_t)u;
+		} else if (!strcmp(a, "--readonly")) {
+			opts.readonly = 1;
 		} else if (!strcmp(a, "--private")) {
 			opts.private_mapping = 1;
 		} else if (!strcmp(a, "--at-original-addr")) {

@@ -98,6 +98,8 @@ const char *ur_strerror(int code)
 		return "region has no usable original address";
 	case UR_ETIMEDOUT:
 		return "timed out waiting for the server";
+	case UR_EUNTRUSTED:
+		return "the server runs as an untrusted uid";
 	}
 	if (code < 0 && code > -4096)
 		return strerror(-code);
@@ -424,9 +426,20 @@ static int parse_region(struct jp *p, struct ur_region *r)
 		return -1;
 	name[0] = 0;
 	int have_name = 0;
+	unsigned seen = 0; /* known members read so far: a second one is an error */
+	static const char *const known[] = { "name", "offset", "size", "length", "addr", "prot" };
 	while ((k = jmember(p, &first, key, sizeof key)) == 1) {
 		int rc = 0;
 		uint64_t v = 0;
+		for (unsigned j = 0; j < sizeof known / sizeof known[0]; j++) {
+			if (!strcmp(key, known[j])) {
+				if (seen & (1u << j)) {
+					free(name);
+					return -1;
+				}
+				seen |= 1u << j;
+			}
+		}
 		if (!strcmp(key, "name")) {
 			rc = jstring(p, name, UR_MAX_NAME);
 			have_name = 1;
@@ -467,8 +480,21 @@ static int parse_msg(const char *buf, size_t n, struct msg *m)
 	char key[32];
 	int first = 1, k;
 	memset(m, 0, sizeof(*m));
+	unsigned seen = 0; /* known members read so far: a second one is an error */
+	static const char *const known[] = { "type",	   "version",	 "error",    "stats",	 "backing",
+					     "page_size", "chunk_size", "file_size", "snapshot", "regions" };
 	while ((k = jmember(&p, &first, key, sizeof key)) == 1) {
 		int rc;
+		for (unsigned j = 0; j < sizeof known / sizeof known[0]; j++) {
+			if (!strcmp(key, known[j])) {
+				if (seen & (1u << j)) {
+					snprintf(m->field, sizeof m->field, "%s (appears twice)", key);
+					msg_free(m);
+					return UR_EMALFORMED;
+				}
+				seen |= 1u << j;
+			}
+		}
 		if (!strcmp(key, "type")) {
 			rc = jstring(&p, m->type, sizeof m->type);
 		} else if (!strcmp(key, "version")) {
@@ -900,6 +926,24 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 		seterr(last_err, "connect to %s: %s", socket_path, strerror(errno));
 		goto fail;
 	}
+	/* 0. Who is the server? Anyone who could bind the path could serve
+	 * its own bytes and receive our userfaultfd: check before trusting
+	 * anything it sends. */
+	struct ucred cred;
+	socklen_t credlen = sizeof(cred);
+	if (getsockopt(s->sock, SOL_SOCKET, SO_PEERCRED, &cred, &credlen) < 0) {
+		rc = -errno;
+		seterr(last_err, "getsockopt SO_PEERCRED on %s: %s", socket_path, strerror(errno));
+		goto fail;
+	}
+	uid_t me = geteuid();
+	if (cred.uid != 0 && cred.uid != me && cred.uid != opts->server_uid) {
+		seterr(last_err,
+		       "the server on %s runs as uid %u (pid %d), not root or this process's uid %u: refusing to map its memory or send it a userfaultfd (if uid %u is trusted: --server-uid %u, ur_attach_opts.server_uid)",
+		       socket_path, (unsigned)cred.uid, (int)cred.pid, (unsigned)me, (unsigned)cred.uid, (unsigned)cred.uid);
+		rc = UR_EUNTRUSTED;
+		goto fail;
+	}
 
 	/* 1. hello + the backing file. */
 	rc = recv_parse(s->sock, buf, &m, s->timeout_ms, fds, &nfds, last_err);
@@ -908,18 +952,28 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	if (strcmp(m.type, "hello")) {
 		seterr(last_err, "expected a hello, got \"%s\"", m.type);
 		rc = UR_EMALFORMED;
-		goto fail;
+		goto reject;
 	}
 	if (nfds != 1) {
 		seterr(last_err, "hello came with %d file descriptors, want 1", nfds);
 		rc = UR_EMALFORMED;
-		goto fail;
+		goto reject;
 	}
 	backing = fds[0];
 	nfds = 0;
 	rc = validate_hello(&m, last_err);
 	if (rc < 0)
-		goto fail;
+		goto reject;
+	/* A server with read-only targets sends an O_RDONLY fd: only a
+	 * MAP_PRIVATE mapping of it can be registered (the kernel refuses
+	 * UFFDIO_REGISTER on a shared mapping the process may not write). */
+	int accmode = fcntl(backing, F_GETFL);
+	if (accmode >= 0 && (accmode & O_ACCMODE) == O_RDONLY && !opts->private_mapping) {
+		seterr(last_err, "the server gives read-only access to the snapshot (load --read-only-targets): "
+				 "map it private (--private, private_mapping)");
+		rc = -EACCES;
+		goto reject;
+	}
 	s->page_size = m.page_size;
 	s->chunk_size = m.chunk_size;
 	s->file_size = m.file_size;
@@ -964,11 +1018,15 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 		seterr(last_err, "userfaultfd: %s", strerror(-rc));
 		goto fail;
 	}
-	rc = uffd_api(s->uffd, want & have, &s->features);
+	uint64_t reported;
+	rc = uffd_api(s->uffd, want & have, &reported);
 	if (rc < 0) {
 		seterr(last_err, "ioctl UFFDIO_API: %s", strerror(-rc));
 		goto fail;
 	}
+	/* The features enabled are the ones asked for: some kernels report
+	 * back every supported feature instead. */
+	s->features = want & have;
 
 	/* 3. Map and register every region, in hello order. */
 	int prot = opts->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
@@ -1061,6 +1119,14 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	*out = s;
 	return 0;
 
+reject:
+	/* Tell the server why its hello was refused (PROTOCOL.md §3.4). */
+	{
+		size_t eo = 0;
+		if (jputf(buf, UR_MAX_MSG + 1, &eo, "{\"type\":\"error\",\"error\":") == 0 &&
+		    jput_string(buf, UR_MAX_MSG + 1, &eo, last_err) == 0 && jputf(buf, UR_MAX_MSG + 1, &eo, "}") == 0)
+			send_msg(s->sock, buf, eo, -1);
+	}
 fail:
 	close_fds(fds, nfds);
 	if (backing >= 0)

@@ -14,9 +14,12 @@
  *	... read r->addr[0 .. r->length) : pages fill on first touch ...
  *	ur_detach(s);
  *
- * ur_attach connects, receives the hello and the backing file, maps every
- * region (in hello order), creates a userfaultfd, registers the mappings
- * (MISSING|MINOR), sends them with the userfaultfd and waits for "ready".
+ * ur_attach connects, checks that the server runs as root, as this
+ * process's uid or as opts->server_uid (SO_PEERCRED; UR_EUNTRUSTED
+ * otherwise, before anything is mapped or sent), receives the hello and
+ * the backing file, maps every region (in hello order), creates a
+ * userfaultfd, registers the mappings (MISSING|MINOR), sends them with the
+ * userfaultfd and waits for "ready".
  * The session keeps its own copy of the userfaultfd: if the server dies,
  * a thread touching a page that was never filled waits (it never reads
  * zeros); see PROTOCOL.md for what an operator does then.
@@ -55,6 +58,7 @@ extern "C" {
 #define UR_ENOFEATURE (-10006) /* the kernel lacks minor faults for this backing */
 #define UR_EADDR (-10007) /* at_original_addr: no or misaligned original address */
 #define UR_ETIMEDOUT (-10008) /* the server did not answer within timeout_ms */
+#define UR_EUNTRUSTED (-10009) /* the server runs as a uid this client does not trust */
 
 struct ur_attach_opts {
 	int private_mapping; /* MAP_PRIVATE: writes are copy-on-write, private to this process */
@@ -63,6 +67,10 @@ struct ur_attach_opts {
 	int readonly; /* PROT_READ only (default PROT_READ|PROT_WRITE) */
 	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK */
 	int timeout_ms; /* bound on each handshake step; 0 = 10000, < 0 = none */
+	uint32_t server_uid; /* one more uid the server may run as. Before mapping anything
+				or sending its userfaultfd, ur_attach checks the server's uid
+				(SO_PEERCRED): root, this process's effective uid, or this one
+				(0 adds nothing); otherwise UR_EUNTRUSTED. */
 };
 
 struct ur_region {

@@ -29,6 +29,29 @@ type ClientOptions struct {
 	Uffd uffd.OpenOptions
 	// Timeout bounds each step of the handshake (default 10 s).
 	Timeout time.Duration
+	// ServerUID is one more uid the server may run as. Dial checks the
+	// server's uid (SO_PEERCRED) before it maps anything or sends its
+	// userfaultfd: by default it must be root or this process's effective
+	// uid; anyone else could have bound the path and would serve its own
+	// bytes (and receive the userfaultfd). 0 adds nothing (root is always
+	// accepted).
+	ServerUID uint32
+}
+
+// CheckServer checks who listens on the other end of c: root, this
+// process's effective uid, or extra. A client calls it before it trusts
+// anything the server sends.
+func CheckServer(c *net.UnixConn, path string, extra uint32) error {
+	cred, err := peerCred(c)
+	if err != nil {
+		return fmt.Errorf("attach: %s: who is the server: %w", path, err)
+	}
+	me := uint32(os.Geteuid())
+	if cred.Uid == 0 || cred.Uid == me || cred.Uid == extra {
+		return nil
+	}
+	return fmt.Errorf("%w: the server on %s runs as uid %d (pid %d), not root or this process's uid %d: refusing to map its memory or send it a userfaultfd (if uid %d is trusted, allow it: ClientOptions.ServerUID, uffdrestore-target --server-uid %d)",
+		ErrUntrustedServer, path, cred.Uid, cred.Pid, me, cred.Uid, cred.Uid)
 }
 
 // ClientRegion is one mapped region.
@@ -93,21 +116,39 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 			cl.release()
 		}
 	}()
+	if err := CheckServer(c, path, o.ServerUID); err != nil {
+		return nil, err
+	}
 	c.SetReadDeadline(time.Now().Add(o.Timeout))
 	raw, fds, err := RecvMsg(c)
 	if err != nil {
 		return nil, err
 	}
 	defer CloseFDs(fds) // the backing fd: the mappings keep the file
+	// A hello this client refuses is answered with an error naming why
+	// (PROTOCOL.md §3.4), so the server's log says what to fix.
+	rejectHello := func(err error) error {
+		if !errors.Is(err, ErrRefused) {
+			c.SetWriteDeadline(time.Now().Add(o.Timeout))
+			SendMsg(c, Reply{Type: TypeError, Error: "client refuses the hello: " + err.Error()})
+		}
+		return err
+	}
 	if err := Decode(raw, TypeHello, &cl.Hello); err != nil {
-		return nil, err
+		return nil, rejectHello(err)
 	}
 	h := &cl.Hello
 	if err := h.Validate(); err != nil {
-		return nil, err
+		return nil, rejectHello(err)
 	}
 	if len(fds) != 1 {
-		return nil, invalid(TypeHello, "fds", "%d file descriptors came with the hello, want 1", len(fds))
+		return nil, rejectHello(invalid(TypeHello, "fds", "%d file descriptors came with the hello, want 1", len(fds)))
+	}
+	// A server with read-only targets sends an O_RDONLY fd: only a
+	// MAP_PRIVATE mapping of it can be registered (the kernel refuses
+	// UFFDIO_REGISTER on a shared mapping the process may not write).
+	if fl, err := unix.FcntlInt(uintptr(fds[0]), unix.F_GETFL, 0); err == nil && fl&unix.O_ACCMODE == unix.O_RDONLY && !o.Private {
+		return nil, rejectHello(fmt.Errorf("attach: the server gives read-only access to the snapshot (load --read-only-targets): map it private (ClientOptions.Private)"))
 	}
 	want, required, err := WantFeatures(h.Backing)
 	if err != nil {
@@ -133,7 +174,9 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	if o.Private {
 		flags = unix.MAP_PRIVATE
 	}
-	a := Attach{Type: TypeAttach, Version: Version, UffdFeatures: uint64(cl.u.Features())}
+	// The features enabled: what was asked for (some kernels report back
+	// every supported feature, not the enabled ones).
+	a := Attach{Type: TypeAttach, Version: Version, UffdFeatures: uint64(want & have)}
 	for _, r := range h.Regions {
 		if r.Size == 0 { // an empty region: nothing to map
 			cl.Regions = append(cl.Regions, ClientRegion{Region: r, Data: []byte{}})

@@ -25,11 +25,30 @@ func SendMsg(c *net.UnixConn, v any, fds ...int) error {
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)
 	}
-	n, oobn, err := c.WriteMsgUnix(b, oob, nil)
+	// Not WriteMsgUnix: it sends with flags 0, and PROTOCOL.md §1 says
+	// senders use MSG_NOSIGNAL. Through the poller, so write deadlines hold.
+	rc, err := c.SyscallConn()
 	if err != nil {
 		return fmt.Errorf("attach: send: %w", err)
 	}
-	if n != len(b) || oobn != len(oob) {
+	var n int
+	var serr error
+	werr := rc.Write(func(fd uintptr) bool {
+		for {
+			n, serr = unix.SendmsgN(int(fd), b, oob, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+			if serr != unix.EINTR {
+				break
+			}
+		}
+		return serr != unix.EAGAIN
+	})
+	if werr == nil && serr != nil {
+		werr = os.NewSyscallError("sendmsg", serr)
+	}
+	if werr != nil {
+		return fmt.Errorf("attach: send: %w", werr)
+	}
+	if n != len(b) {
 		return fmt.Errorf("attach: send: short write (%d of %d bytes)", n, len(b))
 	}
 	return nil

@@ -29,6 +29,7 @@
 package attach
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -83,6 +84,9 @@ var (
 	ErrClosed = errors.New("attach: connection closed by peer")
 	// ErrInUse: a live server already listens on the socket path.
 	ErrInUse = errors.New("attach: socket in use by a running server")
+	// ErrUntrustedServer: the server runs as a uid the client does not
+	// trust (not root, not the client's own, not the one it was told).
+	ErrUntrustedServer = errors.New("attach: untrusted server")
 )
 
 // ProtocolError says which field of which message broke the protocol.
@@ -201,6 +205,9 @@ func PeekType(raw []byte) (string, error) {
 	if err := json.Unmarshal(raw, &env); err != nil {
 		return "", invalid("", "", "malformed JSON: %v", err)
 	}
+	if err := checkDuplicates(raw); err != nil {
+		return "", err
+	}
 	if env.Type == "" {
 		return "", invalid("", "type", "missing (every message is a JSON object with a string \"type\")")
 	}
@@ -230,6 +237,59 @@ func Decode(raw []byte, want string, v any) error {
 			return invalid(typ, te.Field, "wrong JSON type: %s where the protocol has %s", te.Value, jsonKind(te.Type.Kind().String()))
 		}
 		return invalid(typ, "", "malformed JSON: %v", err)
+	}
+	return nil
+}
+
+// checkDuplicates rejects a message in which an object, at any depth, has
+// two members of the same name: encoding/json would keep the last one, a
+// parser elsewhere the first, and the two sides would disagree on what was
+// sent (PROTOCOL.md §2). raw is known to be valid JSON.
+func checkDuplicates(raw []byte) error {
+	d := json.NewDecoder(bytes.NewReader(raw))
+	d.UseNumber()
+	return walkJSON(d, "")
+}
+
+// walkJSON reads one value from d, checking every object in it for
+// duplicate member names; path names the value in errors.
+func walkJSON(d *json.Decoder, path string) error {
+	tok, err := d.Token()
+	if err != nil {
+		return invalid("", "", "malformed JSON: %v", err)
+	}
+	switch tok {
+	case json.Delim('{'):
+		seen := map[string]bool{}
+		for d.More() {
+			kt, err := d.Token()
+			if err != nil {
+				return invalid("", "", "malformed JSON: %v", err)
+			}
+			k, _ := kt.(string)
+			f := k
+			if path != "" {
+				f = path + "." + k
+			}
+			if seen[k] {
+				return invalid("", f, "member %q appears twice in one object (duplicate members are not allowed)", k)
+			}
+			seen[k] = true
+			if err := walkJSON(d, f); err != nil {
+				return err
+			}
+		}
+		_, err = d.Token() // '}'
+	case json.Delim('['):
+		for i := 0; d.More(); i++ {
+			if err := walkJSON(d, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
+			}
+		}
+		_, err = d.Token() // ']'
+	}
+	if err != nil {
+		return invalid("", "", "malformed JSON: %v", err)
 	}
 	return nil
 }

@@ -56,6 +56,13 @@ type Options struct {
 	Mode fs.FileMode
 	// AllowUIDs may attach in addition to the server's own uid and root.
 	AllowUIDs []uint32
+	// ReadOnlyTargets sends every target an O_RDONLY fd of the backing
+	// (instead of O_RDWR), and takes group and other permissions off the
+	// backing file so a target of another uid cannot reopen it for
+	// writing through /proc/PID/fd. Such a target maps it MAP_PRIVATE
+	// (copy-on-write): the kernel refuses UFFDIO_REGISTER on a shared
+	// mapping of a file the process may not write.
+	ReadOnlyTargets bool
 	// HandshakeTimeout bounds hello → attach (default 10 s).
 	HandshakeTimeout time.Duration
 	// Logf receives one line per connection event (default: discard).
@@ -79,7 +86,9 @@ type TargetInfo struct {
 // goroutine; one target's failure never disturbs another.
 type Server struct {
 	path    string
+	dev     uint64 // the socket file we bound (removeSocket removes only it)
 	ino     uint64
+	rofd    int // ReadOnlyTargets: an O_RDONLY fd of the backing, else -1
 	ln      *net.UnixListener
 	b       Backend
 	o       Options
@@ -110,23 +119,20 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	if err := prepareSocketPath(path); err != nil {
 		return nil, err
 	}
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	ln, dev, ino, err := bindPrivate(path, o.Mode)
 	if err != nil {
-		return nil, fmt.Errorf("attach: listen on %s: %w", path, err)
+		return nil, err
 	}
-	ln.SetUnlinkOnClose(false)
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("attach: listen on %s: %w", path, os.NewSyscallError("lstat", err))
-	}
-	if err := os.Chmod(path, o.Mode); err != nil {
-		ln.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("attach: listen on %s: %w", path, err)
+	var rofd = -1
+	if o.ReadOnlyTargets {
+		if rofd, err = readOnlyBacking(b.BackingFD()); err != nil {
+			ln.Close()
+			removeIfSame(path, dev, ino)
+			return nil, err
+		}
 	}
 	s := &Server{
-		path: path, ino: st.Ino, ln: ln, b: b, o: o,
+		path: path, dev: dev, ino: ino, ln: ln, b: b, o: o, rofd: rofd,
 		allowed:  append([]uint32{uint32(os.Getuid()), 0}, o.AllowUIDs...),
 		conns:    map[*conn]struct{}{},
 		stopping: make(chan struct{}),
@@ -135,6 +141,32 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	s.acceptWG.Add(1)
 	go s.accept()
 	return s, nil
+}
+
+// readOnlyBacking reopens the backing file read-only (through
+// /proc/self/fd, so it is the same open file description's inode) and
+// takes group and other permissions off it: any process holding an fd of a
+// memfd (mode 0777) could otherwise reopen it O_RDWR through /proc.
+func readOnlyBacking(fd int) (int, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return -1, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fstat", err))
+	}
+	if st.Mode&0o077 != 0 {
+		if err := unix.Fchmod(fd, st.Mode&0o700); err != nil {
+			return -1, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fchmod", err))
+		}
+	}
+	ro, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("attach: read-only backing: reopen through /proc/self/fd: %w", err)
+	}
+	var st2 unix.Stat_t
+	if err := unix.Fstat(ro, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
+		unix.Close(ro)
+		return -1, errors.New("attach: read-only backing: the reopened file is not the backing")
+	}
+	return ro, nil
 }
 
 // prepareSocketPath checks path can be bound: its directory exists, it is
@@ -290,12 +322,108 @@ func (s *Server) Close() error {
 	return err
 }
 
-// removeSocket removes the socket file if it is still the one we created.
+// removeSocket removes the socket file if it is still the one we created,
+// and closes the read-only backing fd.
 func (s *Server) removeSocket() {
-	var st unix.Stat_t
-	if unix.Lstat(s.path, &st) == nil && st.Ino == s.ino && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
-		os.Remove(s.path)
+	removeIfSame(s.path, s.dev, s.ino)
+	if s.rofd >= 0 {
+		unix.Close(s.rofd)
+		s.rofd = -1
 	}
+}
+
+func removeIfSame(path string, dev, ino uint64) {
+	var st unix.Stat_t
+	if unix.Lstat(path, &st) == nil && st.Dev == dev && st.Ino == ino && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		os.Remove(path)
+	}
+}
+
+// bindPrivate creates the listening socket without ever following path:
+// it binds inside a new 0700 directory beside path (reached through its
+// fd, so nobody can swap it), sets the mode there, moves the socket into
+// place with a rename that never replaces anything (RENAME_NOREPLACE, or
+// link where the filesystem lacks it), and checks that the file now at
+// path is the socket it bound. A chmod by path after bind would follow a
+// symlink planted there in the meantime (in a directory others may write).
+func bindPrivate(path string, mode fs.FileMode) (_ *net.UnixListener, dev, ino uint64, err error) {
+	dir, base := filepath.Dir(path), filepath.Base(path)
+	fail := func(err error) (*net.UnixListener, uint64, uint64, error) {
+		return nil, 0, 0, fmt.Errorf("attach: listen on %s: %w", path, err)
+	}
+	parent, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fail(os.NewSyscallError("open "+dir, err))
+	}
+	defer unix.Close(parent)
+	priv, err := os.MkdirTemp(dir, ".uffdrestore-bind-")
+	if err != nil {
+		return fail(err)
+	}
+	privName := filepath.Base(priv)
+	pfd, err := unix.Openat(parent, privName, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		os.Remove(priv)
+		return fail(os.NewSyscallError("open "+priv, err))
+	}
+	defer func() {
+		unix.Unlinkat(pfd, "s", 0) // still there only on failure
+		unix.Close(pfd)
+		// By name: if someone renamed ours, rmdir of theirs fails or
+		// removes an empty directory, never anything else.
+		unix.Unlinkat(parent, privName, unix.AT_REMOVEDIR)
+	}()
+	var st unix.Stat_t
+	if err := unix.Fstat(pfd, &st); err != nil || st.Uid != uint32(os.Geteuid()) || st.Mode&0o077 != 0 {
+		return fail(fmt.Errorf("private directory %s is not ours (mode %o, uid %d)", priv, st.Mode&0o7777, st.Uid))
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fail(os.NewSyscallError("socket", err))
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	// Through /proc/self/fd: the private directory by its fd, and a path
+	// that fits sun_path whatever the length of dir.
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: fmt.Sprintf("/proc/self/fd/%d/s", pfd)}); err != nil {
+		return fail(os.NewSyscallError("bind", err))
+	}
+	if err := unix.Fchmodat(pfd, "s", uint32(mode.Perm()), 0); err != nil {
+		return fail(os.NewSyscallError("chmod", err))
+	}
+	if err := unix.Fstatat(pfd, "s", &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fail(fmt.Errorf("the socket just bound in %s is gone", priv))
+	}
+	dev, ino = st.Dev, st.Ino
+	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+		return fail(os.NewSyscallError("listen", err))
+	}
+	err = unix.Renameat2(pfd, "s", parent, base, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		if err = unix.Linkat(pfd, "s", parent, base, 0); err == nil {
+			unix.Unlinkat(pfd, "s", 0)
+		}
+	}
+	if errors.Is(err, unix.EEXIST) {
+		return fail(fmt.Errorf("something was created at the socket path while binding; refusing to replace it (make the socket's directory writable by its owner only)"))
+	}
+	if err != nil {
+		return fail(os.NewSyscallError("rename into place", err))
+	}
+	// What is at path now must be the socket we bound.
+	var at unix.Stat_t
+	if err := unix.Fstatat(parent, base, &at, unix.AT_SYMLINK_NOFOLLOW); err != nil || at.Dev != dev || at.Ino != ino {
+		removeIfSame(path, dev, ino)
+		return fail(fmt.Errorf("the socket file was moved or replaced right after it was created (someone else can write %s: use a directory only the server's user can write)", dir))
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		removeIfSame(path, dev, ino)
+		return fail(err)
+	}
+	ln := l.(*net.UnixListener)
+	ln.SetUnlinkOnClose(false)
+	return ln, dev, ino, nil
 }
 
 // conn is one target connection.
@@ -392,7 +520,11 @@ func (cn *conn) handshake() (View, error) {
 	}
 	h := s.b.Hello()
 	h.Type, h.Version = TypeHello, Version
-	if err := cn.send(h, s.b.BackingFD()); err != nil {
+	backingFD := s.b.BackingFD()
+	if s.rofd >= 0 {
+		backingFD = s.rofd
+	}
+	if err := cn.send(h, backingFD); err != nil {
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
@@ -421,6 +553,15 @@ func (cn *conn) handshake() (View, error) {
 		CloseFDs(fds)
 		return nil, err
 	}
+	// The features in effect, from the kernel: a userfaultfd that never
+	// had UFFDIO_API has none, and one without minor faults for this
+	// backing cannot be served. The attach's uffd_features is only what
+	// the target says; the server uses what the kernel says.
+	feat, err := enabledFeatures(fds[0], h.Backing)
+	if err != nil {
+		CloseFDs(fds)
+		return nil, err
+	}
 	// A uffd must be non-blocking for a poll loop; the flag is shared with
 	// the target's copy, which only uses it for ioctls.
 	if err := unix.SetNonblock(fds[0], true); err != nil {
@@ -431,7 +572,7 @@ func (cn *conn) handshake() (View, error) {
 	for i, m := range a.Mappings {
 		ranges[i] = Range{Base: uintptr(m.BaseHostVirtAddr), Size: m.Size, Offset: m.Offset, Private: m.Private}
 	}
-	u := uffd.FromFD(fds[0], uffd.Features(a.UffdFeatures))
+	u := uffd.FromFD(fds[0], feat)
 	v, err := s.b.AttachView(u, ranges, cn.info.Name)
 	if err != nil {
 		return nil, fmt.Errorf("attach view: %w", err)
@@ -522,6 +663,57 @@ func statsJSON(v View) json.RawMessage {
 		return json.RawMessage("{}")
 	}
 	return b
+}
+
+// uffdFeatureInitialized is the kernel's internal "UFFDIO_API done" bit
+// of the features /proc/PID/fdinfo shows on newer kernels (6.18 here);
+// older ones track that elsewhere and show the enabled features alone.
+const uffdFeatureInitialized = 1 << 31
+
+// enabledFeatures reads the features enabled on a userfaultfd of this
+// process from the "API:" line of /proc/self/fdinfo/N ("API:\t<api>:<features>:<ioctls>",
+// hex), and checks that UFFDIO_API was done with minor faults for backing.
+func enabledFeatures(fd int, backing string) (uffd.Features, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", fd))
+	if err != nil {
+		return 0, fmt.Errorf("attach: read the userfaultfd's state: %w", err)
+	}
+	var feat uint64
+	found := false
+	for _, line := range strings.Split(string(b), "\n") {
+		v, ok := strings.CutPrefix(line, "API:")
+		if !ok {
+			continue
+		}
+		parts := strings.Split(strings.TrimSpace(v), ":")
+		if len(parts) == 3 {
+			feat, err = strconv.ParseUint(parts[1], 16, 64)
+			found = err == nil
+		}
+	}
+	if !found {
+		return 0, fmt.Errorf("attach: read the userfaultfd's state: no API line in /proc/self/fdinfo/%d", fd)
+	}
+	raw := feat
+	feat &^= uffdFeatureInitialized
+	required := uffd.FeatureMinorShmem
+	if backing == BackingHugetlb {
+		required = uffd.FeatureMinorHugetlbfs
+	}
+	if raw == 0 {
+		return 0, invalid(TypeAttach, "fds", "the userfaultfd has had no UFFDIO_API (call it with the features of PROTOCOL.md section 4 before sending the userfaultfd)")
+	}
+	if uffd.Features(feat)&required != required {
+		return 0, invalid(TypeAttach, "fds", "the userfaultfd's UFFDIO_API did not enable %s (features %#x): minor faults on this backing are required", featureName(required), feat)
+	}
+	return uffd.Features(feat), nil
+}
+
+func featureName(f uffd.Features) string {
+	if f == uffd.FeatureMinorHugetlbfs {
+		return "UFFD_FEATURE_MINOR_HUGETLBFS"
+	}
+	return "UFFD_FEATURE_MINOR_SHMEM"
 }
 
 func peerCred(c *net.UnixConn) (*unix.Ucred, error) {

@@ -665,6 +665,8 @@ func TestCClientVsBadServer(t *testing.T) {
 		{"huge", bytes.Repeat([]byte(" "), 100<<10), nil, "message too large"},
 		{"deep", []byte(`{"type":"hello","x":` + strings.Repeat("[", 100) + strings.Repeat("]", 100) + `}`), []int{memfd}, "malformed"},
 		{"bignum", []byte(`{"type":"hello","version":1,"page_size":99999999999999999999999}`), []int{memfd}, "malformed"},
+		{"duplicate", bytes.Replace(hb, []byte(`"page_size":2097152`), []byte(`"page_size":4096,"page_size":2097152`), 1), []int{memfd}, "page_size (appears twice)"},
+		{"duplicate-in-region", bytes.Replace(hb, []byte(`{"name":"a"`), []byte(`{"name":"z","name":"a"`), 1), []int{memfd}, "field regions[0]"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
