@@ -13,7 +13,8 @@
  *
  *   {"ready_ms":..,"first_byte_ms":..,"touch_ms":..,"pages":..,"page_size":..,
  *    "threads":..,"pattern":"..","lat_us":{"p50":..,"p90":..,"p99":..,"max":..},
- *    "checksum":..,"regions":..,"bytes":..}
+ *    "checksum":..,"regions":..,"bytes":..,"backing":"hugetlb|shmem",
+ *    "uffd":"device|syscall|user-mode-only","fork_events":true|false}
  *
  * (times in ms since the program started; latency of each touch as the
  * touching thread saw it), optionally writes every region's bytes in hello
@@ -240,6 +241,15 @@ static void dump(struct ur_session *s, const char *path)
 	free(b);
 	if (close(fd) < 0)
 		die("close %s: %s", path, strerror(errno));
+}
+
+/* How the session's userfaultfd was opened, for the JSON line. */
+static const char *uffd_via(const struct ur_session *s)
+{
+	unsigned f = ur_session_uffd_flags(s);
+	if (f & UR_UFFD_USER_MODE_ONLY)
+		return "user-mode-only";
+	return f & UR_UFFD_DEVICE ? "device" : "syscall";
 }
 
 /* Waits for a line (or EOF) on stdin. */
@@ -758,15 +768,16 @@ int main(int argc, char **argv)
 	printf("{\"ready_ms\":%.3f,\"first_byte_ms\":%.3f,\"touch_ms\":%.3f,\"pages\":%llu,\"page_size\":%llu,"
 	       "\"threads\":%ld,\"pattern\":\"%s\",\"private\":%s,"
 	       "\"lat_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
-	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\"%s%s%s%s%s}\n",
+	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\","
+	       "\"uffd\":\"%s\",\"fork_events\":%s%s%s%s%s%s}\n",
 	       (double)(t_ready - t_start) / 1e6, first ? (double)(first - t_start) / 1e6 : 0.0,
 	       (double)(t_touch1 - t_touch0) / 1e6, (unsigned long long)ntouch, (unsigned long long)ps,
 	       threads, random_order ? (fraction < 1 ? "fraction" : "random") : "sequential",
 	       opts.private_mapping ? "true" : "false",
 	       pct_us(lat, ntouch, 50), pct_us(lat, ntouch, 90), pct_us(lat, ntouch, 99),
 	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)sum,
-	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s),
-	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
+	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s), uffd_via(s),
+	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true", do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
 	       events_json, events_len ? "}" : "");
 	fflush(stdout);
 

@@ -86,7 +86,19 @@ const char *ur_session_snapshot(const struct ur_session *s);
 const char *ur_session_backing(const struct ur_session *s); /* "hugetlb" or "shmem" */
 uint64_t ur_session_page_size(const struct ur_session *s);
 uint64_t ur_session_chunk_size(const struct ur_session *s);
-uint64_t ur_session_uffd_features(const struct ur_session *s);
+uint64_t ur_session_uffd_features(const struct ur_session *s); /* UFFD_FEATURE_* enabled */
+/* How the session's userfaultfd was opened (one of the first three) and what
+ * it lacks. ur_attach takes the first that this process is allowed:
+ * /dev/userfaultfd, then userfaultfd(2), then userfaultfd(UFFD_USER_MODE_ONLY),
+ * which any user may open. */
+#define UR_UFFD_DEVICE 0x1 /* /dev/userfaultfd, USERFAULTFD_IOC_NEW */
+#define UR_UFFD_SYSCALL 0x2 /* userfaultfd(2): root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 */
+#define UR_UFFD_USER_MODE_ONLY 0x4 /* userfaultfd(UFFD_USER_MODE_ONLY): a fault the kernel raises on
+				      this process's behalf (read(2) into, write(2) from an unfilled
+				      page) fails with EFAULT instead of waiting: copy through a buffer */
+#define UR_UFFD_NO_FORK_EVENTS 0x8 /* UFFD_FEATURE_EVENT_FORK is off (no CAP_SYS_PTRACE, or
+				      no_fork_events): see ur_attach_opts.no_fork_events */
+unsigned ur_session_uffd_flags(const struct ur_session *s);
 /* The socket, to poll(2) for POLLIN; then call ur_poll. */
 int ur_session_socket(const struct ur_session *s);
 
