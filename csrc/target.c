@@ -56,7 +56,10 @@
  *                 without detaching (the session is the parent's). The
  *                 parent waits for it, fails if it failed, checks (with
  *                 --private) that the child's write did not reach it, and
- *                 goes on with its own touch and dump.
+ *                 goes on with its own touch and dump. Without fork events
+ *                 ("fork_events":false: no CAP_SYS_PTRACE) the client marks
+ *                 the regions MADV_DONTFORK, so the child dies of SIGSEGV on
+ *                 its first touch and the target fails.
  *   --churn       while the touch threads run, one more thread drops the
  *                 first page of the touch list with MADV_DONTNEED in a loop
  *                 (a REMOVE event each time) until they are done.
@@ -777,7 +780,8 @@ int main(int argc, char **argv)
 	       pct_us(lat, ntouch, 50), pct_us(lat, ntouch, 90), pct_us(lat, ntouch, 99),
 	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)sum,
 	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s), uffd_via(s),
-	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true", do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
+	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true",
+	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
 	       events_json, events_len ? "}" : "");
 	fflush(stdout);
 

@@ -17,6 +17,16 @@
  * ur_attach connects, receives the hello and the backing file, maps every
  * region (in hello order), creates a userfaultfd, registers the mappings
  * (MISSING|MINOR), sends them with the userfaultfd and waits for "ready".
+ *
+ * Any user can attach: without root, CAP_SYS_PTRACE, access to
+ * /dev/userfaultfd or vm.unprivileged_userfaultfd=1 the userfaultfd is
+ * UFFD_USER_MODE_ONLY (UR_UFFD_USER_MODE_ONLY below: a read(2) into or
+ * write(2) from an unfilled page fails with EFAULT; copy through a buffer).
+ * Fork events need CAP_SYS_PTRACE; without them (UR_UFFD_NO_FORK_EVENTS) the
+ * regions are MADV_DONTFORK: a forked child has no mapping there (a touch
+ * raises SIGSEGV), because the kernel would leave the child an unserved
+ * mapping that reads zeros where the server has not filled yet. See
+ * PROTOCOL.md section 4.
  * The session keeps its own copy of the userfaultfd: if the server dies,
  * a thread touching a page that was never filled waits (it never reads
  * zeros); see PROTOCOL.md for what an operator does then.
@@ -61,7 +71,11 @@ struct ur_attach_opts {
 	int at_original_addr; /* map each region at its original address (MAP_FIXED_NOREPLACE);
 				 with a hugetlb backing that address must be 2 MiB aligned */
 	int readonly; /* PROT_READ only (default PROT_READ|PROT_WRITE) */
-	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK */
+	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK (asked for only with
+			       CAP_SYS_PTRACE anyway). Without fork events the regions are
+			       MADV_DONTFORK: a forked child has no mapping of them, so a
+			       touch there raises SIGSEGV (it would otherwise read zeros
+			       where the server has not filled yet); fork+exec is fine */
 	int timeout_ms; /* bound on each handshake step; 0 = 10000, < 0 = none */
 };
 
