@@ -2,11 +2,15 @@ package attach
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -180,4 +184,116 @@ func TestCClientForkEventsRefused(t *testing.T) {
 	if *u.ForkEvents {
 		t.Error("fork events enabled without CAP_SYS_PTRACE in the initial user namespace")
 	}
+}
+
+const goClientEnv = "UR_ATTACH_TEST_GOCLIENT"
+
+// goClientResult is what the uid 65534 child of TestGoClientNonRoot reports.
+type goClientResult struct {
+	Sum          string `json:"sum"` // sha256 of every region's bytes, in hello order
+	UserModeOnly bool   `json:"user_mode_only"`
+	ForkEvents   bool   `json:"fork_events"`
+	DontFork     bool   `json:"dontfork"` // every region's VmFlags has dc
+	Err          string `json:"err,omitempty"`
+}
+
+// TestGoClientNonRoot: the Go client (Dial) as uid 65534 falls back as the
+// C client does (UFFD_USER_MODE_ONLY, no fork events, regions
+// MADV_DONTFORK) and reads every byte right.
+func TestGoClientNonRoot(t *testing.T) {
+	if sock := os.Getenv(goClientEnv); sock != "" {
+		goClientChild(sock)
+		return
+	}
+	testutil.RequireRoot(t)
+	requireUffd(t, false)
+	b := newFakeBackend(t, false, nil)
+	sock, _ := nobodyServer(t, b)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(filepath.Dir(sock), "attach.test")
+	if err := copyExecutable(exe, bin); err != nil {
+		t.Fatal(err)
+	}
+	cmd := asNobody(exec.Command(bin, "-test.run=^TestGoClientNonRoot$"))
+	cmd.Env = append(os.Environ(), goClientEnv+"="+sock)
+	out, err := cmd.CombinedOutput()
+	_, js, ok := strings.Cut(string(out), "GOCLIENT-RESULT ")
+	var res goClientResult
+	if ok {
+		js, _, _ = strings.Cut(js, "\n")
+		ok = json.Unmarshal([]byte(js), &res) == nil
+	}
+	if !ok || err != nil || res.Err != "" {
+		t.Fatalf("Go client as uid %d: %v %s\n%s", nobodyUID, err, res.Err, out)
+	}
+	want := sha256.Sum256(b.want())
+	if res.Sum != hex.EncodeToString(want[:]) {
+		t.Errorf("uid %d's Go client read other bytes than the image", nobodyUID)
+	}
+	t.Logf("uid %d: user-mode-only %v, fork events %v, MADV_DONTFORK %v", nobodyUID, res.UserModeOnly, res.ForkEvents, res.DontFork)
+	if res.ForkEvents || !res.DontFork {
+		t.Errorf("uid %d (no CAP_SYS_PTRACE): fork events %v, regions MADV_DONTFORK %v; want false, true", nobodyUID, res.ForkEvents, res.DontFork)
+	}
+	if nobodyIsUnprivileged(t) && !res.UserModeOnly {
+		t.Errorf("uid %d got a full userfaultfd with vm.unprivileged_userfaultfd=0 and /dev/userfaultfd root's", nobodyUID)
+	}
+}
+
+func goClientChild(sock string) {
+	var res goClientResult
+	defer func() {
+		js, _ := json.Marshal(res)
+		fmt.Printf("GOCLIENT-RESULT %s\n", js)
+	}()
+	cl, err := Dial(sock, ClientOptions{})
+	if err != nil {
+		res.Err = err.Error()
+		return
+	}
+	defer cl.Detach()
+	h := sha256.New()
+	for _, r := range cl.Regions {
+		h.Write(r.Data)
+	}
+	res.Sum = hex.EncodeToString(h.Sum(nil))
+	res.UserModeOnly, res.ForkEvents = cl.UserModeOnly(), cl.ForkEvents()
+	smaps, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		res.Err = err.Error()
+		return
+	}
+	res.DontFork = true
+	for _, r := range cl.Regions {
+		if r.m != nil && !vmFlag(string(smaps), r.m.Addr(), "dc") {
+			res.DontFork = false
+		}
+	}
+}
+
+// vmFlag reports whether the mapping starting at addr has flag in its
+// /proc/self/smaps VmFlags.
+func vmFlag(smaps string, addr uintptr, flag string) bool {
+	head := fmt.Sprintf("%x-", addr)
+	in := false
+	for _, l := range strings.Split(smaps, "\n") {
+		if strings.HasPrefix(l, head) {
+			in = true
+		} else if in {
+			if v, ok := strings.CutPrefix(l, "VmFlags:"); ok {
+				return slices.Contains(strings.Fields(v), flag)
+			}
+		}
+	}
+	return false
+}
+
+func copyExecutable(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o755)
 }
