@@ -835,6 +835,11 @@ static int uffd_setup(struct ur_session *s, int hugetlb, int fork_events, char *
 	uint64_t have = 0, got = 0;
 	unsigned how = 0;
 	int probe = uffd_open(&how);
+	if (probe == -ENOSYS) {
+		seterr(err, "userfaultfd: %s: this kernel has no userfaultfd (build it with CONFIG_USERFAULTFD=y)",
+		       strerror(ENOSYS));
+		return probe;
+	}
 	if (probe < 0) {
 		seterr(err, "userfaultfd: %s: neither /dev/userfaultfd, userfaultfd(2) nor userfaultfd(UFFD_USER_MODE_ONLY) "
 			    "is allowed (see `uffdrestore doctor` for the fix on this machine)", strerror(-probe));
