@@ -29,25 +29,14 @@ func TestDemoNonRoot(t *testing.T) {
 	}
 	// Everything uid 65534 runs or reads sits in a 0755 directory; its HOME
 	// and TMPDIR are its own.
-	dir, err := os.MkdirTemp("", "uffdrestore-demo-nobody-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testutil.SharedTempDir(t)
 	home := filepath.Join(dir, "home")
-	for _, err := range []error{os.Chmod(dir, 0o755), os.Mkdir(home, 0o700), os.Chown(home, 65534, 65534)} {
+	for _, err := range []error{os.Mkdir(home, 0o700), os.Chown(home, 65534, 65534)} {
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmdExe := filepath.Join(dir, "uffdrestore.test")
-	if err := copyFile(exe, cmdExe); err != nil {
-		t.Fatal(err)
-	}
+	cmdExe := testutil.CopyTestBinary(t, dir, "uffdrestore.test")
 	target := filepath.Join(dir, "uffdrestore-target")
 	if b, err := exec.Command("gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-Icsrc", "-o", target,
 		"csrc/target.c", "csrc/ur_client.c", "-lpthread").CombinedOutput(); err != nil {
@@ -61,6 +50,7 @@ func TestDemoNonRoot(t *testing.T) {
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	done := make(chan error, 1)
+	var err error
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

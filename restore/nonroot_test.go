@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,27 +39,15 @@ func TestAutoBackingNonRoot(t *testing.T) {
 	}
 	testutil.RequireRoot(t)
 	testutil.RequireHugePages(t, 8)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The test binary sits in a 0700 directory: copy it, and the snapshot,
-	// where uid 65534 can read them.
-	dir, err := os.MkdirTemp("", "uffdrestore-auto-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "restore.test")
-	if err := copyTo(exe, bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	snap := filepath.Join(dir, "auto.snap")
+	// The test binary and the snapshot where uid 65534 can read them.
+	dir := testutil.SharedTempDir(t)
+	bin := testutil.CopyTestBinary(t, dir, "restore.test")
 	src := writeSnap(t, []testRegion{{"a", 0, testImage(6<<20, 11)}}, format.CodecS2, 2<<20)
-	if err := copyTo(src, snap, 0o644); err != nil {
+	snap := filepath.Join(dir, "auto.snap")
+	if err := os.Rename(src, snap); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(snap, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, "-test.run=^TestAutoBackingNonRoot$", "-test.v")
@@ -116,21 +103,4 @@ func autoChild(t *testing.T, snap string) {
 		Equal: bytes.Equal(r.Region("a"), testImage(6<<20, 11))}
 	js, _ := json.Marshal(res)
 	fmt.Printf("AUTO-RESULT %s\n", js)
-}
-
-func copyTo(src, dst string, mode os.FileMode) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }

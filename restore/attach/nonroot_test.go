@@ -209,14 +209,7 @@ func TestGoClientNonRoot(t *testing.T) {
 	requireUffd(t, false)
 	b := newFakeBackend(t, false, nil)
 	sock, _ := nobodyServer(t, b)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(filepath.Dir(sock), "attach.test")
-	if err := copyExecutable(exe, bin); err != nil {
-		t.Fatal(err)
-	}
+	bin := testutil.CopyTestBinary(t, filepath.Dir(sock), "attach.test")
 	cmd := asNobody(exec.Command(bin, "-test.run=^TestGoClientNonRoot$"))
 	cmd.Env = append(os.Environ(), goClientEnv+"="+sock)
 	out, err := cmd.CombinedOutput()
@@ -288,12 +281,4 @@ func vmFlag(smaps string, addr uintptr, flag string) bool {
 		}
 	}
 	return false
-}
-
-func copyExecutable(src, dst string) error {
-	b, err := os.ReadFile(src)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(dst, b, 0o755)
 }
