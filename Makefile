@@ -33,7 +33,7 @@ C_OUTPUTS  := $(if $(CLIENT_SRC),bin/libuffdrestore.a bin/libuffdrestore.so) \
 # every run so new targets are picked up.
 FUZZ_FIND = grep -rlE --include='*_test.go' --exclude-dir=.git --exclude-dir=testdata '^func Fuzz[A-Za-z0-9_]*\(' .
 
-.PHONY: all build bin/uffdrestore test vet fmt-check lint fuzz bench demo hugepages clean
+.PHONY: all build bin/uffdrestore test vet fmt-check lint fuzz bench demo demo-prebuilt hugepages clean
 
 all: build
 
@@ -108,9 +108,18 @@ bench: build
 	bin/uffdrestore bench --generate $(BENCH_GEN) --content realistic --pattern sparse:0.1,sequential --runs 5
 
 # The demo generates a snapshot, restores it lazily in-process (checking every
-# byte), then serves it to the C example target, a separate process.
-demo: build
+# byte), then serves it to the C example target, a separate process. It
+# builds first, unless this user may not write bin/ (a checkout that root
+# built, run by another user): then it runs the binaries already there.
+BIN_WRITABLE := $(shell { test -w bin || { test ! -e bin && test -w .; }; } && echo yes)
+demo: $(if $(BIN_WRITABLE),build,demo-prebuilt)
 	bin/uffdrestore demo --target bin/uffdrestore-target
+
+demo-prebuilt:
+	@if [ ! -x bin/uffdrestore ] || [ ! -x bin/uffdrestore-target ]; then \
+		echo "demo: $$(id -un) may not write bin/ and it holds no build: run \`make build\` as the checkout's owner first"; exit 1; \
+	fi
+	@echo "demo: $$(id -un) may not write bin/: running the binaries built there"
 
 # Reserves at least HUGEPAGES default-size huge pages; a bigger pool is left
 # alone. The first reservation on a fresh VM is slow (the host faults the

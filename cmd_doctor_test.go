@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -134,23 +132,9 @@ func TestDoctorText(t *testing.T) {
 // UFFD_USER_MODE_ONLY.
 func TestDoctorNonRoot(t *testing.T) {
 	testutil.RequireRoot(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The test binary sits in a 0700 directory: copy it where nobody can run it.
-	dir, err := os.MkdirTemp("", "uffdrestore-doctor-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	copyExe := filepath.Join(dir, "uffdrestore.test")
-	if err := copyFile(exe, copyExe); err != nil {
-		t.Fatal(err)
-	}
+	dir := testutil.SharedTempDir(t)
+	copyExe := testutil.CopyTestBinary(t, dir, "uffdrestore.test")
 	cmd := doctorCmd(copyExe, "doctor", "--json")
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
@@ -185,21 +169,4 @@ func TestDoctorNonRoot(t *testing.T) {
 	if !strings.Contains(sh.Limits, "EFAULT") {
 		t.Errorf("shmem limits for nobody = %q, want the EFAULT limitation", sh.Limits)
 	}
-}
-
-func copyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }

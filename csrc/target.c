@@ -13,7 +13,8 @@
  *
  *   {"ready_ms":..,"first_byte_ms":..,"touch_ms":..,"pages":..,"page_size":..,
  *    "threads":..,"pattern":"..","lat_us":{"p50":..,"p90":..,"p99":..,"max":..},
- *    "checksum":..,"regions":..,"bytes":..}
+ *    "checksum":..,"regions":..,"bytes":..,"backing":"hugetlb|shmem",
+ *    "uffd":"device|syscall|user-mode-only","fork_events":true|false}
  *
  * (times in ms since the program started; latency of each touch as the
  * touching thread saw it), optionally writes every region's bytes in hello
@@ -62,7 +63,10 @@
  *                 without detaching (the session is the parent's). The
  *                 parent waits for it, fails if it failed, checks (with
  *                 --private) that the child's write did not reach it, and
- *                 goes on with its own touch and dump.
+ *                 goes on with its own touch and dump. Without fork events
+ *                 ("fork_events":false: no CAP_SYS_PTRACE) the client marks
+ *                 the regions MADV_DONTFORK, so the child dies of SIGSEGV on
+ *                 its first touch and the target fails.
  *   --churn       while the touch threads run, one more thread drops the
  *                 first page of the touch list with MADV_DONTNEED in a loop
  *                 (a REMOVE event each time) until they are done.
@@ -247,6 +251,15 @@ static void dump(struct ur_session *s, const char *path)
 	free(b);
 	if (close(fd) < 0)
 		die("close %s: %s", path, strerror(errno));
+}
+
+/* How the session's userfaultfd was opened, for the JSON line. */
+static const char *uffd_via(const struct ur_session *s)
+{
+	unsigned f = ur_session_uffd_flags(s);
+	if (f & UR_UFFD_USER_MODE_ONLY)
+		return "user-mode-only";
+	return f & UR_UFFD_DEVICE ? "device" : "syscall";
 }
 
 /* Waits for a line (or EOF) on stdin. */
@@ -839,14 +852,16 @@ int main(int argc, char **argv)
 	printf("{\"ready_ms\":%.3f,\"first_byte_ms\":%.3f,\"touch_ms\":%.3f,\"pages\":%llu,\"page_size\":%llu,"
 	       "\"threads\":%ld,\"pattern\":\"%s\",\"private\":%s,"
 	       "\"lat_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
-	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\"%s%s%s%s%s}\n",
+	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\","
+	       "\"uffd\":\"%s\",\"fork_events\":%s%s%s%s%s%s}\n",
 	       (double)(t_ready - t_start) / 1e6, first ? (double)(first - t_start) / 1e6 : 0.0,
 	       (double)(t_touch1 - t_touch0) / 1e6, (unsigned long long)ntouch, (unsigned long long)ps,
 	       threads, random_order ? (fraction < 1 ? "fraction" : "random") : "sequential",
 	       opts.private_mapping ? "true" : "false",
 	       pct_us(lat, ntouch, 50), pct_us(lat, ntouch, 90), pct_us(lat, ntouch, 99),
 	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)sum,
-	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s),
+	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s), uffd_via(s),
+	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true",
 	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
 	       events_json, events_len ? "}" : "");
 	fflush(stdout);

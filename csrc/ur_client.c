@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <linux/capability.h>
 #include <linux/types.h>
 #include <linux/userfaultfd.h>
 
@@ -43,6 +44,9 @@
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
 #endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
@@ -56,6 +60,7 @@ struct ur_session {
 	int sock;
 	int uffd;
 	uint64_t features;
+	unsigned uffd_flags; /* UR_UFFD_* */
 	uint64_t page_size, chunk_size, file_size;
 	char backing[16];
 	char *snapshot;
@@ -784,21 +789,39 @@ static int recv_parse(int sock, char *buf, struct msg *m, int timeout_ms, int *f
 
 /* ---- userfaultfd ------------------------------------------------------------ */
 
-static int uffd_open(void)
+/* Opens a userfaultfd the first way this process is allowed to and says which
+ * in *how:
+ *   1. /dev/userfaultfd + USERFAULTFD_IOC_NEW (Linux >= 6.1): full fault
+ *      handling for whoever may open the device;
+ *   2. userfaultfd(2): full, with CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1;
+ *   3. userfaultfd(UFFD_USER_MODE_ONLY) (Linux >= 5.11): any user; only faults
+ *      raised in user mode are delivered (see UR_UFFD_USER_MODE_ONLY).
+ * When none is allowed it returns the syscall's -errno: that is the one to fix. */
+static int uffd_open(unsigned *how)
 {
-	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-	if (fd >= 0)
-		return fd;
-	int err = errno;
-	if (err != EPERM && err != ENOSYS)
-		return -err;
 	int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-	if (dev < 0)
-		return -err; /* report the syscall's EPERM: that is the one to fix */
-	fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-	int e2 = errno;
-	close(dev);
-	return fd < 0 ? -e2 : fd;
+	if (dev >= 0) {
+		int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+		close(dev);
+		if (fd >= 0) {
+			*how = UR_UFFD_DEVICE;
+			return fd;
+		}
+	}
+	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd >= 0) {
+		*how = UR_UFFD_SYSCALL;
+		return fd;
+	}
+	int err = errno;
+	if (err != EPERM)
+		return -err; /* ENOSYS: no userfaultfd in this kernel at all */
+	fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+	if (fd >= 0) {
+		*how = UR_UFFD_USER_MODE_ONLY;
+		return fd;
+	}
+	return -err;
 }
 
 static int uffd_api(int fd, uint64_t want, uint64_t *got)
@@ -810,6 +833,106 @@ static int uffd_api(int fd, uint64_t want, uint64_t *got)
 	if (ioctl(fd, UFFDIO_API, &api) < 0)
 		return -errno;
 	*got = api.features;
+	return 0;
+}
+
+/* Whether CAP_SYS_PTRACE is in this thread's effective set, which
+ * UFFD_FEATURE_EVENT_FORK needs. Unknown counts as yes: the UFFDIO_API retry
+ * in uffd_setup settles it. */
+static int have_cap_sys_ptrace(void)
+{
+	struct __user_cap_header_struct h = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+	struct __user_cap_data_struct d[_LINUX_CAPABILITY_U32S_3];
+	memset(d, 0, sizeof d);
+	if (syscall(SYS_capget, &h, d) < 0)
+		return 1;
+	return (d[CAP_SYS_PTRACE / 32].effective >> (CAP_SYS_PTRACE % 32)) & 1;
+}
+
+/* Step 2 of ur_attach: a userfaultfd with the features the backing needs, in
+ * s->uffd, the features enabled on it in s->features and how it was opened in
+ * s->uffd_flags. UFFDIO_API is accepted once per fd, so the probe (features
+ * 0: what the kernel supports) uses a throw-away fd. */
+static int uffd_setup(struct ur_session *s, int hugetlb, int fork_events, char *err)
+{
+	uint64_t required = hugetlb ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+	uint64_t want = required | (hugetlb ? UFFD_FEATURE_MISSING_HUGETLBFS : UFFD_FEATURE_MISSING_SHMEM) |
+			UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+	uint64_t have = 0, got = 0;
+	unsigned how = 0;
+	int probe = uffd_open(&how);
+	if (probe == -ENOSYS) {
+		seterr(err, "userfaultfd: %s: this kernel has no userfaultfd (build it with CONFIG_USERFAULTFD=y)",
+		       strerror(ENOSYS));
+		return probe;
+	}
+	if (probe < 0) {
+		seterr(err, "userfaultfd: %s: neither /dev/userfaultfd, userfaultfd(2) nor userfaultfd(UFFD_USER_MODE_ONLY) "
+			    "is allowed (see `uffdrestore doctor` for the fix on this machine)", strerror(-probe));
+		return probe;
+	}
+	int rc = uffd_api(probe, 0, &have);
+	close(probe);
+	if (rc < 0) {
+		seterr(err, "ioctl UFFDIO_API: %s", strerror(-rc));
+		return rc;
+	}
+	if ((have & required) != required) {
+		seterr(err, "the kernel lacks minor faults on %s (needs Linux >= %s)", hugetlb ? "hugetlbfs" : "shmem",
+		       hugetlb ? "5.13" : "5.14");
+		return UR_ENOFEATURE;
+	}
+	/* Fork events need CAP_SYS_PTRACE (in the initial user namespace). */
+	if (fork_events && have_cap_sys_ptrace())
+		want |= UFFD_FEATURE_EVENT_FORK;
+	want &= have;
+	for (;;) {
+		s->uffd = uffd_open(&how);
+		if (s->uffd < 0) {
+			rc = s->uffd;
+			seterr(err, "userfaultfd: %s", strerror(-rc));
+			return rc;
+		}
+		rc = uffd_api(s->uffd, want, &got);
+		if (rc == -EPERM && (want & UFFD_FEATURE_EVENT_FORK)) {
+			/* CAP_SYS_PTRACE only inside a user namespace, or an LSM
+			 * refused it: go on without fork events, on a fresh fd (a
+			 * refused UFFDIO_API may leave this one unusable). */
+			close(s->uffd);
+			s->uffd = -1;
+			want &= ~(uint64_t)UFFD_FEATURE_EVENT_FORK;
+			continue;
+		}
+		break;
+	}
+	if (rc < 0) {
+		seterr(err, "ioctl UFFDIO_API: %s", strerror(-rc));
+		return rc;
+	}
+	/* The kernel reports every feature it supports; enabled are those asked for. */
+	s->features = want & got;
+	s->uffd_flags = how | (s->features & UFFD_FEATURE_EVENT_FORK ? 0 : UR_UFFD_NO_FORK_EVENTS);
+	return 0;
+}
+
+/* Without fork events the kernel drops the userfaultfd from a forked child's
+ * copy of a registered mapping (checked on Linux 6.18): the child then reads
+ * zeros where the server has not filled yet, and with MAP_SHARED those zero
+ * pages (and the child's writes to them) land in the backing file until the
+ * server's fill overwrites them. MADV_DONTFORK leaves a child no mapping
+ * there at all, so a touch raises SIGSEGV instead of reading wrong bytes. */
+static int uffd_guard_fork(struct ur_session *s, char *err)
+{
+	if (!(s->uffd_flags & UR_UFFD_NO_FORK_EVENTS))
+		return 0;
+	for (size_t i = 0; i < s->nregions; i++) {
+		struct ur_region *r = &s->regions[i];
+		if (r->addr && madvise(r->addr, r->size, MADV_DONTFORK) < 0) {
+			int rc = -errno;
+			seterr(err, "madvise(MADV_DONTFORK) region \"%s\" (no fork events): %s", r->name, strerror(errno));
+			return rc;
+		}
+	}
 	return 0;
 }
 
@@ -989,44 +1112,9 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 
 	/* 2. A userfaultfd with the features this backing needs. */
 	int hugetlb = !strcmp(s->backing, "hugetlb");
-	uint64_t required = hugetlb ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
-	uint64_t want = required | (hugetlb ? UFFD_FEATURE_MISSING_HUGETLBFS : UFFD_FEATURE_MISSING_SHMEM) |
-			UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
-	if (!opts->no_fork_events)
-		want |= UFFD_FEATURE_EVENT_FORK;
-	uint64_t have = 0;
-	int probe = uffd_open();
-	if (probe < 0) {
-		rc = probe;
-		seterr(last_err, "userfaultfd: %s (as non-root: sysctl vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd)", strerror(-rc));
+	rc = uffd_setup(s, hugetlb, !opts->no_fork_events, last_err);
+	if (rc < 0)
 		goto fail;
-	}
-	rc = uffd_api(probe, 0, &have);
-	close(probe);
-	if (rc < 0) {
-		seterr(last_err, "ioctl UFFDIO_API: %s", strerror(-rc));
-		goto fail;
-	}
-	if ((have & required) != required) {
-		seterr(last_err, "the kernel lacks minor faults on %s (needs Linux >= %s)", hugetlb ? "hugetlbfs" : "shmem", hugetlb ? "5.13" : "5.14");
-		rc = UR_ENOFEATURE;
-		goto fail;
-	}
-	s->uffd = uffd_open();
-	if (s->uffd < 0) {
-		rc = s->uffd;
-		seterr(last_err, "userfaultfd: %s", strerror(-rc));
-		goto fail;
-	}
-	uint64_t reported;
-	rc = uffd_api(s->uffd, want & have, &reported);
-	if (rc < 0) {
-		seterr(last_err, "ioctl UFFDIO_API: %s", strerror(-rc));
-		goto fail;
-	}
-	/* The features enabled are the ones asked for: some kernels report
-	 * back every supported feature instead. */
-	s->features = want & have;
 
 	/* 3. Map and register every region, in hello order. */
 	int prot = opts->readonly ? PROT_READ : PROT_READ | PROT_WRITE;
@@ -1073,6 +1161,9 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 			goto fail;
 		}
 	}
+	rc = uffd_guard_fork(s, last_err);
+	if (rc < 0)
+		goto fail;
 	close(backing); /* the mappings keep the file */
 	backing = -1;
 
@@ -1157,6 +1248,7 @@ const char *ur_session_backing(const struct ur_session *s) { return s->backing; 
 uint64_t ur_session_page_size(const struct ur_session *s) { return s->page_size; }
 uint64_t ur_session_chunk_size(const struct ur_session *s) { return s->chunk_size; }
 uint64_t ur_session_uffd_features(const struct ur_session *s) { return s->features; }
+unsigned ur_session_uffd_flags(const struct ur_session *s) { return s->uffd_flags; }
 int ur_session_socket(const struct ur_session *s) { return s->sock; }
 
 int ur_poll(struct ur_session *s)

@@ -20,6 +20,16 @@
  * the backing file, maps every region (in hello order), creates a
  * userfaultfd, registers the mappings (MISSING|MINOR), sends them with the
  * userfaultfd and waits for "ready".
+ *
+ * Any user can attach: without root, CAP_SYS_PTRACE, access to
+ * /dev/userfaultfd or vm.unprivileged_userfaultfd=1 the userfaultfd is
+ * UFFD_USER_MODE_ONLY (UR_UFFD_USER_MODE_ONLY below: a read(2) into or
+ * write(2) from an unfilled page fails with EFAULT; copy through a buffer).
+ * Fork events need CAP_SYS_PTRACE; without them (UR_UFFD_NO_FORK_EVENTS) the
+ * regions are MADV_DONTFORK: a forked child has no mapping there (a touch
+ * raises SIGSEGV), because the kernel would leave the child an unserved
+ * mapping that reads zeros where the server has not filled yet. See
+ * PROTOCOL.md section 4.
  * The session keeps its own copy of the userfaultfd: if the server dies,
  * a thread touching a page that was never filled waits (it never reads
  * zeros); see PROTOCOL.md for what an operator does then.
@@ -65,7 +75,11 @@ struct ur_attach_opts {
 	int at_original_addr; /* map each region at its original address (MAP_FIXED_NOREPLACE);
 				 with a hugetlb backing that address must be 2 MiB aligned */
 	int readonly; /* PROT_READ only (default PROT_READ|PROT_WRITE) */
-	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK */
+	int no_fork_events; /* do not ask for UFFD_FEATURE_EVENT_FORK (asked for only with
+			       CAP_SYS_PTRACE anyway). Without fork events the regions are
+			       MADV_DONTFORK: a forked child has no mapping of them, so a
+			       touch there raises SIGSEGV (it would otherwise read zeros
+			       where the server has not filled yet); fork+exec is fine */
 	int timeout_ms; /* bound on each handshake step; 0 = 10000, < 0 = none */
 	uint32_t server_uid; /* one more uid the server may run as. Before mapping anything
 				or sending its userfaultfd, ur_attach checks the server's uid
@@ -94,7 +108,19 @@ const char *ur_session_snapshot(const struct ur_session *s);
 const char *ur_session_backing(const struct ur_session *s); /* "hugetlb" or "shmem" */
 uint64_t ur_session_page_size(const struct ur_session *s);
 uint64_t ur_session_chunk_size(const struct ur_session *s);
-uint64_t ur_session_uffd_features(const struct ur_session *s);
+uint64_t ur_session_uffd_features(const struct ur_session *s); /* UFFD_FEATURE_* enabled */
+/* How the session's userfaultfd was opened (one of the first three) and what
+ * it lacks. ur_attach takes the first that this process is allowed:
+ * /dev/userfaultfd, then userfaultfd(2), then userfaultfd(UFFD_USER_MODE_ONLY),
+ * which any user may open. */
+#define UR_UFFD_DEVICE 0x1 /* /dev/userfaultfd, USERFAULTFD_IOC_NEW */
+#define UR_UFFD_SYSCALL 0x2 /* userfaultfd(2): root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 */
+#define UR_UFFD_USER_MODE_ONLY 0x4 /* userfaultfd(UFFD_USER_MODE_ONLY): a fault the kernel raises on
+				      this process's behalf (read(2) into, write(2) from an unfilled
+				      page) fails with EFAULT instead of waiting: copy through a buffer */
+#define UR_UFFD_NO_FORK_EVENTS 0x8 /* UFFD_FEATURE_EVENT_FORK is off (no CAP_SYS_PTRACE, or
+				      no_fork_events): see ur_attach_opts.no_fork_events */
+unsigned ur_session_uffd_flags(const struct ur_session *s);
 /* The socket, to poll(2) for POLLIN; then call ur_poll. */
 int ur_session_socket(const struct ur_session *s);
 

@@ -18,8 +18,9 @@ type BackingKind int
 // Backing kinds.
 const (
 	// BackingAuto picks a hugetlb memfd when the huge page pool has room
-	// for the whole snapshot and the kernel has minor faults on hugetlbfs,
-	// else a shmem memfd.
+	// for the whole snapshot and the kernel has minor faults on hugetlbfs
+	// for the userfaultfd this user can get (UFFD_USER_MODE_ONLY when not
+	// root: the one the view will use), else a shmem memfd.
 	BackingAuto BackingKind = iota
 	// BackingHugetlbfs is a file in a hugetlbfs mount (WithHugetlbfsDir).
 	// It cannot be sealed against shrinking.
@@ -94,14 +95,27 @@ func checkPool(size int64) error {
 	return nil
 }
 
+// viewUffd is how a view's userfaultfd is opened: a user who may not handle
+// kernel-mode faults (not root, no /dev/userfaultfd access) gets one with
+// UFFD_USER_MODE_ONLY rather than none.
+var viewUffd = uffd.OpenOptions{NonBlock: true, FallbackUserModeOnly: true}
+
+// autoBacking is what BackingAuto resolves to for size bytes: a hugetlb
+// memfd when the userfaultfd a view gets (viewUffd, so user-mode-only for a
+// non-root user) offers minor faults on hugetlbfs and the pool has room for
+// size, else shmem.
+func autoBacking(size int64) BackingKind {
+	feat, _, err := uffd.Supported(viewUffd)
+	if err == nil && feat&uffd.FeatureMinorHugetlbfs != 0 && checkPool(size) == nil {
+		return BackingMemfdHugetlb
+	}
+	return BackingShmem
+}
+
 // newBacking creates a backing file of at least size bytes.
 func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, err error) {
 	if kind == BackingAuto {
-		kind = BackingShmem
-		feat, _, ferr := uffd.Supported(uffd.OpenOptions{})
-		if ferr == nil && feat&uffd.FeatureMinorHugetlbfs != 0 && checkPool(size) == nil {
-			kind = BackingMemfdHugetlb
-		}
+		kind = autoBacking(size)
 	}
 	b := &backing{kind: kind, fd: -1, pageSize: os.Getpagesize()}
 	if kind.hugetlb() {

@@ -103,7 +103,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if b.kind.hugetlb() {
 		want = uffd.FeatureMinorHugetlbfs | uffd.FeatureMissingHugetlbfs
 	}
-	uo := uffd.OpenOptions{NonBlock: true, FallbackUserModeOnly: true}
+	uo := viewUffd
 	have, _, err := uffd.Supported(uo)
 	if err != nil {
 		return nil, fmt.Errorf("restore: %w (see `uffdrestore doctor`)", err)

@@ -25,7 +25,8 @@ type ClientOptions struct {
 	// ReadOnly maps PROT_READ only.
 	ReadOnly bool
 	// Uffd chooses how the userfaultfd is opened (default: syscall, then
-	// /dev/userfaultfd).
+	// /dev/userfaultfd, then, as the C client does, UFFD_USER_MODE_ONLY,
+	// which any user may open: see Client.UserModeOnly).
 	Uffd uffd.OpenOptions
 	// Timeout bounds each step of the handshake (default 10 s).
 	Timeout time.Duration
@@ -81,6 +82,18 @@ type Client struct {
 	closed   bool
 	shutdown bool // the server sent shutdown
 }
+
+// UserModeOnly reports whether the client's userfaultfd is
+// UFFD_USER_MODE_ONLY (this user may open no other): a system call that
+// reads or writes an unfilled page of a region (read(2) into it, write(2)
+// from it) fails with EFAULT instead of waiting. Touch such pages first.
+func (cl *Client) UserModeOnly() bool { return cl.u.Via() == uffd.ViaUserModeOnly }
+
+// ForkEvents reports whether UFFD_FEATURE_EVENT_FORK is on (it needs
+// CAP_SYS_PTRACE). Without it the regions are MADV_DONTFORK: a child
+// forked without exec has no mapping of them (the kernel would leave it an
+// unserved copy, reading zeros where nothing was filled yet).
+func (cl *Client) ForkEvents() bool { return cl.u.Features()&uffd.FeatureEventFork != 0 }
 
 // WantFeatures is what a client asks UFFDIO_API for: minor and missing
 // faults for the backing, and the non-cooperative events (remap, remove,
@@ -154,15 +167,24 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	if err != nil {
 		return nil, err
 	}
-	have, _, err := uffd.Supported(o.Uffd)
+	uo := o.Uffd
+	if uo.Via == uffd.ViaAuto {
+		uo.FallbackUserModeOnly = true
+	}
+	have, _, err := uffd.Supported(uo)
 	if err != nil {
 		return nil, fmt.Errorf("attach: userfaultfd: %w", err)
 	}
 	if have&required != required {
-		_, err := uffd.Open(o.Uffd, required) // for its NotSupportedError
+		_, err := uffd.Open(uo, required) // for its NotSupportedError
 		return nil, fmt.Errorf("attach: %w", err)
 	}
-	cl.u, err = uffd.Open(o.Uffd, want&have)
+	cl.u, err = uffd.Open(uo, want&have)
+	if errors.Is(err, unix.EPERM) && want&have&uffd.FeatureEventFork != 0 {
+		// Fork events need CAP_SYS_PTRACE; a Go process forks only to
+		// exec, so go on without them (on a new userfaultfd: Open makes one).
+		cl.u, err = uffd.Open(uo, want&have&^uffd.FeatureEventFork)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("attach: userfaultfd: %w", err)
 	}
@@ -200,6 +222,18 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 		}
 		a.Mappings = append(a.Mappings, Mapping{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()),
 			Size: r.Size, Offset: r.Offset, PageSize: h.PageSize, Private: o.Private})
+	}
+	if !cl.ForkEvents() {
+		// As the C client does: a child forked without exec would get
+		// an unserved copy (zeros where nothing was filled yet); leave it
+		// none, so a touch there is SIGSEGV rather than wrong bytes.
+		for _, r := range cl.Regions {
+			if r.m != nil {
+				if err := r.m.Madvise(0, r.m.Len(), unix.MADV_DONTFORK); err != nil {
+					return nil, fmt.Errorf("attach: region %q: madvise(MADV_DONTFORK) without fork events: %w", r.Name, err)
+				}
+			}
+		}
 	}
 	if err := SendMsg(c, a, cl.u.Fd()); err != nil {
 		return nil, err

@@ -333,6 +333,12 @@ func (c *checker) features() {
 		switch {
 		case c.r.UffdErr != nil:
 			it.Status, it.Detail = Warn, "unknown: userfaultfd could not be opened"
+		case c.hasFeature(f.bit(), f.name) && f.bit() == uffd.FeatureEventFork && !c.r.Permission.CapSysPtrace:
+			// UFFDIO_API refuses EVENT_FORK without CAP_SYS_PTRACE.
+			it.Status = Info
+			it.Detail = "in the kernel, but not for " + c.userName() + ": it needs CAP_SYS_PTRACE. " +
+				"A target's forked child gets no mapping of the restored regions (the clients mark them " +
+				"MADV_DONTFORK: a touch there is SIGSEGV, not zeros); fork+exec is unaffected"
 		case c.hasFeature(f.bit(), f.name):
 			it.Status, it.Detail = OK, "available (Linux >= "+f.minLinux+")"
 		default:

@@ -197,6 +197,25 @@ func TestUserModeOnly(t *testing.T) {
 	if !strings.Contains(out, "[WARN] userfaultfd access") || !strings.Contains(out, "limits: UFFD_USER_MODE_ONLY") {
 		t.Errorf("text output:\n%s", out)
 	}
+	// The kernel has fork events, but UFFDIO_API grants them only with
+	// CAP_SYS_PTRACE: the doctor must not call them available to nobody.
+	if it := item(t, res, "fork events"); it.Status != Info || !strings.Contains(it.Detail, "CAP_SYS_PTRACE") || !strings.Contains(it.Detail, "forked child") {
+		t.Errorf("fork events for nobody: %v %q", it.Status, it.Detail)
+	}
+	if it := item(t, Check(healthy()), "fork events"); it.Status != OK {
+		t.Errorf("fork events for root: %v %q", it.Status, it.Detail)
+	}
+}
+
+func item(t *testing.T, res Result, name string) Item {
+	t.Helper()
+	for _, it := range res.Items {
+		if it.Name == name {
+			return it
+		}
+	}
+	t.Fatalf("no %q item", name)
+	return Item{}
 }
 
 func TestOldKernel(t *testing.T) {

@@ -253,7 +253,9 @@ func Open(o OpenOptions, want Features) (*FD, error) {
 		unix.Close(fd)
 		return nil, errno("ioctl UFFDIO_API", rc)
 	}
-	return &FD{fd: fd, features: Features(feat), ioctls: uint64(ioctls), via: via}, nil
+	// The kernel answers with every feature it supports; enabled are
+	// exactly those asked for (it refuses the call otherwise).
+	return &FD{fd: fd, features: want, ioctls: uint64(ioctls), via: via}, nil
 }
 
 // FromFD wraps a userfaultfd received from elsewhere (another process, over

@@ -467,6 +467,18 @@ func TestErrorPaths(t *testing.T) {
 	}
 }
 
+// TestFeaturesEnabled: Features is what this fd has enabled, not the
+// kernel's list of everything it supports (UFFDIO_API answers with that).
+func TestFeaturesEnabled(t *testing.T) {
+	u := need(t, FeatureMinorShmem)
+	if got := u.Features(); got != FeatureMinorShmem {
+		t.Fatalf("Features() = %#x after asking for minor faults on shmem (%#x) only", uint64(got), uint64(FeatureMinorShmem))
+	}
+	if u.Features()&FeatureEventFork != 0 {
+		t.Fatal("fork events reported on an fd that did not ask for them")
+	}
+}
+
 // TestNoHugePagesFree: asking for more huge pages than the pool has fails at
 // mmap with ENOMEM (the reservation), never with a SIGBUS later.
 func TestNoHugePagesFree(t *testing.T) {
