@@ -13,7 +13,10 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/bench"
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/benchcache"
+	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/snapshot"
 )
 
 func init() {
@@ -48,15 +51,18 @@ Several patterns may be given, comma-separated. Pages are touched from C
 
 --out-of-process runs eager, lazy and prefetch through the example C target
 (bin/uffdrestore-target, or --target) attached over the attach protocol to a
-loader in this process. Generated snapshots and raw images are cached in
-$TMPDIR/uffdrestore-bench. Needs root (userfaultfd, huge pages).
+loader in this process. Generated snapshots and raw images are cached per
+user in $XDG_CACHE_HOME/uffdrestore/bench (else ~/.cache/uffdrestore/bench,
+else $TMPDIR/uffdrestore-bench-UID; UFFDRESTORE_BENCH_CACHE overrides it);
+--clear-cache removes it. Needs root (userfaultfd, huge pages).
 
 Examples:
    uffdrestore bench --generate 1GiB --content realistic --pattern sparse:0.1,sequential
    uffdrestore bench image.snap --modes eager,lazy,uffd-copy --runs 7 --json out.json --svg out.svg
    uffdrestore bench --generate 256MiB --out-of-process --modes eager,lazy,prefetch --threads 2
    uffdrestore bench --generate 1GiB --markdown results.md
-   uffdrestore bench --generate 4GiB --modes lazy,working-set,eager --pattern sparse:0.2`,
+   uffdrestore bench --generate 4GiB --modes lazy,working-set,eager --pattern sparse:0.2
+   uffdrestore bench --clear-cache`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "generate", Usage: "benchmark a generated snapshot of `SIZE` (e.g. 1GiB) instead of SNAP"},
 			&cli.StringFlag{Name: "content", Value: "realistic", Usage: "with --generate: realistic (heap-like, ~5-8x), zeros or random"},
@@ -78,6 +84,8 @@ Examples:
 			&cli.StringFlag{Name: "svg", Usage: "write a chart (times, latency CDF) as SVG to `FILE`"},
 			&cli.StringFlag{Name: "markdown", Usage: "write the summary as a Markdown table to `FILE` (- for stdout)"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no per-run progress lines"},
+			&cli.BoolFlag{Name: "clear-cache", Usage: "remove this user's cache of generated snapshots and images, and exit"},
+			forceFlag(),
 		},
 		Action: runBench,
 	})
@@ -88,6 +96,14 @@ func runBench(c *cli.Context) error {
 	defer stop()
 	if c.Args().Len() > 1 {
 		return cli.Exit("bench: one snapshot at most (see --help)", 2)
+	}
+	if c.Bool("clear-cache") {
+		dir, n, err := benchcache.Clear()
+		if err != nil {
+			return cli.Exit("bench: --clear-cache: "+err.Error(), 1)
+		}
+		fmt.Fprintf(c.App.Writer, "removed the benchmark cache %s (%s)\n", dir, snapshot.HumanBytes(uint64(n)))
+		return nil
 	}
 	snap := c.Args().First()
 	gen := c.String("generate")
@@ -118,9 +134,23 @@ func runBench(c *cli.Context) error {
 		logf = nil
 	}
 
+	var outs []outputCheck
+	for _, fl := range []string{"json", "svg", "markdown", "profile-out"} {
+		if p := c.String(fl); p != "-" {
+			outs = append(outs, outputCheck{flag: "--" + fl, path: p, inputs: []string{snap}})
+		}
+	}
+	if err := checkOutputs("bench", c.Bool("force"), outs...); err != nil {
+		return err
+	}
+	cacheDir, err := bench.CacheDir()
+	if err != nil {
+		return cli.Exit("bench: "+err.Error(), 1)
+	}
+
 	var image, generated string
 	if gen != "" {
-		size, err := snapParseSize(gen)
+		genSize, err := size.Parse(gen)
 		if err != nil {
 			return cli.Exit(fmt.Sprintf("bench: --generate: %v", err), 2)
 		}
@@ -128,19 +158,19 @@ func runBench(c *cli.Context) error {
 		if err != nil {
 			return cli.Exit(fmt.Sprintf("bench: --codec: %v", err), 2)
 		}
-		chunk, err := snapParseSize(c.String("chunk-size"))
+		chunk, err := size.Parse(c.String("chunk-size"))
 		if err != nil {
 			return cli.Exit(fmt.Sprintf("bench: --chunk-size: %v", err), 2)
 		}
 		if logf != nil {
-			logf("generating (or reusing) a %s %s snapshot in %s ...", gen, c.String("content"), bench.CacheDir())
+			logf("generating (or reusing) a %s %s snapshot in %s ...", gen, c.String("content"), cacheDir)
 		}
-		snap, image, err = bench.Generate(ctx, bench.CacheDir(), size, c.String("content"), codec, int(chunk))
+		snap, image, err = bench.Generate(ctx, cacheDir, genSize, c.String("content"), codec, int(chunk))
 		if err != nil {
 			return err
 		}
 		generated = fmt.Sprintf("generated --generate %s --content %s --codec %s --chunk-size %s", gen, c.String("content"), codec, c.String("chunk-size"))
-	} else if image, err = bench.PrepareImage(ctx, bench.CacheDir(), snap); err != nil {
+	} else if image, err = bench.PrepareImage(ctx, cacheDir, snap); err != nil {
 		return err
 	}
 	f, err := format.Open(snap)

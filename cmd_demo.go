@@ -9,14 +9,20 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
+	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/attach"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"github.com/uffdrestore/uffdrestore/snapshot"
 	"github.com/urfave/cli/v2"
 )
 
@@ -35,6 +41,12 @@ process, which attaches, touches the same fraction of pages, and dumps what it
 sees; the dump is checked against the original and both sides' figures are
 printed.
 
+--size is checked first against what the machine has: the free space where
+the snapshot (up to --size: incompressible chunks are stored as they are) and,
+with --target, the target's dump are written, and the memory the restore
+needs (free huge pages for a hugetlb backing, available memory for shmem).
+SIGINT or SIGTERM stop the demo and remove everything it wrote.
+
 Example:
    uffdrestore demo
    uffdrestore demo --size 1GiB --touch 0.25 --mode lazy --json
@@ -43,7 +55,8 @@ Example:
 			&cli.StringFlag{Name: "size", Value: "256MiB", Usage: "snapshot size"},
 			&cli.Float64Flag{Name: "touch", Value: 0.1, Usage: "fraction of pages to touch before the full check"},
 			&cli.StringFlag{Name: "mode", Value: "lazy", Usage: "lazy, prefetch or eager"},
-			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "auto, memfd, shmem or hugetlbfs"},
+			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "auto, memfd, shmem or hugetlbfs (needs --hugetlbfs)"},
+			&cli.StringFlag{Name: "hugetlbfs", Usage: "hugetlbfs mount for --backing hugetlbfs (`DIR`)"},
 			&cli.StringFlag{Name: "codec", Value: "zstd", Usage: "zstd, s2 or none"},
 			&cli.IntFlag{Name: "goroutines", Value: 4, Usage: "goroutines touching the view"},
 			&cli.StringFlag{Name: "dir", Usage: "where to write the snapshot (default: a temporary directory, removed after)"},
@@ -55,11 +68,11 @@ Example:
 }
 
 func runDemo(c *cli.Context) error {
-	size, err := uffd.ParseSize(c.String("size"))
+	nbytes, err := size.Parse(c.String("size"))
 	if err != nil {
-		return cli.Exit(err, 2)
+		return cli.Exit("demo: --size: "+err.Error(), 2)
 	}
-	if size <= 0 {
+	if nbytes <= 0 {
 		return cli.Exit("demo: --size must be positive", 2)
 	}
 	mode, err := restore.ParseMode(c.String("mode"))
@@ -70,6 +83,9 @@ func runDemo(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit(err, 2)
 	}
+	if kind == restore.BackingHugetlbfs && c.String("hugetlbfs") == "" {
+		return cli.Exit("demo: --backing hugetlbfs needs --hugetlbfs DIR (a hugetlbfs mount; `uffdrestore doctor` lists them)", 2)
+	}
 	codec, err := format.ParseCodec(c.String("codec"))
 	if err != nil {
 		return cli.Exit(err, 2)
@@ -79,14 +95,150 @@ func runDemo(c *cli.Context) error {
 		return cli.Exit("demo: --touch must be between 0 and 1", 2)
 	}
 	dir := c.String("dir")
+	base := dir
+	if base == "" {
+		base = os.TempDir()
+	}
+	if err := demoCheckResources(base, nbytes, kind, c.String("target") != ""); err != nil {
+		return cli.Exit("demo: "+err.Error(), 2)
+	}
+
+	// Everything the demo writes is removed on SIGINT or SIGTERM: the demo
+	// runs on its own goroutine; a signal cancels its context, and the
+	// files go once it stops (or after a grace period, or at a second
+	// signal).
+	sig := notifyShutdown(c.Context)
+	defer sig.Stop()
+	var created []string // files written in a --dir
+	var createdMu sync.Mutex
+	track := func(p string) string {
+		createdMu.Lock()
+		created = append(created, p)
+		createdMu.Unlock()
+		return p
+	}
+	cleanup := func() {}
 	if dir == "" {
 		if dir, err = os.MkdirTemp("", "uffdrestore-demo-"); err != nil {
 			return err
 		}
-		defer os.RemoveAll(dir)
+		tmp := dir
+		cleanup = func() { os.RemoveAll(tmp) }
+	} else {
+		cleanup = func() {
+			createdMu.Lock()
+			defer createdMu.Unlock()
+			for _, p := range created {
+				os.Remove(p)
+			}
+		}
 	}
+	done := make(chan error, 1)
+	go func() { done <- demoRun(c, sig.Graceful, dir, track, nbytes, mode, kind, codec, frac) }()
+	var runErr error
+	select {
+	case runErr = <-done:
+	case <-sig.Graceful.Done():
+		select {
+		case <-done:
+		case <-sig.Force.Done():
+		case <-time.After(3 * time.Second):
+		}
+		cleanup()
+		return cli.Exit(fmt.Sprintf("demo: interrupted (%s); removed what it wrote", sig.Reason()), 130)
+	}
+	if c.String("dir") == "" || runErr != nil {
+		cleanup()
+	}
+	return runErr
+}
+
+// demoCheckResources fails, naming what is missing and the fix, when the
+// machine cannot hold a demo of nbytes: disk space in dir for the snapshot
+// (at most nbytes) and the target's dump (nbytes), and memory for the
+// restore.
+func demoCheckResources(dir string, nbytes int64, kind restore.BackingKind, target bool) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	free := int64(st.Bavail) * st.Bsize
+	need := nbytes
+	what := "the snapshot (up to --size) needs"
+	if target {
+		need += nbytes
+		what = "the snapshot (up to --size) and the target's dump (--size) need"
+	}
+	if free < need {
+		return fmt.Errorf("--size %s: %s up to %s in %s, which has %s free: give a smaller --size, or --dir on a bigger file system",
+			snapshot.HumanBytes(uint64(nbytes)), what, snapshot.HumanBytes(uint64(need)), dir, snapshot.HumanBytes(uint64(free)))
+	}
+	var pool uffd.HugePool
+	page := uffd.DefaultHugePageSize()
+	for _, p := range uffd.HugePools() {
+		if p.PageSize == page {
+			pool = p
+		}
+	}
+	hugeFree := max(pool.Available(), 0) * page
+	memAvail := demoMemAvailable()
+	switch kind {
+	case restore.BackingMemfdHugetlb, restore.BackingHugetlbfs:
+		if hugeFree < nbytes {
+			return fmt.Errorf("--size %s: a hugetlb backing needs %s of free huge pages, %s are free: give a smaller --size, reserve more (as root: make hugepages HUGEPAGES=%d), or use --backing shmem",
+				snapshot.HumanBytes(uint64(nbytes)), snapshot.HumanBytes(uint64(nbytes)), snapshot.HumanBytes(uint64(hugeFree)), pool.Total+(nbytes+page-1)/page-hugeFree/page)
+		}
+	default:
+		if kind == restore.BackingAuto && hugeFree >= nbytes {
+			return nil
+		}
+		if memAvail >= 0 && memAvail < nbytes {
+			return fmt.Errorf("--size %s: restoring it needs %s of memory, %s is available (MemAvailable) and %s in free huge pages: give a smaller --size",
+				snapshot.HumanBytes(uint64(nbytes)), snapshot.HumanBytes(uint64(nbytes)), snapshot.HumanBytes(uint64(memAvail)), snapshot.HumanBytes(uint64(hugeFree)))
+		}
+	}
+	return nil
+}
+
+// demoMemAvailable is MemAvailable from /proc/meminfo in bytes, or -1.
+func demoMemAvailable() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return -1
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
+			if f := strings.Fields(v); len(f) > 0 {
+				if n, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+					return n << 10
+				}
+			}
+		}
+	}
+	return -1
+}
+
+// ctxReader ends a read with the context's error once it is cancelled.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (r ctxReader) Read(p []byte) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.Read(p)
+}
+
+// demoRun is the demo proper; it stops early when ctx is cancelled.
+func demoRun(c *cli.Context, ctx context.Context, dir string, track func(string) string, nbytes int64, mode restore.Mode, kind restore.BackingKind, codec format.Codec, frac float64) error {
 	out := c.App.Writer
-	path := filepath.Join(dir, "demo.snap")
+	path := track(filepath.Join(dir, "demo.snap"))
+	var ropts []restore.Option
+	if d := c.String("hugetlbfs"); d != "" {
+		ropts = append(ropts, restore.WithHugetlbfsDir(d))
+	}
 
 	// 1. Make the snapshot.
 	t0 := time.Now()
@@ -100,7 +252,7 @@ func runDemo(c *cli.Context) error {
 		return err
 	}
 	w.BeginRegion("heap", 0x7f3a00000000, 3)
-	if _, err := w.ReadFrom(memgen.NewReader(size)); err != nil {
+	if _, err := w.ReadFrom(ctxReader{ctx, memgen.NewReader(nbytes)}); err != nil {
 		f.Close()
 		return err
 	}
@@ -112,11 +264,13 @@ func runDemo(c *cli.Context) error {
 	st, _ := f.Stat()
 	f.Close()
 	fmt.Fprintf(out, "snapshot: %d MiB of memory-like content -> %s, %.1f MiB (%.1fx, %v) in %v\n",
-		size>>20, path, float64(st.Size())/(1<<20), float64(size)/float64(st.Size()), codec, time.Since(t0).Round(time.Millisecond))
+		nbytes>>20, path, float64(st.Size())/(1<<20), float64(nbytes)/float64(st.Size()), codec, time.Since(t0).Round(time.Millisecond))
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 
 	// 2. Restore.
-	ctx := context.Background()
-	r, err := restore.Open(ctx, path, restore.WithMode(mode), restore.WithBacking(kind))
+	r, err := restore.Open(ctx, path, append(ropts, restore.WithMode(mode), restore.WithBacking(kind))...)
 	if err != nil {
 		return err
 	}
@@ -182,7 +336,7 @@ func runDemo(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "complete: rest filled in %v; all %d MiB equal to the original, byte for byte\n", waited.Round(time.Microsecond), size>>20)
+	fmt.Fprintf(out, "complete: rest filled in %v; all %d MiB equal to the original, byte for byte\n", waited.Round(time.Microsecond), nbytes>>20)
 	if c.Bool("json") {
 		fmt.Fprintf(out, "%s\n", s.JSON())
 	} else {
@@ -191,30 +345,29 @@ func runDemo(c *cli.Context) error {
 	}
 	if t := c.String("target"); t != "" {
 		r.Close()
-		return demoAttach(c, path, dir, t, kind, frac, size)
+		return demoAttach(c, ctx, path, dir, t, track, ropts, kind, frac, nbytes)
 	}
 	return nil
 }
 
 // demoAttach serves the snapshot over a socket and runs the C example
 // target against it: the out-of-process restore, in real separate processes.
-func demoAttach(c *cli.Context, snap, dir, target string, kind restore.BackingKind, frac float64, size int64) error {
+func demoAttach(c *cli.Context, ctx context.Context, snap, dir, target string, track func(string) string, ropts []restore.Option, kind restore.BackingKind, frac float64, nbytes int64) error {
 	out := c.App.Writer
-	ctx := context.Background()
-	l, err := restore.NewLoader(ctx, snap, restore.WithBacking(kind))
+	l, err := restore.NewLoader(ctx, snap, append(ropts, restore.WithBacking(kind))...)
 	if err != nil {
 		return err
 	}
 	defer l.Close()
-	sock := filepath.Join(dir, "demo.sock")
+	sock := track(filepath.Join(dir, "demo.sock"))
 	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{})
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
 	fmt.Fprintf(out, "\nserve:    %s on %s (backing %s), as `uffdrestore load` does\n", filepath.Base(snap), sock, l.Layout().Backing)
-	dump := filepath.Join(dir, "target.dump")
-	cmd := exec.Command(target, "--socket", sock, "--pattern", fmt.Sprintf("fraction:%g", frac), "--threads", "2", "--dump", dump)
+	dump := track(filepath.Join(dir, "target.dump"))
+	cmd := exec.CommandContext(ctx, target, "--socket", sock, "--pattern", fmt.Sprintf("fraction:%g", frac), "--threads", "2", "--dump", dump)
 	cmd.Stderr = os.Stderr
 	res, err := cmd.Output()
 	if err != nil {
@@ -228,8 +381,8 @@ func demoAttach(c *cli.Context, snap, dir, target string, kind restore.BackingKi
 	defer f.Close()
 	want := make([]byte, 1<<20)
 	got := make([]byte, 1<<20)
-	for off := int64(0); off < size; off += int64(len(want)) {
-		n := int(min(int64(len(want)), size-off))
+	for off := int64(0); off < nbytes; off += int64(len(want)) {
+		n := int(min(int64(len(want)), nbytes-off))
 		memgen.Fill(want[:n], off/memgen.PageSize)
 		if _, err := io.ReadFull(f, got[:n]); err != nil {
 			return fmt.Errorf("demo: target dump: %w", err)
@@ -242,6 +395,6 @@ func demoAttach(c *cli.Context, snap, dir, target string, kind restore.BackingKi
 	fmt.Fprintf(out, "server:   %d faults, %d units filled of %d, %d MiB decompressed, fault service p50 %v p99 %v\n",
 		s.FaultsMinor+s.FaultsMissing, s.FilledByFault+s.FilledByPrefill, s.Units, s.BytesDecoded>>20,
 		s.FaultLatency.P50.Round(time.Microsecond), s.FaultLatency.P99.Round(time.Microsecond))
-	fmt.Fprintf(out, "complete: the target process's %d MiB equal the original, byte for byte\n", size>>20)
+	fmt.Fprintf(out, "complete: the target process's %d MiB equal the original, byte for byte\n", nbytes>>20)
 	return nil
 }

@@ -103,3 +103,120 @@ func TestDemoNonRoot(t *testing.T) {
 		t.Error("auto did not pick the hugetlb memfd for uid 65534 (doctor reports it usable)")
 	}
 }
+
+// demoCmd runs this test binary as "uffdrestore demo ..." with its own
+// TMPDIR, so what the demo leaves behind is visible.
+func demoCmd(tmp string, args ...string) *exec.Cmd {
+	cmd := loadCmd(append([]string{"demo"}, args...)...)
+	cmd.Env = append(cmd.Env, "TMPDIR="+tmp)
+	return cmd
+}
+
+// TestDemoSizeBounded: a size the machine cannot hold is refused at once,
+// naming what is short, before anything is written.
+func TestDemoSizeBounded(t *testing.T) {
+	tmp := t.TempDir()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--size", "100TiB"}, "free: give a smaller --size"},
+		{[]string{"--size", "8PiB", "--backing", "memfd", "--dir", tmp}, "free: give a smaller --size"},
+		{[]string{"--size", "nonsense"}, "--size: bad size"},
+		{[]string{"--backing", "hugetlbfs"}, "needs --hugetlbfs DIR"},
+	} {
+		cmd := demoCmd(tmp, c.args...)
+		var out syncBuf
+		cmd.Stdout, cmd.Stderr = &out, &out
+		start := time.Now()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if code := waitExit(t, cmd, 10*time.Second); code != 2 || !strings.Contains(out.String(), c.want) {
+			t.Errorf("demo %q: exit %d, %q; want exit 2 and %q", c.args, code, out.String(), c.want)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("demo %q took %v to refuse", c.args, d)
+		}
+	}
+	if ents, _ := os.ReadDir(tmp); len(ents) != 0 {
+		t.Errorf("refused demos left %v", ents)
+	}
+}
+
+// TestDemoSignalCleanup: SIGINT or SIGTERM while the demo writes its
+// snapshot (and, with --dir, into a given directory) removes everything it
+// wrote.
+func TestDemoSignalCleanup(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
+		for _, ownDir := range []bool{false, true} {
+			tmp := t.TempDir()
+			args := []string{"--size", "1GiB", "--codec", "zstd", "--backing", "shmem"}
+			watch := tmp
+			if ownDir {
+				watch = filepath.Join(tmp, "mine")
+				os.Mkdir(watch, 0o755)
+				os.WriteFile(filepath.Join(watch, "keep"), []byte("x"), 0o644)
+				args = append(args, "--dir", watch)
+			}
+			cmd := demoCmd(tmp, args...)
+			var out syncBuf
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			// Wait until the snapshot is being written.
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				m, _ := filepath.Glob(filepath.Join(watch, "*", "demo.snap"))
+				m2, _ := filepath.Glob(filepath.Join(watch, "demo.snap"))
+				if len(m)+len(m2) > 0 {
+					if fi, err := os.Stat(append(m, m2...)[0]); err == nil && fi.Size() > 0 {
+						break
+					}
+				}
+				if time.Now().After(deadline) {
+					cmd.Process.Kill()
+					t.Fatalf("no snapshot being written; output:\n%s", out.String())
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			cmd.Process.Signal(sig)
+			if code := waitExit(t, cmd, 10*time.Second); code != 130 || !strings.Contains(out.String(), "removed what it wrote") {
+				t.Errorf("%v (--dir %v): exit %d:\n%s", sig, ownDir, code, out.String())
+			}
+			ents, _ := os.ReadDir(watch)
+			var left []string
+			for _, e := range ents {
+				if e.Name() != "mine" && e.Name() != "keep" {
+					left = append(left, e.Name())
+				}
+			}
+			if len(left) != 0 {
+				t.Errorf("%v (--dir %v): left %v", sig, ownDir, left)
+			}
+			if ownDir {
+				if _, err := os.Stat(filepath.Join(watch, "keep")); err != nil {
+					t.Errorf("--dir: the demo removed a file it did not write: %v", err)
+				}
+			}
+		}
+	}
+}
+
+// TestDemoHugetlbfs: demo --backing hugetlbfs works given --hugetlbfs (the
+// demo had no way to name the mount).
+func TestDemoHugetlbfs(t *testing.T) {
+	loadRequire(t)
+	testutil.RequireHugePages(t, 8)
+	mnt := testutil.MountHugetlbfs(t)
+	cmd := demoCmd(t.TempDir(), "--size", "8MiB", "--backing", "hugetlbfs", "--hugetlbfs", mnt, "--touch", "0.5")
+	var out syncBuf
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitExit(t, cmd, 60*time.Second); code != 0 || !strings.Contains(out.String(), "on hugetlbfs") || !strings.Contains(out.String(), "all 8 MiB equal to the original") {
+		t.Errorf("exit %d:\n%s", code, out.String())
+	}
+}

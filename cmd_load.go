@@ -7,12 +7,10 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -47,7 +45,11 @@ same name) or, with --record-to FILE, in a sidecar file. Replay it with
 
 SIGINT or SIGTERM shuts down: targets are asked to detach, and detached after
 --shutdown-timeout (a target touching a page never filled then waits until it
-is killed); a second signal shuts down at once. The stats are printed (and
+is killed); a second signal shuts down at once. With --once, load also ends
+(exit 1) when its first target fails before attaching.
+
+--stats-json and --record-to are checked before loading: their directory must
+exist and be writable, and an existing file is replaced only with --force. The stats are printed (and
 written to --stats-json), the socket is removed and the backing freed.
 
 Only the server's own uid and root may attach, plus --allow-uid; the socket
@@ -81,6 +83,7 @@ Examples:
 			&cli.IntFlag{Name: "workers", Usage: "fill workers (default: number of CPUs)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 5 * time.Second, Usage: "how long targets get to detach on shutdown"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no per-target lines on stderr"},
+			forceFlag(),
 		},
 		Action: runLoad,
 	})
@@ -125,19 +128,18 @@ func runLoad(c *cli.Context) error {
 		stderr = os.Stderr
 	}
 
+	// Outputs are checked before anything is loaded or served: a bad path
+	// is reported now, not at shutdown.
+	if err := checkOutputs("load", c.Bool("force"),
+		outputCheck{flag: "--stats-json", path: c.String("stats-json"), inputs: []string{snap, c.String("profile-file")}},
+		outputCheck{flag: "--record-to", path: c.String("record-to"), inputs: []string{snap, c.String("profile-file")}}); err != nil {
+		return err
+	}
+
 	// Signals: the first starts a graceful shutdown, the second forces it.
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	loadCtx, cancelLoad := context.WithCancel(c.Context)
-	defer cancelLoad()
-	go func() {
-		select {
-		case <-sigs:
-			cancelLoad()
-		case <-loadCtx.Done():
-		}
-	}()
+	// One goroutine owns them for the whole run (see shutdownSignals).
+	sig := notifyShutdown(c.Context)
+	defer sig.Stop()
 
 	opts := []restore.Option{restore.WithMode(mode), restore.WithBacking(backing)}
 	if d := c.String("hugetlbfs"); d != "" {
@@ -170,17 +172,23 @@ func runLoad(c *cli.Context) error {
 	if c.Bool("prefetch-rest") {
 		opts = append(opts, restore.WithPrefetchRest(true))
 	}
-	l, err := restore.NewLoader(loadCtx, snap, opts...)
+	l, err := restore.NewLoader(sig.Graceful, snap, opts...)
 	if err != nil {
+		if sig.Signalled() {
+			return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
+		}
 		return cli.Exit("load: "+err.Error(), 1)
 	}
 	defer l.Close()
-	if loadCtx.Err() != nil { // interrupted right after an eager load
-		return cli.Exit("load: interrupted", 130)
+	if sig.Graceful.Err() != nil { // interrupted while loading
+		return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
 	}
-	cancelLoad()
 
-	detached := make(chan attach.TargetInfo, 1)
+	type ended struct {
+		ti       attach.TargetInfo
+		attached bool
+	}
+	detached := make(chan ended, 1)
 	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "uffdrestore: "+format+"\n", args...) }
 	if c.Bool("quiet") {
 		logf = func(string, ...any) {}
@@ -192,7 +200,15 @@ func runLoad(c *cli.Context) error {
 		Logf:            logf,
 		OnDetach: func(ti attach.TargetInfo) {
 			select {
-			case detached <- ti:
+			case detached <- ended{ti, true}:
+			default:
+			}
+		},
+		// A target that fails before attaching ends --once too: it was the
+		// one target, and it will not come back.
+		OnRefuse: func(ti attach.TargetInfo) {
+			select {
+			case detached <- ended{ti, false}:
 			default:
 			}
 		},
@@ -212,31 +228,26 @@ func runLoad(c *cli.Context) error {
 	fmt.Fprintf(stderr, "ready: serving %s on %s (backing %s, %d region%s, %.1f MiB, mode %s)\n",
 		snap, sock, lay.Backing, len(lay.Regions), plural, float64(total)/(1<<20), mode)
 
-	var once <-chan attach.TargetInfo
+	var once <-chan ended
 	if c.Bool("once") {
 		once = detached
 	}
 	var reason string
+	var errs []error
 	select {
-	case s := <-sigs:
-		reason = "got " + s.String()
-	case ti := <-once:
-		reason = fmt.Sprintf("--once: %s ended (%s)", ti.Name, ti.Reason)
-	case <-c.Context.Done():
-		reason = c.Context.Err().Error()
+	case <-sig.Graceful.Done():
+		reason = sig.Reason()
+	case e := <-once:
+		reason = fmt.Sprintf("--once: %s ended (%s)", e.ti.Name, e.ti.Reason)
+		if !e.attached {
+			errs = append(errs, fmt.Errorf("--once: the target %s failed before attaching (%s); nothing was served", e.ti.Name, e.ti.Reason))
+		}
 	}
 	fmt.Fprintf(stderr, "uffdrestore: shutting down (%s)\n", reason)
 
-	ctx, cancel := context.WithTimeout(context.Background(), c.Duration("shutdown-timeout"))
+	// A second signal ends the wait for targets at once.
+	ctx, cancel := context.WithTimeout(sig.Force, c.Duration("shutdown-timeout"))
 	defer cancel()
-	go func() {
-		select {
-		case <-sigs: // a second signal: no more waiting
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	var errs []error
 	if err := srv.Shutdown(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "uffdrestore: %v\n", err)
 	}

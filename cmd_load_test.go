@@ -248,7 +248,7 @@ func TestLoadRecordReplay(t *testing.T) {
 		t.Helper()
 		sock, statsPath := filepath.Join(dir, "s.sock"), filepath.Join(dir, "stats.json")
 		var se syncBuf
-		ld := loadCmd(append([]string{"load", snap, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath}, args...)...)
+		ld := loadCmd(append([]string{"load", snap, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath, "--force"}, args...)...)
 		ld.Stderr = &se
 		if err := ld.Start(); err != nil {
 			t.Fatal(err)

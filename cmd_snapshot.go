@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/snapshot"
 )
@@ -38,7 +39,7 @@ Examples:
    uffdrestore snapshot info image.snap
    uffdrestore snapshot verify image.snap
    uffdrestore snapshot profile list image.snap
-   uffdrestore snapshot reorder image.snap --profile boot -o image.snap`,
+   uffdrestore snapshot reorder image.snap --profile boot -o image.snap --force`,
 		Subcommands: []*cli.Command{snapCreateCmd(), snapInfoCmd(), snapVerifyCmd(), snapExtractCmd(), snapReorderCmd(), snapProfileCmd()},
 	})
 }
@@ -54,7 +55,9 @@ func snapCreateCmd() *cli.Command {
 readable mapping of /proc/PID/maps, read through /proc/PID/mem; [vdso], [vvar]
 and [vsyscall] are skipped, unreadable ranges are skipped with a warning), cuts
 it into chunks, compresses them in parallel and writes the snapshot atomically
-(a temporary file in the output directory, renamed when complete).
+(a temporary file in the output directory, renamed when complete). An
+existing output is replaced only with --force; an output that is the input
+(the same file under any name) is refused. An empty input is an error.
 
 The process keeps running while it is read: stop it first (kill -STOP PID)
 for a consistent image. --region selects mappings whose name contains NAME, or
@@ -85,6 +88,7 @@ Examples:
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress bar or summary"},
 			&cli.StringFlag{Name: "reorder-profile", Usage: "lay out the working set of this sidecar profile (`FILE`) first"},
 			&cli.StringFlag{Name: "reorder-unit", Value: "2M", Usage: "with --reorder-profile: fill unit the working set is grouped by (`SIZE`; the chunk size for shmem restores)"},
+			forceFlag(),
 		},
 		Action: runSnapCreate,
 	}
@@ -136,7 +140,8 @@ func snapExtractCmd() *cli.Command {
 		ArgsUsage:       "SNAP",
 		Description: `Writes the raw bytes of all regions (or of the regions named --region:
 exact name, else glob), in order, each exactly its length. Output to a file is
-atomic (temporary file + rename); - writes to stdout.
+atomic (temporary file + rename); - writes to stdout. An existing output is
+replaced only with --force; the snapshot itself is never overwritten.
 
 Examples:
    uffdrestore snapshot extract image.snap --output image.raw
@@ -145,35 +150,18 @@ Examples:
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "file to write (`IMAGE`; - for stdout)"},
 			&cli.StringFlag{Name: "region", Usage: "only this region (`NAME`: exact, or a glob)"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress bar"},
+			forceFlag(),
 		},
 		Action: runSnapExtract,
 	}
 }
 
+// errEmptyInput: the input of snapshot create held no bytes.
+var errEmptyInput = errors.New("the input is empty")
+
 // snapUsage is a usage error: exit status 2.
 func snapUsage(format string, args ...any) error {
 	return cli.Exit("snapshot: "+fmt.Sprintf(format, args...), 2)
-}
-
-// snapParseSize parses 65536, 64K, 64k, 64KiB, 64KB, 2M, 2MiB, 1G (binary
-// units).
-func snapParseSize(s string) (int64, error) {
-	t := strings.ToLower(strings.TrimSpace(s))
-	mult := int64(1)
-	for _, u := range []struct {
-		suf string
-		m   int64
-	}{{"kib", 1 << 10}, {"mib", 1 << 20}, {"gib", 1 << 30}, {"kb", 1 << 10}, {"mb", 1 << 20}, {"gb", 1 << 30}, {"k", 1 << 10}, {"m", 1 << 20}, {"g", 1 << 30}, {"b", 1}} {
-		if strings.HasSuffix(t, u.suf) {
-			t, mult = strings.TrimSpace(strings.TrimSuffix(t, u.suf)), u.m
-			break
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q: want a number of bytes, optionally with K, KiB, M, MiB, G or GiB", s)
-	}
-	return n * mult, nil
 }
 
 // snapSignalContext is cancelled on SIGINT/SIGTERM so partial outputs are
@@ -220,6 +208,14 @@ func (p *snapProgress) update(done, total uint64) {
 		return
 	}
 	p.last = now
+	line := p.line(done, total, now)
+	fmt.Fprintf(p.w, "\r\033[K%s", line)
+	p.drawn = true
+}
+
+// line is the progress line at now: the rate so far and, from it, the time
+// left.
+func (p *snapProgress) line(done, total uint64, now time.Time) string {
 	el := now.Sub(p.start).Seconds()
 	rate := 0.0
 	if el > 0 {
@@ -231,10 +227,10 @@ func (p *snapProgress) update(done, total uint64) {
 	}
 	line += fmt.Sprintf("  %s/s", snapshot.HumanBytes(uint64(rate)))
 	if total > done && rate > 0 {
-		line += fmt.Sprintf("  ETA %s", (time.Duration(float64(total-done)/rate) * time.Nanosecond).Round(time.Second))
+		left := time.Duration(float64(total-done) / rate * float64(time.Second))
+		line += fmt.Sprintf("  ETA %s", left.Round(time.Second))
 	}
-	fmt.Fprintf(p.w, "\r\033[K%s", line)
-	p.drawn = true
+	return line
 }
 
 func (p *snapProgress) done() {
@@ -323,7 +319,7 @@ func runSnapCreate(c *cli.Context) error {
 	if err != nil {
 		return snapUsage("create: --codec %q: want zstd, s2 or none", c.String("codec"))
 	}
-	cs, err := snapParseSize(c.String("chunk-size"))
+	cs, err := size.Parse(c.String("chunk-size"))
 	if err != nil {
 		return snapUsage("create: --chunk-size: %v", err)
 	}
@@ -345,6 +341,15 @@ func runSnapCreate(c *cli.Context) error {
 		}
 		if reorder, err = restore.LoadProfile(rp); err != nil {
 			return fmt.Errorf("snapshot create: --reorder-profile: %w", err)
+		}
+	}
+	if err := checkOutputs("snapshot create", c.Bool("force"),
+		outputCheck{flag: "--output", path: out, inputs: []string{fromFile, c.String("reorder-profile")}}); err != nil {
+		return err
+	}
+	if fromFile != "" && fromFile != "-" {
+		if st, err := os.Stat(fromFile); err == nil && st.Mode().IsRegular() && st.Size() == 0 {
+			return cli.Exit(fmt.Sprintf("snapshot create: --from-file %s is empty (0 bytes): nothing to snapshot; give a non-empty image", fromFile), 1)
 		}
 	}
 	opts := snapshot.Options{
@@ -410,6 +415,16 @@ func runSnapCreate(c *cli.Context) error {
 	if err == nil && ctx.Err() != nil {
 		err = ctx.Err()
 	}
+	if err == nil && st.RawBytes == 0 {
+		src := "--from-file " + fromFile
+		switch {
+		case fromFile == "-":
+			src = "standard input"
+		case fromFile == "":
+			src = fmt.Sprintf("process %d (no readable mapping selected)", fromPID)
+		}
+		err = fmt.Errorf("%w: %s gave 0 bytes, nothing to snapshot; no output written", errEmptyInput, src)
+	}
 	if err == nil && reorder != nil {
 		var reordered bool
 		reordered, err = snapCreateReorder(ctx, c, w.(*snapAtomicFile), reorder, reorderUnit, quiet)
@@ -425,6 +440,9 @@ func runSnapCreate(c *cli.Context) error {
 		abort()
 		if errors.Is(err, context.Canceled) {
 			return cli.Exit("snapshot create: interrupted; no output written", 130)
+		}
+		if out == "-" && errors.Is(err, errEmptyInput) {
+			err = fmt.Errorf("%w (a snapshot of nothing was written to standard output)", err)
 		}
 		return fmt.Errorf("snapshot create: %w", err)
 	}
@@ -522,6 +540,10 @@ func runSnapExtract(c *cli.Context) error {
 	if _, err := snapshot.SelectRegions(f.Reader, c.String("region")); err != nil {
 		return fmt.Errorf("snapshot extract: %w", err)
 	}
+	if err := checkOutputs("snapshot extract", c.Bool("force"),
+		outputCheck{flag: "--output", path: out, inputs: []string{c.Args().First()}}); err != nil {
+		return err
+	}
 	ctx, cancel := snapSignalContext(c)
 	defer cancel()
 	w, commit, abort, err := snapOutput(c, out)
@@ -548,7 +570,7 @@ func snapParseUnit(s string) (int, error) {
 	if strings.EqualFold(strings.TrimSpace(s), "chunk") {
 		return 1, nil
 	}
-	n, err := snapParseSize(s)
+	n, err := size.Parse(s)
 	if err != nil {
 		return 0, err
 	}
@@ -621,18 +643,21 @@ sidecar, which must belong to SNAP: a foreign profile is rejected; it is
 stored in the output). With neither, SNAP's only profile, or all of its
 profiles merged. The working set is grouped by fill units of --unit (2M: a
 restore into huge pages fills 2 MiB at a time; "chunk" for 4 KiB shmem
-restores). --output may be SNAP itself (replaced atomically).
+restores). --output may be SNAP itself with --force (replaced atomically: the
+output decodes to the same bytes); any other existing output is replaced only
+with --force.
 
 Examples:
-   uffdrestore snapshot reorder app.snap --profile boot -o app.snap
+   uffdrestore snapshot reorder app.snap --profile boot -o app.snap --force
    uffdrestore snapshot reorder app.snap --profile-file boot.profile.json -o app-ws.snap
    uffdrestore snapshot reorder app.snap -o app-ws.snap --unit chunk`,
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "snapshot file to write (`SNAP`; may be the input; - for stdout)"},
+			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "snapshot file to write (`SNAP`; may be the input, with --force; - for stdout)"},
 			&cli.StringFlag{Name: "profile", Usage: "working-set profile stored in the snapshot (`NAME`)"},
 			&cli.StringFlag{Name: "profile-file", Usage: "sidecar working-set profile (`FILE`)"},
 			&cli.StringFlag{Name: "unit", Value: "2M", Usage: "fill unit the working set is grouped by (`SIZE`, or chunk)"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress bar or summary"},
+			forceFlag(),
 		},
 		Action: runSnapReorder,
 	}
@@ -641,7 +666,7 @@ Examples:
 func runSnapReorder(c *cli.Context) error {
 	out := c.String("output")
 	if out == "" {
-		return snapUsage("reorder: --output SNAP is required (it may be the input file)")
+		return snapUsage("reorder: --output SNAP is required (it may be the input file, with --force)")
 	}
 	if c.IsSet("profile") && c.IsSet("profile-file") {
 		return snapUsage("reorder: give --profile NAME or --profile-file FILE, not both")
@@ -673,6 +698,15 @@ func runSnapReorder(c *cli.Context) error {
 		if p, err = snapFindProfile(f.Reader, c.String("profile")); err != nil {
 			return fmt.Errorf("snapshot reorder: %w", err)
 		}
+	}
+	// The sidecar may never be the output; SNAP may, with --force.
+	if err := checkOutputs("snapshot reorder", true,
+		outputCheck{flag: "--output", path: out, inputs: []string{c.String("profile-file")}}); err != nil {
+		return err
+	}
+	if err := checkOutputs("snapshot reorder", c.Bool("force"),
+		outputCheck{flag: "--output", path: out, inputs: []string{c.Args().First()}, sameOK: true}); err != nil {
+		return err
 	}
 	ctx, cancel := snapSignalContext(c)
 	defer cancel()
@@ -835,13 +869,15 @@ Examples:
 				Name: "export", HideHelpCommand: true, ArgsUsage: "SNAP",
 				Usage: "write a stored profile to a sidecar file",
 				Description: `Writes profile --name (default: the only one) as a sidecar JSON file that
-carries the snapshot's identity.
+carries the snapshot's identity. An existing FILE is replaced only with
+--force.
 
 Examples:
    uffdrestore snapshot profile export app.snap --name boot --output boot.profile.json`,
 				Flags: []cli.Flag{
 					nameFlag("profile to export (`NAME`)"),
 					&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "sidecar file to write (`FILE`)"},
+					forceFlag(),
 				},
 				Action: runSnapProfileExport,
 			},
@@ -972,6 +1008,10 @@ func runSnapProfileExport(c *cli.Context) error {
 	p, err := snapFindProfile(f.Reader, name)
 	if err != nil {
 		return fmt.Errorf("snapshot profile export: %w", err)
+	}
+	if err := checkOutputs("snapshot profile export", c.Bool("force"),
+		outputCheck{flag: "--output", path: out, inputs: []string{c.Args().First()}}); err != nil {
+		return err
 	}
 	if err := restore.SaveProfile(out, f.Reader, p); err != nil {
 		return fmt.Errorf("snapshot profile export: %w", err)

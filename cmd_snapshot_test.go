@@ -71,7 +71,7 @@ func TestSnapshotCLIRoundTrip(t *testing.T) {
 	snap := filepath.Join(dir, "img.snap")
 	for _, codec := range []string{"zstd", "s2", "none"} {
 		// Flags after the positional-free command, mixed forms.
-		code, _, stderr := runSnapCLI(t, "snapshot", "create", "--from-file", raw, "-o", snap, "--codec", codec, "--chunk-size", "256KiB", "--workers", "2")
+		code, _, stderr := runSnapCLI(t, "snapshot", "create", "--from-file", raw, "-o", snap, "--codec", codec, "--chunk-size", "256KiB", "--workers", "2", "--force")
 		if code != 0 {
 			t.Fatalf("create %s: exit %d: %s", codec, code, stderr)
 		}
@@ -99,7 +99,7 @@ func TestSnapshotCLIRoundTrip(t *testing.T) {
 			t.Fatalf("verify: exit %d: %s %s", code, out, stderr)
 		}
 		back := filepath.Join(dir, "back.raw")
-		code, _, stderr = runSnapCLI(t, "snapshot", "extract", snap, "--output", back, "--region", "img.raw")
+		code, _, stderr = runSnapCLI(t, "snapshot", "extract", snap, "--output", back, "--region", "img.raw", "--force")
 		if code != 0 {
 			t.Fatalf("extract: exit %d: %s", code, stderr)
 		}
@@ -202,19 +202,6 @@ func TestSnapshotCLIErrors(t *testing.T) {
 	ents, _ := os.ReadDir(dir)
 	if len(ents) != 1 {
 		t.Errorf("files left behind: %v", ents)
-	}
-}
-
-func TestSnapParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"65536": 65536, "64K": 64 << 10, "256KiB": 256 << 10, "2M": 2 << 20, "2MiB": 2 << 20, "2m": 2 << 20, "1G": 1 << 30, "64kb": 64 << 10} {
-		if got, err := snapParseSize(in); err != nil || got != want {
-			t.Errorf("snapParseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "x", "-1", "1.5M", "9999999999999999999G"} {
-		if _, err := snapParseSize(in); err == nil {
-			t.Errorf("snapParseSize(%q) accepted", in)
-		}
 	}
 }
 
@@ -355,7 +342,7 @@ func TestSnapshotProfileCLI(t *testing.T) {
 	if sc.SnapshotID != id || sc.Profile.Name != "boot" || !slices.Equal(sc.Profile.Entries, snapProfiles(t, snap)[2].Entries) {
 		t.Errorf("exported %+v", sc)
 	}
-	if code, _, stderr := runSnapCLI(t, "snapshot", "profile", "export", snap, "-o", exp); code != 2 || !strings.Contains(stderr, "choose one with --name") {
+	if code, _, stderr := runSnapCLI(t, "snapshot", "profile", "export", snap, "-o", exp, "--force"); code != 2 || !strings.Contains(stderr, "choose one with --name") {
 		t.Errorf("export without --name: exit %d, %q", code, stderr)
 	}
 
@@ -443,7 +430,7 @@ func TestSnapshotReorderCLI(t *testing.T) {
 			units = append(units, c)
 		}
 	}
-	snapMustRun(t, "snapshot", "reorder", snap, "-o", re) // the only profile
+	snapMustRun(t, "snapshot", "reorder", snap, "-o", re, "--force") // the only profile
 	snapCheckWorkingSetFirst(t, re, units)
 	snapExtractEqual(t, re, img)
 
@@ -452,7 +439,7 @@ func TestSnapshotReorderCLI(t *testing.T) {
 	in := filepath.Join(dir, "inplace.snap")
 	b, _ := os.ReadFile(snap)
 	os.WriteFile(in, b, 0o644)
-	snapMustRun(t, "snapshot", "reorder", in, "--profile-file", filepath.Join(dir, "late.json"), "-o", in, "--unit", "64K")
+	snapMustRun(t, "snapshot", "reorder", in, "--profile-file", filepath.Join(dir, "late.json"), "-o", in, "--unit", "64K", "--force")
 	snapCheckWorkingSetFirst(t, in, []uint32{79, 78})
 	snapExtractEqual(t, in, img)
 	if ps := snapProfiles(t, in); len(ps) != 2 || ps[0].Name != "boot" || ps[1].Name != "late" {
@@ -472,7 +459,7 @@ func TestSnapshotReorderCLI(t *testing.T) {
 		t.Errorf("create --reorder-profile stored %v", ps)
 	}
 	// ... but another chunk size is another snapshot: a warning, chunk order.
-	_, stderr = snapMustRun(t, "snapshot", "create", "--from-file", raw, "-o", cr, "--chunk-size", "128K",
+	_, stderr = snapMustRun(t, "snapshot", "create", "--from-file", raw, "-o", cr, "--chunk-size", "128K", "--force",
 		"--reorder-profile", filepath.Join(dir, "boot.json"))
 	if !strings.Contains(stderr, "is a foreign profile") || !strings.Contains(stderr, "chunk data left in chunk order") {
 		t.Errorf("create with a foreign profile: %q", stderr)

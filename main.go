@@ -55,6 +55,10 @@ Examples:
 
 func main() {
 	app := newApp()
+	if msg := unknownCommand(app, os.Args); msg != "" {
+		fmt.Fprintln(os.Stderr, "uffdrestore:", msg)
+		os.Exit(2)
+	}
 	if err := app.Run(reorderArgs(app, os.Args)); err != nil {
 		fmt.Fprintln(os.Stderr, "uffdrestore:", err)
 		os.Exit(1)
@@ -142,4 +146,89 @@ func takesValue(c *cli.Command, name string) bool {
 		}
 	}
 	return false
+}
+
+// unknownCommand returns the error for a command line whose command word
+// names no command ("unknown command 'infoo'; did you mean 'info'?"), or "".
+// urfave/cli would answer "No help topic for 'infoo'" with exit 3.
+func unknownCommand(app *cli.App, args []string) string {
+	cmds := app.Commands
+	path := app.Name
+	for _, a := range args[1:] {
+		if a == "--" || strings.HasPrefix(a, "-") {
+			return "" // flags (--help, --version, ...) are the app's to handle
+		}
+		if path == app.Name && (a == "help" || a == "h") && !app.HideHelpCommand {
+			return ""
+		}
+		c := findCommand(cmds, a)
+		if c == nil {
+			var names []string
+			for _, c := range cmds {
+				if !c.Hidden {
+					names = append(names, c.Name)
+				}
+			}
+			msg := fmt.Sprintf("unknown command '%s'", a)
+			m := closestName(a, names)
+			for _, c := range cmds { // "infoo": "snapshot info"?
+				if m != "" {
+					break
+				}
+				var subs []string
+				for _, s := range c.Subcommands {
+					subs = append(subs, s.Name)
+				}
+				if sm := closestName(a, subs); sm != "" {
+					m = c.Name + " " + sm
+				}
+			}
+			if m != "" {
+				msg += fmt.Sprintf("; did you mean '%s'?", m)
+			}
+			return msg + fmt.Sprintf(" (%s has: %s; see %s --help)", path, strings.Join(names, ", "), path)
+		}
+		if len(c.Subcommands) == 0 {
+			return ""
+		}
+		cmds, path = c.Subcommands, path+" "+c.Name
+	}
+	return ""
+}
+
+// closestName is the name nearest to s by edit distance, if it is near
+// enough to be a typo (at most 2 edits, or a prefix), else "".
+func closestName(s string, names []string) string {
+	best, bestD := "", 3
+	for _, n := range names {
+		d := editDistance(s, n)
+		if strings.HasPrefix(n, s) && len(s) >= 2 {
+			d = min(d, 1)
+		}
+		if d < bestD {
+			best, bestD = n, d
+		}
+	}
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }

@@ -1,7 +1,11 @@
 package main
 
 import (
+	"errors"
+	"os"
+	"os/exec"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/urfave/cli/v2"
@@ -57,4 +61,32 @@ func containsExample(s string) bool {
 		}
 	}
 	return false
+}
+
+// TestUnknownCommand: a mistyped command is named, with the nearest one,
+// and exits 2 (urfave/cli said "No help topic for 'infoo'" and exited 3).
+func TestUnknownCommand(t *testing.T) {
+	app := newApp()
+	for in, want := range map[string]string{
+		"snapshot infoo":       "unknown command 'infoo'; did you mean 'info'?",
+		"snapshot profile lst": "unknown command 'lst'; did you mean 'list'?",
+		"lod x.snap":           "unknown command 'lod'; did you mean 'load'?",
+		"infoo":                "unknown command 'infoo'; did you mean 'snapshot info'?",
+		"snapshot qqqqq":       "unknown command 'qqqqq' (uffdrestore snapshot has: create, info,",
+		"snapshot info x":      "",
+		"snapshot --help":      "",
+		"help load":            "",
+		"load x --socket s":    "",
+	} {
+		got := unknownCommand(app, append([]string{"uffdrestore"}, strings.Fields(in)...))
+		if (want == "") != (got == "") || !strings.Contains(got, want) {
+			t.Errorf("%q: %q, want %q", in, got, want)
+		}
+	}
+	cmd := doctorCmd(os.Args[0], "snapshot", "infoo")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "unknown command 'infoo'; did you mean 'info'?") {
+		t.Errorf("uffdrestore snapshot infoo: %v, %q", err, out)
+	}
 }

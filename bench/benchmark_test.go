@@ -8,16 +8,16 @@ import (
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 	"github.com/uffdrestore/uffdrestore/restore"
-	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
 // Benchmark sizes: 64 MiB by default so that CI's -benchtime=1x stays quick;
 // UFFDRESTORE_BENCH_SIZE (e.g. 1GiB) for real figures.
 func benchEnvSize(b *testing.B) int64 {
 	if s := os.Getenv("UFFDRESTORE_BENCH_SIZE"); s != "" {
-		n, err := uffd.ParseSize(s)
+		n, err := size.Parse(s)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -40,7 +40,11 @@ func benchEnv(b *testing.B) *Env {
 	if e, ok := benchEnvCache[size]; ok {
 		return e
 	}
-	snap, image, err := Generate(context.Background(), CacheDir(), size, "realistic", format.CodecZstd, 2<<20)
+	dir, err := CacheDir()
+	if err != nil {
+		b.Fatal(err)
+	}
+	snap, image, err := Generate(context.Background(), dir, size, "realistic", format.CodecZstd, 2<<20)
 	if err != nil {
 		b.Fatal(err)
 	}

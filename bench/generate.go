@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/benchcache"
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
 )
 
@@ -58,8 +59,8 @@ func (l Layout) Pages() []uint32 {
 var Contents = []string{"realistic", "zeros", "random"}
 
 // CacheDir is where generated snapshots and raw images are kept between
-// runs ($TMPDIR/uffdrestore-bench).
-func CacheDir() string { return filepath.Join(os.TempDir(), "uffdrestore-bench") }
+// runs: this user's own directory (see internal/benchcache), created 0700.
+func CacheDir() (string, error) { return benchcache.Dir() }
 
 // Generate writes (or reuses, from dir) a one-region snapshot of size bytes
 // of content, and its raw image in Layout form next to it. It returns both

@@ -611,16 +611,18 @@ static void *churn_loop(void *arg)
 	return NULL;
 }
 
-static void usage(void)
+/* usage prints the usage: for --help on stdout with exit status 0, after a
+ * usage error on stderr with exit status 2. */
+static void usage(int status)
 {
-	fprintf(stderr,
+	fprintf(status ? stderr : stdout,
 		"usage: %s --socket PATH [--server-uid UID] [--private] [--readonly] [--at-original-addr]\n"
 		"       [--pattern sequential|random|fraction:F]\n"
 		"       [--threads N] [--seed N] [--write] [--dump FILE] [--wait] [--hold] [--stats]\n"
 		"       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]\n"
 		"Example: %s --socket /run/snap.sock --pattern random --threads 2 --dump out.raw\n",
 		prog, prog);
-	exit(2);
+	exit(status);
 }
 
 int main(int argc, char **argv)
@@ -700,14 +702,14 @@ int main(int argc, char **argv)
 		} else if (!strcmp(a, "--pause-before-dump")) {
 			do_pause = 1;
 		} else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-			usage();
+			usage(0);
 		} else {
 			fprintf(stderr, "%s: unknown argument %s\n", prog, a);
-			usage();
+			usage(2);
 		}
 	}
 	if (!sock)
-		usage();
+		usage(2);
 	if (do_unmap && do_mremap_)
 		die("--unmap-part and --mremap both act on the same part: choose one");
 	if (!strcmp(pattern, "sequential")) {

@@ -112,6 +112,24 @@ func autoBacking(size int64) BackingKind {
 	return BackingShmem
 }
 
+// hugetlbfsHint says how to get a hugetlbfs mount: an existing writable one
+// if there is, else how to mount one on a dedicated new directory (never on
+// a directory that holds anything, which the mount would hide).
+func hugetlbfsHint() string {
+	for _, m := range uffd.HugetlbfsMounts() {
+		if m.Writable {
+			return fmt.Sprintf("use the mount at %s: --hugetlbfs %s", m.Path, m.Path)
+		}
+	}
+	for _, d := range []string{"/dev/hugepages", "/run/uffdrestore-hugetlbfs"} {
+		ents, err := os.ReadDir(d)
+		if errors.Is(err, os.ErrNotExist) || (err == nil && len(ents) == 0) {
+			return fmt.Sprintf("as root mount one on a directory of its own: `mkdir -p %s && mount -t hugetlbfs -o mode=0700 none %s`, then --hugetlbfs %s", d, d, d)
+		}
+	}
+	return "as root create an empty directory (mkdir) and mount one there with `mount -t hugetlbfs -o mode=0700 none DIR`; never mount over a directory that holds files"
+}
+
 // newBacking creates a backing file of at least size bytes.
 func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, err error) {
 	if kind == BackingAuto {
@@ -133,14 +151,22 @@ func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, 
 	switch kind {
 	case BackingHugetlbfs:
 		if hugetlbfsDir == "" {
-			return nil, errors.New("restore: --backing hugetlbfs needs a hugetlbfs mount (--hugetlbfs DIR); mount one with `mount -t hugetlbfs none /dev/hugepages`")
+			return nil, fmt.Errorf("restore: --backing hugetlbfs needs a hugetlbfs mount (--hugetlbfs DIR); %s", hugetlbfsHint())
 		}
 		var st unix.Statfs_t
 		if err := unix.Statfs(hugetlbfsDir, &st); err != nil {
 			return nil, fmt.Errorf("restore: hugetlbfs dir %s: %w", hugetlbfsDir, err)
 		}
 		if st.Type != unix.HUGETLBFS_MAGIC {
-			return nil, fmt.Errorf("restore: %s is not a hugetlbfs mount; mount one with `mount -t hugetlbfs none %s`", hugetlbfsDir, hugetlbfsDir)
+			return nil, fmt.Errorf("restore: %s is not a hugetlbfs mount; %s", hugetlbfsDir, hugetlbfsHint())
+		}
+		// A mount with a size= option has its own limit, below the pool's:
+		// statfs reports it (f_blocks is 0 on a mount without one).
+		if st.Blocks > 0 && int64(st.Bavail)*st.Bsize < b.size {
+			need := roundUp(int64(st.Blocks)*st.Bsize-int64(st.Bavail)*st.Bsize+b.size, 1<<20)
+			return nil, fmt.Errorf("%w: the hugetlbfs mount %s is limited by its size= option to %d MiB, %d MiB of it free; the snapshot needs %d MiB: "+
+				"as root raise the limit with `mount -o remount,size=%dM %s`, or use --backing memfd (the pool has room)",
+				ErrNoHugePages, hugetlbfsDir, int64(st.Blocks)*st.Bsize>>20, int64(st.Bavail)*st.Bsize>>20, b.size>>20, need>>20, hugetlbfsDir)
 		}
 		var rnd [8]byte
 		rand.Read(rnd[:])

@@ -19,19 +19,22 @@ import (
 	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/benchcache"
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
+	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
 
-// Benchmark inputs are generated once and cached in $TMPDIR/uffdrestore-bench.
+// Benchmark inputs are generated once and cached in this user's benchmark
+// cache (internal/benchcache: ~/.cache/uffdrestore/bench).
 // UFFDRESTORE_BENCH_SIZE sets the big size (default 256MiB so that a CI run
 // with -benchtime=1x stays quick; `make bench` uses 2GiB).
 
 func benchSize(b *testing.B) int64 {
 	if s := os.Getenv("UFFDRESTORE_BENCH_SIZE"); s != "" {
-		n, err := uffd.ParseSize(s)
+		n, err := size.Parse(s)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -47,8 +50,10 @@ var benchMu sync.Mutex
 func benchSnapshot(b *testing.B, size int64, content string, codec format.Codec, chunk int, raw bool) (snap, image string) {
 	benchMu.Lock()
 	defer benchMu.Unlock()
-	dir := filepath.Join(os.TempDir(), "uffdrestore-bench")
-	os.MkdirAll(dir, 0o700)
+	dir, err := benchcache.Dir()
+	if err != nil {
+		b.Fatal(err)
+	}
 	name := fmt.Sprintf("%s-%dM-%v-%dK", content, size>>20, codec, chunk>>10)
 	snap = filepath.Join(dir, name+".snap")
 	image = filepath.Join(dir, fmt.Sprintf("%s-%dM.raw", content, size>>20))

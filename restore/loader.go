@@ -66,6 +66,9 @@ func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err
 			f.Close()
 		}
 	}()
+	if err := checkNotEmpty(f.Reader, path); err != nil {
+		return nil, err
+	}
 	size := int64(f.TotalSize())
 	if unit := int64(max(f.ChunkSize(), int(uffd.DefaultHugePageSize()))); cfg.backing != BackingShmem {
 		size = roundUp(size, unit)
@@ -85,6 +88,17 @@ func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err
 	}
 	l.ready = time.Since(t0)
 	return l, nil
+}
+
+// ErrEmptySnapshot is returned (wrapped, naming the file) for a snapshot
+// that holds no memory: there is nothing to restore or serve.
+var ErrEmptySnapshot = errors.New("restore: the snapshot holds no memory")
+
+func checkNotEmpty(r *format.Reader, path string) error {
+	if r.TotalSize() == 0 {
+		return fmt.Errorf("%w: %s holds 0 bytes in %d region(s); re-create it from a non-empty image or process", ErrEmptySnapshot, path, len(r.Regions()))
+	}
+	return nil
 }
 
 func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name string) (*Loader, error) {

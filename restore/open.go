@@ -83,6 +83,9 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if err != nil {
 		return nil, fmt.Errorf("restore: open snapshot %s: %w", path, err)
 	}
+	if err := checkNotEmpty(rd, path); err != nil {
+		return nil, err
+	}
 	size := int64(rd.TotalSize())
 	if cfg.backing != BackingShmem {
 		size = roundUp(size, int64(max(rd.ChunkSize(), int(uffd.DefaultHugePageSize()))))

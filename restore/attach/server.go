@@ -70,6 +70,10 @@ type Options struct {
 	// OnDetach is called (from the connection's goroutine) when an attached
 	// target is gone: detached, hung up, or detached by Shutdown.
 	OnDetach func(TargetInfo)
+	// OnRefuse is called (from the connection's goroutine) when a target of
+	// an allowed uid fails before attaching; Reason is "refused: ...".
+	// Connections of other uids are refused without it.
+	OnRefuse func(TargetInfo)
 }
 
 // TargetInfo describes an attached target.
@@ -488,6 +492,10 @@ func (cn *conn) serve() {
 	v, err := cn.handshake()
 	if err != nil {
 		cn.refuse(err)
+		if s.o.OnRefuse != nil && cn.info.PID != 0 && slices.Contains(s.allowed, cn.info.UID) {
+			cn.setInfo(func(ti *TargetInfo) { ti.Reason = "refused: " + err.Error() })
+			s.o.OnRefuse(cn.info)
+		}
 		return
 	}
 	reason := cn.attached(v)

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/uffdrestore/uffdrestore/internal/size"
 )
 
 // HugePool is one huge page size's pool, from /sys/kernel/mm/hugepages.
@@ -252,7 +254,7 @@ func HugetlbfsMounts() []HugetlbfsMount {
 		if len(sf) >= 3 {
 			for _, o := range strings.Split(sf[2], ",") {
 				if v, ok := strings.CutPrefix(o, "pagesize="); ok {
-					if n, err := ParseSize(v); err == nil {
+					if n, err := size.Parse(v); err == nil {
 						m.PageSize = n
 					}
 				}
@@ -267,26 +269,4 @@ func HugetlbfsMounts() []HugetlbfsMount {
 func unescapeMount(s string) string {
 	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
 	return r.Replace(s)
-}
-
-// ParseSize parses sizes such as 4096, 64K, 64KiB, 2M, 2MiB, 1G.
-func ParseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	mult := int64(1)
-	u := strings.ToUpper(t)
-	for _, suf := range []struct {
-		s string
-		m int64
-	}{{"KIB", 1 << 10}, {"MIB", 1 << 20}, {"GIB", 1 << 30}, {"TIB", 1 << 40}, {"KB", 1 << 10}, {"MB", 1 << 20}, {"GB", 1 << 30}, {"TB", 1 << 40}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1}} {
-		if strings.HasSuffix(u, suf.s) {
-			mult = suf.m
-			t = t[:len(t)-len(suf.s)]
-			break
-		}
-	}
-	n, err := strconv.ParseInt(strings.TrimSpace(t), 10, 64)
-	if err != nil || n < 0 || (n > 0 && mult > (1<<62)/n) {
-		return 0, fmt.Errorf("invalid size %q (use bytes or a K/M/G/KiB/MiB/GiB suffix)", s)
-	}
-	return n * mult, nil
 }
