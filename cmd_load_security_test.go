@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -28,7 +29,8 @@ func TestLoadReadOnlyTargets(t *testing.T) {
 			dir := t.TempDir()
 			sock, dump := filepath.Join(dir, "s.sock"), filepath.Join(dir, "dump")
 			var stderr syncBuf
-			ld := loadCmd("load", snap, "--socket", sock, "--once", "--backing", backing, "--read-only-targets", "--workers", "1")
+			// No --once: the refused shared target would end a --once server.
+			ld := loadCmd("load", snap, "--socket", sock, "--backing", backing, "--read-only-targets", "--workers", "1")
 			ld.Stderr = &stderr
 			if err := ld.Start(); err != nil {
 				t.Fatal(err)
@@ -42,6 +44,9 @@ func TestLoadReadOnlyTargets(t *testing.T) {
 			out, err = exec.Command(tp, "--socket", sock, "--private", "--write", "--dump", dump).CombinedOutput()
 			if err != nil {
 				t.Fatalf("private target: %v\n%s", err, out)
+			}
+			if err := ld.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
 			}
 			if code := waitExit(t, ld, 30*time.Second); code != 0 {
 				t.Fatalf("load exited %d:\n%s", code, stderr.String())

@@ -373,7 +373,7 @@ func startUffdCopy(ctx context.Context, env *Env) (_ Instance, err error) {
 	if err := unix.Madvise(uc.b, unix.MADV_NOHUGEPAGE); err != nil {
 		return nil, os.NewSyscallError("madvise", err)
 	}
-	if uc.u, err = uffd.Open(uffd.OpenOptions{NonBlock: true}, 0); err != nil {
+	if uc.u, err = uffd.Open(uffd.OpenOptions{NonBlock: true, FallbackUserModeOnly: true}, 0); err != nil {
 		return nil, fmt.Errorf("bench: uffd-copy: open userfaultfd: %w", err)
 	}
 	if _, err = uc.u.Register(uc.Base(), uintptr(len(uc.b)), uffd.ModeMissing); err != nil {

@@ -154,7 +154,9 @@ func TestCClientForkEventsRefused(t *testing.T) {
 	b := newFakeBackend(t, false, nil)
 	sock, out := nobodyServer(t, b)
 	dump := filepath.Join(out, "userns")
-	cmd := exec.Command(tp, "--socket", sock, "--dump", dump)
+	// The server's uid as the target sees it through SO_PEERCRED from
+	// inside its namespace is 65534 (the overflow uid): trust it by name.
+	cmd := exec.Command(tp, "--socket", sock, "--dump", dump, "--server-uid", "65534")
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWUSER,
 		// uid 0 inside, that is 65534 outside (without it the
