@@ -107,6 +107,9 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
 	}
+	if err := CheckLayout(b.Hello()); err != nil {
+		return nil, err
+	}
 	if err := prepareSocketPath(path); err != nil {
 		return nil, err
 	}
@@ -332,6 +335,17 @@ func (cn *conn) send(v any, fds ...int) error {
 func (cn *conn) refuse(err error) {
 	cn.logf("refused: %v", err)
 	cn.send(Reply{Type: TypeError, Error: err.Error()})
+	// Read what the peer sent already (the rest of an attach's batches):
+	// closing a socket with unread messages resets the connection, and the
+	// peer would see ECONNRESET instead of the error. Bounded in time.
+	cn.c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	for {
+		_, fds, err := RecvMsg(cn.c)
+		CloseFDs(fds)
+		if err != nil {
+			break
+		}
+	}
 }
 
 func (cn *conn) serve() {
@@ -391,24 +405,23 @@ func (cn *conn) handshake() (View, error) {
 	default:
 	}
 	h := s.b.Hello()
-	h.Type, h.Version = TypeHello, Version
-	if err := cn.send(h, s.b.BackingFD()); err != nil {
+	h.Type, h.Version, h.RegionCount = TypeHello, Version, len(h.Regions)
+	if err := SendHello(cn.send, h, s.b.BackingFD()); err != nil {
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
-	raw, fds, err := RecvMsg(cn.c)
+	a, fds, err := RecvAttach(func() ([]byte, []int, error) { return RecvMsg(cn.c) })
 	if err != nil {
+		CloseFDs(fds)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if a.MappingCount > 0 {
+				return nil, fmt.Errorf("no complete attach within %v (it announced %d mappings)", s.o.HandshakeTimeout, a.MappingCount)
+			}
 			return nil, fmt.Errorf("no attach message within %v", s.o.HandshakeTimeout)
 		}
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Time{})
-	var a Attach
-	if err := Decode(raw, TypeAttach, &a); err != nil {
-		CloseFDs(fds)
-		return nil, err
-	}
 	if len(fds) != 1 {
 		CloseFDs(fds)
 		return nil, invalid(TypeAttach, "fds", "%d file descriptors came with the message, want exactly 1 (the userfaultfd)", len(fds))
