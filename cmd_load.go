@@ -166,6 +166,9 @@ func runLoad(c *cli.Context) error {
 	if c.Bool("prefetch-rest") {
 		opts = append(opts, restore.WithPrefetchRest(true))
 	}
+	if err := loadCheckAttachable(snap); err != nil {
+		return cli.Exit("load: "+err.Error(), 1)
+	}
 	l, err := restore.NewLoader(loadCtx, snap, opts...)
 	if err != nil {
 		return cli.Exit("load: "+err.Error(), 1)

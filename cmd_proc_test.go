@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -270,4 +271,52 @@ func TestManyMapsHelperProcess(t *testing.T) {
 	fmt.Println("ready")
 	io.Copy(io.Discard, os.Stdin)
 	os.Exit(0)
+}
+
+// TestLoadRefusesUnattachable: load refuses at start, before loading, a
+// snapshot no target could attach, naming the limit and the fix.
+func TestLoadRefusesUnattachable(t *testing.T) {
+	write := func(n, length int) string {
+		p := filepath.Join(t.TempDir(), "x.snap")
+		f, err := os.Create(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		w, err := format.NewWriter(f, format.WriterOptions{ChunkSize: 64 << 10, Codec: format.CodecRaw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, length)
+		for i := range n {
+			w.BeginRegion("anon", uint64(i)<<12, 3)
+			w.Write(b)
+			if err := w.EndRegion(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cases := []struct {
+		name, snap, want string
+	}{
+		{"too many regions", write(attach.MaxRegions+1, 1), "65537 regions; the attach protocol carries at most 65536 (one mapping each): make a snapshot of fewer regions"},
+		{"all empty", write(3, 0), "all 3 regions of the snapshot are empty"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "s.sock")
+			out, err := loadCmd("load", c.snap, "--socket", sock, "--backing", "shmem").CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), c.want) || strings.Contains(string(out), "ready") {
+				t.Fatalf("load: %v, output:\n%s\nwant exit 1 before ready with %q", err, out, c.want)
+			}
+			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+				t.Error("socket created")
+			}
+		})
+	}
 }
