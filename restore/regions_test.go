@@ -2,6 +2,7 @@ package restore
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"reflect"
 	"strings"
@@ -45,5 +46,27 @@ func TestRegionIdentity(t *testing.T) {
 	}
 	if _, err := lay.Lookup("[stack]"); !errors.Is(err, ErrNoRegion) {
 		t.Errorf(`Lookup("[stack]") = %v, want ErrNoRegion`, err)
+	}
+}
+
+// TestLoaderMisalignedRegions: targets map each region from its backing
+// offset, so a snapshot whose regions do not start on huge-page boundaries
+// (chunks smaller than a huge page) is loaded into shmem by auto, and
+// refused with the fix for an explicit huge-page backing.
+func TestLoaderMisalignedRegions(t *testing.T) {
+	regions := []testRegion{{"a", 0, testImage(70<<10, 1)}, {"b", 0, testImage(5000, 2)}}
+	path := writeSnap(t, regions, format.CodecS2, 64<<10)
+	_, err := NewLoader(context.Background(), path, WithBacking(BackingMemfdHugetlb))
+	if err == nil || !strings.Contains(err.Error(), `region 1 "b" starts at backing offset 131072, not a multiple of the 2048 KiB huge page`) ||
+		!strings.Contains(err.Error(), "use --backing shmem, or re-create the snapshot with --chunk-size 2M") {
+		t.Errorf("hugetlb: %v", err)
+	}
+	l, err := NewLoader(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if b := l.Layout().Backing; b != "shmem" {
+		t.Errorf("auto chose %s for regions off huge-page boundaries, want shmem", b)
 	}
 }

@@ -1,4 +1,4 @@
-// Package attach is the attach protocol (v1) of uffdrestore: how a target
+// Package attach is the attach protocol (v2) of uffdrestore: how a target
 // process in another address space maps a restored snapshot and hands its
 // userfaultfd to the server that fills it. PROTOCOL.md at the top of the
 // repository is the specification; this package is the Go side of it: the
@@ -14,9 +14,11 @@
 //	server                                    target
 //	  | <-------------- connect -------------- |
 //	  | SO_PEERCRED uid check                   |
-//	  | --- hello {layout} + backing fd -----> | mmap regions, userfaultfd,
+//	  | --- hello {layout} + backing fd -----> |
+//	  | --- regions {batch} ...  ------------> | mmap regions, userfaultfd,
 //	  |                                         | UFFDIO_API, UFFDIO_REGISTER
-//	  | <-- attach {mappings} + uffd --------- |
+//	  | <-- attach {count} + uffd ------------ |
+//	  | <-- mappings {batch} ... ------------- |
 //	  | validate, serve faults                  |
 //	  | --- ready ---------------------------> |
 //	  | <-- stats / detach ------------------- |
