@@ -110,6 +110,11 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	if err := CheckLayout(b.Hello()); err != nil {
 		return nil, err
 	}
+	h := b.Hello()
+	h.Version, h.RegionCount = Version, len(h.Regions)
+	if err := h.Validate(); err != nil {
+		return nil, fmt.Errorf("attach: no target could attach to this layout: %w", err)
+	}
 	if err := prepareSocketPath(path); err != nil {
 		return nil, err
 	}
