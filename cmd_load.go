@@ -135,7 +135,7 @@ func runLoad(c *cli.Context) error {
 		}
 	}()
 
-	opts := []restore.Option{restore.WithMode(mode), restore.WithBacking(backing)}
+	opts := []restore.Option{restore.WithMode(mode), restore.WithBacking(backing), restore.ForTargets()}
 	if d := c.String("hugetlbfs"); d != "" {
 		opts = append(opts, restore.WithHugetlbfsDir(d))
 	}

@@ -69,7 +69,7 @@ func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err
 	// Targets map each region from its offset in the backing: with huge
 	// pages, every region must start on a huge-page boundary, which a
 	// snapshot of chunks smaller than a huge page does not guarantee.
-	if hp := uffd.DefaultHugePageSize(); cfg.backing != BackingShmem {
+	if hp := uffd.DefaultHugePageSize(); cfg.forTargets && cfg.backing != BackingShmem {
 		if r, ok := misalignedRegion(f.Regions(), f.ChunkSize(), uint64(hp)); ok {
 			if cfg.backing != BackingAuto {
 				return nil, fmt.Errorf("restore: region %d %q starts at backing offset %d, not a multiple of the %d KiB huge page (the snapshot's chunk size is %d KiB), so a target cannot map it from a %v backing: use --backing shmem, or re-create the snapshot with --chunk-size 2M",

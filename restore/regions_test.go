@@ -52,16 +52,16 @@ func TestRegionIdentity(t *testing.T) {
 // TestLoaderMisalignedRegions: targets map each region from its backing
 // offset, so a snapshot whose regions do not start on huge-page boundaries
 // (chunks smaller than a huge page) is loaded into shmem by auto, and
-// refused with the fix for an explicit huge-page backing.
+// refused with the fix for an explicit huge-page backing (ForTargets).
 func TestLoaderMisalignedRegions(t *testing.T) {
 	regions := []testRegion{{"a", 0, testImage(70<<10, 1)}, {"b", 0, testImage(5000, 2)}}
 	path := writeSnap(t, regions, format.CodecS2, 64<<10)
-	_, err := NewLoader(context.Background(), path, WithBacking(BackingMemfdHugetlb))
+	_, err := NewLoader(context.Background(), path, WithBacking(BackingMemfdHugetlb), ForTargets())
 	if err == nil || !strings.Contains(err.Error(), `region 1 "b" starts at backing offset 131072, not a multiple of the 2048 KiB huge page`) ||
 		!strings.Contains(err.Error(), "use --backing shmem, or re-create the snapshot with --chunk-size 2M") {
 		t.Errorf("hugetlb: %v", err)
 	}
-	l, err := NewLoader(context.Background(), path)
+	l, err := NewLoader(context.Background(), path, ForTargets())
 	if err != nil {
 		t.Fatal(err)
 	}

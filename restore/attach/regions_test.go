@@ -153,6 +153,13 @@ func TestCheckLayout(t *testing.T) {
 			t.Errorf("%s: Listen = %v, want %q", c.name, err, c.want)
 		}
 	}
+	// Regions off huge-page boundaries (64 KiB chunks) in a hugetlb backing.
+	hh := Hello{Backing: BackingHugetlb, PageSize: 2 << 20, ChunkSize: 64 << 10, FileSize: 4 << 20,
+		Regions: []Region{{Name: "a", Size: 2 << 20, Length: 4096}, {Name: "b", Offset: 64 << 10, Size: 2 << 20, Length: 4096}}}
+	if _, err := Listen(filepath.Join(t.TempDir(), "s"), layoutBackend{hh}, Options{}); err == nil ||
+		!strings.Contains(err.Error(), "regions[1].offset: 65536 is not a multiple of page_size 2097152 (regions must start on huge-page boundaries: load the snapshot into shmem") {
+		t.Errorf("misaligned hugetlb layout: Listen = %v", err)
+	}
 	if err := CheckLayout(one(1999, 4096)); err != nil {
 		t.Errorf("1999 regions under a limit of 3000: %v", err)
 	}

@@ -113,7 +113,11 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	h := b.Hello()
 	h.Version, h.RegionCount = Version, len(h.Regions)
 	if err := h.Validate(); err != nil {
-		return nil, fmt.Errorf("attach: no target could attach to this layout: %w", err)
+		hint := ""
+		if h.Backing == BackingHugetlb {
+			hint = " (regions must start on huge-page boundaries: load the snapshot into shmem (--backing shmem, or restore.ForTargets with auto), or re-create it with --chunk-size 2M)"
+		}
+		return nil, fmt.Errorf("attach: no target could attach to this layout: %w%s", err, hint)
 	}
 	if err := prepareSocketPath(path); err != nil {
 		return nil, err
