@@ -314,10 +314,14 @@ func TestLoadRefusesUnattachable(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			sock := filepath.Join(t.TempDir(), "s.sock")
-			out, err := loadCmd("load", c.snap, "--socket", sock, "--backing", "shmem").CombinedOutput()
-			var ee *exec.ExitError
-			if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), c.want) || strings.Contains(string(out), "ready") {
-				t.Fatalf("load: %v, output:\n%s\nwant exit 1 before ready with %q", err, out, c.want)
+			var out syncBuf
+			ld := loadCmd("load", c.snap, "--socket", sock, "--backing", "shmem")
+			ld.Stdout, ld.Stderr = &out, &out
+			if err := ld.Start(); err != nil {
+				t.Fatal(err)
+			}
+			if code := waitExit(t, ld, 20*time.Second); code != 1 || !strings.Contains(out.String(), c.want) || strings.Contains(out.String(), "ready") {
+				t.Fatalf("load exited %d, output:\n%s\nwant exit 1 before ready with %q", code, out.String(), c.want)
 			}
 			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 				t.Error("socket created")
