@@ -329,3 +329,25 @@ func TestLoadRefusesUnattachable(t *testing.T) {
 		})
 	}
 }
+
+// TestBenchOutOfProcessProcLike: bench --out-of-process of a snapshot shaped
+// like a --from-pid one (64 KiB chunks, repeated region names) attaches
+// the C target with the default backing.
+func TestBenchOutOfProcessProcLike(t *testing.T) {
+	loadRequire(t)
+	target := loadTarget(t)
+	var regions []testutil.Region
+	for i, name := range []string{"/usr/lib/libx.so", "anon", "/usr/lib/libx.so", "anon", "[heap]", "anon"} {
+		b := make([]byte, 20000+i*70000)
+		for j := range b {
+			b[j] = byte(i*37 + j*11)
+		}
+		regions = append(regions, testutil.Region{Name: name, Addr: uint64(i+1) << 24, Data: b})
+	}
+	snap := testutil.WriteSnapshot(t, regions, format.CodecS2, 64<<10)
+	t.Setenv("TMPDIR", t.TempDir())
+	code, out, errOut := runSnapCLI(t, "bench", snap, "--runs", "1", "--out-of-process", "--target", target, "--modes", "lazy")
+	if code != 0 || !strings.Contains(out, "lazy (oop)") {
+		t.Fatalf("bench exit %d\n%s\n%s", code, out, errOut)
+	}
+}
