@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
 )
 
 // TestDuplicateRegionNames: regions that share a name (as every snapshot
@@ -38,6 +40,40 @@ func TestDuplicateRegionNames(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(dump); !bytes.Equal(got, b.want()) {
 		t.Fatalf("C target's dump differs from the image (first difference at %d)", firstDiff(got, b.want()))
+	}
+	// The C library's lookups: ur_session_find is NULL unless exactly one
+	// region has the name, ur_session_find_next iterates every one.
+	if _, err := exec.LookPath("gcc"); err == nil {
+		dir := t.TempDir()
+		src := filepath.Join(dir, "find.c")
+		os.WriteFile(src, []byte(`#include "ur_client.h"
+#include <stdio.h>
+int main(int argc, char **argv) {
+	struct ur_session *s;
+	(void)argc;
+	if (ur_attach(argv[1], NULL, &s) < 0) {
+		fprintf(stderr, "%s\n", ur_session_error(NULL));
+		return 1;
+	}
+	size_t n = ur_session_nregions(s);
+	printf("anon:");
+	for (size_t i = ur_session_find_next(s, "anon", 0); i < n; i = ur_session_find_next(s, "anon", i + 1))
+		printf(" %zu", i);
+	const struct ur_region *h = ur_session_find(s, "[heap]");
+	printf(" find(anon)=%s find([heap])=%ld find([stack])=%s\n", ur_session_find(s, "anon") ? "region" : "NULL",
+	       h ? (long)(h - ur_session_region(s, 0)) : -1L, ur_session_find(s, "[stack]") ? "region" : "NULL");
+	return ur_detach(s) < 0;
+}
+`), 0o644)
+		exe := filepath.Join(dir, "find")
+		args := append(append([]string{}, cflags...), "-I"+csrcDir(t), "-o", exe, src, filepath.Join(csrcDir(t), "ur_client.c"))
+		if out, err := exec.Command("gcc", args...).CombinedOutput(); err != nil {
+			t.Fatalf("gcc: %v\n%s", err, out)
+		}
+		out, err := exec.Command(exe, sock).CombinedOutput()
+		if want := "anon: 1 3 5 find(anon)=NULL find([heap])=4 find([stack])=NULL\n"; err != nil || string(out) != want {
+			t.Errorf("C lookups: %v: %q, want %q", err, out, want)
+		}
 	}
 	cl, err := Dial(sock, ClientOptions{})
 	if err != nil {
@@ -172,4 +208,18 @@ func (layoutBackend) BackingFD() int { return -1 }
 func (layoutBackend) AttachView(u *uffd.FD, _ []Range, _ string) (View, error) {
 	u.Close()
 	return nil, errors.New("not served")
+}
+
+// TestMapCountHint: an mmap ENOMEM while mapping many regions names
+// vm.max_map_count and the fix; other errors and few regions get no hint.
+func TestMapCountHint(t *testing.T) {
+	if h := mapCountHint(unix.ENOMEM, 5000); !strings.Contains(h, "this target maps 5000 regions") || !strings.Contains(h, "sysctl -w vm.max_map_count=N") {
+		t.Errorf("hint %q", h)
+	}
+	if h := mapCountHint(unix.ENOMEM, 10); h != "" {
+		t.Errorf("10 regions: hint %q", h)
+	}
+	if h := mapCountHint(unix.EINVAL, 5000); h != "" {
+		t.Errorf("EINVAL: hint %q", h)
+	}
 }
