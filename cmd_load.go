@@ -141,7 +141,7 @@ func runLoad(c *cli.Context) error {
 	sig := notifyShutdown(c.Context)
 	defer sig.Stop()
 
-	opts := []restore.Option{restore.WithMode(mode), restore.WithBacking(backing)}
+	opts := []restore.Option{restore.WithMode(mode), restore.WithBacking(backing), restore.ForTargets()}
 	if d := c.String("hugetlbfs"); d != "" {
 		opts = append(opts, restore.WithHugetlbfsDir(d))
 	}
@@ -171,6 +171,9 @@ func runLoad(c *cli.Context) error {
 	}
 	if c.Bool("prefetch-rest") {
 		opts = append(opts, restore.WithPrefetchRest(true))
+	}
+	if err := loadCheckAttachable(snap); err != nil {
+		return cli.Exit("load: "+err.Error(), 1)
 	}
 	l, err := restore.NewLoader(sig.Graceful, snap, opts...)
 	if err != nil {

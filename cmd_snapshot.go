@@ -138,17 +138,24 @@ func snapExtractCmd() *cli.Command {
 		HideHelpCommand: true,
 		Usage:           "write a snapshot's raw bytes back out",
 		ArgsUsage:       "SNAP",
-		Description: `Writes the raw bytes of all regions (or of the regions named --region:
-exact name, else glob), in order, each exactly its length. Output to a file is
-atomic (temporary file + rename); - writes to stdout. An existing output is
-replaced only with --force; the snapshot itself is never overwritten.
+		Description: `Writes the raw bytes of all regions (or of those --region selects), in
+order, each exactly its length. Output to a file is atomic (temporary file +
+rename); - writes to stdout. An existing output is replaced only with --force;
+the snapshot itself is never overwritten.
+
+Region names need not be unique (a --from-pid snapshot has many "anon"
+regions and a library mapped several times under one path): a region's
+identity is its index, the # column of "snapshot info". --region NAME selects
+every region named NAME (else every region whose name matches NAME as a glob);
+--region '#N' selects region N alone.
 
 Examples:
    uffdrestore snapshot extract image.snap --output image.raw
-   uffdrestore snapshot extract app.snap --region '[heap]' -o - | xxd | less`,
+   uffdrestore snapshot extract app.snap --region '[heap]' -o - | xxd | less
+   uffdrestore snapshot extract app.snap --region '#12' -o region12.raw`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "file to write (`IMAGE`; - for stdout)"},
-			&cli.StringFlag{Name: "region", Usage: "only this region (`NAME`: exact, or a glob)"},
+			&cli.StringFlag{Name: "region", Usage: "only the regions named `NAME` (exact, else a glob), or '#N': region N alone (index as snapshot info lists it)"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress bar"},
 			forceFlag(),
 		},

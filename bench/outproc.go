@@ -93,7 +93,7 @@ func runOutOfProcess(ctx context.Context, env *Env, mode string, p Pattern, thre
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 
 	t0 := time.Now()
-	l, err := restore.NewLoader(ctx, env.Snap, restore.WithMode(md), restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers))
+	l, err := restore.NewLoader(ctx, env.Snap, restore.WithMode(md), restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers), restore.ForTargets())
 	if err != nil {
 		return fail(err)
 	}

@@ -404,6 +404,9 @@ struct msg {
 	char backing[16];
 	uint64_t page_size, chunk_size, file_size;
 	char *snapshot;
+	uint64_t region_count; /* hello: how many regions the batches carry */
+	int has_first;
+	uint64_t first; /* regions: index of the batch's first region */
 	size_t nregions;
 	struct ur_region *regions;
 	char field[64]; /* where parsing failed */
@@ -532,23 +535,30 @@ static int parse_msg(const char *buf, size_t n, struct msg *m)
 			free(m->snapshot);
 			m->snapshot = malloc(UR_MAX_NAME);
 			rc = m->snapshot ? jstring(&p, m->snapshot, UR_MAX_NAME) : -1;
+		} else if (!strcmp(key, "region_count")) {
+			rc = juint(&p, &m->region_count);
+		} else if (!strcmp(key, "first")) {
+			rc = juint(&p, &m->first);
+			m->has_first = 1;
 		} else if (!strcmp(key, "regions")) {
+			size_t cap = 0;
 			msg_free(m);
 			rc = jexpect(&p, '[');
 			if (rc == 0 && jpeek(&p) == ']') {
 				p.i++;
 			} else {
 				while (rc == 0) {
-					if (m->nregions >= UR_MAX_REGIONS) {
-						rc = -1;
-						break;
+					/* The message is bounded (UR_MAX_MSG), so is the count. */
+					if (m->nregions == cap) {
+						cap = cap ? 2 * cap : 16;
+						struct ur_region *nr = realloc(m->regions, cap * sizeof(*nr));
+						if (!nr) {
+							rc = -1;
+							break;
+						}
+						m->regions = nr;
 					}
-					struct ur_region *nr = realloc(m->regions, (m->nregions + 1) * sizeof(*nr));
-					if (!nr) {
-						rc = -1;
-						break;
-					}
-					m->regions = nr;
+					struct ur_region *nr = m->regions;
 					memset(&nr[m->nregions], 0, sizeof(*nr));
 					if (parse_region(&p, &nr[m->nregions]) < 0) {
 						snprintf(m->field, sizeof m->field, "regions[%zu]", m->nregions);
@@ -583,41 +593,6 @@ static int parse_msg(const char *buf, size_t n, struct msg *m)
 		msg_free(m);
 		return UR_EMALFORMED;
 	}
-	return 0;
-}
-
-/* Appends s as a JSON string. */
-static int jput_string(char *b, size_t cap, size_t *o, const char *s)
-{
-	static const char hex[] = "0123456789abcdef";
-	if (*o + 1 >= cap)
-		return -1;
-	b[(*o)++] = '"';
-	for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
-		char e[7];
-		size_t l = 0;
-		if (*c == '"' || *c == '\\') {
-			e[l++] = '\\';
-			e[l++] = (char)*c;
-		} else if (*c < 0x20) {
-			e[l++] = '\\';
-			e[l++] = 'u';
-			e[l++] = '0';
-			e[l++] = '0';
-			e[l++] = hex[*c >> 4];
-			e[l++] = hex[*c & 15];
-		} else {
-			e[l++] = (char)*c;
-		}
-		if (*o + l + 1 >= cap)
-			return -1;
-		memcpy(b + *o, e, l);
-		*o += l;
-	}
-	if (*o + 2 >= cap)
-		return -1;
-	b[(*o)++] = '"';
-	b[*o] = 0;
 	return 0;
 }
 
@@ -968,10 +943,14 @@ static void session_free(struct ur_session *s)
 	free(s);
 }
 
+/* Checks the hello message itself (version, backing, page size, the number
+ * of regions announced). The regions follow in batches: validate_regions. */
 static int validate_hello(const struct msg *m, char *err)
 {
 	if (!m->has_version || m->version != UR_PROTOCOL_VERSION) {
-		seterr(err, "hello: version %llu, this client speaks %d", (unsigned long long)m->version, UR_PROTOCOL_VERSION);
+		seterr(err, "hello: version %llu, this client speaks %d (%s)", (unsigned long long)m->version, UR_PROTOCOL_VERSION,
+		       m->version < UR_PROTOCOL_VERSION ? "the server is older: run the uffdrestore load of this release"
+							: "the server is newer: rebuild this target with its ur_client.c");
 		return UR_EVERSION;
 	}
 	if (strcmp(m->backing, "hugetlb") && strcmp(m->backing, "shmem")) {
@@ -983,19 +962,133 @@ static int validate_hello(const struct msg *m, char *err)
 		seterr(err, "hello: page_size: %llu is not a power of two >= 4096", (unsigned long long)ps);
 		return UR_EMALFORMED;
 	}
-	if (m->nregions == 0) {
-		seterr(err, "hello: regions: none");
+	if (m->region_count == 0 || m->region_count > UR_MAX_REGIONS) {
+		seterr(err, "hello: region_count: %llu, want 1..%d", (unsigned long long)m->region_count, UR_MAX_REGIONS);
 		return UR_EMALFORMED;
 	}
-	for (size_t i = 0; i < m->nregions; i++) {
-		const struct ur_region *r = &m->regions[i];
+	return 0;
+}
+
+static int validate_regions(const struct ur_region *rs, size_t n, uint64_t ps, uint64_t file_size, char *err)
+{
+	for (size_t i = 0; i < n; i++) {
+		const struct ur_region *r = &rs[i];
 		if (r->offset % ps || r->size % ps || r->length > r->size || (r->size && r->size - r->length >= ps) ||
-		    r->offset > m->file_size || r->size > m->file_size - r->offset) {
+		    r->offset > file_size || r->size > file_size - r->offset) {
 			seterr(err, "hello: regions[%zu] (\"%s\"): offset %llu size %llu length %llu is not a page-aligned range of the %llu-byte file",
 			       i, r->name, (unsigned long long)r->offset, (unsigned long long)r->size,
-			       (unsigned long long)r->length, (unsigned long long)m->file_size);
+			       (unsigned long long)r->length, (unsigned long long)file_size);
 			return UR_EMALFORMED;
 		}
+	}
+	return 0;
+}
+
+/* Receives the "regions" batches after the hello until s has count
+ * regions (in order: each batch's "first" is the number received so far). */
+static int recv_regions(struct ur_session *s, char *buf, uint64_t count, char *err)
+{
+	size_t cap = 0;
+	while (s->nregions < count) {
+		struct msg bm;
+		int fds[UR_MAX_FDS], nfds = 0;
+		int rc = recv_parse(s->sock, buf, &bm, s->timeout_ms, fds, &nfds, err);
+		if (rc < 0)
+			return rc;
+		close_fds(fds, nfds);
+		if (strcmp(bm.type, "regions") || !bm.has_first || bm.first != s->nregions || bm.nregions == 0 ||
+		    bm.nregions > count - s->nregions || nfds) {
+			seterr(err, "regions: expected a \"regions\" message with regions %zu.. (of %llu) and no fds, got \"%s\" with first %llu, %zu regions, %d fds",
+			       s->nregions, (unsigned long long)count, bm.type, (unsigned long long)bm.first, bm.nregions, nfds);
+			msg_free(&bm);
+			return UR_EMALFORMED;
+		}
+		if (s->nregions + bm.nregions > cap) {
+			size_t nc = cap ? cap : 64;
+			while (nc < s->nregions + bm.nregions)
+				nc *= 2;
+			if (nc > count)
+				nc = (size_t)count;
+			struct ur_region *nr = realloc(s->regions, nc * sizeof(*nr));
+			if (!nr) {
+				msg_free(&bm);
+				seterr(err, "out of memory for %llu regions", (unsigned long long)count);
+				return -ENOMEM;
+			}
+			s->regions = nr;
+			cap = nc;
+		}
+		for (size_t i = 0; i < bm.nregions; i++) {
+			s->regions[s->nregions] = bm.regions[i];
+			s->regions[s->nregions].addr = NULL;
+			s->nregions++;
+			bm.regions[i].name = NULL; /* now s's */
+		}
+		msg_free(&bm);
+	}
+	return 0;
+}
+
+/* Why an mmap of region i may have failed with ENOMEM: a process may have
+ * at most vm.max_map_count mappings, and a target maps every region. */
+static const char *map_count_hint(int e, size_t nregions, char *b, size_t n)
+{
+	b[0] = 0;
+	if (e != ENOMEM || nregions < 1000)
+		return b;
+	long limit = -1;
+	FILE *f = fopen("/proc/sys/vm/max_map_count", "re");
+	if (f) {
+		if (fscanf(f, "%ld", &limit) != 1)
+			limit = -1;
+		fclose(f);
+	}
+	snprintf(b, n, " (this target maps %zu regions, one mapping each, besides its own: it may have reached vm.max_map_count=%ld mappings; raise it with sysctl -w vm.max_map_count=N)",
+		 nregions, limit);
+	return b;
+}
+
+/* Sends the mapped regions as "mappings" batches, each at most UR_MAX_MSG
+ * bytes, naming each mapping's region by its index. */
+static int send_mappings(struct ur_session *s, char *buf, int private_mapping)
+{
+	char one[256];
+	size_t o = 0, first = 0, n = 0;
+	for (size_t i = 0; i <= s->nregions; i++) {
+		const struct ur_region *r = i < s->nregions ? &s->regions[i] : NULL;
+		size_t ol = 0;
+		if (r && !r->addr)
+			continue;
+		if (r && jputf(one, sizeof one, &ol,
+			       "{\"region\":%zu,\"base_host_virt_addr\":%llu,\"size\":%llu,\"offset\":%llu,\"page_size\":%llu,\"private\":%s}",
+			       i, (unsigned long long)(uintptr_t)r->addr, (unsigned long long)r->size,
+			       (unsigned long long)r->offset, (unsigned long long)s->page_size,
+			       private_mapping ? "true" : "false") < 0)
+			return UR_ETOOLARGE; /* cannot happen: 6 numbers fit */
+		/* Flush when the next one would not fit (2 for "]}"), or at the end. */
+		if (n > 0 && (!r || o + 1 + ol + 2 > UR_MAX_MSG)) {
+			buf[o++] = ']';
+			buf[o++] = '}';
+			int rc = send_msg(s->sock, buf, o, -1);
+			if (rc < 0) {
+				seterr(last_err, "sendmsg (mappings %zu..): %s", first, strerror(-rc));
+				return rc;
+			}
+			first += n;
+			n = 0;
+		}
+		if (!r)
+			break;
+		if (n == 0) {
+			o = 0;
+			if (jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"mappings\",\"first\":%zu,\"mappings\":[", first) < 0)
+				return UR_ETOOLARGE;
+		} else {
+			buf[o++] = ',';
+		}
+		memcpy(buf + o, one, ol);
+		o += ol;
+		n++;
 	}
 	return 0;
 }
@@ -1103,12 +1196,14 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	snprintf(s->backing, sizeof s->backing, "%s", m.backing);
 	s->snapshot = m.snapshot ? m.snapshot : strdup("");
 	m.snapshot = NULL;
-	s->regions = m.regions;
-	s->nregions = m.nregions;
-	m.regions = NULL;
-	m.nregions = 0;
-	for (size_t i = 0; i < s->nregions; i++)
-		s->regions[i].addr = NULL;
+	msg_free(&m);
+	/* 1b. The regions, in batches after the hello. */
+	rc = recv_regions(s, buf, m.region_count, last_err);
+	if (rc < 0)
+		goto fail;
+	rc = validate_regions(s->regions, s->nregions, s->page_size, s->file_size, last_err);
+	if (rc < 0)
+		goto fail;
 
 	/* 2. A userfaultfd with the features this backing needs. */
 	int hugetlb = !strcmp(s->backing, "hugetlb");
@@ -1127,8 +1222,8 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 			continue; /* an empty region: nothing to map */
 		if (opts->at_original_addr) {
 			if (r->orig_addr == 0 || r->orig_addr % s->page_size) {
-				seterr(last_err, "region \"%s\": original address %#llx is not a non-zero multiple of the page size %llu%s",
-				       r->name, (unsigned long long)r->orig_addr, (unsigned long long)s->page_size,
+				seterr(last_err, "region %zu \"%s\": original address %#llx is not a non-zero multiple of the page size %llu%s",
+				       i, r->name, (unsigned long long)r->orig_addr, (unsigned long long)s->page_size,
 				       hugetlb ? " (a hugetlb backing needs huge-page-aligned addresses)" : "");
 				rc = UR_EADDR;
 				goto fail;
@@ -1138,14 +1233,16 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 		}
 		void *a = mmap(hint, r->size, prot, fl, backing, (off_t)r->offset);
 		if (a == MAP_FAILED) {
+			char hint_[256];
 			rc = -errno;
-			seterr(last_err, "mmap region \"%s\" (%llu bytes at offset %llu): %s", r->name,
-			       (unsigned long long)r->size, (unsigned long long)r->offset, strerror(errno));
+			seterr(last_err, "mmap region %zu \"%s\" (%llu bytes at offset %llu): %s%s", i, r->name,
+			       (unsigned long long)r->size, (unsigned long long)r->offset, strerror(-rc),
+			       map_count_hint(-rc, s->nregions, hint_, sizeof hint_));
 			goto fail;
 		}
 		if (hint && a != hint) { /* a kernel without MAP_FIXED_NOREPLACE took it as a hint */
 			munmap(a, r->size);
-			seterr(last_err, "region \"%s\": address %p is taken", r->name, hint);
+			seterr(last_err, "region %zu \"%s\": address %p is taken", i, r->name, hint);
 			rc = -EEXIST;
 			goto fail;
 		}
@@ -1157,7 +1254,7 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 		reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
 		if (ioctl(s->uffd, UFFDIO_REGISTER, &reg) < 0) {
 			rc = -errno;
-			seterr(last_err, "ioctl UFFDIO_REGISTER region \"%s\": %s", r->name, strerror(errno));
+			seterr(last_err, "ioctl UFFDIO_REGISTER region %zu \"%s\": %s", i, r->name, strerror(errno));
 			goto fail;
 		}
 	}
@@ -1167,26 +1264,14 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	close(backing); /* the mappings keep the file */
 	backing = -1;
 
-	/* 4. attach + the userfaultfd. */
-	size_t o = 0;
-	int w = jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"attach\",\"version\":%d,\"uffd_features\":%llu,\"mappings\":[",
-		      UR_PROTOCOL_VERSION, (unsigned long long)s->features);
+	/* 4. attach + the userfaultfd, then the mappings in batches. */
 	size_t nmapped = 0;
-	for (size_t i = 0; w == 0 && i < s->nregions; i++) {
-		const struct ur_region *r = &s->regions[i];
-		if (!r->addr)
-			continue;
-		w |= jputf(buf, UR_MAX_MSG + 1, &o, "%s{\"region\":", nmapped++ ? "," : "");
-		w |= jput_string(buf, UR_MAX_MSG + 1, &o, r->name);
-		w |= jputf(buf, UR_MAX_MSG + 1, &o,
-			   ",\"base_host_virt_addr\":%llu,\"size\":%llu,\"offset\":%llu,\"page_size\":%llu,\"private\":%s}",
-			   (unsigned long long)(uintptr_t)r->addr, (unsigned long long)r->size,
-			   (unsigned long long)r->offset, (unsigned long long)s->page_size,
-			   opts->private_mapping ? "true" : "false");
-	}
-	w |= jputf(buf, UR_MAX_MSG + 1, &o, "]}");
-	if (w || o > UR_MAX_MSG) {
-		seterr(last_err, "attach message over %d bytes (too many or too long region names)", UR_MAX_MSG);
+	for (size_t i = 0; i < s->nregions; i++)
+		nmapped += s->regions[i].addr != NULL;
+	size_t o = 0;
+	if (jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"attach\",\"version\":%d,\"uffd_features\":%llu,\"mapping_count\":%zu}",
+		  UR_PROTOCOL_VERSION, (unsigned long long)s->features, nmapped) < 0) {
+		seterr(last_err, "attach message over %d bytes", UR_MAX_MSG);
 		rc = UR_ETOOLARGE;
 		goto fail;
 	}
@@ -1195,6 +1280,9 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 		seterr(last_err, "sendmsg: %s", strerror(-rc));
 		goto fail;
 	}
+	rc = send_mappings(s, buf, opts->private_mapping);
+	if (rc < 0)
+		goto fail;
 
 	/* 5. ready. */
 	rc = recv_parse(s->sock, buf, &m, s->timeout_ms, NULL, NULL, last_err);
@@ -1235,12 +1323,20 @@ const struct ur_region *ur_session_region(const struct ur_session *s, size_t i)
 	return i < s->nregions ? &s->regions[i] : NULL;
 }
 
+size_t ur_session_find_next(const struct ur_session *s, const char *name, size_t from)
+{
+	for (size_t i = from; i < s->nregions; i++)
+		if (!strcmp(s->regions[i].name, name))
+			return i;
+	return s->nregions;
+}
+
 const struct ur_region *ur_session_find(const struct ur_session *s, const char *name)
 {
-	for (size_t i = 0; i < s->nregions; i++)
-		if (!strcmp(s->regions[i].name, name))
-			return &s->regions[i];
-	return NULL;
+	size_t i = ur_session_find_next(s, name, 0);
+	if (i == s->nregions || ur_session_find_next(s, name, i + 1) != s->nregions)
+		return NULL; /* none, or ambiguous */
+	return &s->regions[i];
 }
 
 const char *ur_session_snapshot(const struct ur_session *s) { return s->snapshot; }

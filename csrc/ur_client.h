@@ -1,5 +1,5 @@
 /*
- * ur_client.h - the C client of the uffdrestore attach protocol (v1).
+ * ur_client.h - the C client of the uffdrestore attach protocol (v2).
  *
  * A target process links this (bin/libuffdrestore.a or .so) to map a
  * snapshot that `uffdrestore load SNAP --socket PATH` serves:
@@ -10,14 +10,14 @@
  *		fprintf(stderr, "attach: %s\n", ur_session_error(NULL));
  *		return 1;
  *	}
- *	const struct ur_region *r = ur_session_find(s, "heap");
+ *	const struct ur_region *r = ur_session_find(s, "heap"); // NULL unless exactly one
  *	... read r->addr[0 .. r->length) : pages fill on first touch ...
  *	ur_detach(s);
  *
  * ur_attach connects, checks that the server runs as root, as this
  * process's uid or as opts->server_uid (SO_PEERCRED; UR_EUNTRUSTED
- * otherwise, before anything is mapped or sent), receives the hello and
- * the backing file, maps every region (in hello order), creates a
+ * otherwise, before anything is mapped or sent), receives the hello, the
+ * backing file and the regions that follow it, maps every region (in hello order), creates a
  * userfaultfd, registers the mappings (MISSING|MINOR), sends them with the
  * userfaultfd and waits for "ready".
  *
@@ -30,6 +30,10 @@
  * raises SIGSEGV), because the kernel would leave the child an unserved
  * mapping that reads zeros where the server has not filled yet. See
  * PROTOCOL.md section 4.
+ *
+ * Regions are identified by their index (0 .. ur_session_nregions-1, in
+ * snapshot order): names need not be unique (a snapshot of a process has
+ * many "anon" regions and a library mapped several times under one path).
  * The session keeps its own copy of the userfaultfd: if the server dies,
  * a thread touching a page that was never filled waits (it never reads
  * zeros); see PROTOCOL.md for what an operator does then.
@@ -55,9 +59,9 @@
 extern "C" {
 #endif
 
-#define UR_PROTOCOL_VERSION 1
+#define UR_PROTOCOL_VERSION 2
 #define UR_MAX_MSG (64 * 1024) /* bytes in one message, either way */
-#define UR_MAX_REGIONS 1024
+#define UR_MAX_REGIONS 65536 /* regions a hello may announce (they come in batches) */
 
 /* Protocol error codes. */
 #define UR_EMALFORMED (-10001) /* the server sent something this client cannot parse */
@@ -103,7 +107,13 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 
 size_t ur_session_nregions(const struct ur_session *s);
 const struct ur_region *ur_session_region(const struct ur_session *s, size_t i);
+/* The one region named name; NULL when no region or more than one has that
+ * name (use ur_session_find_next for those). */
 const struct ur_region *ur_session_find(const struct ur_session *s, const char *name);
+/* The index of the first region named name at index >= from, or
+ * ur_session_nregions(s) if there is none: iterate every region of a name
+ * with for (i = ur_session_find_next(s, n, 0); i < nr; i = ur_session_find_next(s, n, i + 1)). */
+size_t ur_session_find_next(const struct ur_session *s, const char *name, size_t from);
 const char *ur_session_snapshot(const struct ur_session *s);
 const char *ur_session_backing(const struct ur_session *s); /* "hugetlb" or "shmem" */
 uint64_t ur_session_page_size(const struct ur_session *s);

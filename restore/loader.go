@@ -69,6 +69,18 @@ func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err
 	if err := checkNotEmpty(f.Reader, path); err != nil {
 		return nil, err
 	}
+	// Targets map each region from its offset in the backing: with huge
+	// pages, every region must start on a huge-page boundary, which a
+	// snapshot of chunks smaller than a huge page does not guarantee.
+	if hp := uffd.DefaultHugePageSize(); cfg.forTargets && cfg.backing != BackingShmem {
+		if r, ok := misalignedRegion(f.Regions(), f.ChunkSize(), uint64(hp)); ok {
+			if cfg.backing != BackingAuto {
+				return nil, fmt.Errorf("restore: region %d %q starts at backing offset %d, not a multiple of the %d KiB huge page (the snapshot's chunk size is %d KiB), so a target cannot map it from a %v backing: use --backing shmem, or re-create the snapshot with --chunk-size 2M",
+					r, f.Regions()[r].Name, uint64(f.Regions()[r].FirstChunk)*uint64(f.ChunkSize()), hp>>10, f.ChunkSize()>>10, cfg.backing)
+			}
+			cfg.backing = BackingShmem // auto: the backing every target can map
+		}
+	}
 	size := int64(f.TotalSize())
 	if unit := int64(max(f.ChunkSize(), int(uffd.DefaultHugePageSize()))); cfg.backing != BackingShmem {
 		size = roundUp(size, unit)
@@ -228,4 +240,15 @@ func (l *Loader) Close() error {
 		}
 	})
 	return err
+}
+
+// misalignedRegion returns the first non-empty region whose backing offset
+// is not a multiple of page.
+func misalignedRegion(rs []format.Region, chunk int, page uint64) (int, bool) {
+	for i, r := range rs {
+		if r.Length > 0 && uint64(r.FirstChunk)*uint64(chunk)%page != 0 {
+			return i, true
+		}
+	}
+	return 0, false
 }

@@ -151,14 +151,23 @@ func (r *Restore) Bytes() []byte { return r.view.Bytes() }
 // Layout returns where each region is in Bytes.
 func (r *Restore) Layout() Layout { return r.layout }
 
-// Region returns the named region's bytes (its true length), or nil.
+// Region returns the bytes (its true length) of the one region named name.
+// It returns nil when no region has that name, and also when several do
+// (names need not be unique: a process snapshot has many "anon" regions):
+// use Layout().Lookup, which says which, or Layout().Find and RegionAt.
 func (r *Restore) Region(name string) []byte {
-	for _, reg := range r.layout.Regions {
-		if reg.Name == name {
-			return r.view.Bytes()[reg.Offset : reg.Offset+reg.Length]
-		}
+	i, err := r.layout.Lookup(name)
+	if err != nil {
+		return nil
 	}
-	return nil
+	return r.RegionAt(i)
+}
+
+// RegionAt returns the bytes (its true length) of region i, in snapshot
+// order (the index of Layout().Regions). It panics if i is out of range.
+func (r *Restore) RegionAt(i int) []byte {
+	reg := r.layout.Regions[i]
+	return r.view.Bytes()[reg.Offset : reg.Offset+reg.Length]
 }
 
 // Regions returns every region's bytes, in snapshot order.

@@ -63,6 +63,7 @@ type config struct {
 	record       string
 	profile      ProfileSource
 	prefetchRest bool
+	forTargets   bool
 }
 
 func defaultConfig() config {
@@ -86,6 +87,14 @@ func WithMode(m Mode) Option { return func(c *config) { c.mode = m } }
 
 // WithBacking sets the backing kind (default auto).
 func WithBacking(k BackingKind) Option { return func(c *config) { c.backing = k } }
+
+// ForTargets says a Loader serves targets that map each region on its own
+// (the attach protocol's clients do): every non-empty region must then
+// start on a page boundary of the backing. A snapshot whose chunks are
+// smaller than a huge page (--chunk-size 64K, usual for --from-pid) does
+// not guarantee that for huge pages: auto then picks shmem, and an explicit
+// huge-page backing is refused with that fix.
+func ForTargets() Option { return func(c *config) { c.forTargets = true } }
 
 // WithHugetlbfsDir sets the hugetlbfs mount for BackingHugetlbfs.
 func WithHugetlbfsDir(dir string) Option {

@@ -8,6 +8,7 @@ import (
 	"path"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -109,10 +110,20 @@ func VerifyProgress(ctx context.Context, r *format.Reader, workers int, progress
 var ErrNoSuchRegion = errors.New("snapshot: no such region")
 
 // SelectRegions returns the indexes of r's regions matching name: all
-// regions for "", else those named exactly name, else those matching it as
-// a glob.
+// regions for "", region N for "#N" (its index in snapshot order, as
+// `snapshot info` lists it), else every region named exactly name (names
+// repeat: a process snapshot has many "anon" regions), else those matching
+// it as a glob (a name that itself looks like "#N" is selected with a glob:
+// "[#]N").
 func SelectRegions(r *format.Reader, name string) ([]int, error) {
 	rs := r.Regions()
+	if n, ok := strings.CutPrefix(name, "#"); ok && n != "" && strings.Trim(n, "0123456789") == "" {
+		i, err := strconv.Atoi(n)
+		if err != nil || i >= len(rs) {
+			return nil, fmt.Errorf("%w %s: the snapshot has regions #0 to #%d (see snapshot info)", ErrNoSuchRegion, name, len(rs)-1)
+		}
+		return []int{i}, nil
+	}
 	var idx []int
 	for i, rg := range rs {
 		if name == "" || rg.Name == name {

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -133,10 +135,7 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 		return nil, err
 	}
 	c.SetReadDeadline(time.Now().Add(o.Timeout))
-	raw, fds, err := RecvMsg(c)
-	if err != nil {
-		return nil, err
-	}
+	hello, fds, err := RecvHello(func() ([]byte, []int, error) { return RecvMsg(c) })
 	defer CloseFDs(fds) // the backing fd: the mappings keep the file
 	// A hello this client refuses is answered with an error naming why
 	// (PROTOCOL.md §3.4), so the server's log says what to fix.
@@ -147,13 +146,11 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 		}
 		return err
 	}
-	if err := Decode(raw, TypeHello, &cl.Hello); err != nil {
+	if err != nil {
 		return nil, rejectHello(err)
 	}
+	cl.Hello = hello
 	h := &cl.Hello
-	if err := h.Validate(); err != nil {
-		return nil, rejectHello(err)
-	}
 	if len(fds) != 1 {
 		return nil, rejectHello(invalid(TypeHello, "fds", "%d file descriptors came with the hello, want 1", len(fds)))
 	}
@@ -199,7 +196,7 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	// The features enabled: what was asked for (some kernels report back
 	// every supported feature, not the enabled ones).
 	a := Attach{Type: TypeAttach, Version: Version, UffdFeatures: uint64(want & have)}
-	for _, r := range h.Regions {
+	for i, r := range h.Regions {
 		if r.Size == 0 { // an empty region: nothing to map
 			cl.Regions = append(cl.Regions, ClientRegion{Region: r, Data: []byte{}})
 			continue
@@ -208,34 +205,34 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 		fl := flags
 		if o.AtOriginalAddr {
 			if r.Addr == 0 || r.Addr%h.PageSize != 0 {
-				return nil, fmt.Errorf("attach: region %q: original address %#x is not a multiple of the page size %d (a hugetlb backing needs huge-page-aligned addresses)", r.Name, r.Addr, h.PageSize)
+				return nil, fmt.Errorf("attach: region %d %q: original address %#x is not a multiple of the page size %d (a hugetlb backing needs huge-page-aligned addresses)", i, r.Name, r.Addr, h.PageSize)
 			}
 			hint, fl = uintptr(r.Addr), fl|unix.MAP_FIXED_NOREPLACE
 		}
 		m, err := uffd.Mmap(hint, int(r.Size), prot, fl, fds[0], int64(r.Offset))
 		if err != nil {
-			return nil, fmt.Errorf("attach: map region %q: %w", r.Name, err)
+			return nil, fmt.Errorf("attach: map region %d %q: %w%s", i, r.Name, err, mapCountHint(err, len(h.Regions)))
 		}
 		cl.Regions = append(cl.Regions, ClientRegion{Region: r, Data: m.Bytes()[:r.Length], m: m})
 		if _, err := cl.u.Register(m.Addr(), uintptr(r.Size), uffd.ModeMissing|uffd.ModeMinor); err != nil {
-			return nil, fmt.Errorf("attach: register region %q: %w", r.Name, err)
+			return nil, fmt.Errorf("attach: register region %d %q: %w", i, r.Name, err)
 		}
-		a.Mappings = append(a.Mappings, Mapping{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()),
+		a.Mappings = append(a.Mappings, Mapping{Region: i, BaseHostVirtAddr: uint64(m.Addr()),
 			Size: r.Size, Offset: r.Offset, PageSize: h.PageSize, Private: o.Private})
 	}
 	if !cl.ForkEvents() {
 		// As the C client does: a child forked without exec would get
 		// an unserved copy (zeros where nothing was filled yet); leave it
 		// none, so a touch there is SIGSEGV rather than wrong bytes.
-		for _, r := range cl.Regions {
+		for i, r := range cl.Regions {
 			if r.m != nil {
 				if err := r.m.Madvise(0, r.m.Len(), unix.MADV_DONTFORK); err != nil {
-					return nil, fmt.Errorf("attach: region %q: madvise(MADV_DONTFORK) without fork events: %w", r.Name, err)
+					return nil, fmt.Errorf("attach: region %d %q: madvise(MADV_DONTFORK) without fork events: %w", i, r.Name, err)
 				}
 			}
 		}
 	}
-	if err := SendMsg(c, a, cl.u.Fd()); err != nil {
+	if err := SendAttach(func(v any, fds ...int) error { return SendMsg(c, v, fds...) }, a, cl.u.Fd()); err != nil {
 		return nil, err
 	}
 	raw, fds2, err := RecvMsg(c)
@@ -251,14 +248,35 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	return cl, nil
 }
 
-// Region returns the named region.
-func (cl *Client) Region(name string) (*ClientRegion, bool) {
-	for i := range cl.Regions {
-		if cl.Regions[i].Name == name {
-			return &cl.Regions[i], true
-		}
+// Region returns the region named name when exactly one region has that
+// name. Names need not be unique (a process snapshot has many "anon"
+// regions): for a name several regions share it fails with an error
+// listing their indexes; use Find and Regions[i] then.
+func (cl *Client) Region(name string) (*ClientRegion, error) {
+	idx := cl.Hello.Find(name)
+	switch {
+	case len(idx) == 0:
+		return nil, fmt.Errorf("%w %q", restore.ErrNoRegion, name)
+	case len(idx) > 1:
+		return nil, &restore.AmbiguousRegionError{Name: name, Indexes: idx}
 	}
-	return nil, false
+	return &cl.Regions[idx[0]], nil
+}
+
+// Find returns the indexes (into Regions) of every region named name.
+func (cl *Client) Find(name string) []int { return cl.Hello.Find(name) }
+
+// mapCountHint explains an mmap ENOMEM when the snapshot has many regions:
+// the process may have reached vm.max_map_count.
+func mapCountHint(err error, regions int) string {
+	if !errors.Is(err, unix.ENOMEM) || regions < 1000 {
+		return ""
+	}
+	limit := "vm.max_map_count"
+	if b, e := os.ReadFile(maxMapCountPath); e == nil {
+		limit += "=" + strings.TrimSpace(string(b))
+	}
+	return fmt.Sprintf(" (this target maps %d regions, one mapping each, besides its own: it may have reached %s mappings; raise it with sysctl -w vm.max_map_count=N)", regions, limit)
 }
 
 // request sends a message and waits for a reply of type want, skipping

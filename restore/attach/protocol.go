@@ -1,4 +1,4 @@
-// Package attach is the attach protocol (v1) of uffdrestore: how a target
+// Package attach is the attach protocol (v2) of uffdrestore: how a target
 // process in another address space maps a restored snapshot and hands its
 // userfaultfd to the server that fills it. PROTOCOL.md at the top of the
 // repository is the specification; this package is the Go side of it: the
@@ -14,9 +14,11 @@
 //	server                                    target
 //	  | <-------------- connect -------------- |
 //	  | SO_PEERCRED uid check                   |
-//	  | --- hello {layout} + backing fd -----> | mmap regions, userfaultfd,
+//	  | --- hello {layout} + backing fd -----> |
+//	  | --- regions {batch} ...  ------------> | mmap regions, userfaultfd,
 //	  |                                         | UFFDIO_API, UFFDIO_REGISTER
-//	  | <-- attach {mappings} + uffd --------- |
+//	  | <-- attach {count} + uffd ------------ |
+//	  | <-- mappings {batch} ... ------------- |
 //	  | validate, serve faults                  |
 //	  | --- ready ---------------------------> |
 //	  | <-- stats / detach ------------------- |
@@ -30,24 +32,36 @@ package attach
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
+	"slices"
+	"strconv"
 	"unicode/utf8"
 )
 
-// Version is the protocol version this package speaks.
-const Version = 1
+// Version is the protocol version this package speaks. Version 2 carries
+// the regions and mappings in batches after the hello and the attach (so
+// their number is not bounded by one message), and names a mapping's
+// region by its index, since region names need not be unique.
+const Version = 2
 
 // Limits.
 const (
 	// MaxMsgSize is the largest message, in bytes, either side sends or accepts.
 	MaxMsgSize = 64 << 10
-	// MaxMappings is the most mappings one attach message may carry.
-	MaxMappings = 1024
-	// MaxRegions is the most regions a hello may carry (it must fit in
-	// MaxMsgSize anyway).
-	MaxRegions = 1024
+	// MaxMappings is the most mappings one attach may announce (sent in
+	// batches of "mappings" messages).
+	MaxMappings = 1 << 16
+	// MaxRegions is the most regions a hello may announce (sent in batches
+	// of "regions" messages). A target maps each region once, so in
+	// practice vm.max_map_count (65530 by default) is the bound: see
+	// CheckLayout.
+	MaxRegions = 1 << 16
+	// NoRegion is Mapping.Region for a mapping of any part of the file.
+	NoRegion = -1
 	// maxFDs is how many fds a receive makes room for; more is "message too large".
 	maxFDs = 4
 )
@@ -62,6 +76,8 @@ const (
 	TypeDetach   = "detach"
 	TypeBye      = "bye"
 	TypeShutdown = "shutdown"
+	TypeRegions  = "regions"  // server → target after the hello: a batch of regions
+	TypeMappings = "mappings" // target → server after the attach: a batch of mappings
 )
 
 // Backing kinds named in the hello.
@@ -133,20 +149,35 @@ type Region struct {
 }
 
 // Hello is the server's first message, sent with the backing file's fd.
+// Its regions travel in the "regions" messages that follow it (SendHello,
+// RecvHello): RegionCount announces how many.
 type Hello struct {
-	Type      string   `json:"type"`
-	Version   int      `json:"version"`
-	Backing   string   `json:"backing"`
-	PageSize  uint64   `json:"page_size"`
-	ChunkSize uint64   `json:"chunk_size"`
-	FileSize  uint64   `json:"file_size"`
-	Snapshot  string   `json:"snapshot"`
-	Regions   []Region `json:"regions"`
+	Type        string   `json:"type"`
+	Version     int      `json:"version"`
+	Backing     string   `json:"backing"`
+	PageSize    uint64   `json:"page_size"`
+	ChunkSize   uint64   `json:"chunk_size"`
+	FileSize    uint64   `json:"file_size"`
+	Snapshot    string   `json:"snapshot"`
+	RegionCount int      `json:"region_count"`
+	Regions     []Region `json:"-"` // in snapshot order; a region's identity is its index
 }
 
 // Mapping is one range of the backing file a target mapped and registered.
 type Mapping struct {
-	Region           string `json:"region"`
+	// Region is the index (in the hello's snapshot order) of the region
+	// this mapping belongs to, or NoRegion for any part of the file. On the
+	// wire it is the "region" member, left out for NoRegion.
+	Region           int
+	BaseHostVirtAddr uint64
+	Size             uint64
+	Offset           uint64
+	PageSize         uint64
+	Private          bool
+}
+
+type wireMapping struct {
+	Region           *int   `json:"region,omitempty"`
 	BaseHostVirtAddr uint64 `json:"base_host_virt_addr"`
 	Size             uint64 `json:"size"`
 	Offset           uint64 `json:"offset"`
@@ -154,12 +185,50 @@ type Mapping struct {
 	Private          bool   `json:"private"`
 }
 
+// MarshalJSON writes the wire form (no "region" member for NoRegion).
+func (m Mapping) MarshalJSON() ([]byte, error) {
+	w := wireMapping{BaseHostVirtAddr: m.BaseHostVirtAddr, Size: m.Size, Offset: m.Offset, PageSize: m.PageSize, Private: m.Private}
+	if m.Region != NoRegion {
+		r := m.Region
+		w.Region = &r
+	}
+	return json.Marshal(w)
+}
+
+// UnmarshalJSON reads the wire form (no "region" member: NoRegion).
+func (m *Mapping) UnmarshalJSON(b []byte) error {
+	var w wireMapping
+	if err := json.Unmarshal(b, &w); err != nil {
+		return err
+	}
+	*m = Mapping{Region: NoRegion, BaseHostVirtAddr: w.BaseHostVirtAddr, Size: w.Size, Offset: w.Offset, PageSize: w.PageSize, Private: w.Private}
+	if w.Region != nil {
+		if *w.Region < 0 {
+			return &json.UnmarshalTypeError{Value: "number " + strconv.Itoa(*w.Region), Type: reflect.TypeFor[uint64](), Field: "region"}
+		}
+		m.Region = *w.Region
+	}
+	return nil
+}
+
 // Attach is the target's answer to the hello, sent with its userfaultfd.
+// Its mappings travel in the "mappings" messages that follow it
+// (SendAttach, RecvAttach): MappingCount announces how many.
 type Attach struct {
 	Type         string    `json:"type"`
 	Version      int       `json:"version"`
 	UffdFeatures uint64    `json:"uffd_features"`
-	Mappings     []Mapping `json:"mappings"`
+	MappingCount int       `json:"mapping_count"`
+	Mappings     []Mapping `json:"-"`
+}
+
+// Batch is a "regions" or "mappings" message: items [First, First+n) of
+// the list its header announced, in order.
+type Batch struct {
+	Type     string    `json:"type"`
+	First    int       `json:"first"`
+	Regions  []Region  `json:"regions,omitempty"`
+	Mappings []Mapping `json:"mappings,omitempty"`
 }
 
 // Reply is every other message: ready, error, stats (request and reply),
@@ -178,6 +247,7 @@ type Envelope struct {
 var knownTypes = map[string]bool{
 	TypeHello: true, TypeAttach: true, TypeReady: true, TypeError: true,
 	TypeStats: true, TypeDetach: true, TypeBye: true, TypeShutdown: true,
+	TypeRegions: true, TypeMappings: true,
 }
 
 // Encode marshals a message and checks it fits MaxMsgSize.
@@ -310,11 +380,13 @@ func jsonKind(k string) string {
 
 func isPow2(n uint64) bool { return n != 0 && n&(n-1) == 0 }
 
-// Validate checks a hello the way a client should before mapping anything.
-func (h *Hello) Validate() error {
+// ValidateHeader checks the hello message itself, before its regions
+// arrive: version, backing, page size, chunk size, file size and the
+// announced region count.
+func (h *Hello) ValidateHeader() error {
 	const m = TypeHello
 	if h.Version != Version {
-		return invalid(m, "version", "protocol version %d, this side speaks %d", h.Version, Version)
+		return invalid(m, "version", "protocol version %d, this side speaks %d%s", h.Version, Version, versionHint(h.Version))
 	}
 	if h.Backing != BackingHugetlb && h.Backing != BackingShmem {
 		return invalid(m, "backing", "%q is neither %q nor %q", h.Backing, BackingHugetlb, BackingShmem)
@@ -328,8 +400,32 @@ func (h *Hello) Validate() error {
 	if h.FileSize%h.PageSize != 0 {
 		return invalid(m, "file_size", "%d is not a multiple of page_size %d", h.FileSize, h.PageSize)
 	}
-	if len(h.Regions) == 0 || len(h.Regions) > MaxRegions {
-		return invalid(m, "regions", "%d regions, want 1..%d", len(h.Regions), MaxRegions)
+	if h.RegionCount < 1 || h.RegionCount > MaxRegions {
+		return invalid(m, "region_count", "%d regions, want 1..%d", h.RegionCount, MaxRegions)
+	}
+	return nil
+}
+
+// versionHint says which side to upgrade when the peer speaks version v.
+func versionHint(v int) string {
+	switch {
+	case v < Version:
+		return " (the peer is older: rebuild it against this uffdrestore's client library, csrc/ur_client.c or restore/attach)"
+	case v > Version:
+		return " (the peer is newer: upgrade this side to the same uffdrestore release)"
+	}
+	return ""
+}
+
+// Validate checks a whole hello (header and its RegionCount regions) the
+// way a client should before mapping anything.
+func (h *Hello) Validate() error {
+	const m = TypeHello
+	if err := h.ValidateHeader(); err != nil {
+		return err
+	}
+	if len(h.Regions) != h.RegionCount {
+		return invalid(m, "regions", "%d regions, the hello announced %d", len(h.Regions), h.RegionCount)
 	}
 	for i, r := range h.Regions {
 		f := func(name string) string { return fmt.Sprintf("regions[%d].%s", i, name) }
@@ -349,27 +445,44 @@ func (h *Hello) Validate() error {
 	return nil
 }
 
-// Region returns the named region of the hello.
-func (h *Hello) Region(name string) (Region, bool) {
-	for _, r := range h.Regions {
+// Find returns the indexes of the regions named name, in snapshot order.
+// Names need not be unique (a process snapshot has many "anon" regions
+// and a library mapped several times under one path): a region's identity
+// is its index.
+func (h *Hello) Find(name string) []int {
+	var idx []int
+	for i, r := range h.Regions {
 		if r.Name == name {
-			return r, true
+			idx = append(idx, i)
 		}
 	}
-	return Region{}, false
+	return idx
 }
 
-// Validate checks an attach message against the hello it answers: version,
-// 1..MaxMappings mappings, each page aligned, inside the file (and inside
-// its region when it names one), none overlapping another in the target's
-// address space.
-func (a *Attach) Validate(h *Hello) error {
+// ValidateHeader checks the attach message itself, before its mappings
+// arrive: version and the announced mapping count.
+func (a *Attach) ValidateHeader() error {
 	const m = TypeAttach
 	if a.Version != Version {
-		return invalid(m, "version", "protocol version %d, the server speaks %d", a.Version, Version)
+		return invalid(m, "version", "protocol version %d, the server speaks %d%s", a.Version, Version, versionHint(a.Version))
 	}
-	if len(a.Mappings) == 0 || len(a.Mappings) > MaxMappings {
-		return invalid(m, "mappings", "%d mappings, want 1..%d", len(a.Mappings), MaxMappings)
+	if a.MappingCount < 1 || a.MappingCount > MaxMappings {
+		return invalid(m, "mapping_count", "%d mappings, want 1..%d", a.MappingCount, MaxMappings)
+	}
+	return nil
+}
+
+// Validate checks an attach (header and its MappingCount mappings) against
+// the hello it answers: version, 1..MaxMappings mappings, each page
+// aligned, inside the file (and inside its region when it names one), none
+// overlapping another in the target's address space.
+func (a *Attach) Validate(h *Hello) error {
+	const m = TypeAttach
+	if err := a.ValidateHeader(); err != nil {
+		return err
+	}
+	if len(a.Mappings) != a.MappingCount {
+		return invalid(m, "mappings", "%d mappings, the attach announced %d", len(a.Mappings), a.MappingCount)
 	}
 	ps := h.PageSize
 	for i, mp := range a.Mappings {
@@ -388,20 +501,31 @@ func (a *Attach) Validate(h *Hello) error {
 		case mp.BaseHostVirtAddr+mp.Size < mp.BaseHostVirtAddr || mp.BaseHostVirtAddr+mp.Size > 1<<57:
 			return invalid(m, f("size"), "address range [%#x, +%d) is outside a user address space", mp.BaseHostVirtAddr, mp.Size)
 		}
-		if mp.Region != "" {
-			r, ok := h.Region(mp.Region)
-			if !ok {
-				return invalid(m, f("region"), "no region named %q in the hello", mp.Region)
+		if mp.Region != NoRegion {
+			if mp.Region < 0 || mp.Region >= len(h.Regions) {
+				return invalid(m, f("region"), "%d is not a region index of the hello (it has %d regions, 0..%d)", mp.Region, len(h.Regions), len(h.Regions)-1)
 			}
+			r := h.Regions[mp.Region]
 			if mp.Offset < r.Offset || mp.Offset+mp.Size > r.Offset+r.Size {
-				return invalid(m, f("offset"), "file range [%d, +%d) is outside region %q [%d, +%d)", mp.Offset, mp.Size, r.Name, r.Offset, r.Size)
+				return invalid(m, f("offset"), "file range [%d, +%d) is outside region %d %q [%d, +%d)", mp.Offset, mp.Size, mp.Region, r.Name, r.Offset, r.Size)
 			}
 		}
-		for j := 0; j < i; j++ {
-			o := a.Mappings[j]
-			if mp.BaseHostVirtAddr < o.BaseHostVirtAddr+o.Size && o.BaseHostVirtAddr < mp.BaseHostVirtAddr+mp.Size {
-				return invalid(m, f("base_host_virt_addr"), "[%#x, +%d) overlaps mappings[%d]", mp.BaseHostVirtAddr, mp.Size, j)
-			}
+	}
+	// No two mappings overlap in the target: sort by address, compare
+	// neighbours (O(n log n): an attach may carry thousands).
+	order := make([]int, len(a.Mappings))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(x, y int) int {
+		return cmp.Compare(a.Mappings[x].BaseHostVirtAddr, a.Mappings[y].BaseHostVirtAddr)
+	})
+	for k := 1; k < len(order); k++ {
+		p, q := a.Mappings[order[k-1]], a.Mappings[order[k]]
+		if q.BaseHostVirtAddr < p.BaseHostVirtAddr+p.Size {
+			i, j := max(order[k-1], order[k]), min(order[k-1], order[k])
+			mi := a.Mappings[i]
+			return invalid(m, fmt.Sprintf("mappings[%d].base_host_virt_addr", i), "[%#x, +%d) overlaps mappings[%d]", mi.BaseHostVirtAddr, mi.Size, j)
 		}
 	}
 	return nil

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -13,8 +14,8 @@ import (
 
 func testHello() Hello {
 	return Hello{
-		Type: TypeHello, Version: 1, Backing: BackingHugetlb, PageSize: 2 << 20, ChunkSize: 2 << 20,
-		FileSize: 8 << 20, Snapshot: "x.snap",
+		Type: TypeHello, Version: Version, Backing: BackingHugetlb, PageSize: 2 << 20, ChunkSize: 2 << 20,
+		FileSize: 8 << 20, Snapshot: "x.snap", RegionCount: 2,
 		Regions: []Region{
 			{Name: "a", Offset: 0, Size: 4 << 20, Length: 3<<20 + 1, Addr: 0x400000, Prot: 3},
 			{Name: "b", Offset: 4 << 20, Size: 2 << 20, Length: 2 << 20, Prot: 1},
@@ -23,51 +24,95 @@ func testHello() Hello {
 }
 
 func testAttach() Attach {
-	return Attach{Type: TypeAttach, Version: 1, UffdFeatures: 0x600, Mappings: []Mapping{
-		{Region: "a", BaseHostVirtAddr: 0x7f0000000000, Size: 4 << 20, Offset: 0, PageSize: 2 << 20},
-		{Region: "b", BaseHostVirtAddr: 0x7f0000400000, Size: 2 << 20, Offset: 4 << 20, PageSize: 2 << 20, Private: true},
+	return Attach{Type: TypeAttach, Version: Version, UffdFeatures: 0x600, MappingCount: 2, Mappings: []Mapping{
+		{Region: 0, BaseHostVirtAddr: 0x7f0000000000, Size: 4 << 20, Offset: 0, PageSize: 2 << 20},
+		{Region: 1, BaseHostVirtAddr: 0x7f0000400000, Size: 2 << 20, Offset: 4 << 20, PageSize: 2 << 20, Private: true},
 	}}
+}
+
+// msgQueue is an in-memory transport for SendHello/RecvHello and
+// SendAttach/RecvAttach: it records every message sent.
+type msgQueue struct {
+	msgs [][]byte
+	fds  [][]int
+}
+
+func (q *msgQueue) send(v any, fds ...int) error {
+	b, err := marshal(v)
+	if err != nil {
+		return err
+	}
+	q.msgs, q.fds = append(q.msgs, b), append(q.fds, fds)
+	return nil
+}
+
+func (q *msgQueue) recv() ([]byte, []int, error) {
+	if len(q.msgs) == 0 {
+		return nil, nil, ErrClosed
+	}
+	b, f := q.msgs[0], q.fds[0]
+	q.msgs, q.fds = q.msgs[1:], q.fds[1:]
+	return b, f, nil
 }
 
 func TestRoundTrip(t *testing.T) {
 	h := testHello()
-	b, err := Encode(h)
-	if err != nil {
+	var q msgQueue
+	if err := SendHello(q.send, h, 7); err != nil {
 		t.Fatal(err)
+	}
+	if len(q.msgs) != 2 || len(q.fds[0]) != 1 || len(q.fds[1]) != 0 {
+		t.Fatalf("hello went as %d messages (fds %v), want the hello with 1 fd and one regions batch", len(q.msgs), q.fds)
 	}
 	// Field names are the protocol's, exactly.
-	for _, k := range []string{`"type":"hello"`, `"version":1`, `"backing":"hugetlb"`, `"page_size":2097152`,
-		`"chunk_size":2097152`, `"file_size":8388608`, `"snapshot":"x.snap"`, `"regions":[`, `"name":"a"`,
-		`"offset":0`, `"size":4194304`, `"length":3145729`, `"addr":4194304`, `"prot":3`} {
-		if !bytes.Contains(b, []byte(k)) {
-			t.Errorf("hello JSON %s lacks %s", b, k)
+	for _, k := range []string{`"type":"hello"`, `"version":2`, `"backing":"hugetlb"`, `"page_size":2097152`,
+		`"chunk_size":2097152`, `"file_size":8388608`, `"snapshot":"x.snap"`, `"region_count":2`} {
+		if !bytes.Contains(q.msgs[0], []byte(k)) {
+			t.Errorf("hello JSON %s lacks %s", q.msgs[0], k)
 		}
 	}
-	var h2 Hello
-	if err := Decode(b, TypeHello, &h2); err != nil {
-		t.Fatal(err)
+	for _, k := range []string{`"type":"regions"`, `"first":0`, `"regions":[`, `"name":"a"`,
+		`"offset":0`, `"size":4194304`, `"length":3145729`, `"addr":4194304`, `"prot":3`} {
+		if !bytes.Contains(q.msgs[1], []byte(k)) {
+			t.Errorf("regions JSON %s lacks %s", q.msgs[1], k)
+		}
 	}
-	if err := h2.Validate(); err != nil {
-		t.Fatal(err)
+	h2, fds, err := RecvHello(q.recv)
+	if err != nil || len(fds) != 1 || fds[0] != 7 {
+		t.Fatalf("RecvHello: %v (fds %v)", err, fds)
+	}
+	if !reflect.DeepEqual(h2.Regions, h.Regions) {
+		t.Errorf("regions %+v, want %+v", h2.Regions, h.Regions)
 	}
 	a := testAttach()
-	b, err = Encode(a)
-	if err != nil {
+	if err := SendAttach(q.send, a, 9); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{`"type":"attach"`, `"uffd_features":1536`, `"mappings":[`, `"region":"a"`,
-		`"base_host_virt_addr":139637976727552`, `"page_size":2097152`, `"private":true`} {
-		if !bytes.Contains(b, []byte(k)) {
-			t.Errorf("attach JSON %s lacks %s", b, k)
+	if len(q.msgs) != 2 {
+		t.Fatalf("attach went as %d messages, want 2", len(q.msgs))
+	}
+	for _, k := range []string{`"type":"attach"`, `"uffd_features":1536`, `"mapping_count":2`} {
+		if !bytes.Contains(q.msgs[0], []byte(k)) {
+			t.Errorf("attach JSON %s lacks %s", q.msgs[0], k)
 		}
 	}
-	var a2 Attach
-	if err := Decode(b, TypeAttach, &a2); err != nil {
-		t.Fatal(err)
+	for _, k := range []string{`"type":"mappings"`, `"first":0`, `"mappings":[`, `"region":0`, `"region":1`,
+		`"base_host_virt_addr":139637976727552`, `"page_size":2097152`, `"private":true`} {
+		if !bytes.Contains(q.msgs[1], []byte(k)) {
+			t.Errorf("mappings JSON %s lacks %s", q.msgs[1], k)
+		}
+	}
+	a2, fds, err := RecvAttach(q.recv)
+	if err != nil || len(fds) != 1 || fds[0] != 9 {
+		t.Fatalf("RecvAttach: %v (fds %v)", err, fds)
 	}
 	if err := a2.Validate(&h2); err != nil {
 		t.Fatal(err)
 	}
+	if !reflect.DeepEqual(a2.Mappings, a.Mappings) {
+		t.Errorf("mappings %+v, want %+v", a2.Mappings, a.Mappings)
+	}
+	var b []byte
 	b, _ = Encode(Reply{Type: TypeReady})
 	if string(b) != `{"type":"ready"}` {
 		t.Errorf("ready = %s", b)
@@ -92,7 +137,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"unknown", `{"type":"launch"}`, `unknown message type "launch"`},
 		{"badutf8", "{\"type\":\"attach\",\"x\":\"\xff\"}", "not valid UTF-8"},
 		{"wrongtype", `{"type":"stats"}`, `expected a "attach" message, got "stats"`},
-		{"fieldtype", `{"type":"attach","version":1,"mappings":[{"size":"big"}]}`, "mappings.size: wrong JSON type"},
+		{"fieldtype", `{"type":"attach","version":2,"mapping_count":"big"}`, "mapping_count: wrong JSON type"},
 		{"negative", `{"type":"attach","version":1,"uffd_features":-1}`, "uffd_features: wrong JSON type"},
 		{"float", `{"type":"attach","version":1.5}`, "version: wrong JSON type"},
 		{"overflow", `{"type":"attach","version":1,"uffd_features":18446744073709551616}`, "uffd_features: wrong JSON type"},
@@ -134,11 +179,13 @@ func TestValidateAttach(t *testing.T) {
 		edit func(a *Attach)
 		want string
 	}{
-		{"version", func(a *Attach) { a.Version = 2 }, "version: protocol version 2"},
-		{"none", func(a *Attach) { a.Mappings = nil }, "mappings: 0 mappings"},
+		{"version", func(a *Attach) { a.Version = 1 }, "version: protocol version 1, the server speaks 2 (the peer is older"},
+		{"none", func(a *Attach) { a.Mappings, a.MappingCount = nil, 0 }, "mapping_count: 0 mappings"},
 		{"toomany", func(a *Attach) {
 			a.Mappings = make([]Mapping, MaxMappings+1)
-		}, "mappings: 1025 mappings"},
+			a.MappingCount = len(a.Mappings)
+		}, "mapping_count: 65537 mappings"},
+		{"miscount", func(a *Attach) { a.MappingCount = 3 }, "mappings: 2 mappings, the attach announced 3"},
 		{"pagesize", func(a *Attach) { a.Mappings[0].PageSize = 4096 }, "mappings[0].page_size"},
 		{"misaligned base", func(a *Attach) { a.Mappings[1].BaseHostVirtAddr += 4096 }, "mappings[1].base_host_virt_addr"},
 		{"zero base", func(a *Attach) { a.Mappings[1].BaseHostVirtAddr = 0 }, "mappings[1].base_host_virt_addr"},
@@ -148,8 +195,8 @@ func TestValidateAttach(t *testing.T) {
 		{"outside file", func(a *Attach) { a.Mappings[1].Offset = 8 << 20 }, "mappings[1].size: file range"},
 		{"overflow", func(a *Attach) { a.Mappings[1].Offset = 1<<64 - 2<<20 }, "mappings[1].size: file range"},
 		{"address overflow", func(a *Attach) { a.Mappings[1].BaseHostVirtAddr = 1<<64 - 2<<20 }, "outside a user address space"},
-		{"unknown region", func(a *Attach) { a.Mappings[0].Region = "zz" }, `mappings[0].region: no region named "zz"`},
-		{"outside region", func(a *Attach) { a.Mappings[1].Region = "a" }, `outside region "a"`},
+		{"unknown region", func(a *Attach) { a.Mappings[0].Region = 2 }, `mappings[0].region: 2 is not a region index of the hello`},
+		{"outside region", func(a *Attach) { a.Mappings[1].Region = 0 }, `outside region 0 "a"`},
 		{"overlap", func(a *Attach) { a.Mappings[1].BaseHostVirtAddr = 0x7f0000200000 }, "mappings[1].base_host_virt_addr: [0x7f0000200000, +2097152) overlaps mappings[0]"},
 	}
 	for _, c := range cases {
@@ -165,9 +212,9 @@ func TestValidateAttach(t *testing.T) {
 			}
 		})
 	}
-	// A mapping without a region name may map any part of the file.
+	// A mapping without a region may map any part of the file.
 	a := testAttach()
-	a.Mappings[0].Region = ""
+	a.Mappings[0].Region = NoRegion
 	a.Mappings[0].Size = 8 << 20
 	a.Mappings[1].BaseHostVirtAddr = 0x7f0001000000
 	if err := a.Validate(&h); err != nil {
@@ -185,7 +232,8 @@ func TestValidateHello(t *testing.T) {
 		{func(h *Hello) { h.PageSize = 3000 }, "page_size"},
 		{func(h *Hello) { h.ChunkSize = 3 }, "chunk_size"},
 		{func(h *Hello) { h.FileSize = 1 }, "file_size"},
-		{func(h *Hello) { h.Regions = nil }, "regions"},
+		{func(h *Hello) { h.Regions = nil }, "regions: 0 regions, the hello announced 2"},
+		{func(h *Hello) { h.Regions, h.RegionCount = nil, 0 }, "region_count: 0 regions"},
 		{func(h *Hello) { h.Regions[0].Offset = 4096 }, "regions[0].offset"},
 		{func(h *Hello) { h.Regions[1].Size = 0 }, "regions[1].length"},
 		{func(h *Hello) { h.Regions[1].Size = 3 << 20 }, "regions[1].size"},
@@ -306,17 +354,18 @@ func TestIsUserfaultfd(t *testing.T) {
 }
 
 func FuzzDecodeAttach(f *testing.F) {
-	a := testAttach()
-	b, _ := json.Marshal(a)
-	f.Add(b)
-	f.Add([]byte(`{"type":"attach","version":1,"mappings":[]}`))
+	var q msgQueue
+	SendAttach(q.send, testAttach(), 1)
+	f.Add(q.msgs[1])
+	f.Add([]byte(`{"type":"mappings","first":0,"mappings":[]}`))
 	f.Add([]byte(`{"type":"error","error":"x"}`))
 	h := testHello()
 	f.Fuzz(func(t *testing.T, raw []byte) {
-		var a Attach
-		if err := Decode(raw, TypeAttach, &a); err != nil {
+		var bt Batch
+		if err := Decode(raw, TypeMappings, &bt); err != nil {
 			return
 		}
+		a := Attach{Version: Version, MappingCount: len(bt.Mappings), Mappings: bt.Mappings}
 		if err := a.Validate(&h); err != nil {
 			return
 		}

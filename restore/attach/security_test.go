@@ -116,7 +116,7 @@ func evilServer(path string) int {
 	h := Hello{Type: TypeHello, Version: Version, Backing: BackingShmem, PageSize: 4096, ChunkSize: 4096,
 		FileSize: 8192, Snapshot: "evil.snap", Regions: []Region{{Name: "data", Size: 8192, Length: 8192, Prot: 3}}}
 	c.SetDeadline(time.Now().Add(10 * time.Second))
-	SendMsg(c, h, fd) // fails if the peer already hung up
+	SendHello(func(v any, fds ...int) error { return SendMsg(c, v, fds...) }, h, fd) // fails if the peer already hung up
 	raw, fds, err := RecvMsg(c)
 	if len(fds) > 0 {
 		fmt.Printf("GOT-FD %d (%s)\n", len(fds), raw)
@@ -476,11 +476,9 @@ func TestUffdWithoutAPI(t *testing.T) {
 				testutil.Skip(t, "userfaultfd: %v", err)
 			}
 			defer unix.Close(fd)
-			a := Attach{Type: TypeAttach, Version: 1, UffdFeatures: uint64(uffd.FeatureMinorShmem), Mappings: []Mapping{
-				{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize}}}
-			if err := SendMsg(conn, a, fd); err != nil {
-				t.Fatal(err)
-			}
+			a := Attach{UffdFeatures: uint64(uffd.FeatureMinorShmem), Mappings: []Mapping{
+				{Region: 0, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize}}}
+			sendAttachFDs(conn, a, fd)
 			expectRefusal(t, conn, c.want)
 		})
 	}
@@ -513,7 +511,7 @@ func TestDuplicateMembers(t *testing.T) {
 	_, sock := listen(t, b, Options{})
 	conn, _, fds := rawPeer(t, sock)
 	CloseFDs(fds)
-	if err := SendMsg(conn, []byte(`{"type":"attach","version":1,"version":1,"uffd_features":0,"mappings":[]}`)); err != nil {
+	if err := SendMsg(conn, []byte(`{"type":"attach","version":2,"version":2,"uffd_features":0,"mapping_count":1}`)); err != nil {
 		t.Fatal(err)
 	}
 	expectRefusal(t, conn, `member "version" appears twice`)
@@ -529,7 +527,10 @@ func TestClientRejectsHello(t *testing.T) {
 	}
 	defer unix.Close(memfd)
 	hb, _ := json.Marshal(testHello())
-	bad := bytes.Replace(hb, []byte(`"version":1`), []byte(`"version":9`), 1)
+	bad := bytes.Replace(hb, []byte(`"version":2`), []byte(`"version":9`), 1)
+	if bytes.Equal(bad, hb) {
+		t.Fatal("the bad hello is the good one")
+	}
 	for _, client := range []string{"C", "Go"} {
 		t.Run(client, func(t *testing.T) {
 			sock := filepath.Join(t.TempDir(), "s")
@@ -612,11 +613,9 @@ func TestShutdownDuringHandshake(t *testing.T) {
 	if _, err := u.Register(m.Addr(), uintptr(r.Size), uffd.ModeMinor|uffd.ModeMissing); err != nil {
 		t.Fatal(err)
 	}
-	a := Attach{Type: TypeAttach, Version: 1, UffdFeatures: uint64(uffd.FeatureMinorShmem), Mappings: []Mapping{
-		{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize}}}
-	if err := SendMsg(conn, a, u.Fd()); err != nil {
-		t.Fatal(err)
-	}
+	a := Attach{UffdFeatures: uint64(uffd.FeatureMinorShmem), Mappings: []Mapping{
+		{Region: 0, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize}}}
+	sendAttachFDs(conn, a, u.Fd())
 	var types []string
 	for len(types) < 2 {
 		raw, fds, err := RecvMsg(conn)
@@ -680,11 +679,9 @@ func TestBytesBetweenRegions(t *testing.T) {
 	if _, err := u.Register(m.Addr(), uintptr(h.FileSize), uffd.ModeMinor|uffd.ModeMissing); err != nil {
 		t.Fatal(err)
 	}
-	a := Attach{Type: TypeAttach, Version: 1, UffdFeatures: uint64(uffd.FeatureMinorShmem | uffd.FeatureMissingShmem), Mappings: []Mapping{
-		{BaseHostVirtAddr: uint64(m.Addr()), Size: h.FileSize, PageSize: h.PageSize}}}
-	if err := SendMsg(conn, a, u.Fd()); err != nil {
-		t.Fatal(err)
-	}
+	a := Attach{UffdFeatures: uint64(uffd.FeatureMinorShmem | uffd.FeatureMissingShmem), Mappings: []Mapping{
+		{Region: NoRegion, BaseHostVirtAddr: uint64(m.Addr()), Size: h.FileSize, PageSize: h.PageSize}}}
+	sendAttachFDs(conn, a, u.Fd())
 	raw, _, err := RecvMsg(conn)
 	if typ, _ := PeekType(raw); err != nil || typ != TypeReady {
 		t.Fatalf("attach of the whole file: %s %v", raw, err)

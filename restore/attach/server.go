@@ -120,6 +120,18 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
 	}
+	if err := CheckLayout(b.Hello()); err != nil {
+		return nil, err
+	}
+	h := b.Hello()
+	h.Version, h.RegionCount = Version, len(h.Regions)
+	if err := h.Validate(); err != nil {
+		hint := ""
+		if h.Backing == BackingHugetlb {
+			hint = " (regions must start on huge-page boundaries: load the snapshot into shmem (--backing shmem, or restore.ForTargets with auto), or re-create it with --chunk-size 2M)"
+		}
+		return nil, fmt.Errorf("attach: no target could attach to this layout: %w%s", err, hint)
+	}
 	if err := prepareSocketPath(path); err != nil {
 		return nil, err
 	}
@@ -464,6 +476,17 @@ func (cn *conn) send(v any, fds ...int) error {
 func (cn *conn) refuse(err error) {
 	cn.logf("refused: %v", err)
 	cn.send(Reply{Type: TypeError, Error: err.Error()})
+	// Read what the peer sent already (the rest of an attach's batches):
+	// closing a socket with unread messages resets the connection, and the
+	// peer would see ECONNRESET instead of the error. Bounded in time.
+	cn.c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	for {
+		_, fds, err := RecvMsg(cn.c)
+		CloseFDs(fds)
+		if err != nil {
+			break
+		}
+	}
 }
 
 func (cn *conn) serve() {
@@ -527,28 +550,27 @@ func (cn *conn) handshake() (View, error) {
 	default:
 	}
 	h := s.b.Hello()
-	h.Type, h.Version = TypeHello, Version
+	h.Type, h.Version, h.RegionCount = TypeHello, Version, len(h.Regions)
 	backingFD := s.b.BackingFD()
 	if s.rofd >= 0 {
 		backingFD = s.rofd
 	}
-	if err := cn.send(h, backingFD); err != nil {
+	if err := SendHello(cn.send, h, backingFD); err != nil {
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
-	raw, fds, err := RecvMsg(cn.c)
+	a, fds, err := RecvAttach(func() ([]byte, []int, error) { return RecvMsg(cn.c) })
 	if err != nil {
+		CloseFDs(fds)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if a.MappingCount > 0 {
+				return nil, fmt.Errorf("no complete attach within %v (it announced %d mappings)", s.o.HandshakeTimeout, a.MappingCount)
+			}
 			return nil, fmt.Errorf("no attach message within %v", s.o.HandshakeTimeout)
 		}
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Time{})
-	var a Attach
-	if err := Decode(raw, TypeAttach, &a); err != nil {
-		CloseFDs(fds)
-		return nil, err
-	}
 	if len(fds) != 1 {
 		CloseFDs(fds)
 		return nil, invalid(TypeAttach, "fds", "%d file descriptors came with the message, want exactly 1 (the userfaultfd)", len(fds))

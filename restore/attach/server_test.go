@@ -199,15 +199,25 @@ func rawPeer(t *testing.T, sock string) (*net.UnixConn, Hello, []int) {
 	}
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(10 * time.Second))
-	raw, fds, err := RecvMsg(c)
+	h, fds, err := RecvHello(func() ([]byte, []int, error) { return RecvMsg(c) })
 	if err != nil {
 		t.Fatal(err)
 	}
-	var h Hello
-	if err := Decode(raw, TypeHello, &h); err != nil {
-		t.Fatal(err)
-	}
 	return c, h, fds
+}
+
+// sendAttachFDs sends a's header with fds (any number), then its mappings
+// in batches.
+func sendAttachFDs(c *net.UnixConn, a Attach, fds ...int) {
+	a.Type, a.MappingCount = TypeAttach, len(a.Mappings)
+	if a.Version == 0 {
+		a.Version = Version
+	}
+	SendMsg(c, a, fds...)
+	batches, _ := encodeBatches(TypeMappings, a.Mappings)
+	for _, b := range batches {
+		SendMsg(c, b)
+	}
 }
 
 // expectRefusal reads the server's answer: an error message containing
@@ -255,8 +265,8 @@ func TestHostilePeers(t *testing.T) {
 		if _, err := u.Register(m.Addr(), uintptr(r.Size), uffd.ModeMinor|uffd.ModeMissing); err != nil {
 			t.Fatal(err)
 		}
-		return Attach{Type: TypeAttach, Version: 1, UffdFeatures: uint64(u.Features()), Mappings: []Mapping{
-			{Region: r.Name, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize},
+		return Attach{Type: TypeAttach, Version: Version, UffdFeatures: uint64(u.Features()), Mappings: []Mapping{
+			{Region: 0, BaseHostVirtAddr: uint64(m.Addr()), Size: r.Size, Offset: r.Offset, PageSize: h.PageSize},
 		}}, u
 	}
 	cases := []struct {
@@ -285,41 +295,71 @@ func TestHostilePeers(t *testing.T) {
 		}, "message too large"},
 		{"zero fds", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, _ := valid(t, h, backing)
-			SendMsg(c, a)
+			sendAttachFDs(c, a)
 		}, "fds: 0 file descriptors"},
 		{"two fds", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, u := valid(t, h, backing)
-			SendMsg(c, a, u.Fd(), u.Fd())
+			sendAttachFDs(c, a, u.Fd(), u.Fd())
 		}, "fds: 2 file descriptors"},
 		{"five fds", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, u := valid(t, h, backing)
-			SendMsg(c, a, u.Fd(), u.Fd(), u.Fd(), u.Fd(), u.Fd())
+			sendAttachFDs(c, a, u.Fd(), u.Fd(), u.Fd(), u.Fd(), u.Fd())
 		}, "message too large"},
 		{"not a uffd", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, _ := valid(t, h, backing)
-			SendMsg(c, a, backing)
+			sendAttachFDs(c, a, backing)
 		}, "not a userfaultfd"},
 		{"version", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, u := valid(t, h, backing)
 			a.Version = 7
-			SendMsg(c, a, u.Fd())
+			sendAttachFDs(c, a, u.Fd())
 		}, "version: protocol version 7"},
+		{"version 1", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
+			// A version-1 attach: mappings inline, regions by name.
+			_, u := valid(t, h, backing)
+			SendMsg(c, []byte(`{"type":"attach","version":1,"uffd_features":0,"mappings":[{"region":"text","base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"private":false}]}`), u.Fd())
+		}, "version: protocol version 1, the server speaks 2 (the peer is older: rebuild it"},
+		{"region by name", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
+			a, u := valid(t, h, backing)
+			SendMsg(c, Attach{Type: TypeAttach, Version: Version, MappingCount: 1}, u.Fd())
+			SendMsg(c, []byte(fmt.Sprintf(`{"type":"mappings","first":0,"mappings":[{"region":"text","base_host_virt_addr":%d,"size":%d,"offset":0,"page_size":%d}]}`,
+				a.Mappings[0].BaseHostVirtAddr, a.Mappings[0].Size, h.PageSize)))
+		}, "mappings.region: wrong JSON type"},
+		{"batch out of order", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
+			a, u := valid(t, h, backing)
+			SendMsg(c, Attach{Type: TypeAttach, Version: Version, MappingCount: 1}, u.Fd())
+			SendMsg(c, Batch{Type: TypeMappings, First: 1, Mappings: a.Mappings})
+		}, "mappings message: first: 1, expected 0"},
+		{"batch past the count", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
+			a, u := valid(t, h, backing)
+			SendMsg(c, Attach{Type: TypeAttach, Version: Version, MappingCount: 1}, u.Fd())
+			SendMsg(c, Batch{Type: TypeMappings, Mappings: append(a.Mappings, a.Mappings...)})
+		}, "2 more, but the attach announced 1"},
+		{"batch with an fd", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
+			a, u := valid(t, h, backing)
+			SendMsg(c, Attach{Type: TypeAttach, Version: Version, MappingCount: 1}, u.Fd())
+			SendMsg(c, Batch{Type: TypeMappings, Mappings: a.Mappings}, backing)
+		}, "1 file descriptors came with a \"mappings\" message"},
+		{"mappings missing", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
+			_, u := valid(t, h, backing)
+			SendMsg(c, Attach{Type: TypeAttach, Version: Version, MappingCount: 3}, u.Fd())
+		}, "no complete attach within 2s (it announced 3 mappings)"},
 		{"outside file", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, u := valid(t, h, backing)
-			a.Mappings[0].Region = ""
+			a.Mappings[0].Region = NoRegion
 			a.Mappings[0].Offset = h.FileSize
-			SendMsg(c, a, u.Fd())
+			sendAttachFDs(c, a, u.Fd())
 		}, "mappings[0].size: file range"},
 		{"misaligned", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, u := valid(t, h, backing)
 			a.Mappings[0].BaseHostVirtAddr += 100
-			SendMsg(c, a, u.Fd())
+			sendAttachFDs(c, a, u.Fd())
 		}, "mappings[0].base_host_virt_addr"},
 		{"no mappings", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {
 			a, u := valid(t, h, backing)
 			a.Mappings = nil
-			SendMsg(c, a, u.Fd())
-		}, "mappings: 0 mappings"},
+			sendAttachFDs(c, a, u.Fd())
+		}, "mapping_count: 0 mappings"},
 		{"silent", func(t *testing.T, c *net.UnixConn, h Hello, backing int) {}, "no attach message within"},
 	}
 	for _, c := range cases {
@@ -357,7 +397,7 @@ func TestAfterReady(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	if err := SendMsg(cl.c, Attach{Type: TypeAttach, Version: 1}); err != nil {
+	if err := SendMsg(cl.c, Attach{Type: TypeAttach, Version: Version}); err != nil {
 		t.Fatal(err)
 	}
 	expectRefusal(t, cl.c, `a "attach" message is not valid after ready`)
@@ -591,7 +631,9 @@ func TestListenPaths(t *testing.T) {
 
 type nullBackend struct{}
 
-func (nullBackend) Hello() Hello   { return Hello{} }
+func (nullBackend) Hello() Hello {
+	return Hello{Backing: BackingShmem, PageSize: 4096, ChunkSize: 65536, FileSize: 65536, Regions: []Region{{Name: "r", Size: 4096, Length: 4096}}}
+}
 func (nullBackend) BackingFD() int { return -1 }
 func (nullBackend) AttachView(u *uffd.FD, _ []Range, _ string) (View, error) {
 	u.Close()
@@ -652,21 +694,34 @@ func TestCClientVsBadServer(t *testing.T) {
 	defer unix.Close(memfd)
 	h := testHello()
 	hb, _ := json.Marshal(h)
+	rb, _ := encodeBatches(TypeRegions, h.Regions)
 	cases := []struct {
 		name string
 		msg  []byte
 		fds  []int
 		want string
+		more [][]byte // sent after msg
 	}{
-		{"garbage", []byte(`{"type":"hello",`), []int{memfd}, "malformed"},
-		{"error", []byte(`{"type":"error","error":"go away"}`), nil, "server: go away"},
-		{"version", bytes.Replace(hb, []byte(`"version":1`), []byte(`"version":9`), 1), []int{memfd}, "version 9"},
-		{"nofd", hb, nil, "0 file descriptors"},
-		{"huge", bytes.Repeat([]byte(" "), 100<<10), nil, "message too large"},
-		{"deep", []byte(`{"type":"hello","x":` + strings.Repeat("[", 100) + strings.Repeat("]", 100) + `}`), []int{memfd}, "malformed"},
-		{"bignum", []byte(`{"type":"hello","version":1,"page_size":99999999999999999999999}`), []int{memfd}, "malformed"},
-		{"duplicate", bytes.Replace(hb, []byte(`"page_size":2097152`), []byte(`"page_size":4096,"page_size":2097152`), 1), []int{memfd}, "page_size (appears twice)"},
-		{"duplicate-in-region", bytes.Replace(hb, []byte(`{"name":"a"`), []byte(`{"name":"z","name":"a"`), 1), []int{memfd}, "field regions[0]"},
+		{"garbage", []byte(`{"type":"hello",`), []int{memfd}, "malformed", nil},
+		{"error", []byte(`{"type":"error","error":"go away"}`), nil, "server: go away", nil},
+		{"version", bytes.Replace(hb, []byte(`"version":2`), []byte(`"version":9`), 1), []int{memfd}, "version 9, this client speaks 2 (the server is newer", nil},
+		{"version 1 server", []byte(`{"type":"hello","version":1,"backing":"shmem","page_size":4096,"chunk_size":65536,"file_size":65536,"snapshot":"x","regions":[{"name":"a","offset":0,"size":4096,"length":4096,"addr":0,"prot":3}]}`),
+			[]int{memfd}, "version 1, this client speaks 2 (the server is older", nil},
+		{"no regions", bytes.Replace(hb, []byte(`"region_count":2`), []byte(`"region_count":0`), 1), []int{memfd}, "hello: region_count: 0, want 1..65536", nil},
+		{"regions never come", hb, []int{memfd}, "the server closed the connection", nil},
+		{"regions out of order", hb, []int{memfd}, `expected a "regions" message with regions 0.. (of 2) and no fds, got "regions" with first 1`,
+			[][]byte{bytes.Replace(rb[0], []byte(`"first":0`), []byte(`"first":1`), 1)}},
+		{"regions too many", hb, []int{memfd}, `got "regions" with first 0, 3 regions`,
+			[][]byte{bytes.Replace(rb[0], []byte(`"regions":[`), []byte(`"regions":[{"name":"x","offset":0,"size":0,"length":0},`), 1)}},
+		{"region outside", hb, []int{memfd}, `hello: regions[1] ("b"): offset 8388608`,
+			[][]byte{bytes.Replace(rb[0], []byte(`"offset":4194304`), []byte(`"offset":8388608`), 1)}},
+		{"nofd", hb, nil, "0 file descriptors", nil},
+		{"huge", bytes.Repeat([]byte(" "), 100<<10), nil, "message too large", nil},
+		{"deep", []byte(`{"type":"hello","x":` + strings.Repeat("[", 100) + strings.Repeat("]", 100) + `}`), []int{memfd}, "malformed", nil},
+		{"bignum", []byte(`{"type":"hello","version":2,"page_size":99999999999999999999999}`), []int{memfd}, "malformed", nil},
+		{"duplicate", bytes.Replace(hb, []byte(`"page_size":2097152`), []byte(`"page_size":4096,"page_size":2097152`), 1), []int{memfd}, "page_size (appears twice)", nil},
+		{"duplicate-in-region", hb, []int{memfd}, "field regions[0]",
+			[][]byte{bytes.Replace(rb[0], []byte(`{"name":"a"`), []byte(`{"name":"z","name":"a"`), 1)}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -693,6 +748,14 @@ func TestCClientVsBadServer(t *testing.T) {
 			})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if c.name == "regions never come" {
+				conn.CloseWrite() // the target reads the end instead of a batch
+			}
+			for _, m := range c.more {
+				if err := SendMsg(conn, m); err != nil {
+					t.Fatal(err)
+				}
 			}
 			err = tg.wait(t, 10*time.Second)
 			if err == nil || !strings.Contains(tg.stderr.String(), c.want) {
@@ -726,10 +789,11 @@ int main(void) {
 		struct msg m;
 		if (parse_msg(copy, len, &m) == 0) {
 			ok++;
-			if (!strcmp(m.type, "hello")) {
-				char err[UR_ERRLEN];
+			char err[UR_ERRLEN];
+			if (!strcmp(m.type, "hello"))
 				validate_hello(&m, err);
-			}
+			if (!strcmp(m.type, "regions"))
+				validate_regions(m.regions, m.nregions, 4096, (uint64_t)1 << 30, err);
 			msg_free(&m);
 		} else {
 			bad++;
@@ -748,7 +812,8 @@ int main(void) {
 	h := testHello()
 	h.Regions[0].Name = "h\u00e9ap \"quoted\" \\ \U0001F600"
 	hb, _ := json.Marshal(h)
-	seeds := [][]byte{hb,
+	rb, _ := encodeBatches(TypeRegions, h.Regions)
+	seeds := [][]byte{hb, rb[0],
 		[]byte(`{"type":"error","error":"uid 5 may not attach \u00e9\ud83d\ude00"}`),
 		[]byte(`{"type":"bye","stats":{"a":[1,2.5e-3,-4,{"b":null,"c":true}],"d":"x"}}`),
 		[]byte(`{"type":"ready"}`), []byte(`{"type":"shutdown","extra":[[[]]]}`),
@@ -807,7 +872,7 @@ func TestOriginalAddr(t *testing.T) {
 	}{
 		{true, []regionSpec{{"a", 3<<20 + 5, 0x7e0000000000}, {"b", 100, 0x7e0000800000}}, ""},
 		{true, []regionSpec{{"a", 100, 0x7e0000001000}}, "huge-page-aligned"},
-		{true, []regionSpec{{"a", 100, 0}}, `region "a": original address 0`},
+		{true, []regionSpec{{"a", 100, 0}}, `region 0 "a": original address 0`},
 		{false, []regionSpec{{"a", 3<<12 + 5, 0x7e0000001000}, {"b", 100, 0x7e0000100000}}, ""},
 	}
 	for i, c := range cases {
