@@ -596,6 +596,41 @@ static int parse_msg(const char *buf, size_t n, struct msg *m)
 	return 0;
 }
 
+/* Appends s as a JSON string. */
+static int jput_string(char *b, size_t cap, size_t *o, const char *s)
+{
+	static const char hex[] = "0123456789abcdef";
+	if (*o + 1 >= cap)
+		return -1;
+	b[(*o)++] = '"';
+	for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+		char e[7];
+		size_t l = 0;
+		if (*c == '"' || *c == '\\') {
+			e[l++] = '\\';
+			e[l++] = (char)*c;
+		} else if (*c < 0x20) {
+			e[l++] = '\\';
+			e[l++] = 'u';
+			e[l++] = '0';
+			e[l++] = '0';
+			e[l++] = hex[*c >> 4];
+			e[l++] = hex[*c & 15];
+		} else {
+			e[l++] = (char)*c;
+		}
+		if (*o + l + 1 >= cap)
+			return -1;
+		memcpy(b + *o, e, l);
+		*o += l;
+	}
+	if (*o + 2 >= cap)
+		return -1;
+	b[(*o)++] = '"';
+	b[*o] = 0;
+	return 0;
+}
+
 static int jputf(char *b, size_t cap, size_t *o, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 static int jputf(char *b, size_t cap, size_t *o, const char *fmt, ...)
 {
@@ -1200,10 +1235,10 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	/* 1b. The regions, in batches after the hello. */
 	rc = recv_regions(s, buf, m.region_count, last_err);
 	if (rc < 0)
-		goto fail;
+		goto reject; /* a closed connection included: the error is then not delivered */
 	rc = validate_regions(s->regions, s->nregions, s->page_size, s->file_size, last_err);
 	if (rc < 0)
-		goto fail;
+		goto reject;
 
 	/* 2. A userfaultfd with the features this backing needs. */
 	int hugetlb = !strcmp(s->backing, "hugetlb");
