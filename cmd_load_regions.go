@@ -15,6 +15,9 @@ func loadCheckAttachable(snap string) error {
 		return nil // NewLoader reports it
 	}
 	defer f.Close()
+	if f.TotalSize() == 0 {
+		return nil // NewLoader names it: restore.ErrEmptySnapshot
+	}
 	var h attach.Hello
 	for _, r := range f.Regions() {
 		h.Regions = append(h.Regions, attach.Region{Name: r.Name, Size: (r.Length + 4095) &^ 4095, Length: r.Length})

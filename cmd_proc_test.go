@@ -309,7 +309,7 @@ func TestLoadRefusesUnattachable(t *testing.T) {
 		name, snap, want string
 	}{
 		{"too many regions", write(attach.MaxRegions+1, 1), "65537 regions; the attach protocol carries at most 65536 (one mapping each): make a snapshot of fewer regions"},
-		{"all empty", write(3, 0), "all 3 regions of the snapshot are empty"},
+		{"all empty", write(3, 0), "holds 0 bytes in 3 region(s)"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
