@@ -27,7 +27,8 @@ import (
 
 // Benchmark inputs are generated once and cached in $TMPDIR/uffdrestore-bench.
 // UFFDRESTORE_BENCH_SIZE sets the big size (default 256MiB so that a CI run
-// with -benchtime=1x stays quick; `make bench` uses 2GiB).
+// with -benchtime=1x stays quick; `make bench` uses 2GiB);
+// UFFDRESTORE_BENCH_BACKING forces a backing (shmem, memfd, hugetlbfs).
 
 func benchSize(b *testing.B) int64 {
 	if s := os.Getenv("UFFDRESTORE_BENCH_SIZE"); s != "" {
@@ -107,6 +108,13 @@ func benchSnapshot(b *testing.B, size int64, content string, codec format.Codec,
 func benchBacking(b *testing.B, size int64) []Option {
 	if os.Geteuid() != 0 {
 		b.Skip("restore benchmarks need root (userfaultfd, huge pages)")
+	}
+	if k := os.Getenv("UFFDRESTORE_BENCH_BACKING"); k != "" {
+		kind, err := ParseBacking(k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return []Option{WithBacking(kind)}
 	}
 	if testutil.FreeHugePages() >= size>>21+8 {
 		return []Option{WithBacking(BackingMemfdHugetlb)}

@@ -1,0 +1,148 @@
+package restore
+
+import (
+	"bytes"
+	"context"
+	"runtime"
+	"testing"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// threadMinorFaults is the calling OS thread's minor page faults so far.
+func threadMinorFaults(t *testing.T) int64 {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_THREAD, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return ru.Minflt
+}
+
+// TestShmemFillTakesNoPageFaults: filling a 2 MiB unit of a shmem backing
+// must not fault its 512 pages in one by one through the alias mapping (in
+// a VM each of those faults, and the first access to each new mapping, is
+// what made a shmem fault 10-20x slower than a hugetlb one). The fill is
+// run on one locked thread and its minor faults counted; the old way
+// (decoding straight into the alias, forced by a hook) is counted too, so
+// the test shows it can tell the two apart. The filled bytes must equal the
+// image.
+func TestShmemFillTakesNoPageFaults(t *testing.T) {
+	const units = 4
+	img := testImage(units<<21-5000, 31) // the last unit is short
+	clear(img[4<<20 : 6<<20])            // unit 2 is a zero chunk
+	regions := []testRegion{{"a", 0, img}}
+	path := writeSnap(t, regions, format.CodecZstd, 2<<20)
+	for _, direct := range []bool{false, true} {
+		l, err := NewLoader(context.Background(), path, append(kernelOpts(t, BackingShmem, 0), WithWorkers(1))...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := l.e
+		if direct {
+			e.hooks = &engineHooks{direct: true}
+		}
+		if e.unitSize != 2<<20 || e.nUnits != units {
+			t.Fatalf("unit size %d, %d units", e.unitSize, e.nUnits)
+		}
+		runtime.LockOSThread()
+		w := &workerState{dec: e.r.NewDecoder()}
+		for u := 0; u < e.nUnits; u++ {
+			if !e.state[u].CompareAndSwap(stAbsent, stFilling) {
+				t.Fatalf("unit %d already claimed", u)
+			}
+		}
+		// Warm the decoder and the buffer on unit 0.
+		if err := e.fillUnit(w, 0); err != nil {
+			t.Fatal(err)
+		}
+		f0 := threadMinorFaults(t)
+		for u := 1; u < e.nUnits; u++ {
+			if err := e.fillUnit(w, uint32(u)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		faults := threadMinorFaults(t) - f0
+		runtime.UnlockOSThread()
+		w.dec.Close()
+		pages := int64(e.nUnits-1) * int64(e.unitSize) / 4096
+		mem := e.alias.Bytes()
+		got := bytes.Equal(mem[:len(img)], img) && !bytes.ContainsFunc(mem[len(img):e.nUnits*e.unitSize], func(r rune) bool { return r != 0 })
+		l.Close()
+		if !got {
+			t.Fatalf("direct=%v: filled bytes differ from the image", direct)
+		}
+		t.Logf("direct=%v: %d minor faults filling %d pages", direct, faults, pages)
+		if !direct && faults > pages/16 {
+			t.Errorf("filling %d shmem pages took %d page faults: the fill faults pages in one by one", pages, faults)
+		}
+		if direct && faults < pages/2 {
+			t.Errorf("the direct fill took only %d faults for %d pages: the fault count does not show the difference", faults, pages)
+		}
+	}
+}
+
+// TestShmemPartlyMappedUnits: on shmem, units whose pages are partly
+// zapped (MADV_DONTNEED: still in the page cache, unmapped in the view) and
+// partly punched out (MADV_REMOVE: gone from the backing), in runs that
+// start and end anywhere in the unit, come back byte for byte: the snapshot's
+// bytes where they were punched, the target's writes where they were kept.
+func TestShmemPartlyMappedUnits(t *testing.T) {
+	const size = 6 << 20
+	img := testImage(size, 41)
+	regions := []testRegion{{"a", 0, img}}
+	path := writeSnap(t, regions, format.CodecZstd, 2<<20)
+	l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 0)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	m, _ := attachLocal(t, l, false)
+	uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+	mem := m.Bytes()
+	want := bytes.Clone(img)
+	// The target's writes, in every unit.
+	for off := 4096 + 17; off < size; off += 300 << 10 {
+		mem[off] ^= 0x5a
+		want[off] ^= 0x5a
+	}
+	type op struct{ off, n, advice int }
+	ops := []op{
+		{0, 4096, unix.MADV_REMOVE},                // first page of unit 0
+		{8192, 3 * 4096, unix.MADV_DONTNEED},       // a zapped run
+		{64 << 10, 100 << 10, unix.MADV_REMOVE},    // a punched run mid-unit
+		{(2 << 20) - 4096, 8192, unix.MADV_REMOVE}, // across units 0 and 1
+		{(2 << 20) + 4096, 1 << 20, unix.MADV_DONTNEED},
+		{(4 << 20) + 8192, (2 << 20) - 8192, unix.MADV_REMOVE}, // unit 2 to its end
+		{(4 << 20), 4096, unix.MADV_DONTNEED},
+	}
+	for _, o := range ops {
+		if err := m.Madvise(o.off, o.n, o.advice); err != nil {
+			t.Fatal(err)
+		}
+		if o.advice == unix.MADV_REMOVE {
+			// Punched pages lose the target's writes: the snapshot's
+			// bytes come back.
+			copy(want[o.off:o.off+o.n], img[o.off:o.off+o.n])
+		}
+	}
+	// Touch in an order that hits units part-way first.
+	uffd.Touch(m.Addr()+uintptr(5<<20), 1<<20, 4096, false, nil, nil)
+	uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+	if i := firstDiff(mem[:size], want); i >= 0 {
+		t.Fatalf("restored memory differs at byte %#x (unit %d): got %#x, want %#x", i, i>>21, mem[i], want[i])
+	}
+	if s := l.Stats(); s.Refills != 3 || s.LastError != "" {
+		t.Fatalf("refills = %d (want 3, one per unit punched), last error %q", s.Refills, s.LastError)
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
