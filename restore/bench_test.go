@@ -510,3 +510,56 @@ func BenchmarkSecondViewPremapped(b *testing.B) {
 	b.ReportMetric(float64(pct(lat, 0.99).Nanoseconds())/1000, "touch-p99-µs")
 	b.ReportMetric(float64(faults)/float64(b.N), "faults/view")
 }
+
+// BenchmarkReadahead: a full sequential touch of a lazy restore (faults
+// served in this process) with and without readahead, and a sparse touch
+// (10% of the units, random order), each beside an eager restore of the
+// same snapshot run in the same round: medians of the ratios.
+func BenchmarkReadahead(b *testing.B) {
+	size := min(benchSize(b), 512<<20)
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	opts := benchBacking(b, size)
+	run := func(mode string, order []uint32) time.Duration {
+		o := opts
+		if mode == "eager" {
+			o = append(o, WithMode(ModeEager))
+		}
+		t0 := time.Now()
+		l, err := NewLoader(context.Background(), snap, o...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer l.Close()
+		if mode == "no-readahead" {
+			l.e.hooks = &engineHooks{noReadahead: true}
+		}
+		m, v := benchView(b, l)
+		defer m.Close()
+		defer v.Close()
+		if mode == "eager" {
+			l.Wait(context.Background())
+		}
+		uffd.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
+		return time.Since(t0)
+	}
+	// sparse: every page of 10% of the units, units in random order.
+	units := int(size >> 21)
+	var sparse []uint32
+	for _, u := range rand.Perm(units)[:max(1, units/10)] {
+		for p := 0; p < 512; p++ {
+			sparse = append(sparse, uint32(u*512+p))
+		}
+	}
+	ratios := map[string][]float64{}
+	for i := 0; i < b.N; i++ {
+		eager := run("eager", nil)
+		for _, mode := range []string{"lazy", "no-readahead"} {
+			ratios[mode+"/eager"] = append(ratios[mode+"/eager"], float64(run(mode, nil))/float64(eager))
+		}
+		ratios["sparse0.1/eager"] = append(ratios["sparse0.1/eager"], float64(run("lazy", sparse))/float64(eager))
+	}
+	for k, v := range ratios {
+		sort.Float64s(v)
+		b.ReportMetric(v[len(v)/2], k)
+	}
+}

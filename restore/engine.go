@@ -41,6 +41,9 @@ type engine struct {
 	shards        [64]waitShard
 
 	faultq        chan uint32
+	raq           chan raReq             // readahead: units to fill ahead of sequential faults
+	raMarker      []atomic.Pointer[View] // readahead fills these without premapping them into that view (see View.readahead)
+	raWorkers     int                    // workers that take readahead work (the others stay free for faults)
 	prefetchOrder []uint32
 	prefetchNext  atomic.Int64
 	prefetchLimit atomic.Int64
@@ -106,6 +109,8 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 		e.shards[i].w = make([]waiter, 0, 8)
 	}
 	e.faultq = make(chan uint32, e.nUnits+1)
+	e.raq = make(chan raReq, 2*e.raMaxUnits())
+	e.raMarker = make([]atomic.Pointer[View], e.nUnits)
 	e.prefetchOn = make(chan struct{})
 	e.allPresent = make(chan struct{})
 	e.stop = make(chan struct{})
@@ -183,6 +188,7 @@ func (e *engine) worker() {
 	defer e.workers.Done()
 	w := &workerState{dec: e.r.NewDecoder()}
 	defer w.dec.Close()
+	raq := e.raq
 	for {
 		select {
 		case u := <-e.faultq:
@@ -190,6 +196,12 @@ func (e *engine) worker() {
 			continue
 		case <-e.stop:
 			return
+		default:
+		}
+		select {
+		case r := <-raq:
+			e.readaheadFill(w, r)
+			continue
 		default:
 		}
 		select {
@@ -206,12 +218,53 @@ func (e *engine) worker() {
 		select {
 		case u := <-e.faultq:
 			e.fill(w, u, true)
+		case r := <-raq:
+			e.readaheadFill(w, r)
 		case <-e.stop:
 			return
 		case <-e.prefetchOnIfPending():
 		case <-e.moreWork:
 		}
 	}
+}
+
+// Readahead: when a view's faults walk units in order, the engine fills the
+// units ahead of them, in a window that starts at raInitBytes and doubles
+// up to raMaxBytes each time the faults reach it, and stops when a fault
+// breaks the pattern. Faults go first: a worker takes a readahead unit only
+// when no fault is queued, one unit at a time, so a fault waits at most for
+// the unit a worker is decoding (and with every worker on readahead, the
+// faults' own units are the ones being decoded: measured, keeping a worker
+// back for faults left it idle while the toucher waited on a readahead unit,
+// 1.61x eager against 1.28x).
+const (
+	raInitBytes = 8 << 20
+	raMaxBytes  = 64 << 20
+)
+
+func (e *engine) raInitUnits() int { return max(2, raInitBytes/e.unitSize) }
+func (e *engine) raMaxUnits() int  { return max(4, raMaxBytes/e.unitSize) }
+
+// raReq asks for unit u to be filled ahead of view v's faults, unless v's
+// readahead generation has moved on from gen (the pattern broke).
+type raReq struct {
+	u   uint32
+	gen uint32
+	v   *View
+}
+
+// readaheadFill fills a unit asked for by readahead, if it is still wanted
+// and absent.
+func (e *engine) readaheadFill(w *workerState, r raReq) {
+	if r.v.ra.gen.Load() != r.gen || r.v.dead.Load() {
+		e.raMarker[r.u].CompareAndSwap(r.v, nil)
+		return
+	}
+	if !e.state[r.u].CompareAndSwap(stAbsent, stFilling) {
+		return
+	}
+	e.c.readahead.Add(1)
+	e.fill(w, r.u, false)
 }
 
 // prefetchBatchBytes is how much a worker claims from the prefetch order at
@@ -610,8 +663,11 @@ func (e *engine) publish(w *workerState, u uint32, err error, byFault bool) {
 	for _, w := range done {
 		e.answer(w.v, u, w.addr, w.t0, final)
 	}
+	// A readahead marker is left unmapped in its view: the fault on it
+	// tells the view's readahead that the faults have reached the window.
+	marker := e.raMarker[u].Swap(nil)
 	if final == stPresent && e.cfg.premap {
-		e.premap(u, done)
+		e.premap(u, done, marker)
 	}
 	if last {
 		if st := e.fillStart.Load(); st != 0 {
@@ -623,9 +679,9 @@ func (e *engine) publish(w *workerState, u uint32, err error, byFault bool) {
 	w.done = done[:0]
 }
 
-// premap maps unit u into every view that has not just been answered, so
-// their first touch costs no fault at all.
-func (e *engine) premap(u uint32, answered []waiter) {
+// premap maps unit u into every view that has not just been answered (nor
+// skip), so their first touch costs no fault at all.
+func (e *engine) premap(u uint32, answered []waiter, skip *View) {
 	e.viewsMu.RLock()
 	defer e.viewsMu.RUnlock()
 next:
@@ -635,7 +691,7 @@ next:
 				continue next
 			}
 		}
-		if v.dead.Load() {
+		if v.dead.Load() || v == skip {
 			continue
 		}
 		v.continueUnit(u, 0)
@@ -767,6 +823,7 @@ type engineHooks struct {
 	refillAbsent func(u uint32)       // in refill, right after it made u absent
 	punch        func(u uint32) error // replaces the punch of a failed unit
 	direct       bool                 // decode shmem units straight into the alias (the old way)
+	noReadahead  bool                 // no readahead
 }
 
 func (e *engine) addView(v *View) {
@@ -849,6 +906,7 @@ func (c *counters) add(o *counters) {
 	c.poisoned.Add(o.poisoned.Load())
 	c.errors.Add(o.errors.Load())
 	c.reads.Add(o.reads.Load())
+	c.readahead.Add(o.readahead.Load())
 	c.wsPrefilled.Add(o.wsPrefilled.Load())
 	c.wsLate.Add(o.wsLate.Load())
 	c.wsMissed.Add(o.wsMissed.Load())

@@ -5,6 +5,7 @@ import (
 	"context"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
@@ -145,4 +146,67 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return -1
+}
+
+// touchUnits touches every page of each unit in order, from C.
+func touchUnits(m *uffd.Mapping, unit int, units ...int) {
+	for _, u := range units {
+		uffd.Touch(m.Addr()+uintptr(u*unit), unit, 4096, false, nil, nil)
+	}
+}
+
+// TestReadaheadSequential: faults that walk units in order make the engine
+// fill the units ahead of them, so most units are never faulted on; a
+// pattern that breaks (jumps, backwards, random) stops it, and the bytes
+// are the image's whatever the order.
+func TestReadaheadSequential(t *testing.T) {
+	const units, unit = 24, 2 << 20
+	img := testImage(units*unit-3000, 51)
+	regions := []testRegion{{"a", 0, img}}
+	path := writeSnap(t, regions, format.CodecZstd, unit)
+	open := func(t *testing.T) (*Loader, *uffd.Mapping) {
+		l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 0)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		m, _ := attachLocal(t, l, false)
+		return l, m
+	}
+	t.Run("sequential", func(t *testing.T) {
+		l, m := open(t)
+		uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+		checkRegions(t, m.Bytes(), l.Layout(), regions)
+		s := l.Stats()
+		t.Logf("%d faults, %d units filled by readahead, %d by faults", s.FaultsMinor+s.FaultsMissing, s.Readahead, s.FilledByFault)
+		if s.Readahead < units/2 || s.FilledByFault > units/2 {
+			t.Fatalf("a sequential walk of %d units: %d filled by readahead, %d by faults; want most by readahead", units, s.Readahead, s.FilledByFault)
+		}
+	})
+	t.Run("stops", func(t *testing.T) {
+		l, m := open(t)
+		// Three in a row start a window after unit 2; the jump to 12 and
+		// on to 16 and 9 breaks the pattern: nothing past the first
+		// window may be filled.
+		touchUnits(m, unit, 0, 1, 2, 12, 16, 9)
+		time.Sleep(100 * time.Millisecond)
+		win := l.e.raInitUnits()
+		for u := 3 + win; u < units; u++ {
+			if st := l.e.state[u].Load(); st != stAbsent && u != 12 && u != 16 && u != 9 {
+				t.Errorf("unit %d was filled (state %d) after the pattern broke", u, st)
+			}
+		}
+		touchUnits(m, unit, 3, 4, 5, 6, 7, 8, 10, 11, 13, 14, 15, 17, 18, 19, 20, 21, 22, 23)
+		checkRegions(t, m.Bytes(), l.Layout(), regions)
+	})
+	t.Run("patterns", func(t *testing.T) {
+		l, m := open(t)
+		// Runs that start readahead, break it, go backwards, restart it
+		// and run off the end, with readahead and faults racing.
+		touchUnits(m, unit, 0, 1, 2, 3, 4, 15, 16, 17, 18, 8, 7, 6, 5, 9, 10, 11, 20, 21, 22, 23, 12, 13, 14, 19)
+		checkRegions(t, m.Bytes(), l.Layout(), regions)
+		if s := l.Stats(); s.LastError != "" {
+			t.Fatal(s.LastError)
+		}
+	})
 }
