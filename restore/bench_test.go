@@ -245,6 +245,8 @@ func BenchmarkFaultLatency(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
+					// Units in order: readahead would fill them first.
+					l.e.hooks = &engineHooks{noReadahead: true}
 					m1, u1 := benchView(b, l)
 					m2, u2 := benchView(b, l)
 					units := int(l.Layout().FileSize) / l.e.unitSize
@@ -561,5 +563,74 @@ func BenchmarkReadahead(b *testing.B) {
 	for k, v := range ratios {
 		sort.Float64s(v)
 		b.ReportMetric(v[len(v)/2], k)
+	}
+}
+
+// BenchmarkFirstTouch: the first touch of an absent 2 MiB unit (units in a
+// random order, so no readahead), for a snapshot of 2 MiB chunks and one of
+// 256 KiB chunks with and without splitting the unit's decode across idle
+// workers, beside one core decoding the whole unit into a warm buffer
+// (decode-p50). Variants run interleaved, medians over every unit.
+func BenchmarkFirstTouch(b *testing.B) {
+	size := min(benchSize(b), 128<<20)
+	opts := benchBacking(b, size)
+	type variant struct {
+		name  string
+		chunk int
+		split bool
+	}
+	vs := []variant{{"2M", 2 << 20, false}, {"256K", 256 << 10, false}, {"256K-split", 256 << 10, true}}
+	lat := map[string][]uint64{}
+	dec := map[string][]time.Duration{}
+	helped := map[string]float64{}
+	for i := 0; i < b.N; i++ {
+		for _, v := range vs {
+			snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, v.chunk, false)
+			l, err := NewLoader(context.Background(), snap, opts...)
+			if err != nil {
+				b.Fatal(err)
+			}
+			l.e.hooks = &engineHooks{noReadahead: true, noSplit: !v.split}
+			m, view := benchView(b, l)
+			units := int(l.Layout().FileSize) / l.e.unitSize
+			order := make([]uint32, units)
+			for k, u := range rand.Perm(units) {
+				order[k] = uint32(u * l.e.unitSize / 4096)
+			}
+			ls := make([]uint64, units)
+			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
+			lat[v.name] = append(lat[v.name], ls...)
+			helped[v.name] += float64(l.Stats().SplitParts) / float64(units)
+			// One core decoding each unit's chunks into a warm buffer.
+			d := l.e.r.NewDecoder()
+			buf := make([]byte, l.e.unitSize)
+			for u := 0; u < min(units, 32); u++ {
+				c0, c1, _ := l.e.unitChunks(uint32(u))
+				t0 := time.Now()
+				for c := c0; c < c1; c++ {
+					k := c - c0
+					d.DecodeChunk(c, buf[k*l.e.chunkSize:(k+1)*l.e.chunkSize])
+				}
+				dec[fmt.Sprintf("%dK", v.chunk>>10)] = append(dec[fmt.Sprintf("%dK", v.chunk>>10)], time.Since(t0))
+			}
+			d.Close()
+			view.Close()
+			m.Close()
+			l.Close()
+		}
+	}
+	for _, v := range vs {
+		p50 := pct(lat[v.name], 0.5)
+		ds := dec[fmt.Sprintf("%dK", v.chunk>>10)]
+		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+		b.ReportMetric(float64(p50.Microseconds()), v.name+"-first-p50-µs")
+		b.ReportMetric(float64(pct(lat[v.name], 0.99).Microseconds()), v.name+"-first-p99-µs")
+		b.ReportMetric(float64(p50)/float64(ds[len(ds)/2]), v.name+"-first/decode")
+		if v.split {
+			b.ReportMetric(helped[v.name]/float64(b.N), v.name+"-parts-helped/unit")
+		}
+	}
+	for k, ds := range dec {
+		b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), k+"-decode-p50-µs")
 	}
 }

@@ -43,7 +43,9 @@ type engine struct {
 	faultq        chan uint32
 	raq           chan raReq             // readahead: units to fill ahead of sequential faults
 	raMarker      []atomic.Pointer[View] // readahead fills these without premapping them into that view (see View.readahead)
-	raWorkers     int                    // workers that take readahead work (the others stay free for faults)
+	splitq        chan splitReq          // parts of fault units for idle workers (see splitJob)
+	nWorkers      int
+	raWorkers     int // workers that take readahead work (the others stay free for faults)
 	prefetchOrder []uint32
 	prefetchNext  atomic.Int64
 	prefetchLimit atomic.Int64
@@ -140,6 +142,8 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 	if workers <= 0 {
 		workers = runtime.NumCPU()
 	}
+	e.nWorkers = workers
+	e.splitq = make(chan splitReq, 4*workers)
 	for i := 0; i < workers; i++ {
 		e.workers.Add(1)
 		go e.worker()
@@ -181,6 +185,7 @@ type workerState struct {
 	rbuf    []byte
 	scratch []byte // refills decode here first
 	ubuf    []byte // buffered fills decode here first
+	split   *splitJob
 	vec     []byte // mincore
 }
 
@@ -193,6 +198,9 @@ func (e *engine) worker() {
 		select {
 		case u := <-e.faultq:
 			e.fill(w, u, true)
+			continue
+		case r := <-e.splitq:
+			e.helpSplit(w, r)
 			continue
 		case <-e.stop:
 			return
@@ -218,6 +226,8 @@ func (e *engine) worker() {
 		select {
 		case u := <-e.faultq:
 			e.fill(w, u, true)
+		case r := <-e.splitq:
+			e.helpSplit(w, r)
 		case r := <-raq:
 			e.readaheadFill(w, r)
 		case <-e.stop:
@@ -395,47 +405,150 @@ func (e *engine) writeRange(off int64, buf []byte) error {
 
 // fillUnit decodes unit u's chunks into the backing (straight into the
 // alias mapping, or through the worker's buffer: see buffered) and makes
-// sure every page of the unit is allocated.
-func (e *engine) fillUnit(w *workerState, u uint32) error {
+// sure every page of the unit is allocated. With split, a unit of several
+// chunks is decoded by every idle worker at once (see splitDecode).
+func (e *engine) fillUnit(w *workerState, u uint32, split bool) error {
 	c0, c1, whole := e.unitChunks(u)
 	buffered := e.buffered()
-	var ubuf []byte
-	if buffered {
-		ubuf = w.unitBuf(e.unitSize)
-	}
-	mem := e.alias.Bytes()
 	base := int(u) * e.unitSize
-	for c := c0; c < c1; c++ {
-		ch := e.r.Chunk(c)
-		off := c * e.chunkSize
-		dst := mem[off : off+e.chunkSize]
-		if buffered {
-			dst = ubuf[off-base : off-base+e.chunkSize]
-		}
-		if ch.Codec == format.CodecZero {
-			e.c.zeroChunks.Add(1)
-			if buffered {
-				clear(dst)
-			}
-			continue
-		}
-		if err := w.dec.DecodeChunk(c, dst); err != nil {
+	var dst []byte // the unit's bytes
+	if buffered {
+		dst = w.unitBuf(e.unitSize)
+	} else {
+		dst = e.alias.Bytes()[base : base+e.unitSize]
+	}
+	if split && c1-c0 > 1 && e.nWorkers > 1 && !e.noSplit() {
+		if err := e.splitDecode(w, c0, c1, dst, buffered); err != nil {
 			return err
 		}
-		if buffered {
-			clear(dst[ch.RawLen:])
+	} else {
+		for c := c0; c < c1; c++ {
+			k := c - c0
+			if err := e.decodePart(w.dec, c, dst[k*e.chunkSize:(k+1)*e.chunkSize], buffered); err != nil {
+				return err
+			}
 		}
-		e.c.bytesDecoded.Add(int64(ch.RawLen))
-		e.c.bytesRead.Add(int64(ch.StoredLen))
 	}
 	if buffered {
-		clear(ubuf[(c1-c0)*e.chunkSize:])
-		return e.writeUnit(u, ubuf)
+		clear(dst[(c1-c0)*e.chunkSize:])
+		return e.writeUnit(u, dst)
 	}
 	if !whole {
 		return e.allocUnit(u)
 	}
 	return nil
+}
+
+// decodePart decodes chunk c into dst (chunkSize bytes). A buffered
+// destination is not zero beforehand: what the chunk does not write is
+// cleared.
+func (e *engine) decodePart(dec *format.Decoder, c int, dst []byte, buffered bool) error {
+	ch := e.r.Chunk(c)
+	if ch.Codec == format.CodecZero {
+		e.c.zeroChunks.Add(1)
+		if buffered {
+			clear(dst)
+		}
+		return nil
+	}
+	if err := dec.DecodeChunk(c, dst); err != nil {
+		return err
+	}
+	if buffered {
+		clear(dst[ch.RawLen:])
+	}
+	e.c.bytesDecoded.Add(int64(ch.RawLen))
+	e.c.bytesRead.Add(int64(ch.StoredLen))
+	return nil
+}
+
+func (e *engine) noSplit() bool { h := e.hooks; return h != nil && h.noSplit }
+
+// A splitJob is one fault's unit being decoded chunk by chunk by its worker
+// and every idle one (a first touch of a 2 MiB unit made of 256 KiB chunks
+// waits for a fraction of one core's decode). Each worker owns one, reused
+// for every fault it fills: nothing is allocated per fault. Helpers claim
+// parts from state, a word holding the job's generation, its number of
+// parts and the next part, so a helper that arrives after the job ended (or
+// was reused for another unit) sees a different generation and claims
+// nothing; the fields below state are read only under a claim, and the
+// owner rewrites them only once every claimed part is done.
+type splitJob struct {
+	state    atomic.Uint64 // gen<<32 | parts<<16 | next part
+	left     atomic.Int32  // parts not decoded yet
+	done     chan struct{} // a helper that decodes the last part says so here
+	c0       int
+	dst      []byte
+	buffered bool
+	errMu    sync.Mutex
+	err      error
+}
+
+type splitReq struct {
+	j   *splitJob
+	gen uint32
+}
+
+// splitDecode decodes chunks [c0, c1) into dst, offering the parts to idle
+// workers and decoding what they do not take.
+func (e *engine) splitDecode(w *workerState, c0, c1 int, dst []byte, buffered bool) error {
+	j := w.split
+	if j == nil {
+		j = &splitJob{done: make(chan struct{}, 1)}
+		w.split = j
+	}
+	n := c1 - c0
+	gen := uint32(j.state.Load()>>32) + 1
+	j.c0, j.dst, j.buffered, j.err = c0, dst, buffered, nil
+	j.left.Store(int32(n))
+	j.state.Store(uint64(gen)<<32 | uint64(n)<<16)
+	for i := 0; i < min(n, e.nWorkers)-1; i++ {
+		select {
+		case e.splitq <- splitReq{j, gen}:
+		default:
+		}
+	}
+	if !e.runParts(w.dec, j, gen, false) {
+		<-j.done // a helper is decoding the last part
+	}
+	j.dst = nil
+	return j.err
+}
+
+// runParts decodes parts of job j (generation gen) until none is left to
+// claim. It reports whether it decoded the job's last part.
+func (e *engine) runParts(dec *format.Decoder, j *splitJob, gen uint32, helper bool) (last bool) {
+	for {
+		s := j.state.Load()
+		next, parts := int(s&0xffff), int(s>>16&0xffff)
+		if uint32(s>>32) != gen || next >= parts {
+			return last
+		}
+		if !j.state.CompareAndSwap(s, s+1) {
+			continue
+		}
+		cs := e.chunkSize
+		if err := e.decodePart(dec, j.c0+next, j.dst[next*cs:(next+1)*cs], j.buffered); err != nil {
+			j.errMu.Lock()
+			if j.err == nil {
+				j.err = err
+			}
+			j.errMu.Unlock()
+		}
+		if helper {
+			e.c.splitParts.Add(1)
+		}
+		if j.left.Add(-1) == 0 {
+			last = true
+		}
+	}
+}
+
+// helpSplit decodes parts of another worker's fault unit.
+func (e *engine) helpSplit(w *workerState, r splitReq) {
+	if e.runParts(w.dec, r.j, r.gen, true) {
+		r.j.done <- struct{}{}
+	}
 }
 
 // fillBatch fills claimed units (prefetch), reading the stored bytes of
@@ -503,6 +616,8 @@ func (e *engine) fillBatch(w *workerState, units []uint32) {
 			select {
 			case fu := <-e.faultq:
 				e.fill(w, fu, true)
+			case r := <-e.splitq:
+				e.helpSplit(w, r)
 			default:
 				drained = true
 			}
@@ -557,7 +672,7 @@ func (e *engine) fill(w *workerState, u uint32, byFault bool) {
 	if e.partial[u].Swap(false) {
 		err = e.refillUnit(w, u)
 	} else {
-		err = e.fillUnit(w, u)
+		err = e.fillUnit(w, u, byFault)
 	}
 	e.publish(w, u, err, byFault)
 }
@@ -824,6 +939,7 @@ type engineHooks struct {
 	punch        func(u uint32) error // replaces the punch of a failed unit
 	direct       bool                 // decode shmem units straight into the alias (the old way)
 	noReadahead  bool                 // no readahead
+	noSplit      bool                 // a fault\'s unit is decoded by its worker alone
 }
 
 func (e *engine) addView(v *View) {
@@ -907,6 +1023,7 @@ func (c *counters) add(o *counters) {
 	c.errors.Add(o.errors.Load())
 	c.reads.Add(o.reads.Load())
 	c.readahead.Add(o.readahead.Load())
+	c.splitParts.Add(o.splitParts.Load())
 	c.wsPrefilled.Add(o.wsPrefilled.Load())
 	c.wsLate.Add(o.wsLate.Load())
 	c.wsMissed.Add(o.wsMissed.Load())

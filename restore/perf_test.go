@@ -3,6 +3,9 @@ package restore
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -55,12 +58,12 @@ func TestShmemFillTakesNoPageFaults(t *testing.T) {
 			}
 		}
 		// Warm the decoder and the buffer on unit 0.
-		if err := e.fillUnit(w, 0); err != nil {
+		if err := e.fillUnit(w, 0, false); err != nil {
 			t.Fatal(err)
 		}
 		f0 := threadMinorFaults(t)
 		for u := 1; u < e.nUnits; u++ {
-			if err := e.fillUnit(w, uint32(u)); err != nil {
+			if err := e.fillUnit(w, uint32(u), false); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -207,6 +210,85 @@ func TestReadaheadSequential(t *testing.T) {
 		checkRegions(t, m.Bytes(), l.Layout(), regions)
 		if s := l.Stats(); s.LastError != "" {
 			t.Fatal(s.LastError)
+		}
+	})
+}
+
+// TestSplitFirstTouch: the first touch of a unit made of several chunks is
+// decoded by idle workers too (the parts they took are counted), and the
+// bytes are the image's for every chunk size under the 2 MiB unit, with
+// zero, stored-raw and short chunks inside units; a corrupt part fails its
+// unit whichever worker decoded it.
+func TestSplitFirstTouch(t *testing.T) {
+	const size = 16<<20 - 5000 // a short last chunk
+	img := testImage(size, 61)
+	for i := 3 << 20; i < 3<<20+(512<<10); i++ {
+		img[i] = byte(i * 2654435761 >> 13) // incompressible: stored raw
+	}
+	regions := []testRegion{{"a", 0, img}}
+	for _, chunk := range []int{64 << 10, 256 << 10, 1 << 20} {
+		t.Run(fmt.Sprintf("chunk=%dK", chunk>>10), func(t *testing.T) {
+			path := writeSnap(t, regions, format.CodecZstd, chunk)
+			l, err := NewLoader(context.Background(), path, append(kernelOpts(t, BackingMemfdHugetlb, 16<<20), WithWorkers(2))...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			m, _ := attachLocal(t, l, false)
+			units := m.Len() / (2 << 20)
+			order := make([]uint32, units) // not in order: no readahead
+			for i := range order {
+				order[i] = uint32((i * 5 % units) * 512)
+			}
+			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
+			uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+			checkRegions(t, m.Bytes(), l.Layout(), regions)
+			s := l.Stats()
+			t.Logf("%d units, %d filled by faults, %d chunks decoded by a helping worker", s.Units, s.FilledByFault, s.SplitParts)
+			if s.FilledByFault != int64(units) || s.SplitParts == 0 {
+				t.Fatalf("%d of %d units filled by faults, %d of their chunks decoded by another worker: the first touch was not split", s.FilledByFault, units, s.SplitParts)
+			}
+		})
+	}
+	t.Run("corrupt-part", func(t *testing.T) {
+		path := writeSnap(t, regions, format.CodecZstd, 256<<10)
+		l, err := NewLoader(context.Background(), path, append(kernelOpts(t, BackingMemfdHugetlb, 16<<20), WithWorkers(2))...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		e := l.e
+		const u = 1
+		c0, c1, _ := e.unitChunks(u)
+		bad := c1 - 1 // the last part: the owner or a helper, whoever claims it
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch := e.r.Chunk(bad)
+		var b [1]byte
+		f.ReadAt(b[:], int64(ch.Offset+uint64(ch.StoredLen)/2))
+		b[0] ^= 0xff
+		f.WriteAt(b[:], int64(ch.Offset+uint64(ch.StoredLen)/2))
+		f.Close()
+		if !e.state[u].CompareAndSwap(stAbsent, stFilling) {
+			t.Fatal("unit already claimed")
+		}
+		w := &workerState{dec: e.r.NewDecoder()}
+		defer w.dec.Close()
+		err = e.fillUnit(w, u, true)
+		if !errors.Is(err, format.ErrChecksum) {
+			t.Fatalf("fill of a unit with a corrupt chunk %d (of %d..%d) returned %v, want a checksum error", bad, c0, c1-1, err)
+		}
+		// The job is reusable after the failure.
+		if !e.state[u+1].CompareAndSwap(stAbsent, stFilling) {
+			t.Fatal("unit already claimed")
+		}
+		if err := e.fillUnit(w, u+1, true); err != nil {
+			t.Fatal(err)
+		}
+		if off := (u + 1) << 21; !bytes.Equal(e.alias.Bytes()[off:off+2<<20], img[off:off+2<<20]) {
+			t.Fatal("the unit after the failed one differs from the image")
 		}
 	})
 }
