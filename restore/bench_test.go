@@ -634,3 +634,51 @@ func BenchmarkFirstTouch(b *testing.B) {
 		b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), k+"-decode-p50-µs")
 	}
 }
+
+// BenchmarkShmemFirstTouch: the first touch of an absent 2 MiB unit (2 MiB
+// chunks, units in random order) on shmem, filled through the worker's
+// buffer and pwrite (shmem) or decoded straight into the alias as before
+// (shmem-direct), beside a hugetlb memfd; interleaved, medians, and the
+// ratios to hugetlb.
+func BenchmarkShmemFirstTouch(b *testing.B) {
+	size := min(benchSize(b), 128<<20)
+	benchBacking(b, size) // root
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	type variant struct {
+		name   string
+		kind   BackingKind
+		direct bool
+	}
+	vs := []variant{{"hugetlb", BackingMemfdHugetlb, false}, {"shmem", BackingShmem, false}, {"shmem-direct", BackingShmem, true}}
+	lat := map[string][]uint64{}
+	for i := 0; i < b.N; i++ {
+		for _, v := range vs {
+			l, err := NewLoader(context.Background(), snap, WithBacking(v.kind))
+			if err != nil {
+				b.Fatal(err)
+			}
+			l.e.hooks = &engineHooks{noReadahead: true, direct: v.direct}
+			m, view := benchView(b, l)
+			units := int(l.Layout().FileSize) / l.e.unitSize
+			order := make([]uint32, units)
+			for k, u := range rand.Perm(units) {
+				order[k] = uint32(u * l.e.unitSize / 4096)
+			}
+			ls := make([]uint64, units)
+			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
+			lat[v.name] = append(lat[v.name], ls...)
+			view.Close()
+			m.Close()
+			l.Close()
+		}
+	}
+	h := pct(lat["hugetlb"], 0.5)
+	for _, v := range vs {
+		p50 := pct(lat[v.name], 0.5)
+		b.ReportMetric(float64(p50.Microseconds()), v.name+"-p50-µs")
+		b.ReportMetric(float64(pct(lat[v.name], 0.99).Microseconds()), v.name+"-p99-µs")
+		if v.name != "hugetlb" {
+			b.ReportMetric(float64(p50)/float64(h), v.name+"/hugetlb")
+		}
+	}
+}
