@@ -30,7 +30,8 @@ import (
 // Benchmark inputs are generated once and cached in this user's benchmark
 // cache (internal/benchcache: ~/.cache/uffdrestore/bench).
 // UFFDRESTORE_BENCH_SIZE sets the big size (default 256MiB so that a CI run
-// with -benchtime=1x stays quick; `make bench` uses 2GiB).
+// with -benchtime=1x stays quick; `make bench` uses 2GiB);
+// UFFDRESTORE_BENCH_BACKING forces a backing (shmem, memfd, hugetlbfs).
 
 func benchSize(b *testing.B) int64 {
 	if s := os.Getenv("UFFDRESTORE_BENCH_SIZE"); s != "" {
@@ -112,6 +113,13 @@ func benchSnapshot(b *testing.B, size int64, content string, codec format.Codec,
 func benchBacking(b *testing.B, size int64) []Option {
 	if os.Geteuid() != 0 {
 		b.Skip("restore benchmarks need root (userfaultfd, huge pages)")
+	}
+	if k := os.Getenv("UFFDRESTORE_BENCH_BACKING"); k != "" {
+		kind, err := ParseBacking(k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return []Option{WithBacking(kind)}
 	}
 	if testutil.FreeHugePages() >= size>>21+8 {
 		return []Option{WithBacking(BackingMemfdHugetlb)}
@@ -242,6 +250,8 @@ func BenchmarkFaultLatency(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
+					// Units in order: readahead would fill them first.
+					l.e.hooks = &engineHooks{noReadahead: true}
 					m1, u1 := benchView(b, l)
 					m2, u2 := benchView(b, l)
 					units := int(l.Layout().FileSize) / l.e.unitSize
@@ -506,4 +516,174 @@ func BenchmarkSecondViewPremapped(b *testing.B) {
 	b.ReportMetric(float64(pct(lat, 0.5).Nanoseconds())/1000, "touch-p50-µs")
 	b.ReportMetric(float64(pct(lat, 0.99).Nanoseconds())/1000, "touch-p99-µs")
 	b.ReportMetric(float64(faults)/float64(b.N), "faults/view")
+}
+
+// BenchmarkReadahead: a full sequential touch of a lazy restore (faults
+// served in this process) with and without readahead, and a sparse touch
+// (10% of the units, random order), each beside an eager restore of the
+// same snapshot run in the same round: medians of the ratios.
+func BenchmarkReadahead(b *testing.B) {
+	size := min(benchSize(b), 512<<20)
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	opts := benchBacking(b, size)
+	run := func(mode string, order []uint32) time.Duration {
+		o := opts
+		if mode == "eager" {
+			o = append(o, WithMode(ModeEager))
+		}
+		t0 := time.Now()
+		l, err := NewLoader(context.Background(), snap, o...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer l.Close()
+		if mode == "no-readahead" {
+			l.e.hooks = &engineHooks{noReadahead: true}
+		}
+		m, v := benchView(b, l)
+		defer m.Close()
+		defer v.Close()
+		if mode == "eager" {
+			l.Wait(context.Background())
+		}
+		uffd.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
+		return time.Since(t0)
+	}
+	// sparse: every page of 10% of the units, units in random order.
+	units := int(size >> 21)
+	var sparse []uint32
+	for _, u := range rand.Perm(units)[:max(1, units/10)] {
+		for p := 0; p < 512; p++ {
+			sparse = append(sparse, uint32(u*512+p))
+		}
+	}
+	ratios := map[string][]float64{}
+	for i := 0; i < b.N; i++ {
+		eager := run("eager", nil)
+		for _, mode := range []string{"lazy", "no-readahead"} {
+			ratios[mode+"/eager"] = append(ratios[mode+"/eager"], float64(run(mode, nil))/float64(eager))
+		}
+		ratios["sparse0.1/eager"] = append(ratios["sparse0.1/eager"], float64(run("lazy", sparse))/float64(eager))
+	}
+	for k, v := range ratios {
+		sort.Float64s(v)
+		b.ReportMetric(v[len(v)/2], k)
+	}
+}
+
+// BenchmarkFirstTouch: the first touch of an absent 2 MiB unit (units in a
+// random order, so no readahead), for a snapshot of 2 MiB chunks and one of
+// 256 KiB chunks with and without splitting the unit's decode across idle
+// workers, beside one core decoding the whole unit into a warm buffer
+// (decode-p50). Variants run interleaved, medians over every unit.
+func BenchmarkFirstTouch(b *testing.B) {
+	size := min(benchSize(b), 128<<20)
+	opts := benchBacking(b, size)
+	type variant struct {
+		name  string
+		chunk int
+		split bool
+	}
+	vs := []variant{{"2M", 2 << 20, false}, {"256K", 256 << 10, false}, {"256K-split", 256 << 10, true}}
+	lat := map[string][]uint64{}
+	dec := map[string][]time.Duration{}
+	helped := map[string]float64{}
+	for i := 0; i < b.N; i++ {
+		for _, v := range vs {
+			snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, v.chunk, false)
+			l, err := NewLoader(context.Background(), snap, opts...)
+			if err != nil {
+				b.Fatal(err)
+			}
+			l.e.hooks = &engineHooks{noReadahead: true, noSplit: !v.split}
+			m, view := benchView(b, l)
+			units := int(l.Layout().FileSize) / l.e.unitSize
+			order := make([]uint32, units)
+			for k, u := range rand.Perm(units) {
+				order[k] = uint32(u * l.e.unitSize / 4096)
+			}
+			ls := make([]uint64, units)
+			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
+			lat[v.name] = append(lat[v.name], ls...)
+			helped[v.name] += float64(l.Stats().SplitParts) / float64(units)
+			// One core decoding each unit's chunks into a warm buffer.
+			d := l.e.r.NewDecoder()
+			buf := make([]byte, l.e.unitSize)
+			for u := 0; u < min(units, 32); u++ {
+				c0, c1, _ := l.e.unitChunks(uint32(u))
+				t0 := time.Now()
+				for c := c0; c < c1; c++ {
+					k := c - c0
+					d.DecodeChunk(c, buf[k*l.e.chunkSize:(k+1)*l.e.chunkSize])
+				}
+				dec[fmt.Sprintf("%dK", v.chunk>>10)] = append(dec[fmt.Sprintf("%dK", v.chunk>>10)], time.Since(t0))
+			}
+			d.Close()
+			view.Close()
+			m.Close()
+			l.Close()
+		}
+	}
+	for _, v := range vs {
+		p50 := pct(lat[v.name], 0.5)
+		ds := dec[fmt.Sprintf("%dK", v.chunk>>10)]
+		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+		b.ReportMetric(float64(p50.Microseconds()), v.name+"-first-p50-µs")
+		b.ReportMetric(float64(pct(lat[v.name], 0.99).Microseconds()), v.name+"-first-p99-µs")
+		b.ReportMetric(float64(p50)/float64(ds[len(ds)/2]), v.name+"-first/decode")
+		if v.split {
+			b.ReportMetric(helped[v.name]/float64(b.N), v.name+"-parts-helped/unit")
+		}
+	}
+	for k, ds := range dec {
+		b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), k+"-decode-p50-µs")
+	}
+}
+
+// BenchmarkShmemFirstTouch: the first touch of an absent 2 MiB unit (2 MiB
+// chunks, units in random order) on shmem, filled through the worker's
+// buffer and pwrite (shmem) or decoded straight into the alias as before
+// (shmem-direct), beside a hugetlb memfd; interleaved, medians, and the
+// ratios to hugetlb.
+func BenchmarkShmemFirstTouch(b *testing.B) {
+	size := min(benchSize(b), 128<<20)
+	benchBacking(b, size) // root
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	type variant struct {
+		name   string
+		kind   BackingKind
+		direct bool
+	}
+	vs := []variant{{"hugetlb", BackingMemfdHugetlb, false}, {"shmem", BackingShmem, false}, {"shmem-direct", BackingShmem, true}}
+	lat := map[string][]uint64{}
+	for i := 0; i < b.N; i++ {
+		for _, v := range vs {
+			l, err := NewLoader(context.Background(), snap, WithBacking(v.kind))
+			if err != nil {
+				b.Fatal(err)
+			}
+			l.e.hooks = &engineHooks{noReadahead: true, direct: v.direct}
+			m, view := benchView(b, l)
+			units := int(l.Layout().FileSize) / l.e.unitSize
+			order := make([]uint32, units)
+			for k, u := range rand.Perm(units) {
+				order[k] = uint32(u * l.e.unitSize / 4096)
+			}
+			ls := make([]uint64, units)
+			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
+			lat[v.name] = append(lat[v.name], ls...)
+			view.Close()
+			m.Close()
+			l.Close()
+		}
+	}
+	h := pct(lat["hugetlb"], 0.5)
+	for _, v := range vs {
+		p50 := pct(lat[v.name], 0.5)
+		b.ReportMetric(float64(p50.Microseconds()), v.name+"-p50-µs")
+		b.ReportMetric(float64(pct(lat[v.name], 0.99).Microseconds()), v.name+"-p99-µs")
+		if v.name != "hugetlb" {
+			b.ReportMetric(float64(p50)/float64(h), v.name+"/hugetlb")
+		}
+	}
 }

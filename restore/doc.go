@@ -21,6 +21,28 @@
 // on a present unit is one CONTINUE. Zero chunks are never decompressed:
 // their pages are allocated zeroed with fallocate.
 //
+// On a shmem backing (4 KiB pages) a unit is decoded into the filler's own
+// warm buffer and written into the memfd with pwrite(2) instead: decoding
+// into the alias took a page fault per 4 KiB page and, in a VM with shadow
+// page tables, an exit on the first access to every newly mapped page, which
+// made a 2 MiB shmem fault 4-10x a hugetlb one (perf: exc_page_fault under
+// the decoder, and the decoder itself 2x slower than into a warm buffer).
+// pwrite allocates the pages and copies through the kernel's mapping, with
+// no fault (TestShmemFillTakesNoPageFaults counts them).
+//
+// Readahead. When a view's faults walk units in order (three in a row),
+// the units after them are filled by idle workers in a window that starts
+// at 8 MiB and doubles to 64 MiB each time the faults reach it; the
+// window's first unit is left unmapped in that view so its fault says the
+// walk goes on. A fault anywhere else ends it and drops what was queued.
+// Faults go first: a worker takes a readahead unit only when no fault is
+// queued (Stats.Readahead counts the units it filled).
+//
+// Split first touch. A fault on an absent unit of several chunks (256 KiB
+// chunks on 2 MiB pages) offers the unit's chunks to the idle workers: they
+// and the fault's worker decode them at once (Stats.SplitParts counts the
+// chunks the helpers took). A 2 MiB chunk cannot be split.
+//
 // # Choices, and the measurements behind them (2 vCPU VM, kernel 6.18)
 //
 // MISSING|MINOR, no pre-allocation. Registering MINOR alone needs every page

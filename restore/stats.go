@@ -20,7 +20,9 @@ type Stats struct {
 	FaultsMissing   int64 `json:"faults_missing"`    // faults on pages not allocated yet
 	FaultsWaited    int64 `json:"faults_waited"`     // faults that found their unit being filled
 	FilledByFault   int64 `json:"filled_by_fault"`   // units filled because a fault asked
-	FilledByPrefill int64 `json:"filled_by_prefill"` // units filled by eager, prefetch or working set
+	FilledByPrefill int64 `json:"filled_by_prefill"` // units filled by eager, prefetch, working set or readahead
+	Readahead       int64 `json:"readahead"`         // of those, units filled ahead of sequential faults
+	SplitParts      int64 `json:"split_parts"`       // chunks of faulted units decoded by another (idle) worker
 	Refills         int64 `json:"refills"`           // units filled again after their pages were punched out
 	ZeroChunks      int64 `json:"zero_chunks"`       // zero chunks met (no decompression)
 	BytesDecoded    int64 `json:"bytes_decoded"`     // uncompressed bytes written into the backing
@@ -157,7 +159,7 @@ type counters struct {
 	filledByFault, filledByPrefill, refills  atomic.Int64
 	zeroChunks, bytesDecoded, bytesRead      atomic.Int64
 	continues, premapped, poisoned, errors   atomic.Int64
-	reads                                    atomic.Int64
+	reads, readahead, splitParts             atomic.Int64
 	wsPrefilled, wsLate, wsMissed            atomic.Int64
 	latency                                  histogram
 }
@@ -177,6 +179,8 @@ func (c *counters) fill(s *Stats) {
 	s.Poisoned = c.poisoned.Load()
 	s.Errors = c.errors.Load()
 	s.Reads = c.reads.Load()
+	s.Readahead = c.readahead.Load()
+	s.SplitParts = c.splitParts.Load()
 	s.FaultLatency = c.latency.percentiles()
 }
 

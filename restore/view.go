@@ -58,6 +58,8 @@ type View struct {
 	strayT0   int64
 	strayLast int64
 
+	ra raState // fault loop only, but gen
+
 	done      chan struct{}
 	closeOnce sync.Once
 	loopDone  chan struct{}
@@ -285,7 +287,9 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 		if v.e.rec != nil {
 			v.e.rec.note(int(off / uint64(v.e.chunkSize)))
 		}
-		v.e.request(v, uint32(off/uint64(v.e.unitSize)), addr, t0)
+		u := uint32(off / uint64(v.e.unitSize))
+		v.e.request(v, u, addr, t0)
+		v.readahead(u)
 	case uffd.EventRemap:
 		v.strays = 0
 		v.forgetMapped()
@@ -311,6 +315,84 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 		v.children = append(v.children, cv)
 		v.childMu.Unlock()
 	}
+}
+
+// raStartRun is how many faults on consecutive units start readahead: with
+// two, a sparse pattern that touches two neighbours now and then would read
+// a window ahead for nothing.
+const raStartRun = 3
+
+// raState is a view's readahead: the fault loop's view of the pattern.
+type raState struct {
+	last    uint32 // unit of the last fault
+	started bool   // last is valid
+	run     int    // faults on consecutive units so far
+	win     int    // current window, in units (0: no readahead)
+	start   uint32 // the latest window is [start, end)
+	end     uint32
+	gen     atomic.Uint32 // bumped when the pattern breaks: queued readahead is dropped
+}
+
+// readahead follows the view's faults (fault loop only). Faults on
+// raStartRun consecutive units start a window of units after the last; a fault on
+// the latest window's first absent unit (left unmapped for that: the
+// marker) or past it doubles the window and queues the next one after it;
+// a fault anywhere else ends readahead, and the queued units not yet
+// claimed are dropped.
+func (v *View) readahead(u uint32) {
+	ra, e := &v.ra, v.e
+	if h := e.hooks; h != nil && h.noReadahead {
+		return
+	}
+	if ra.started && u == ra.last {
+		return // another page or thread of the same unit
+	}
+	seq := ra.started && (u == ra.last+1 || (ra.win > 0 && u >= ra.start && u <= ra.end))
+	ra.last, ra.started = u, true
+	if !seq {
+		if ra.win > 0 {
+			ra.gen.Add(1)
+		}
+		ra.win, ra.start, ra.end, ra.run = 0, 0, 0, 1
+		return
+	}
+	if ra.run++; ra.run < raStartRun {
+		return
+	}
+	if ra.win > 0 && u < ra.start {
+		return // inside the window, before its marker
+	}
+	if ra.win == 0 {
+		ra.win = e.raInitUnits()
+	} else {
+		ra.win = min(2*ra.win, e.raMaxUnits())
+	}
+	start := max(u+1, ra.end)
+	end := uint32(min(int(start)+ra.win, e.nUnits))
+	if start >= end {
+		return
+	}
+	gen := ra.gen.Load()
+	marked := false
+	for n := start; n < end; n++ {
+		if e.state[n].Load() != stAbsent {
+			continue
+		}
+		if !marked {
+			e.raMarker[n].Store(v)
+		}
+		select {
+		case e.raq <- raReq{u: n, gen: gen, v: v}:
+			marked = true
+		default:
+			// Full: the workers are behind; the faults will catch up.
+			if !marked {
+				e.raMarker[n].CompareAndSwap(v, nil)
+			}
+			end = n
+		}
+	}
+	ra.start, ra.end = start, end
 }
 
 // Faults outside every range of a view may go on for strayLimit (and at
