@@ -164,7 +164,7 @@ func TestEngineLyingTargetOnlyHurtsItself(t *testing.T) {
 	if out := liar.stdout.String(); !strings.Contains(out, "did not list in the attach message") {
 		t.Errorf("the liar's session ended with: %s", out)
 	}
-	if lg := logs.String(); !strings.Contains(lg, "ended: error:") || !strings.Contains(lg, "outside every mapping it attached") {
+	if lg, ok := waitLog(logs, "ended: error:", "outside every mapping it attached"); !ok {
 		t.Errorf("the server's log does not say why it ended the liar's view:\n%s", lg)
 	}
 	dump := filepath.Join(t.TempDir(), "dump")
@@ -197,7 +197,7 @@ func TestEngineUnanswerableFaultEndsSession(t *testing.T) {
 			if out := liar.stdout.String(); !strings.Contains(out, "invalid argument") {
 				t.Errorf("the liar's session ended with: %s", out)
 			}
-			if lg := logs.String(); !strings.Contains(lg, "ended: error:") || !strings.Contains(lg, "UFFDIO_CONTINUE") {
+			if lg, ok := waitLog(logs, "ended: error:", "UFFDIO_CONTINUE"); !ok {
 				t.Errorf("the server's log does not name the failed CONTINUE:\n%s", lg)
 			}
 			if st := l.Stats(); st.Errors == 0 || !strings.Contains(st.LastError, "invalid argument") {
@@ -267,9 +267,26 @@ func TestEngineCorruptChunk(t *testing.T) {
 				!strings.Contains(tg.stderr.String(), "UFFDIO_POISON") {
 				t.Fatalf("target: %v, want exit 1 with the server's error\n%s", err, tg.stderr)
 			}
-			if lg := logs.String(); !strings.Contains(lg, "ended: error:") || !strings.Contains(lg, fmt.Sprintf("unit %d ", bad)) {
+			if lg, ok := waitLog(logs, "ended: error:", fmt.Sprintf("unit %d ", bad)); !ok {
 				t.Errorf("the server's log does not say why it ended the view:\n%s", lg)
 			}
 		})
+	}
+}
+
+// waitLog waits up to 5 s for the server's log to hold every one of subs:
+// the server logs a view's end after it has told the target, so a test
+// that saw the target's side first must wait for it.
+func waitLog(logs *logSink, subs ...string) (string, bool) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		lg, all := logs.String(), true
+		for _, s := range subs {
+			all = all && strings.Contains(lg, s)
+		}
+		if all || time.Now().After(deadline) {
+			return lg, all
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
