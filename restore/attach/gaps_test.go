@@ -1,7 +1,6 @@
 package attach
 
 import (
-	"context"
 	"encoding/json"
 	"testing"
 
@@ -16,15 +15,7 @@ func TestStatsScope(t *testing.T) {
 	requireUffd(t, false)
 	regions := []snapRegion{{"a", 0, memImage(1<<20, 21)}}
 	snap := writeSnapshot(t, regions, 64<<10)
-	kind, err := restore.ParseBacking("shmem")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := restore.NewLoader(context.Background(), snap, restore.WithBacking(kind))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLoader(t, snap, restore.BackingShmem)
 	_, sock := listen(t, FromLoader(l), Options{})
 	reader, err := Dial(sock, ClientOptions{})
 	if err != nil {

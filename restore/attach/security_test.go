@@ -654,15 +654,7 @@ func TestBytesBetweenRegions(t *testing.T) {
 		}
 	}
 	snap := writeSnapshot(t, regions, 64<<10)
-	kind, err := restore.ParseBacking("shmem")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := restore.NewLoader(context.Background(), snap, restore.WithBacking(kind))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLoader(t, snap, restore.BackingShmem)
 	_, sock := listen(t, FromLoader(l), Options{})
 	conn, h, fds := rawPeer(t, sock)
 	defer CloseFDs(fds)
