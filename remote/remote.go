@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -76,6 +77,14 @@ type Options struct {
 	// Validator pins the snapshot's identity (Reader.Validator of an earlier
 	// open), for a second process that must read the very same file.
 	Validator string `json:"validator"`
+	// CacheDir keeps the ranges fetched on disk, per snapshot version
+	// (URL and validator), so a second restore on this host reads them from
+	// there: only the first 4 KiB, which carry the validator, come from the
+	// server again. Default: $UFFDRESTORE_REMOTE_CACHE; "" and "off" mean
+	// no cache. CacheMax bounds the directory (least recently used versions
+	// go first; default $UFFDRESTORE_REMOTE_CACHE_MAX or 4 GiB).
+	CacheDir string `json:"cache_dir"`
+	CacheMax int64  `json:"cache_max"`
 	// AllowNoValidator reads from a server that sends neither ETag nor
 	// Last-Modified (a replaced file then goes unnoticed until a chunk's
 	// checksum fails).
@@ -109,6 +118,19 @@ func (o Options) withDefaults() Options {
 	if o.MaxSpan <= 0 {
 		o.MaxSpan = 8 << 20
 	}
+	if o.CacheDir == "" {
+		o.CacheDir = os.Getenv(CacheEnv)
+	}
+	if o.CacheDir == "off" {
+		o.CacheDir = ""
+	}
+	if o.CacheMax <= 0 {
+		if n, err := strconv.ParseInt(os.Getenv(CacheMaxEnv), 10, 64); err == nil && n > 0 {
+			o.CacheMax = n
+		} else {
+			o.CacheMax = DefaultCacheMax
+		}
+	}
 	return o
 }
 
@@ -120,6 +142,8 @@ type Stats struct {
 	Coalesced    int64 `json:"coalesced"`     // reads served by another read's request
 	BytesFetched int64 `json:"bytes_fetched"` // response body bytes received
 	HeadHits     int64 `json:"head_hits"`     // reads served from the first response's bytes
+	CacheHits    int64 `json:"cache_hits"`    // reads served from the on-disk cache
+	CacheBytes   int64 `json:"cache_bytes"`   // bytes read from the on-disk cache
 	Size         int64 `json:"size"`          // the snapshot's size
 }
 
@@ -135,9 +159,15 @@ type Reader struct {
 	lastMod   string // Last-Modified, used when there is no strong ETag
 	validator string
 	head      []byte // bytes [0, len(head)) from the first response
+	cache     *cache // nil without Options.CacheDir
+	ownClient bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
+
+	closeOnce   sync.Once
+	cacheMu     sync.RWMutex // Close vs cache use
+	cacheClosed bool
 
 	mu     sync.Mutex
 	queue  []*pending
@@ -159,7 +189,7 @@ func Open(ctx context.Context, rawURL string, o Options) (*Reader, error) {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("remote snapshot: %q is not an http:// or https:// URL", rawURL)
 	}
-	r := &Reader{url: rawURL, o: o.withDefaults(), size: -1}
+	r := &Reader{url: rawURL, o: o.withDefaults(), size: -1, ownClient: o.Client == nil}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	buf := make([]byte, headWindow)
 	n, err := r.fetch(ctx, buf, 0, true)
@@ -168,6 +198,12 @@ func Open(ctx context.Context, rawURL string, o Options) (*Reader, error) {
 		return nil, err
 	}
 	r.head = buf[:n]
+	if r.o.CacheDir != "" {
+		if r.cache, err = openCache(r.o.CacheDir, r.o.CacheMax, rawURL, r.validator, r.size); err != nil {
+			r.Close()
+			return nil, err
+		}
+	}
 	return r, nil
 }
 
@@ -183,13 +219,31 @@ func (r *Reader) Validator() string { return r.validator }
 
 // Stats returns the reader's counters.
 func (r *Reader) Stats() Stats {
-	return Stats{Reads: r.reads.Load(), Requests: r.requests.Load(), Retries: r.retries.Load(),
+	s := Stats{Reads: r.reads.Load(), Requests: r.requests.Load(), Retries: r.retries.Load(),
 		Coalesced: r.coalesced.Load(), BytesFetched: r.fetched.Load(), HeadHits: r.headHits.Load(), Size: r.size}
+	if c := r.cache; c != nil {
+		c.mu.Lock()
+		s.CacheHits, s.CacheBytes = c.hits, c.hitLen
+		c.mu.Unlock()
+	}
+	return s
 }
 
-// Close cancels requests in flight; later reads fail. It returns nil.
+// Close cancels requests in flight and closes the reader's idle
+// connections and cache files; later reads fail. It returns nil.
 func (r *Reader) Close() error {
-	r.cancel()
+	r.closeOnce.Do(func() {
+		r.cancel()
+		if r.ownClient {
+			r.o.Client.CloseIdleConnections()
+		}
+		if r.cache != nil {
+			r.cacheMu.Lock()
+			r.cache.close()
+			r.cacheClosed = true
+			r.cacheMu.Unlock()
+		}
+	})
 	return nil
 }
 
@@ -218,6 +272,12 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return n, nil
 	}
+	if r.cacheGet(want, off) {
+		if len(want) < len(p) {
+			return len(want), io.EOF
+		}
+		return len(p), nil
+	}
 	pd := &pending{off: off, p: want, done: make(chan error, 1)}
 	r.mu.Lock()
 	r.queue = append(r.queue, pd)
@@ -230,6 +290,26 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		return len(want), io.EOF
 	}
 	return len(p), nil
+}
+
+func (r *Reader) cacheGet(p []byte, off int64) bool {
+	if r.cache == nil {
+		return false
+	}
+	r.cacheMu.RLock()
+	defer r.cacheMu.RUnlock()
+	return !r.cacheClosed && r.cache.get(p, off)
+}
+
+func (r *Reader) cachePut(p []byte, off int64) {
+	if r.cache == nil {
+		return
+	}
+	r.cacheMu.RLock()
+	defer r.cacheMu.RUnlock()
+	if !r.cacheClosed {
+		r.cache.put(p, off)
+	}
 }
 
 // pump starts requests for queued reads while there are free slots. A
@@ -269,11 +349,14 @@ func (r *Reader) pump() {
 func (r *Reader) serve(batch []*pending, start, end int64) {
 	var err error
 	if len(batch) == 1 {
-		_, err = r.fetch(r.ctx, batch[0].p, start, false)
+		if _, err = r.fetch(r.ctx, batch[0].p, start, false); err == nil {
+			r.cachePut(batch[0].p, start)
+		}
 	} else {
 		r.coalesced.Add(int64(len(batch) - 1))
 		buf := make([]byte, end-start)
 		if _, err = r.fetch(r.ctx, buf, start, false); err == nil {
+			r.cachePut(buf, start)
 			for _, q := range batch {
 				copy(q.p, buf[q.off-start:])
 			}

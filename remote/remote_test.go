@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -404,5 +406,75 @@ func TestIsURL(t *testing.T) {
 	}
 	if _, err := Open(context.Background(), "http:///nohost", quick()); err == nil {
 		t.Error("a URL without a host opened")
+	}
+}
+
+// TestCache: with a cache directory, a second reader of the same snapshot
+// version reads every range it read before from disk (only the first 4 KiB
+// come from the server); a replaced snapshot is a new entry and reads the
+// new bytes; the directory's bound evicts the least recently used version.
+func TestCache(t *testing.T) {
+	data := testData(1 << 20)
+	f := newFile(data)
+	srv := httptest.NewServer(http.HandlerFunc(f.serve))
+	defer srv.Close()
+	dir := t.TempDir()
+	o := quick()
+	o.CacheDir = dir
+	type rng struct{ off, n int64 }
+	var rs []rng
+	rg := rand.New(rand.NewSource(3))
+	for i := 0; i < 50; i++ {
+		rs = append(rs, rng{headWindow + rg.Int63n(int64(len(data))-headWindow-70000), 1 + rg.Int63n(65536)})
+	}
+	readAll := func(want []byte) Stats {
+		t.Helper()
+		r, err := Open(context.Background(), srv.URL+"/app.snap", o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		for _, x := range rs {
+			p := make([]byte, x.n)
+			if _, err := r.ReadAt(p, x.off); err != nil || !bytes.Equal(p, want[x.off:x.off+x.n]) {
+				t.Fatalf("read %d at %d: %v (or wrong bytes)", x.n, x.off, err)
+			}
+		}
+		// A part of a cached range is in the cache too.
+		p := make([]byte, 100)
+		if _, err := r.ReadAt(p, rs[0].off); err != nil || !bytes.Equal(p, want[rs[0].off:rs[0].off+100]) {
+			t.Fatalf("sub-range: %v", err)
+		}
+		return r.Stats()
+	}
+	first := readAll(data)
+	if first.BytesFetched <= headWindow {
+		t.Fatalf("first reader: %+v", first)
+	}
+	// A torn last record in the log (a crash while appending) is ignored.
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Fatalf("%d cache entries, want 1", len(ents))
+	}
+	lf, err := os.OpenFile(filepath.Join(dir, ents[0].Name(), "ranges"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf.Write([]byte{1, 2, 3, 4, 5})
+	lf.Close()
+	second := readAll(data)
+	if second.BytesFetched != headWindow || second.CacheHits != int64(len(rs)+1) {
+		t.Fatalf("second reader fetched %d bytes (want only the first %d) with %d cache hits: %+v", second.BytesFetched, headWindow, second.CacheHits, second)
+	}
+	// Replaced: another version, so another entry, and the new bytes.
+	other := testData(1<<20 + 7)[:1<<20]
+	f.set(other, `"v2"`, f.modTime.Add(time.Minute))
+	o.CacheMax = 1 // evicts the first version when the second opens
+	third := readAll(other)
+	if third.BytesFetched <= headWindow {
+		t.Fatalf("reader of the new version: %+v", third)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Errorf("%d cache entries with a 1-byte bound, want only the one in use", len(ents))
 	}
 }
