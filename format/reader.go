@@ -25,6 +25,8 @@ type Reader struct {
 	indexOff  uint64
 	indexLen  uint64
 	ix        *index
+	rawIndex  []byte                   // the index bytes, kept when it is signed (auth.go)
+	hashes    [][authChunkHashLen]byte // signed chunk hashes, once Authenticate succeeded
 }
 
 // readFull reads exactly len(b) bytes at off. A short read is a truncation
@@ -135,7 +137,13 @@ func NewReader(r io.ReaderAt, size int64) (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Reader{ra: r, size: size, version: int(version), headerLen: int(hlen), indexOff: ioff, indexLen: ilen, ix: ix}, nil
+	rd := &Reader{ra: r, size: size, version: int(version), headerLen: int(hlen), indexOff: ioff, indexLen: ilen, ix: ix}
+	for _, s := range ix.unknown {
+		if s.tag == secAuth {
+			rd.rawIndex = ib
+		}
+	}
+	return rd, nil
 }
 
 // Version returns the format version of the snapshot.
@@ -252,6 +260,9 @@ func Open(path string) (_ *File, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
+	if err := AuthenticateFromEnv(r); err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
 	return &File{Reader: r, f: f}, nil
 }
 
@@ -265,6 +276,9 @@ func openRemote(url string, o remote.Options) (*File, error) {
 		return nil, err
 	}
 	r, err := NewReader(rr, rr.Size())
+	if err == nil {
+		err = AuthenticateFromEnv(r)
+	}
 	if err != nil {
 		rr.Close()
 		return nil, fmt.Errorf("open %s: %w", url, err)

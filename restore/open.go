@@ -99,7 +99,10 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 			return nil, fmt.Errorf("restore: open snapshot: %w", err)
 		}
 		snapSize = st.Size()
-		if rd, err = format.NewReader(f, snapSize); err != nil {
+		if rd, err = format.NewReader(f, snapSize); err == nil {
+			err = format.AuthenticateFromEnv(rd)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("restore: open snapshot %s: %w", path, err)
 		}
 	}
@@ -509,7 +512,10 @@ func helperMain(js string) int {
 	} else {
 		snap := os.NewFile(3, "snapshot")
 		var err error
-		if rd, err = format.NewReader(snap, hc.SnapSize); err != nil {
+		if rd, err = format.NewReader(snap, hc.SnapSize); err == nil {
+			err = format.AuthenticateFromEnv(rd)
+		}
+		if err != nil {
 			return fail(err)
 		}
 	}
