@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
@@ -65,4 +66,57 @@ func BenchmarkRemoteSparse(b *testing.B) {
 	b.ReportMetric(float64(fileSize)/(1<<20), "file_MiB")
 	b.ReportMetric(float64(requests), "requests")
 	b.ReportMetric(float64(filled), "units_filled")
+}
+
+// BenchmarkRemoteLatency: time to ready (Open), to the first byte (Open and
+// one touch) and to a full restore (Open and Wait) of a snapshot read from
+// the local file and over HTTP on loopback with 0, 1 ms and 20 ms added
+// before each response (a delaying handler in front of net/http's file
+// server: added round-trip time, not a bandwidth limit). Size:
+// UFFDRESTORE_BENCH_SIZE (default 256MiB).
+func BenchmarkRemoteLatency(b *testing.B) {
+	size := benchSize(b)
+	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
+	opts := benchBacking(b, size)
+	for _, delay := range []time.Duration{-1, 0, time.Millisecond, 20 * time.Millisecond} {
+		name := "local"
+		if delay >= 0 {
+			name = "http/delay=" + delay.String()
+		}
+		b.Run(name, func(b *testing.B) {
+			path := snap
+			if delay >= 0 {
+				fs := http.FileServer(http.Dir(filepath.Dir(snap)))
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					time.Sleep(delay)
+					fs.ServeHTTP(w, r)
+				}))
+				defer srv.Close()
+				path = srv.URL + "/" + filepath.Base(snap)
+			}
+			var ready, first, full time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				t0 := time.Now()
+				r, err := Open(context.Background(), path, opts...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				ready += time.Since(t0)
+				sinkMu.Lock()
+				sinkByte += r.Bytes()[len(r.Bytes())/2]
+				sinkMu.Unlock()
+				first += time.Since(t0)
+				if err := r.Wait(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				full += time.Since(t0)
+				r.Close()
+			}
+			n := float64(b.N) * float64(time.Millisecond)
+			b.ReportMetric(float64(ready)/n, "ready_ms")
+			b.ReportMetric(float64(first)/n, "first_byte_ms")
+			b.ReportMetric(float64(full)/n, "full_ms")
+		})
+	}
 }
