@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 )
 
@@ -22,32 +23,18 @@ import (
 // returns the nginx, the snapshot's URL and the image.
 func remoteServe(t *testing.T, chunkSize int) (*testutil.Nginx, string, []byte) {
 	t.Helper()
+	// Memory-like: runs of zero chunks among compressible data.
 	img := make([]byte, 3<<20+777)
-	for i := range img {
-		if (i>>16)%3 != 0 {
-			img[i] = byte(i*13) ^ byte(i>>10)
+	for off := 0; off < len(img); off += 4096 {
+		if (off>>16)%3 != 0 {
+			memgen.Fill(img[off:min(off+4096, len(img))], int64(off/4096))
 		}
 	}
+	snap := testutil.WriteSnapshot(t, []testutil.Region{{Name: "img", Data: img}}, format.CodecS2, chunkSize)
 	root := t.TempDir()
-	f, err := os.Create(filepath.Join(root, "app.snap"))
-	if err != nil {
+	if err := os.WriteFile(filepath.Join(root, "app.snap"), mustRead(t, snap), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	w, err := format.NewWriter(f, format.WriterOptions{ChunkSize: chunkSize, Codec: format.CodecS2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := w.BeginRegion("img", 0, 3); err != nil {
-		t.Fatal(err)
-	}
-	w.Write(img)
-	if err := w.EndRegion(); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
 	if err := os.WriteFile(filepath.Join(root, "notes.txt"), []byte("not a snapshot, just text\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -247,26 +234,14 @@ func TestLoadRemoteMAC(t *testing.T) {
 	loadRequire(t)
 	tp := loadTarget(t)
 	const keyHex = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
-	key := make([]byte, 32)
-	for i := range key {
-		key[i] = byte(i)
-	}
 	img := make([]byte, 1<<20)
 	for i := range img {
 		img[i] = byte(i*7) ^ byte(i>>11)
 	}
-	var sb bytes.Buffer
-	w, err := format.NewWriter(&sb, format.WriterOptions{ChunkSize: 64 << 10, Codec: format.CodecS2, MACKey: key})
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.BeginRegion("img", 0, 3)
-	w.Write(img)
-	w.EndRegion()
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	signed := sb.Bytes()
+	// Signed with the key from the environment, as snapshot create does.
+	t.Setenv(format.MACKeyEnv, keyHex)
+	signed := mustRead(t, testutil.WriteSnapshot(t, []testutil.Region{{Name: "img", Data: img}}, format.CodecS2, 64<<10))
+	t.Setenv(format.MACKeyEnv, "") // each command below gets it, or not, explicitly
 	le := binary.LittleEndian
 	// Index tampered: a region name byte, index and footer CRCs fixed up.
 	badIndex := bytes.Clone(signed)
