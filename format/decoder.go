@@ -63,6 +63,10 @@ func (d *Decoder) DecodeChunk(i int, dst []byte) error {
 		if err := readFull(d.r.ra, dst[:c.RawLen], int64(c.Offset), "", i); err != nil {
 			return err
 		}
+		if err := d.r.checkHash(i, dst[:c.RawLen]); err != nil {
+			clear(dst[:c.RawLen])
+			return err
+		}
 		return d.verify(i, c, dst[:c.RawLen])
 	}
 	if cap(d.buf) < int(c.StoredLen) {
@@ -91,6 +95,9 @@ func (d *Decoder) DecodeStored(i int, stored []byte, dst []byte) error {
 		clear(dst[:c.RawLen])
 		return nil
 	case CodecRaw:
+		if err := d.r.checkHash(i, stored); err != nil {
+			return err
+		}
 		copy(dst, stored)
 		return d.verify(i, c, dst[:c.RawLen])
 	}
@@ -98,6 +105,9 @@ func (d *Decoder) DecodeStored(i int, stored []byte, dst []byte) error {
 }
 
 func (d *Decoder) decode(i int, c Chunk, stored, dst []byte) error {
+	if err := d.r.checkHash(i, stored); err != nil {
+		return err
+	}
 	if got := Checksum(stored); got != c.StoredCRC {
 		return corrupt(ErrChecksum, "stored bytes", int64(c.Offset), i, "want %#08x, got %#08x", c.StoredCRC, got)
 	}

@@ -104,7 +104,13 @@ func encodeIndex(ix *index) ([]byte, error) {
 	e.u32(uint32(ix.chunkSize))
 	e.u32(uint32(len(ix.regions)))
 	e.u32(uint32(len(ix.chunks)))
-	nsec := 3 + len(ix.unknown)
+	nsec := 3
+	for _, s := range ix.unknown {
+		// A signature does not survive a new index: rewrites drop it.
+		if s.tag != secAuth {
+			nsec++
+		}
+	}
 	if len(ix.profiles) > 0 {
 		nsec++
 	}
@@ -170,6 +176,9 @@ func encodeIndex(ix *index) ([]byte, error) {
 		end()
 	}
 	for _, s := range ix.unknown {
+		if s.tag == secAuth {
+			continue
+		}
 		end = e.section(s.tag, s.flags)
 		e.b = append(e.b, s.payload...)
 		end()

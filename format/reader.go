@@ -1,6 +1,7 @@
 package format
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -8,6 +9,8 @@ import (
 	"slices"
 	"sort"
 	"sync/atomic"
+
+	"github.com/uffdrestore/uffdrestore/remote"
 )
 
 // Reader gives random access by chunk to a snapshot. NewReader validates the
@@ -22,6 +25,8 @@ type Reader struct {
 	indexOff  uint64
 	indexLen  uint64
 	ix        *index
+	rawIndex  []byte                   // the index bytes, kept when it is signed (auth.go)
+	hashes    [][authChunkHashLen]byte // signed chunk hashes, once Authenticate succeeded
 }
 
 // readFull reads exactly len(b) bytes at off. A short read is a truncation
@@ -132,7 +137,13 @@ func NewReader(r io.ReaderAt, size int64) (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Reader{ra: r, size: size, version: int(version), headerLen: int(hlen), indexOff: ioff, indexLen: ilen, ix: ix}, nil
+	rd := &Reader{ra: r, size: size, version: int(version), headerLen: int(hlen), indexOff: ioff, indexLen: ilen, ix: ix}
+	for _, s := range ix.unknown {
+		if s.tag == secAuth {
+			rd.rawIndex = ib
+		}
+	}
+	return rd, nil
 }
 
 // Version returns the format version of the snapshot.
@@ -214,15 +225,21 @@ func (r *Reader) Profiles() []Profile {
 	return ps
 }
 
-// File is a Reader that owns its *os.File.
+// File is a Reader that owns its *os.File, or its remote.Reader for a
+// snapshot on an HTTP server.
 type File struct {
 	*Reader
 	f      *os.File
+	rem    *remote.Reader
 	closed atomic.Bool
 }
 
-// Open opens and validates the snapshot at path.
+// Open opens and validates the snapshot at path, which may also be an
+// http:// or https:// URL (read with ranged GETs, see package remote).
 func Open(path string) (_ *File, err error) {
+	if remote.IsURL(path) {
+		return openRemote(path, remote.Options{})
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -243,16 +260,46 @@ func Open(path string) (_ *File, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
+	if err := AuthenticateFromEnv(r); err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
 	return &File{Reader: r, f: f}, nil
 }
 
-// OSFile returns the underlying file (for fadvise, readahead and the like).
+// OpenRemote opens and validates the snapshot at an http:// or https:// URL
+// with the given options.
+func OpenRemote(url string, o remote.Options) (*File, error) { return openRemote(url, o) }
+
+func openRemote(url string, o remote.Options) (*File, error) {
+	rr, err := remote.Open(context.Background(), url, o)
+	if err != nil {
+		return nil, err
+	}
+	r, err := NewReader(rr, rr.Size())
+	if err == nil {
+		err = AuthenticateFromEnv(r)
+	}
+	if err != nil {
+		rr.Close()
+		return nil, fmt.Errorf("open %s: %w", url, err)
+	}
+	return &File{Reader: r, rem: rr}, nil
+}
+
+// OSFile returns the underlying file (for fadvise, readahead and the like),
+// or nil for a remote snapshot.
 func (f *File) OSFile() *os.File { return f.f }
+
+// Remote returns the remote reader of a snapshot opened from a URL, or nil.
+func (f *File) Remote() *remote.Reader { return f.rem }
 
 // Close closes the file. It returns os.ErrClosed after the first call.
 func (f *File) Close() error {
 	if f.closed.Swap(true) {
 		return os.ErrClosed
+	}
+	if f.rem != nil {
+		return f.rem.Close()
 	}
 	return f.f.Close()
 }

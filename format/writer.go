@@ -2,6 +2,7 @@ package format
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -46,6 +47,10 @@ type WriterOptions struct {
 	Level     int   // codec level; 0 = codec default. zstd: 1..22 (zstd CLI scale); s2: 1 fast, 2 better, 3 best
 	Workers   int   // parallel compression; default runtime.NumCPU()
 	Metadata  Metadata
+	// MACKey signs the snapshot (SPEC.md, section 5: authentication);
+	// default: the key from UFFDRESTORE_MAC_KEY_FILE or UFFDRESTORE_MAC_KEY,
+	// if set.
+	MACKey []byte
 }
 
 // WriterStats summarises what a Writer wrote.
@@ -85,6 +90,7 @@ type Writer struct {
 	maxQueue int
 	wg       sync.WaitGroup
 	stats    WriterStats
+	hashes   [][authChunkHashLen]byte // with a MAC key: SHA-256 of each chunk's stored bytes
 }
 
 type job struct {
@@ -126,6 +132,13 @@ func NewWriter(w io.Writer, opts WriterOptions) (*Writer, error) {
 	case CodecRaw:
 	default:
 		return nil, fmt.Errorf("%w: codec %s cannot be used to write (want zstd, s2 or raw)", ErrInvalid, opts.Codec)
+	}
+	if opts.MACKey == nil {
+		k, err := MACKeyFromEnv()
+		if err != nil {
+			return nil, err
+		}
+		opts.MACKey = k
 	}
 	if opts.Metadata.Created.IsZero() {
 		opts.Metadata.Created = time.Now()
@@ -366,6 +379,13 @@ func (w *Writer) emitOldest() {
 		w.write(j.stored)
 		w.stats.StoredBytes += uint64(len(j.stored))
 	}
+	if w.opts.MACKey != nil {
+		var h [authChunkHashLen]byte // a zero chunk stores nothing: its entry is signed with the index
+		if j.codec != CodecZero {
+			h = sha256.Sum256(j.stored)
+		}
+		w.hashes = append(w.hashes, h)
+	}
 	w.chunks = append(w.chunks, c)
 	w.stats.PerCodec[j.codec]++
 	j.stored = nil
@@ -436,6 +456,11 @@ func (w *Writer) Close() error {
 	ib, err := encodeIndex(ix)
 	if err != nil {
 		return err
+	}
+	if w.opts.MACKey != nil {
+		if ib, err = signIndex(ib, w.hashes, w.opts.MACKey); err != nil {
+			return err
+		}
 	}
 	ioff := w.off
 	w.write(appendFooter(ib, ioff, ib))

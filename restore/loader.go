@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/remote"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
@@ -57,7 +58,12 @@ func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err
 	for _, o := range opts {
 		o(&cfg)
 	}
-	f, err := format.Open(path)
+	var f *format.File
+	if remote.IsURL(path) {
+		f, err = format.OpenRemote(path, cfg.remote)
+	} else {
+		f, err = format.Open(path)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("restore: open snapshot: %w", err)
 	}
@@ -215,6 +221,10 @@ func (l *Loader) Err() error { return l.e.err() }
 func (l *Loader) Stats() Stats {
 	s := l.e.stats()
 	s.TimeToReady = l.ready
+	if rem := l.f.Remote(); rem != nil {
+		rs := rem.Stats()
+		s.Remote = &rs
+	}
 	return s
 }
 

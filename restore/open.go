@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/remote"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -49,6 +50,10 @@ type Restore struct {
 	ctlErr  atomic.Pointer[error]
 
 	closeOnce sync.Once
+
+	// A remote snapshot: the helper reads the URL itself, pinned to the
+	// version (validator) this process opened.
+	remoteURL, remoteValidator string
 }
 
 // Open restores the snapshot at path into this process. It returns as soon
@@ -70,18 +75,36 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 		r.ready = time.Since(t0)
 		return r, nil
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("restore: open snapshot: %w", err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("restore: open snapshot: %w", err)
-	}
-	rd, err := format.NewReader(f, st.Size())
-	if err != nil {
-		return nil, fmt.Errorf("restore: open snapshot %s: %w", path, err)
+	var (
+		rd       *format.Reader
+		f        *os.File // a local snapshot, handed to the helper
+		snapSize int64
+		rem      *remote.Reader // a remote one: the helper opens the URL again, pinned to this version
+	)
+	if remote.IsURL(path) {
+		rf, err := format.OpenRemote(path, cfg.remote)
+		if err != nil {
+			return nil, fmt.Errorf("restore: open snapshot: %w", err)
+		}
+		defer rf.Close()
+		rd, rem, snapSize = rf.Reader, rf.Remote(), rf.FileSize()
+	} else {
+		f, err = os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("restore: open snapshot: %w", err)
+		}
+		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			return nil, fmt.Errorf("restore: open snapshot: %w", err)
+		}
+		snapSize = st.Size()
+		if rd, err = format.NewReader(f, snapSize); err == nil {
+			err = format.AuthenticateFromEnv(rd)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("restore: open snapshot %s: %w", path, err)
+		}
 	}
 	if err := checkNotEmpty(rd, path); err != nil {
 		return nil, err
@@ -126,7 +149,10 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if _, err = r.u.Register(r.view.Addr(), uintptr(b.size), uffd.ModeMinor|uffd.ModeMissing); err != nil {
 		return nil, fmt.Errorf("restore: register view: %w", err)
 	}
-	if err = r.startHelper(f, st.Size()); err != nil {
+	if rem != nil {
+		r.remoteURL, r.remoteValidator = path, rem.Validator()
+	}
+	if err = r.startHelper(f, snapSize); err != nil {
 		return nil, err
 	}
 	r.ready = time.Since(t0)
@@ -312,6 +338,10 @@ type helperConfig struct {
 	Record      string        `json:"record,omitempty"`
 	Profile     ProfileSource `json:"profile"`
 	Rest        bool          `json:"prefetch_rest,omitempty"`
+	// A remote snapshot (fd 3 is then closed): its URL and the validator
+	// pinned by the parent.
+	URL    string         `json:"url,omitempty"`
+	Remote remote.Options `json:"remote"`
 }
 
 // ctlMsg is a message on the control socket between a Restore and its
@@ -347,7 +377,9 @@ func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
 	hc := helperConfig{Mode: r.cfg.mode, Workers: r.cfg.workers, Spin: r.cfg.spin, Premap: r.cfg.premap,
 		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, SnapSize: snapSize,
 		ViewBase: r.view.Addr(), UffdFeature: uint64(r.u.Features()), Name: r.layout.Snapshot,
-		Record: r.cfg.record, Profile: r.cfg.profile, Rest: r.cfg.prefetchRest}
+		Record: r.cfg.record, Profile: r.cfg.profile, Rest: r.cfg.prefetchRest,
+		URL: r.remoteURL, Remote: r.cfg.remote}
+	hc.Remote.Validator = r.remoteValidator
 	js, _ := json.Marshal(hc)
 	exe := r.cfg.helperPath
 	if exe == "" {
@@ -364,7 +396,7 @@ func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
 		}
 	}
 	cmd.Env = env
-	cmd.ExtraFiles = []*os.File{snap, backing, uf, child} // fds 3, 4, 5, 6
+	cmd.ExtraFiles = []*os.File{snap, backing, uf, child} // fds 3 (nil: a remote snapshot), 4, 5, 6
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("restore: start fault-handler helper %s: %w", exe, err)
@@ -477,10 +509,24 @@ func helperMain(js string) int {
 	}
 	runtime.GOMAXPROCS(workers + 1)
 	ctl := os.NewFile(6, "ctl")
-	snap := os.NewFile(3, "snapshot")
-	rd, err := format.NewReader(snap, hc.SnapSize)
-	if err != nil {
-		return fail(err)
+	var rd *format.Reader
+	var rem *remote.Reader
+	if hc.URL != "" {
+		rf, err := format.OpenRemote(hc.URL, hc.Remote)
+		if err != nil {
+			return fail(err)
+		}
+		defer rf.Close()
+		rd, rem = rf.Reader, rf.Remote()
+	} else {
+		snap := os.NewFile(3, "snapshot")
+		var err error
+		if rd, err = format.NewReader(snap, hc.SnapSize); err == nil {
+			err = format.AuthenticateFromEnv(rd)
+		}
+		if err != nil {
+			return fail(err)
+		}
 	}
 	b := backingFromFD(4, hc.Backing, hc.Size, hc.PageSize)
 	cfg := defaultConfig()
@@ -528,6 +574,10 @@ func helperMain(js string) int {
 		switch m.Op {
 		case "stats":
 			s := e.stats()
+			if rem != nil {
+				rs := rem.Stats()
+				s.Remote = &rs
+			}
 			reply(ctlMsg{ID: m.ID, Stats: &s})
 		case "wait":
 			e.extendPrefetch()

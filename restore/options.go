@@ -3,6 +3,8 @@ package restore
 import (
 	"fmt"
 	"time"
+
+	"github.com/uffdrestore/uffdrestore/remote"
 )
 
 // Mode says when chunks are filled.
@@ -64,6 +66,7 @@ type config struct {
 	profile      ProfileSource
 	prefetchRest bool
 	forTargets   bool
+	remote       remote.Options // for a snapshot given as an http(s) URL
 }
 
 func defaultConfig() config {
@@ -81,6 +84,12 @@ const DefaultSpin = 0
 
 // Option configures a restore.
 type Option func(*config)
+
+// WithRemote sets how a snapshot given as an http:// or https:// URL is
+// read (parallel requests, timeouts, retries, headers; see package remote).
+// Its Client is not used by the fault-handler helper of Open, which makes
+// its own.
+func WithRemote(o remote.Options) Option { return func(c *config) { c.remote = o } }
 
 // WithMode sets the mode (default lazy).
 func WithMode(m Mode) Option { return func(c *config) { c.mode = m } }

@@ -5,6 +5,8 @@ import (
 	"math/bits"
 	"sync/atomic"
 	"time"
+
+	"github.com/uffdrestore/uffdrestore/remote"
 )
 
 // Stats are a restore's figures. All durations are in nanoseconds in JSON.
@@ -32,6 +34,9 @@ type Stats struct {
 	Poisoned        int64 `json:"poisoned"`          // units poisoned after a checksum failure
 	Errors          int64 `json:"errors"`
 	Reads           int64 `json:"reads"` // preads of chunk data (coalesced reads count once)
+
+	// Remote is filled for a snapshot read from an HTTP server.
+	Remote *remote.Stats `json:"remote,omitempty"`
 
 	// WorkingSet is filled in working-set mode.
 	WorkingSet *WorkingSetStats `json:"working_set,omitempty"`
