@@ -9,7 +9,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
 	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/snapshot"
@@ -246,61 +246,13 @@ func (p *snapProgress) done() {
 	}
 }
 
-// snapAtomicFile writes to a temporary file next to path and renames it
-// over path on Commit; Abort removes it.
-type snapAtomicFile struct {
-	f    *os.File
-	bw   *bufio.Writer
-	path string
-}
-
-func snapCreateAtomic(path string) (*snapAtomicFile, error) {
-	dir := filepath.Dir(path)
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
-		return nil, fmt.Errorf("output %s is a directory: give a file name", path)
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return nil, fmt.Errorf("create output next to %s: %w (does the directory exist and is it writable?)", path, err)
-	}
-	return &snapAtomicFile{f: f, bw: bufio.NewWriterSize(f, 1<<20), path: path}, nil
-}
-
-func (a *snapAtomicFile) Write(p []byte) (int, error) { return a.bw.Write(p) }
-
-func (a *snapAtomicFile) Commit() error {
-	err := a.bw.Flush()
-	if err == nil {
-		err = a.f.Chmod(0o644)
-	}
-	if err == nil {
-		err = a.f.Sync()
-	}
-	if cerr := a.f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(a.f.Name(), a.path)
-	}
-	if err != nil {
-		os.Remove(a.f.Name())
-		return fmt.Errorf("write %s: %w", a.path, err)
-	}
-	return nil
-}
-
-func (a *snapAtomicFile) Abort() {
-	a.f.Close()
-	os.Remove(a.f.Name())
-}
-
 // snapOutput opens the output: stdout for "-", else an atomic file.
 func snapOutput(c *cli.Context, path string) (w io.Writer, commit func() error, abort func(), err error) {
 	if path == "-" {
 		bw := bufio.NewWriterSize(c.App.Writer, 1<<20)
 		return bw, bw.Flush, func() {}, nil
 	}
-	a, err := snapCreateAtomic(path)
+	a, err := atomicfile.Create(path, 0o644)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -434,7 +386,7 @@ func runSnapCreate(c *cli.Context) error {
 	}
 	if err == nil && reorder != nil {
 		var reordered bool
-		reordered, err = snapCreateReorder(ctx, c, w.(*snapAtomicFile), reorder, reorderUnit, quiet)
+		reordered, err = snapCreateReorder(ctx, c, w.(*atomicfile.File), reorder, reorderUnit, quiet)
 		if reordered {
 			commit = func() error { return nil } // the reordered copy is in place
 		}
@@ -591,15 +543,12 @@ func snapParseUnit(s string) (int, error) {
 // not yet committed) with sc's working set first, committing the reordered
 // copy in its place. It returns false, with a warning, if sc belongs to
 // another snapshot: the caller then commits a as it is.
-func snapCreateReorder(ctx context.Context, c *cli.Context, a *snapAtomicFile, sc *restore.SidecarProfile, unit int, quiet bool) (bool, error) {
-	if err := a.bw.Flush(); err != nil {
-		return false, fmt.Errorf("write %s: %w", a.f.Name(), err)
-	}
-	st, err := a.f.Stat()
+func snapCreateReorder(ctx context.Context, c *cli.Context, a *atomicfile.File, sc *restore.SidecarProfile, unit int, quiet bool) (bool, error) {
+	n, err := a.Size()
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("write %s: %w", a.Name(), err)
 	}
-	r, err := format.NewReader(a.f, st.Size())
+	r, err := format.NewReader(a, n)
 	if err != nil {
 		return false, fmt.Errorf("re-read new snapshot: %w", err)
 	}
@@ -612,7 +561,7 @@ func snapCreateReorder(ctx context.Context, c *cli.Context, a *snapAtomicFile, s
 	if p.Name == "" {
 		p.Name = "default"
 	}
-	b, err := snapCreateAtomic(a.path)
+	b, err := atomicfile.Create(a.Path(), 0o644)
 	if err != nil {
 		return false, err
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
 )
 
 // Working sets: record which chunks a restore touched first, in order, and
@@ -261,11 +262,7 @@ func SaveProfile(path string, r *format.Reader, p format.Profile) error {
 	if err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.WriteBytes(path, 0o644, b)
 }
 
 // LoadProfile reads a sidecar profile file.

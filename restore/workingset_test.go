@@ -227,3 +227,33 @@ func TestOpenRecordAndReplay(t *testing.T) {
 		t.Fatalf("touching the prefilled working set faulted %d times", s.FaultsMinor+s.FaultsMissing)
 	}
 }
+
+// SaveProfile writes through a temporary of its own: a link planted at a
+// predictable temporary name (path.tmp) never redirects the write.
+func TestSaveProfileIgnoresPlantedTemporary(t *testing.T) {
+	path := writeSnap(t, []testRegion{{"x", 0, testImage(1<<20, 3)}}, format.CodecS2, 64<<10)
+	f, err := format.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "victim")
+	if err := os.WriteFile(victim, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	side := filepath.Join(dir, "p.json")
+	if err := os.Symlink(victim, side+".tmp"); err != nil {
+		t.Fatal(err)
+	}
+	if err := SaveProfile(side, f.Reader, format.Profile{Name: "p", Entries: []format.ProfileEntry{{Chunk: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep" {
+		t.Fatalf("the planted link's target was overwritten: %q", b)
+	}
+	sc, err := LoadProfile(side)
+	if err != nil || sc.Profile.Name != "p" {
+		t.Fatalf("saved profile: %+v %v", sc, err)
+	}
+}
