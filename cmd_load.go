@@ -257,9 +257,6 @@ func runLoad(c *cli.Context) error {
 	st := l.Stats()
 	fmt.Fprintf(stderr, "stats: %s\n", loadStatsLine(st))
 	if w := st.WorkingSet; w != nil {
-		if w.Warning != "" {
-			fmt.Fprintf(stderr, "uffdrestore: warning: %s\n", w.Warning)
-		}
 		fmt.Fprintf(stderr, "working set %q: %d units, %d filled ahead of any fault, %d needed by a fault first, %d faulted outside it\n",
 			w.Profile, w.Units, w.Prefilled, w.Late, w.Missed)
 	}

@@ -17,10 +17,10 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"golang.org/x/sys/unix"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
+	"github.com/uffdrestore/uffdrestore/internal/progress"
 	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/snapshot"
@@ -177,73 +177,9 @@ func snapSignalContext(c *cli.Context) (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 }
 
-// snapIsTTY reports whether w is a terminal.
-func snapIsTTY(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
-}
-
-// snapProgress draws "label  done / total  pct  rate  ETA" on a terminal.
-type snapProgress struct {
-	w        io.Writer
-	label    string
-	on       bool
-	start    time.Time
-	mu       sync.Mutex
-	last     time.Time
-	drawn    bool
-	lastDone uint64
-}
-
-func newSnapProgress(c *cli.Context, label string, quiet bool) *snapProgress {
-	return &snapProgress{w: c.App.ErrWriter, label: label, on: !quiet && snapIsTTY(c.App.ErrWriter), start: time.Now()}
-}
-
-func (p *snapProgress) update(done, total uint64) {
-	if !p.on {
-		return
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	now := time.Now()
-	p.lastDone = done
-	if now.Sub(p.last) < 100*time.Millisecond && done != total {
-		return
-	}
-	p.last = now
-	line := p.line(done, total, now)
-	fmt.Fprintf(p.w, "\r\033[K%s", line)
-	p.drawn = true
-}
-
-// line is the progress line at now: the rate so far and, from it, the time
-// left.
-func (p *snapProgress) line(done, total uint64, now time.Time) string {
-	el := now.Sub(p.start).Seconds()
-	rate := 0.0
-	if el > 0 {
-		rate = float64(done) / el
-	}
-	line := fmt.Sprintf("%s  %s", p.label, snapshot.HumanBytes(done))
-	if total > 0 {
-		line += fmt.Sprintf(" / %s  %3.0f%%", snapshot.HumanBytes(total), 100*float64(done)/float64(total))
-	}
-	line += fmt.Sprintf("  %s/s", snapshot.HumanBytes(uint64(rate)))
-	if total > done && rate > 0 {
-		left := time.Duration(float64(total-done) / rate * float64(time.Second))
-		line += fmt.Sprintf("  ETA %s", left.Round(time.Second))
-	}
-	return line
-}
-
-func (p *snapProgress) done() {
-	if p.on && p.drawn {
-		fmt.Fprint(p.w, "\r\033[K")
-	}
+// newSnapProgress is the progress bar of a snapshot command, on stderr.
+func newSnapProgress(c *cli.Context, label string, quiet bool) *progress.Bar {
+	return progress.New(c.App.ErrWriter, label, quiet, snapshot.HumanBytes)
 }
 
 // snapOutput opens the output: stdout for "-", else an atomic file.
@@ -325,7 +261,7 @@ func runSnapCreate(c *cli.Context) error {
 	ctx, cancel := snapSignalContext(c)
 	defer cancel()
 	prog := newSnapProgress(c, "create", quiet)
-	opts.Progress = prog.update
+	opts.Progress = prog.Update
 
 	w, commit, abort, err := snapOutput(c, out)
 	if err != nil {
@@ -368,7 +304,7 @@ func runSnapCreate(c *cli.Context) error {
 	default:
 		st, err = snapshot.CreateFromPID(ctx, fromPID, w, opts)
 	}
-	prog.done()
+	prog.Done()
 	finish.Lock()
 	close(finished)
 	if err == nil && ctx.Err() != nil {
@@ -466,8 +402,8 @@ func runSnapVerify(c *cli.Context) error {
 	ctx, cancel := snapSignalContext(c)
 	defer cancel()
 	prog := newSnapProgress(c, "verify", c.Bool("quiet"))
-	errs := snapshot.VerifyProgress(ctx, f.Reader, c.Int("workers"), prog.update)
-	prog.done()
+	errs := snapshot.VerifyProgress(ctx, f.Reader, c.Int("workers"), prog.Update)
+	prog.Done()
 	if len(errs) == 0 {
 		fmt.Fprintf(c.App.Writer, "ok: %d chunks verified (%s)\n", f.NumChunks(), snapshot.HumanBytes(f.RawSize()))
 		return nil
@@ -510,8 +446,8 @@ func runSnapExtract(c *cli.Context) error {
 		return err
 	}
 	prog := newSnapProgress(c, "extract", c.Bool("quiet") || out == "-")
-	err = snapshot.ExtractProgress(ctx, f.Reader, w, c.String("region"), prog.update)
-	prog.done()
+	err = snapshot.ExtractProgress(ctx, f.Reader, w, c.String("region"), prog.Update)
+	prog.Done()
 	if err == nil {
 		err = commit()
 	}
@@ -636,12 +572,11 @@ func runSnapReorder(c *cli.Context) error {
 		return err
 	}
 	defer f.Close()
-	snap := c.Args().First()
 	var p format.Profile
 	var keep []format.Profile // nil: keep SNAP's profiles
 	switch {
 	case c.IsSet("profile-file"):
-		sc, err := snapLoadSidecar(f.Reader, snap, c.String("profile-file"))
+		sc, err := restore.LoadSidecar(f.Reader, c.String("profile-file"))
 		if err != nil {
 			return fmt.Errorf("snapshot reorder: %w", err)
 		}
@@ -651,7 +586,7 @@ func runSnapReorder(c *cli.Context) error {
 		}
 		keep = snapWithProfile(f.Profiles(), p)
 	default:
-		if p, err = snapFindProfile(f.Reader, c.String("profile")); err != nil {
+		if p, err = restore.FindProfile(f.Reader, c.String("profile")); err != nil {
 			return fmt.Errorf("snapshot reorder: %w", err)
 		}
 	}
@@ -673,8 +608,8 @@ func runSnapReorder(c *cli.Context) error {
 	quiet := c.Bool("quiet") || out == "-"
 	prog := newSnapProgress(c, "reorder", quiet)
 	start := time.Now()
-	st, err := snapshot.Reorder(ctx, f.Reader, w, p, snapshot.ReorderOptions{UnitSize: unit, Profiles: keep, Progress: prog.update})
-	prog.done()
+	st, err := snapshot.Reorder(ctx, f.Reader, w, p, snapshot.ReorderOptions{UnitSize: unit, Profiles: keep, Progress: prog.Update})
+	prog.Done()
 	if err == nil {
 		err = commit()
 	}
@@ -685,68 +620,12 @@ func runSnapReorder(c *cli.Context) error {
 		}
 		return fmt.Errorf("snapshot reorder: %w", err)
 	}
-	if st.Dropped > 0 {
-		fmt.Fprintf(c.App.ErrWriter, "uffdrestore: warning: profile %q: ignored %d entries naming chunks beyond the snapshot's %d (stale profile?)\n", p.Name, st.Dropped, f.NumChunks())
-	}
 	if !quiet {
 		fmt.Fprintf(c.App.ErrWriter, "wrote %s: working set of profile %q first (%d of %d stored chunks, %s of %s), in %s\n",
 			out, p.Name, st.Leading, st.Chunks, snapshot.HumanBytes(st.WorkingSetBytes), snapshot.HumanBytes(st.StoredBytes),
 			time.Since(start).Round(time.Millisecond))
 	}
 	return nil
-}
-
-// snapFindProfile returns the profile called name in r; with name "", the
-// only profile, or all of them merged (as a restore picks by default).
-func snapFindProfile(r *format.Reader, name string) (format.Profile, error) {
-	ps := r.Profiles()
-	if len(ps) == 0 {
-		return format.Profile{}, fmt.Errorf("%w: the snapshot has no working-set profile (record one with a restore, or add a sidecar with: uffdrestore snapshot profile add SNAP --from FILE)", restore.ErrNoProfile)
-	}
-	if name == "" {
-		if len(ps) == 1 {
-			return ps[0], nil
-		}
-		return restore.MergeProfiles("merged", ps...), nil
-	}
-	for _, p := range ps {
-		if p.Name == name {
-			return p, nil
-		}
-	}
-	return format.Profile{}, fmt.Errorf("%w: no profile %q in the snapshot (it has %s)", restore.ErrNoProfile, name, snapProfileNames(ps))
-}
-
-func snapProfileNames(ps []format.Profile) string {
-	if len(ps) == 0 {
-		return "none"
-	}
-	q := make([]string, len(ps))
-	for i, p := range ps {
-		q[i] = strconv.Quote(p.Name)
-	}
-	return strings.Join(q, ", ")
-}
-
-// snapLoadSidecar loads a sidecar profile and checks it belongs to the
-// snapshot r (at path snap): a foreign or stale profile is rejected, never
-// trusted blindly.
-func snapLoadSidecar(r *format.Reader, snap, file string) (*restore.SidecarProfile, error) {
-	sc, err := restore.LoadProfile(file)
-	if err != nil {
-		return nil, err
-	}
-	if id := restore.SnapshotID(r); sc.SnapshotID != id {
-		return nil, fmt.Errorf("%w: %s is a foreign profile: recorded on snapshot %s (%d chunks of %s), %s is %s (%d chunks of %s); record a profile on this snapshot",
-			restore.ErrForeignProfile, file, sc.SnapshotID, sc.Chunks, snapshot.HumanBytes(uint64(sc.ChunkSize)),
-			snap, id, r.NumChunks(), snapshot.HumanBytes(uint64(r.ChunkSize())))
-	}
-	for j, e := range sc.Profile.Entries {
-		if int64(e.Chunk) >= int64(r.NumChunks()) {
-			return nil, fmt.Errorf("%w: %s: entry %d names chunk %d, the snapshot has %d", restore.ErrForeignProfile, file, j, e.Chunk, r.NumChunks())
-		}
-	}
-	return sc, nil
 }
 
 // snapWithProfile returns ps with p replacing the profile of its name, or
@@ -926,7 +805,7 @@ func runSnapProfileAdd(c *cli.Context) error {
 		return err
 	}
 	snap := c.Args().First()
-	sc, err := snapLoadSidecar(f.Reader, snap, from)
+	sc, err := restore.LoadSidecar(f.Reader, from)
 	existing := f.Profiles()
 	f.Close()
 	if err != nil {
@@ -959,9 +838,9 @@ func runSnapProfileExport(c *cli.Context) error {
 	ps := f.Profiles()
 	name := c.String("name")
 	if name == "" && len(ps) > 1 {
-		return snapUsage("profile export: the snapshot has %d profiles (%s): choose one with --name", len(ps), snapProfileNames(ps))
+		return snapUsage("profile export: the snapshot has %d profiles (%s): choose one with --name", len(ps), restore.ProfileNames(ps))
 	}
-	p, err := snapFindProfile(f.Reader, name)
+	p, err := restore.FindProfile(f.Reader, name)
 	if err != nil {
 		return fmt.Errorf("snapshot profile export: %w", err)
 	}
@@ -994,14 +873,14 @@ func runSnapProfileMerge(c *cli.Context) error {
 			if n = strings.TrimSpace(n); n == "" {
 				continue
 			}
-			p, err := snapFindProfile(f.Reader, n)
+			p, err := restore.FindProfile(f.Reader, n)
 			if err != nil {
 				return err
 			}
 			srcs = append(srcs, p)
 		}
 		for _, file := range c.StringSlice("from-file") {
-			sc, err := snapLoadSidecar(f.Reader, snap, file)
+			sc, err := restore.LoadSidecar(f.Reader, file)
 			if err != nil {
 				return err
 			}
@@ -1044,7 +923,7 @@ func runSnapProfileRemove(c *cli.Context) error {
 		}
 	}
 	if len(kept) == len(ps) {
-		return fmt.Errorf("snapshot profile remove: %w: no profile %q in the snapshot (it has %s)", restore.ErrNoProfile, name, snapProfileNames(ps))
+		return fmt.Errorf("snapshot profile remove: %w: no profile %q in the snapshot (it has %s)", restore.ErrNoProfile, name, restore.ProfileNames(ps))
 	}
 	snap := c.Args().First()
 	if err := format.SetProfiles(snap, kept); err != nil {

@@ -288,6 +288,18 @@ func TestSnapshotProfileCLI(t *testing.T) {
 			t.Errorf("%q: exit %d, %q; want a foreign-profile error", args[2], code, stderr)
 		}
 	}
+	// A sidecar of this snapshot naming chunks beyond it (damaged or
+	// edited) is rejected by the same check a restore makes.
+	snapSidecar(t, snap, filepath.Join(dir, "damaged.json"), "damaged", 1, 1<<20)
+	for _, args := range [][]string{
+		{"snapshot", "profile", "add", snap, "--from", filepath.Join(dir, "damaged.json")},
+		{"snapshot", "reorder", snap, "-o", filepath.Join(dir, "x.snap"), "--profile-file", filepath.Join(dir, "damaged.json")},
+	} {
+		code, _, stderr := runSnapCLI(t, args...)
+		if code != 1 || !strings.Contains(stderr, "1 of 2 entries name chunks beyond the snapshot") {
+			t.Errorf("%q: exit %d, %q; want an out-of-range error", args[2], code, stderr)
+		}
+	}
 	if len(snapProfiles(t, snap)) != 2 {
 		t.Error("a rejected profile changed the snapshot")
 	}

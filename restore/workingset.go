@@ -9,12 +9,15 @@ import (
 	"hash/crc64"
 	"os"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
+	"github.com/uffdrestore/uffdrestore/snapshot"
 )
 
 // Working sets: record which chunks a restore touched first, in order, and
@@ -52,10 +55,9 @@ func (r *recorder) profile(name string) format.Profile {
 
 // wsState is a working-set restore's profile and its accounting.
 type wsState struct {
-	name   string
-	inSet  []bool // per unit
-	units  int
-	warned string
+	name  string
+	inSet []bool // per unit
+	units int
 }
 
 // setupWorkingSet builds the prefetch order: in working-set mode the
@@ -66,17 +68,17 @@ func (e *engine) setupWorkingSet() error {
 	all := make([]uint32, 0, 2*e.nUnits)
 	limit := e.nUnits
 	if e.cfg.mode == ModeWorkingSet {
-		p, warn, err := e.cfg.profile.resolve(e.r)
+		p, err := e.cfg.profile.resolve(e.r)
 		if err != nil {
 			return err
 		}
-		ws := &wsState{name: p.Name, inSet: make([]bool, e.nUnits), warned: warn}
+		ws := &wsState{name: p.Name, inSet: make([]bool, e.nUnits)}
 		entries := append([]format.ProfileEntry(nil), p.Entries...)
 		sort.SliceStable(entries, func(i, j int) bool { return entries[i].Rank < entries[j].Rank })
 		for _, en := range entries {
 			u := int(en.Chunk) / e.chunksPerUnit
 			if int(en.Chunk) >= e.r.NumChunks() || u >= e.nUnits {
-				continue // resolve already rejected these; be safe
+				continue // resolve rejected profiles with these; be safe
 			}
 			if !ws.inSet[u] {
 				ws.inSet[u] = true
@@ -110,66 +112,82 @@ type ProfileSource struct {
 }
 
 // resolve finds the profile and checks it belongs to this snapshot. A
-// stale or foreign profile is rejected, never trusted blindly; out-of-range
-// entries are dropped with a warning.
-func (ps ProfileSource) resolve(r *format.Reader) (format.Profile, string, error) {
+// stale or foreign profile is rejected, never trusted blindly; so is one with
+// entries beyond the snapshot (snapshot.CheckProfile: the one policy).
+func (ps ProfileSource) resolve(r *format.Reader) (format.Profile, error) {
 	var p format.Profile
 	switch {
 	case ps.Profile != nil:
 		p = *ps.Profile
 	case ps.File != "":
-		sc, err := LoadProfile(ps.File)
+		sc, err := LoadSidecar(r, ps.File)
 		if err != nil {
-			return p, "", err
-		}
-		if id := SnapshotID(r); sc.SnapshotID != id {
-			return p, "", fmt.Errorf("%w: profile file %s was recorded on snapshot %s, this is %s", ErrForeignProfile, ps.File, sc.SnapshotID, id)
+			return p, err
 		}
 		p = sc.Profile
 	default:
-		profs := r.Profiles()
-		if len(profs) == 0 {
-			return p, "", fmt.Errorf("%w: the snapshot has no working-set profile (record one with `uffdrestore load --record`)", ErrNoProfile)
-		}
-		if ps.Name == "" {
-			p = MergeProfiles("merged", profs...)
-			if len(profs) == 1 {
-				p = profs[0]
-			}
-		} else {
-			found := false
-			for _, q := range profs {
-				if q.Name == ps.Name {
-					p, found = q, true
-				}
-			}
-			if !found {
-				var names []string
-				for _, q := range profs {
-					names = append(names, q.Name)
-				}
-				return p, "", fmt.Errorf("%w: no profile %q in the snapshot (it has %q)", ErrNoProfile, ps.Name, names)
-			}
+		var err error
+		if p, err = FindProfile(r, ps.Name); err != nil {
+			return p, err
 		}
 	}
-	kept := p.Entries[:0:0]
-	dropped := 0
-	for _, e := range p.Entries {
-		if int(e.Chunk) < r.NumChunks() {
-			kept = append(kept, e)
-		} else {
-			dropped++
+	if err := snapshot.CheckProfile(r, p); err != nil {
+		return p, fmt.Errorf("%w: %w", ErrForeignProfile, err)
+	}
+	return p, nil
+}
+
+// FindProfile returns the profile called name stored in r; with name "",
+// the only profile, or all of them merged (as a restore picks by default).
+// A missing profile is an error wrapping ErrNoProfile.
+func FindProfile(r *format.Reader, name string) (format.Profile, error) {
+	ps := r.Profiles()
+	if len(ps) == 0 {
+		return format.Profile{}, fmt.Errorf("%w: the snapshot has no working-set profile (record one with a restore: uffdrestore load --record; or add a sidecar with: uffdrestore snapshot profile add SNAP --from FILE)", ErrNoProfile)
+	}
+	if name == "" {
+		if len(ps) == 1 {
+			return ps[0], nil
+		}
+		return MergeProfiles("merged", ps...), nil
+	}
+	for _, p := range ps {
+		if p.Name == name {
+			return p, nil
 		}
 	}
-	var warn string
-	if dropped > 0 {
-		warn = fmt.Sprintf("profile %q: ignored %d entries naming chunks beyond the snapshot's %d (stale profile?)", p.Name, dropped, r.NumChunks())
-		if len(kept) == 0 {
-			return p, warn, fmt.Errorf("%w: %s", ErrForeignProfile, warn)
-		}
+	return format.Profile{}, fmt.Errorf("%w: no profile %q in the snapshot (it has %s)", ErrNoProfile, name, ProfileNames(ps))
+}
+
+// ProfileNames lists the profiles' names, quoted ("none" for no profile).
+func ProfileNames(ps []format.Profile) string {
+	if len(ps) == 0 {
+		return "none"
 	}
-	p.Entries = kept
-	return p, warn, nil
+	q := make([]string, len(ps))
+	for i, p := range ps {
+		q[i] = strconv.Quote(p.Name)
+	}
+	return strings.Join(q, ", ")
+}
+
+// LoadSidecar loads the sidecar profile file and checks that it belongs to
+// the snapshot r: a profile recorded on another snapshot, or one naming
+// chunks r does not have, is an error wrapping ErrForeignProfile.
+func LoadSidecar(r *format.Reader, file string) (*SidecarProfile, error) {
+	sc, err := LoadProfile(file)
+	if err != nil {
+		return nil, err
+	}
+	if id := SnapshotID(r); sc.SnapshotID != id {
+		return nil, fmt.Errorf("%w: %s is a foreign profile: recorded on snapshot %s (%d chunks of %s), this snapshot is %s (%d chunks of %s); record a profile on this snapshot",
+			ErrForeignProfile, file, sc.SnapshotID, sc.Chunks, snapshot.HumanBytes(uint64(sc.ChunkSize)),
+			id, r.NumChunks(), snapshot.HumanBytes(uint64(r.ChunkSize())))
+	}
+	if err := snapshot.CheckProfile(r, sc.Profile); err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrForeignProfile, file, err)
+	}
+	return sc, nil
 }
 
 // Errors of working-set profiles.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"github.com/uffdrestore/uffdrestore/snapshot"
 )
 
 // wsSnapshot: 16 units of 2 MiB (s2).
@@ -116,19 +117,29 @@ func TestWorkingSetRejectsForeignProfile(t *testing.T) {
 	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{File: side}))...); !errors.Is(err, ErrForeignProfile) {
 		t.Fatalf("foreign sidecar profile: %v, want ErrForeignProfile", err)
 	}
-	// All entries out of range: rejected. Some: dropped with a warning.
+	// Entries out of range, all or some: rejected (snapshot.CheckProfile).
 	bad := format.Profile{Name: "stale", Entries: []format.ProfileEntry{{Chunk: 1000}}}
-	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &bad}))...); !errors.Is(err, ErrForeignProfile) {
-		t.Fatalf("out-of-range profile: %v, want ErrForeignProfile", err)
+	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &bad}))...); !errors.Is(err, ErrForeignProfile) || !errors.Is(err, snapshot.ErrProfileRange) {
+		t.Fatalf("out-of-range profile: %v, want ErrForeignProfile and ErrProfileRange", err)
 	}
 	mixed := format.Profile{Name: "stale", Entries: []format.ProfileEntry{{Chunk: 1000}, {Chunk: 2, Rank: 1}}}
-	l, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &mixed}))...)
+	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &mixed}))...); !errors.Is(err, snapshot.ErrProfileRange) ||
+		!strings.Contains(err.Error(), "1 of 2 entries") {
+		t.Fatalf("partly out-of-range profile: %v, want ErrProfileRange", err)
+	}
+	// The same in a sidecar that carries this snapshot's identity (damaged
+	// or edited): rejected too.
+	fs, err := format.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	if w := l.Stats().WorkingSet; w == nil || w.Units != 1 || !strings.Contains(w.Warning, "ignored 1") {
-		t.Fatalf("mixed profile: %+v", w)
+	damaged := filepath.Join(t.TempDir(), "damaged.json")
+	if err := SaveProfile(damaged, fs.Reader, mixed); err != nil {
+		t.Fatal(err)
+	}
+	fs.Close()
+	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{File: damaged}))...); !errors.Is(err, ErrForeignProfile) || !errors.Is(err, snapshot.ErrProfileRange) {
+		t.Fatalf("sidecar with out-of-range entries: %v", err)
 	}
 	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Name: "nope"}))...); !errors.Is(err, ErrNoProfile) {
 		t.Fatalf("missing profile: %v, want ErrNoProfile", err)
