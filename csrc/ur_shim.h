@@ -84,38 +84,10 @@ int ur_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t 
 
 /* Reads up to n bytes of struct uffd_msg records; returns bytes read. */
 long ur_uffd_read(int fd, void *buf, size_t n);
-/* Waits for fd (and optionally wakefd) to be readable; returns a bitmask: 1 fd, 2 wakefd, 4 fd hung up. */
+/* Waits for fd (and optionally wakefd) to be readable; returns a bitmask of UR_POLL_*. */
+enum { UR_POLL_READY = 1, UR_POLL_WOKEN = 2, UR_POLL_HUP = 4 };
 int ur_poll2(int fd, int wakefd, int timeout_ms);
 
-/* Layout of struct uffd_msg and friends, so the Go side can pin its parser to C. */
-struct ur_abi {
-	uint64_t sizeof_uffd_msg;
-	uint64_t off_event;
-	uint64_t off_pf_flags;
-	uint64_t off_pf_address;
-	uint64_t off_pf_ptid;
-	uint64_t off_fork_ufd;
-	uint64_t off_remap_from;
-	uint64_t off_remap_to;
-	uint64_t off_remap_len;
-	uint64_t off_remove_start;
-	uint64_t off_remove_end;
-	uint64_t sizeof_uffdio_api;
-	uint64_t sizeof_uffdio_register;
-	uint64_t sizeof_uffdio_continue;
-	uint64_t sizeof_uffdio_copy;
-	uint64_t sizeof_uffdio_poison;
-	uint64_t ioctl_api, ioctl_register, ioctl_unregister, ioctl_wake, ioctl_copy,
-		ioctl_zeropage, ioctl_continue, ioctl_poison, ioctl_dev_new;
-	uint64_t feat_minor_hugetlbfs, feat_minor_shmem, feat_poison, feat_missing_hugetlbfs,
-		feat_missing_shmem, feat_event_fork, feat_event_remap, feat_event_remove,
-		feat_event_unmap, feat_sigbus, feat_thread_id, feat_exact_address,
-		feat_wp_hugetlbfs_shmem, feat_move;
-	uint64_t event_pagefault, event_fork, event_remap, event_remove, event_unmap;
-	uint64_t pf_flag_write, pf_flag_wp, pf_flag_minor;
-	uint64_t mode_missing, mode_wp, mode_minor;
-};
-void ur_get_abi(struct ur_abi *abi);
 
 /* Memory and files. */
 int ur_memfd_create(const char *name, unsigned int flags, int hugetlb, int page_shift);
