@@ -205,39 +205,6 @@ int ur_get_seals(int fd)
 	return r < 0 ? -errno : r;
 }
 
-#include <time.h>
-
-static inline uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-uint64_t ur_touch(uint64_t addr, uint64_t len, uint64_t stride, int write,
-		  const uint32_t *order, uint64_t norder, uint64_t *lat_ns)
-{
-	volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)addr;
-	uint64_t n = stride ? (len + stride - 1) / stride : 0;
-	uint64_t sum = 0;
-	if (order)
-		n = norder;
-	for (uint64_t i = 0; i < n; i++) {
-		uint64_t idx = order ? order[i] : i;
-		uint64_t off = idx * stride;
-		if (off >= len)
-			continue;
-		uint64_t t0 = lat_ns ? now_ns() : 0;
-		unsigned char v = p[off];
-		if (write)
-			p[off] = v;
-		if (lat_ns)
-			lat_ns[i] = now_ns() - t0;
-		sum = sum * 31 + v;
-	}
-	return sum;
-}
-
 int ur_mincore(uint64_t addr, uint64_t len, unsigned char *vec)
 {
 	return mincore((void *)(uintptr_t)addr, len, vec) < 0 ? -errno : 0;

@@ -4,7 +4,8 @@
  *
  * Every function returns a non-negative value on success and -errno on
  * failure; none of them retries or prints. The Go package restore/uffd is the
- * only caller (it is the only package that imports "C").
+ * only caller (the only package that reaches the kernel through "C";
+ * internal/touch imports "C" only to touch memory in benchmarks and tests).
  *
  * Constants and struct layouts come from <linux/userfaultfd.h>. Debian 12
  * ships 6.1 headers, so whatever newer kernels added is defined below with
@@ -100,20 +101,8 @@ int ur_ftruncate(int fd, int64_t len);
 int ur_add_seals(int fd, int seals);
 int ur_get_seals(int fd);
 
-#endif
-
-/*
- * Touches one byte per stride in [addr, addr+len) (reads, or writes back the
- * byte it read when write != 0), in the order given by order[] (stride
- * indexes) or sequentially when order is NULL. When lat_ns is not NULL it
- * receives each touch's latency in nanoseconds. Returns a checksum of the
- * bytes read. Running in C means the calling goroutine's P is released while
- * it waits on faults, so a Go fault handler in the same process can run; it
- * is also how benchmarks measure fault latency as a target thread sees it.
- */
-uint64_t ur_touch(uint64_t addr, uint64_t len, uint64_t stride, int write,
-		  const uint32_t *order, uint64_t norder, uint64_t *lat_ns);
-
 /* mincore(2): one byte per page of [addr, addr+len) in vec, bit 0 set when
  * the page is resident (for shmem: in the page cache). */
 int ur_mincore(uint64_t addr, uint64_t len, unsigned char *vec);
+
+#endif

@@ -23,6 +23,7 @@ import (
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -246,9 +247,9 @@ func BenchmarkFaultLatency(b *testing.B) {
 					m2, u2 := benchView(b, l)
 					units := int(l.Layout().FileSize) / l.e.unitSize
 					lat := make([]uint64, units)
-					uffd.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, lat)
+					touch.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, lat)
 					first = append(first, lat...)
-					uffd.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, lat)
+					touch.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, lat)
 					second = append(second, lat...)
 					ideal = append(ideal, idealFault(b, l, units)...)
 					u1.Close()
@@ -425,7 +426,7 @@ func BenchmarkWorkingSet(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		uffd.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
+		touch.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
 		d := time.Since(t0)
 		s, _ := r.Stats(context.Background())
 		r.Close()
@@ -436,7 +437,7 @@ func BenchmarkWorkingSet(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	uffd.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
+	touch.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
 	prof, err := r.Profile(context.Background())
 	r.Close()
 	if err != nil {
@@ -456,7 +457,7 @@ func BenchmarkWorkingSet(b *testing.B) {
 		d, _ = run(WithMode(ModeEager))
 		eager = append(eager, d)
 		t0 := time.Now()
-		uffd.Touch(uintptr(unsafe.Pointer(&warm[0])), len(warm), 4096, false, order, nil)
+		touch.Touch(uintptr(unsafe.Pointer(&warm[0])), len(warm), 4096, false, order, nil)
 		hot = append(hot, time.Since(t0))
 	}
 	med := func(v []time.Duration) float64 {
@@ -490,10 +491,10 @@ func BenchmarkSecondViewPremapped(b *testing.B) {
 			b.Fatal(err)
 		}
 		m1, v1 := benchView(b, l)
-		uffd.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, nil)
+		touch.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, nil)
 		m2, v2 := benchView(b, l)
 		l2 := make([]uint64, m2.Len()/l.e.unitSize)
-		uffd.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, l2)
+		touch.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, l2)
 		lat = append(lat, l2...)
 		s := v2.Stats()
 		faults += s.FaultsMinor + s.FaultsMissing

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
-	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/snapshot"
 )
 
@@ -30,7 +30,7 @@ func TestRecordProfile(t *testing.T) {
 	defer l.Close()
 	m, _ := attachLocal(t, l, false)
 	order := []uint32{9, 3, 3, 12, 0, 9}
-	uffd.Touch(m.Addr(), m.Len(), 2<<20, false, order, nil)
+	touch.Touch(m.Addr(), m.Len(), 2<<20, false, order, nil)
 	p, err := l.Profile()
 	if err != nil {
 		t.Fatal(err)
@@ -85,19 +85,19 @@ func TestWorkingSetReplay(t *testing.T) {
 	}
 	m, v := attachLocal(t, l, false)
 	// Touching the working set costs no fault (premapped at attach).
-	uffd.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{5, 1, 14}, nil)
+	touch.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{5, 1, 14}, nil)
 	if vs := v.Stats(); vs.FaultsMinor+vs.FaultsMissing != 0 {
 		t.Fatalf("working-set touches faulted %d times", vs.FaultsMinor+vs.FaultsMissing)
 	}
 	// A unit outside it is a miss.
-	uffd.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{7}, nil)
+	touch.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{7}, nil)
 	if s := l.Stats(); s.WorkingSet.Missed != 1 {
 		t.Fatalf("missed = %d, want 1", s.WorkingSet.Missed)
 	}
 	if err := l.Wait(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+	touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 	checkRegions(t, m.Bytes(), l.Layout(), regions)
 }
 

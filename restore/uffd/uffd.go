@@ -1,6 +1,10 @@
 // Package uffd is uffdrestore's one gateway to the kernel: the only package
-// that imports "C". It wraps the C shim in csrc/ (userfaultfd and its ioctls,
-// memfd, mmap, fallocate, seals) in a typed Go API.
+// that makes kernel calls through "C". It wraps the C shim in csrc/
+// (userfaultfd and its ioctls, memfd, mmap, fallocate, seals) in a typed Go
+// API and keeps to raw calls (benchmarks touch memory through
+// internal/touch). Every ABI value (feature and ioctl bits, modes, events,
+// the uffd_msg layout) is a constant taken from <linux/userfaultfd.h> by
+// cgo, pinned to the kernel's ABI by TestABI.
 //
 // Every failure is an *os.SyscallError wrapping a unix.Errno, so
 // errors.Is(err, unix.EEXIST) keeps working. EINTR is retried in one place

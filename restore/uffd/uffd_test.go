@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"golang.org/x/sys/unix"
 )
 
@@ -318,7 +319,7 @@ func TestMinorRoundTrip(t *testing.T) {
 			}
 			h := startHandler(t, u, view, alias, page, true)
 			// Touch from C so this goroutine's P is free for the handler.
-			Touch(view.Addr(), size, page, false, nil, nil)
+			touch.Touch(view.Addr(), size, page, false, nil, nil)
 			if got := h.minor.Load(); got != pages {
 				t.Errorf("minor faults = %d, want %d (one per page touched)", got, pages)
 			}
@@ -347,7 +348,7 @@ func TestMinorRoundTrip(t *testing.T) {
 				t.Fatalf("ContinueRange over a partly mapped range: %d calls, %v", calls, err)
 			}
 			before := h.minor.Load()
-			Touch(view.Addr(), size, page, false, nil, nil)
+			touch.Touch(view.Addr(), size, page, false, nil, nil)
 			if h.minor.Load() != before {
 				t.Fatalf("pages still faulted after ContinueRange")
 			}
@@ -378,7 +379,7 @@ func TestMissingMinorNoPrealloc(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := startHandler(t, u, view, alias, page, false)
-			Touch(view.Addr(), size, page, true, []uint32{2, 0, 1}, nil)
+			touch.Touch(view.Addr(), size, page, true, []uint32{2, 0, 1}, nil)
 			if got := h.missing.Load() + h.minor.Load(); got != pages {
 				t.Errorf("faults = %d, want %d", got, pages)
 			}
@@ -418,7 +419,7 @@ func TestPrivateView(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := startHandler(t, u, view, alias, page, true)
-			Touch(view.Addr(), size, page, true, nil, nil) // write faults: minor, then copy-on-write
+			touch.Touch(view.Addr(), size, page, true, nil, nil) // write faults: minor, then copy-on-write
 			if h.minor.Load() != pages {
 				t.Errorf("minor faults = %d, want %d", h.minor.Load(), pages)
 			}
