@@ -303,13 +303,7 @@ func loadSaveProfile(l *restore.Loader, snap, sidecar string, p format.Profile) 
 	if sidecar != "" {
 		return restore.SaveProfile(sidecar, l.Reader(), p)
 	}
-	ps := []format.Profile{}
-	for _, q := range l.Reader().Profiles() {
-		if q.Name != p.Name {
-			ps = append(ps, q)
-		}
-	}
-	return format.SetProfiles(snap, append(ps, p))
+	return restore.StoreProfile(snap, l.Reader().Profiles(), p, true)
 }
 
 func loadStatsLine(st restore.Stats) string {

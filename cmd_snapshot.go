@@ -584,7 +584,7 @@ func runSnapReorder(c *cli.Context) error {
 		if p.Name == "" {
 			p.Name = "default"
 		}
-		keep = snapWithProfile(f.Profiles(), p)
+		keep = restore.ReplaceProfile(f.Profiles(), p)
 	default:
 		if p, err = restore.FindProfile(f.Reader, c.String("profile")); err != nil {
 			return fmt.Errorf("snapshot reorder: %w", err)
@@ -626,27 +626,6 @@ func runSnapReorder(c *cli.Context) error {
 			time.Since(start).Round(time.Millisecond))
 	}
 	return nil
-}
-
-// snapWithProfile returns ps with p replacing the profile of its name, or
-// appended.
-func snapWithProfile(ps []format.Profile, p format.Profile) []format.Profile {
-	out := make([]format.Profile, 0, len(ps)+1)
-	done := false
-	for _, q := range ps {
-		if q.Name == p.Name {
-			if !done {
-				out = append(out, p)
-				done = true
-			}
-			continue
-		}
-		out = append(out, q)
-	}
-	if !done {
-		out = append(out, p)
-	}
-	return out
 }
 
 func snapProfileCmd() *cli.Command {
@@ -781,20 +760,6 @@ func runSnapProfileList(c *cli.Context) error {
 	return tw.Flush()
 }
 
-// snapStoreProfile stores p in the snapshot at path: appended, or replacing
-// the profile of its name if replace (else that is an error).
-func snapStoreProfile(path string, existing []format.Profile, p format.Profile, replace bool) error {
-	for _, q := range existing {
-		if q.Name == p.Name {
-			if !replace {
-				return fmt.Errorf("the snapshot already has a profile %q: give another --name, or --replace", p.Name)
-			}
-			return format.SetProfiles(path, snapWithProfile(existing, p))
-		}
-	}
-	return format.AppendProfile(path, p)
-}
-
 func runSnapProfileAdd(c *cli.Context) error {
 	from := c.String("from")
 	if from == "" {
@@ -818,7 +783,7 @@ func runSnapProfileAdd(c *cli.Context) error {
 	if p.Name == "" {
 		p.Name = "default"
 	}
-	if err := snapStoreProfile(snap, existing, p, c.Bool("replace")); err != nil {
+	if err := restore.StoreProfile(snap, existing, p, c.Bool("replace")); err != nil {
 		return fmt.Errorf("snapshot profile add: %w", err)
 	}
 	fmt.Fprintf(c.App.ErrWriter, "added profile %q to %s: %d entries\n", p.Name, snap, len(p.Entries))
@@ -898,7 +863,7 @@ func runSnapProfileMerge(c *cli.Context) error {
 		return fmt.Errorf("snapshot profile merge: %w", err)
 	}
 	m := restore.MergeProfiles(name, srcs...)
-	if err := snapStoreProfile(snap, existing, m, c.Bool("replace")); err != nil {
+	if err := restore.StoreProfile(snap, existing, m, c.Bool("replace")); err != nil {
 		return fmt.Errorf("snapshot profile merge: %w", err)
 	}
 	fmt.Fprintf(c.App.ErrWriter, "merged %d profiles into %q: %d entries\n", len(srcs), name, len(m.Entries))

@@ -190,10 +190,48 @@ func LoadSidecar(r *format.Reader, file string) (*SidecarProfile, error) {
 	return sc, nil
 }
 
+// ReplaceProfile returns ps with p in the place of the profile of its name
+// (later ones of that name dropped), or appended.
+func ReplaceProfile(ps []format.Profile, p format.Profile) []format.Profile {
+	out := make([]format.Profile, 0, len(ps)+1)
+	done := false
+	for _, q := range ps {
+		if q.Name == p.Name {
+			if !done {
+				out = append(out, p)
+				done = true
+			}
+			continue
+		}
+		out = append(out, q)
+	}
+	if !done {
+		out = append(out, p)
+	}
+	return out
+}
+
+// StoreProfile stores p in the snapshot at path, whose profiles are
+// existing: appended (only the index is rewritten), or, with replace, in the
+// place of the profile of its name. Without replace, a profile of that name
+// is an error wrapping ErrProfileExists.
+func StoreProfile(path string, existing []format.Profile, p format.Profile, replace bool) error {
+	for _, q := range existing {
+		if q.Name == p.Name {
+			if !replace {
+				return fmt.Errorf("%w: the snapshot already has a profile %q: give another --name, or --replace", ErrProfileExists, p.Name)
+			}
+			return format.SetProfiles(path, ReplaceProfile(existing, p))
+		}
+	}
+	return format.AppendProfile(path, p)
+}
+
 // Errors of working-set profiles.
 var (
 	ErrNoProfile      = errors.New("restore: no working-set profile")
 	ErrForeignProfile = errors.New("restore: working-set profile does not belong to this snapshot")
+	ErrProfileExists  = errors.New("restore: a working-set profile of that name exists")
 )
 
 // MergeProfiles unions profiles from several runs: every chunk any of them

@@ -268,3 +268,39 @@ func TestSaveProfileIgnoresPlantedTemporary(t *testing.T) {
 		t.Fatalf("saved profile: %+v %v", sc, err)
 	}
 }
+
+// StoreProfile appends a new profile, refuses a second of one name unless
+// told to replace it, and then keeps its place (the CLI's profile add/merge
+// and load --record all store through it).
+func TestStoreProfile(t *testing.T) {
+	path := writeSnap(t, []testRegion{{"x", 0, testImage(1<<20, 4)}}, format.CodecS2, 64<<10)
+	profs := func() []format.Profile {
+		f, err := format.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		return f.Profiles()
+	}
+	a := format.Profile{Name: "a", Entries: []format.ProfileEntry{{Chunk: 1}}}
+	b := format.Profile{Name: "b", Entries: []format.ProfileEntry{{Chunk: 2}}}
+	for _, p := range []format.Profile{a, b} {
+		if err := StoreProfile(path, profs(), p, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a2 := format.Profile{Name: "a", Entries: []format.ProfileEntry{{Chunk: 3}, {Chunk: 4, Rank: 1}}}
+	if err := StoreProfile(path, profs(), a2, false); !errors.Is(err, ErrProfileExists) || !strings.Contains(err.Error(), `profile "a"`) {
+		t.Fatalf("a second profile \"a\": %v, want ErrProfileExists", err)
+	}
+	if err := StoreProfile(path, profs(), a2, true); err != nil {
+		t.Fatal(err)
+	}
+	ps := profs()
+	if len(ps) != 2 || ps[0].Name != "a" || len(ps[0].Entries) != 2 || ps[1].Name != "b" {
+		t.Fatalf("profiles after replace: %+v", ps)
+	}
+	if got := ReplaceProfile([]format.Profile{a, b, a}, a2); len(got) != 2 || len(got[0].Entries) != 2 || got[1].Name != "b" {
+		t.Fatalf("ReplaceProfile with a repeated name: %+v", got)
+	}
+}
