@@ -482,6 +482,19 @@ func TestSnapshotReorderCLI(t *testing.T) {
 	}
 	f.Close()
 	snapExtractEqual(t, cr, img)
+	// ... and so is a sidecar of this snapshot naming chunks beyond it
+	// (damaged): it is not trimmed and half used.
+	snapSidecar(t, snap, filepath.Join(dir, "damaged.json"), "damaged", 70, 1<<20)
+	_, stderr = snapMustRun(t, "snapshot", "create", "--from-file", raw, "-o", cr, "--chunk-size", "64K", "--codec", "s2", "--force",
+		"--reorder-profile", filepath.Join(dir, "damaged.json"))
+	if !strings.Contains(stderr, "1 of 2 entries name chunks beyond the snapshot") || !strings.Contains(stderr, "chunk data left in chunk order") {
+		t.Errorf("create with a damaged profile: %q", stderr)
+	}
+	f, _ = format.Open(cr)
+	if !snapshot.InChunkOrder(f.Reader) || len(f.Profiles()) != 0 {
+		t.Error("a damaged profile reordered the data or was stored")
+	}
+	f.Close()
 
 	for _, c := range []struct {
 		args []string

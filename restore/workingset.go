@@ -179,15 +179,25 @@ func LoadSidecar(r *format.Reader, file string) (*SidecarProfile, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := sc.Check(r, file); err != nil {
+		return nil, err
+	}
+	return sc, nil
+}
+
+// Check reports whether the sidecar profile (read from file, for messages)
+// belongs to the snapshot r: recorded on another snapshot, or naming chunks
+// r does not have, it is an error wrapping ErrForeignProfile.
+func (sc *SidecarProfile) Check(r *format.Reader, file string) error {
 	if id := SnapshotID(r); sc.SnapshotID != id {
-		return nil, fmt.Errorf("%w: %s is a foreign profile: recorded on snapshot %s (%d chunks of %s), this snapshot is %s (%d chunks of %s); record a profile on this snapshot",
+		return fmt.Errorf("%w: %s is a foreign profile: recorded on snapshot %s (%d chunks of %s), this snapshot is %s (%d chunks of %s); record a profile on this snapshot",
 			ErrForeignProfile, file, sc.SnapshotID, sc.Chunks, snapshot.HumanBytes(uint64(sc.ChunkSize)),
 			id, r.NumChunks(), snapshot.HumanBytes(uint64(r.ChunkSize())))
 	}
 	if err := snapshot.CheckProfile(r, sc.Profile); err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrForeignProfile, file, err)
+		return fmt.Errorf("%w: %s: %w", ErrForeignProfile, file, err)
 	}
-	return sc, nil
+	return nil
 }
 
 // ReplaceProfile returns ps with p in the place of the profile of its name
