@@ -137,6 +137,28 @@ func snapOutput(c *cli.Context, path string) (w io.Writer, commit func() error, 
 	return a, a.Commit, a.Abort, nil
 }
 
+// snapWriteOutput writes out (stdout for "-", else atomically: nothing is
+// left at out on any error) with write, which is cancelled on SIGINT/SIGTERM
+// and reports progress to a bar labelled label unless quiet.
+func snapWriteOutput(c *cli.Context, out, label string, quiet bool, write func(ctx context.Context, w io.Writer, progress func(done, total uint64)) error) error {
+	ctx, cancel := snapSignalContext(c)
+	defer cancel()
+	w, commit, abort, err := snapOutput(c, out)
+	if err != nil {
+		return err
+	}
+	prog := newSnapProgress(c, label, quiet)
+	err = write(ctx, w, prog.Update)
+	prog.Done()
+	if err == nil {
+		err = commit()
+	}
+	if err != nil {
+		abort()
+	}
+	return err
+}
+
 func snapOpenArg(c *cli.Context, cmd string) (*format.File, error) {
 	if c.NArg() != 1 {
 		return nil, snapUsage("%s: want exactly one snapshot file argument, got %d (usage: uffdrestore snapshot %s SNAP)", cmd, c.NArg(), cmd)
@@ -221,20 +243,10 @@ func runSnapExtract(c *cli.Context) error {
 		outputCheck{flag: "--output", path: out, inputs: []string{c.Args().First()}}); err != nil {
 		return err
 	}
-	ctx, cancel := snapSignalContext(c)
-	defer cancel()
-	w, commit, abort, err := snapOutput(c, out)
+	err = snapWriteOutput(c, out, "extract", c.Bool("quiet") || out == "-", func(ctx context.Context, w io.Writer, progress func(done, total uint64)) error {
+		return snapshot.ExtractProgress(ctx, f.Reader, w, c.String("region"), progress)
+	})
 	if err != nil {
-		return err
-	}
-	prog := newSnapProgress(c, "extract", c.Bool("quiet") || out == "-")
-	err = snapshot.ExtractProgress(ctx, f.Reader, w, c.String("region"), prog.Update)
-	prog.Done()
-	if err == nil {
-		err = commit()
-	}
-	if err != nil {
-		abort()
 		return fmt.Errorf("snapshot extract: %w", err)
 	}
 	return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -95,22 +96,14 @@ func runSnapReorder(c *cli.Context) error {
 		outputCheck{flag: "--output", path: out, inputs: []string{c.Args().First()}, sameOK: true}); err != nil {
 		return err
 	}
-	ctx, cancel := snapSignalContext(c)
-	defer cancel()
-	w, commit, abort, err := snapOutput(c, out)
-	if err != nil {
-		return err
-	}
 	quiet := c.Bool("quiet") || out == "-"
-	prog := newSnapProgress(c, "reorder", quiet)
 	start := time.Now()
-	st, err := snapshot.Reorder(ctx, f.Reader, w, p, snapshot.ReorderOptions{UnitSize: unit, Profiles: keep, Progress: prog.Update})
-	prog.Done()
-	if err == nil {
-		err = commit()
-	}
+	var st snapshot.ReorderStats
+	err = snapWriteOutput(c, out, "reorder", quiet, func(ctx context.Context, w io.Writer, progress func(done, total uint64)) (err error) {
+		st, err = snapshot.Reorder(ctx, f.Reader, w, p, snapshot.ReorderOptions{UnitSize: unit, Profiles: keep, Progress: progress})
+		return err
+	})
 	if err != nil {
-		abort()
 		if errors.Is(err, context.Canceled) {
 			return cli.Exit("snapshot reorder: interrupted; no output written", 130)
 		}
