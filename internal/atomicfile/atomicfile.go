@@ -65,7 +65,9 @@ func (a *File) Write(p []byte) (int, error) { return a.bw.Write(p) }
 // Flush writes out what Write buffered.
 func (a *File) Flush() error { return a.bw.Flush() }
 
-// WriteAt writes to the temporary file at off.
+// WriteAt writes to the temporary file at off (after flushing what Write
+// buffered). Once nothing is buffered, WriteAt and ReadAt may be called
+// from several goroutines at once.
 func (a *File) WriteAt(p []byte, off int64) (int, error) {
 	if err := a.bw.Flush(); err != nil {
 		return 0, err

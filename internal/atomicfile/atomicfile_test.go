@@ -249,6 +249,11 @@ func TestRandomAccess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Buffered writes are visible to ReadAt and Size at once.
+	a.Write([]byte("ab"))
+	if n, err := a.Size(); n != 2 || err != nil {
+		t.Fatalf("Size after a buffered Write: %d %v", n, err)
+	}
 	if err := a.Truncate(8); err != nil {
 		t.Fatal(err)
 	}
@@ -263,7 +268,7 @@ func TestRandomAccess(t *testing.T) {
 	if err := a.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	if readString(t, p) != "\x00\x00\x00\x00\x00\x00xy" {
+	if readString(t, p) != "ab\x00\x00\x00\x00xy" {
 		t.Fatal("content")
 	}
 }
