@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/bench"
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
 	"github.com/uffdrestore/uffdrestore/internal/benchcache"
 	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/restore"
@@ -201,17 +201,17 @@ func runBench(c *cli.Context) error {
 	var errs []error
 	errs = append(errs, runErr)
 	if p := c.String("json"); p != "" {
-		errs = append(errs, writeFileWith(p, rep.WriteJSON))
+		errs = append(errs, atomicfile.WriteFile(p, 0o644, rep.WriteJSON))
 	}
 	if runErr == nil {
 		if p := c.String("svg"); p != "" {
-			errs = append(errs, writeFileWith(p, rep.WriteSVG))
+			errs = append(errs, atomicfile.WriteFile(p, 0o644, rep.WriteSVG))
 		}
 		if p := c.String("markdown"); p != "" {
 			if p == "-" {
 				errs = append(errs, rep.WriteMarkdown(c.App.Writer))
 			} else {
-				errs = append(errs, writeFileWith(p, rep.WriteMarkdown))
+				errs = append(errs, atomicfile.WriteFile(p, 0o644, rep.WriteMarkdown))
 			}
 		}
 		w := c.App.Writer
@@ -223,25 +223,6 @@ func runBench(c *cli.Context) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// writeFileWith writes path atomically with write.
-func writeFileWith(path string, write func(io.Writer) error) error {
-	tmp := path + ".tmp"
-	f, err := os.Create(tmp)
-	if err != nil {
-		return err
-	}
-	if err := write(f); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // benchCommandLine spells the command as run, from its parsed flags.

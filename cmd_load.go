@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/attach"
 )
@@ -257,9 +257,6 @@ func runLoad(c *cli.Context) error {
 	st := l.Stats()
 	fmt.Fprintf(stderr, "stats: %s\n", loadStatsLine(st))
 	if w := st.WorkingSet; w != nil {
-		if w.Warning != "" {
-			fmt.Fprintf(stderr, "uffdrestore: warning: %s\n", w.Warning)
-		}
 		fmt.Fprintf(stderr, "working set %q: %d units, %d filled ahead of any fault, %d needed by a fault first, %d faulted outside it\n",
 			w.Profile, w.Units, w.Prefilled, w.Late, w.Missed)
 	}
@@ -272,7 +269,7 @@ func runLoad(c *cli.Context) error {
 		}
 	}
 	if p := c.String("stats-json"); p != "" {
-		if err := loadWriteFileAtomic(p, append(st.JSON(), '\n')); err != nil {
+		if err := atomicfile.WriteBytes(p, 0o644, append(st.JSON(), '\n')); err != nil {
 			errs = append(errs, fmt.Errorf("--stats-json: %w", err))
 		}
 	}
@@ -306,13 +303,7 @@ func loadSaveProfile(l *restore.Loader, snap, sidecar string, p format.Profile) 
 	if sidecar != "" {
 		return restore.SaveProfile(sidecar, l.Reader(), p)
 	}
-	ps := []format.Profile{}
-	for _, q := range l.Reader().Profiles() {
-		if q.Name != p.Name {
-			ps = append(ps, q)
-		}
-	}
-	return format.SetProfiles(snap, append(ps, p))
+	return restore.StoreProfile(snap, l.Reader().Profiles(), p, true)
 }
 
 func loadStatsLine(st restore.Stats) string {
@@ -321,23 +312,4 @@ func loadStatsLine(st restore.Stats) string {
 		return err.Error()
 	}
 	return string(b)
-}
-
-// loadWriteFileAtomic writes b to a temporary file beside path and renames it.
-func loadWriteFileAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
 }

@@ -159,16 +159,6 @@ func TestCreateEmptyInput(t *testing.T) {
 	}
 }
 
-// TestProgressETA: the time left is computed in seconds (it read 0s).
-func TestProgressETA(t *testing.T) {
-	now := time.Now()
-	p := &snapProgress{label: "create", start: now.Add(-10 * time.Second)}
-	line := p.line(100<<20, 400<<20, now) // 10 MiB/s, 300 MiB left
-	if !strings.Contains(line, "ETA 30s") {
-		t.Errorf("progress line %q: want ETA 30s", line)
-	}
-}
-
 // TestBenchCache: bench says where its per-user cache is, --clear-cache
 // removes it, and bench's outputs are checked before any run.
 func TestBenchCache(t *testing.T) {

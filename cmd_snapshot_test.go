@@ -288,6 +288,18 @@ func TestSnapshotProfileCLI(t *testing.T) {
 			t.Errorf("%q: exit %d, %q; want a foreign-profile error", args[2], code, stderr)
 		}
 	}
+	// A sidecar of this snapshot naming chunks beyond it (damaged or
+	// edited) is rejected by the same check a restore makes.
+	snapSidecar(t, snap, filepath.Join(dir, "damaged.json"), "damaged", 1, 1<<20)
+	for _, args := range [][]string{
+		{"snapshot", "profile", "add", snap, "--from", filepath.Join(dir, "damaged.json")},
+		{"snapshot", "reorder", snap, "-o", filepath.Join(dir, "x.snap"), "--profile-file", filepath.Join(dir, "damaged.json")},
+	} {
+		code, _, stderr := runSnapCLI(t, args...)
+		if code != 1 || !strings.Contains(stderr, "1 of 2 entries name chunks beyond the snapshot") {
+			t.Errorf("%q: exit %d, %q; want an out-of-range error", args[2], code, stderr)
+		}
+	}
 	if len(snapProfiles(t, snap)) != 2 {
 		t.Error("a rejected profile changed the snapshot")
 	}
@@ -470,6 +482,19 @@ func TestSnapshotReorderCLI(t *testing.T) {
 	}
 	f.Close()
 	snapExtractEqual(t, cr, img)
+	// ... and so is a sidecar of this snapshot naming chunks beyond it
+	// (damaged): it is not trimmed and half used.
+	snapSidecar(t, snap, filepath.Join(dir, "damaged.json"), "damaged", 70, 1<<20)
+	_, stderr = snapMustRun(t, "snapshot", "create", "--from-file", raw, "-o", cr, "--chunk-size", "64K", "--codec", "s2", "--force",
+		"--reorder-profile", filepath.Join(dir, "damaged.json"))
+	if !strings.Contains(stderr, "1 of 2 entries name chunks beyond the snapshot") || !strings.Contains(stderr, "chunk data left in chunk order") {
+		t.Errorf("create with a damaged profile: %q", stderr)
+	}
+	f, _ = format.Open(cr)
+	if !snapshot.InChunkOrder(f.Reader) || len(f.Profiles()) != 0 {
+		t.Error("a damaged profile reordered the data or was stored")
+	}
+	f.Close()
 
 	for _, c := range []struct {
 		args []string

@@ -97,3 +97,33 @@ func BenchmarkStrategy(b *testing.B) {
 		}
 	}
 }
+
+// Generate writes its cache files through temporaries of their own: a
+// leftover at the old fixed name (path.tmp, here a directory) is no obstacle
+// and a failed run leaves nothing behind.
+func TestGenerateTemporaries(t *testing.T) {
+	dir := t.TempDir()
+	snap, image, err := Generate(context.Background(), dir, 4<<20, "zeros", format.CodecS2, 2<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(snap)
+	os.Remove(image)
+	for _, p := range []string{snap, image} {
+		if err := os.Mkdir(p+".tmp", 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := Generate(context.Background(), dir, 4<<20, "zeros", format.CodecS2, 2<<20); err != nil {
+		t.Fatalf("with leftovers at the fixed temporary names: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	other := t.TempDir()
+	if _, _, err := Generate(ctx, other, 4<<20, "zeros", format.CodecS2, 2<<20); err == nil {
+		t.Fatal("cancelled Generate succeeded")
+	}
+	if ents, _ := os.ReadDir(other); len(ents) != 0 {
+		t.Fatalf("a cancelled Generate left %v", ents)
+	}
+}

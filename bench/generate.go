@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 	"sync"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
 	"github.com/uffdrestore/uffdrestore/internal/benchcache"
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
 )
@@ -85,18 +85,17 @@ func Generate(ctx context.Context, dir string, size int64, content string, codec
 	if e1 == nil && e2 == nil {
 		return snap, image, nil
 	}
-	sf, err := os.Create(snap + ".tmp")
+	sf, err := atomicfile.Create(snap, 0o644)
 	if err != nil {
 		return "", "", err
 	}
-	defer sf.Close()
-	imf, err := os.Create(image + ".tmp")
+	defer sf.Abort()
+	imf, err := atomicfile.Create(image, 0o644)
 	if err != nil {
 		return "", "", err
 	}
-	defer imf.Close()
-	bw := bufio.NewWriterSize(sf, 4<<20)
-	w, err := format.NewWriter(bw, format.WriterOptions{ChunkSize: chunkSize, Codec: codec,
+	defer imf.Abort()
+	w, err := format.NewWriter(sf, format.WriterOptions{ChunkSize: chunkSize, Codec: codec,
 		Metadata: format.Metadata{Source: "uffdrestore bench --generate " + content}})
 	if err != nil {
 		return "", "", err
@@ -126,23 +125,15 @@ func Generate(ctx context.Context, dir string, size int64, content string, codec
 	if err := w.Close(); err != nil {
 		return "", "", err
 	}
-	if err := bw.Flush(); err != nil {
-		return "", "", err
-	}
 	st := w.Stats()
 	if err := imf.Truncate(int64(st.Chunks) * int64(chunkSize)); err != nil {
 		return "", "", err
 	}
-	if err := sf.Close(); err != nil {
+	// The image first: a snapshot without its image is regenerated.
+	if err := imf.Commit(); err != nil {
 		return "", "", err
 	}
-	if err := imf.Close(); err != nil {
-		return "", "", err
-	}
-	if err := os.Rename(image+".tmp", image); err != nil {
-		return "", "", err
-	}
-	return snap, image, os.Rename(snap+".tmp", snap)
+	return snap, image, sf.Commit()
 }
 
 // fillContent fills p (generated content starting at byte off of the image)
@@ -204,11 +195,11 @@ func PrepareImage(ctx context.Context, dir, snap string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	out, err := os.Create(image + ".tmp")
+	out, err := atomicfile.Create(image, 0o644)
 	if err != nil {
 		return "", err
 	}
-	defer out.Close()
+	defer out.Abort()
 	if err := out.Truncate(int64(f.TotalSize())); err != nil {
 		return "", err
 	}
@@ -260,11 +251,7 @@ feed:
 		}
 	}
 	if ferr != nil {
-		os.Remove(image + ".tmp")
 		return "", fmt.Errorf("bench: decode %s into a raw image: %w", snap, ferr)
 	}
-	if err := out.Close(); err != nil {
-		return "", err
-	}
-	return image, os.Rename(image+".tmp", image)
+	return image, out.Commit()
 }

@@ -13,8 +13,8 @@ import (
 	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore"
-	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
 
@@ -261,7 +261,7 @@ func recordProfile(ctx context.Context, env *Env, order []uint32, threads int) (
 	return &p, nil
 }
 
-// touchSplit touches order from threads goroutines, each in uffd.Touch.
+// touchSplit touches order from threads goroutines, each in touch.Touch.
 func touchSplit(base uintptr, size int, order []uint32, lat []uint64, threads int) {
 	var wg sync.WaitGroup
 	for t := 0; t < threads; t++ {
@@ -273,14 +273,14 @@ func touchSplit(base uintptr, size int, order []uint32, lat []uint64, threads in
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			uffd.Touch(base, size, 4096, false, order[lo:hi], l)
+			touch.Touch(base, size, 4096, false, order[lo:hi], l)
 		}()
 	}
 	wg.Wait()
 }
 
 // runInProcess restores with s and touches order (4 KiB page indexes) from
-// threads goroutines, each in uffd.Touch (C, with its P released).
+// threads goroutines, each in touch.Touch (C, with its P released).
 // timedDone, if set, is called when the timed part ends (b.StopTimer).
 func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, threads int, timedDone func()) RunResult {
 	res := RunResult{Metrics: map[string]float64{}}
@@ -306,7 +306,7 @@ func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, thr
 	defer inst.Close()
 	ready := time.Since(t0)
 	base := inst.Base()
-	uffd.Touch(base, size, 4096, false, order[:1], lat[:1])
+	touch.Touch(base, size, 4096, false, order[:1], lat[:1])
 	firstByte := time.Since(t0) - ready
 	touchSplit(base, size, order[1:], lat[1:], threads)
 	complete := time.Since(t0)

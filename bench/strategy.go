@@ -14,6 +14,7 @@ import (
 	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
@@ -334,7 +335,7 @@ func startDecompressAnon(ctx context.Context, env *Env) (Instance, error) {
 // example page-fault handler, most Go handlers): anonymous memory registered
 // MISSING, a handler that decompresses the faulting chunk into a buffer and
 // resolves it with UFFDIO_COPY. The handler is a goroutine locked to its
-// thread, blocking in poll(2); the workload touches from C (uffd.Touch), so
+// thread, blocking in poll(2); the workload touches from C (touch.Touch), so
 // the handler always finds a P.
 type uffdCopy struct {
 	anonMem
@@ -475,7 +476,7 @@ func (uc *uffdCopy) Figures(context.Context) (Figures, error) {
 func (uc *uffdCopy) Settle() {
 	for _, r := range uc.env.Layout.Regions {
 		start := r.Offset &^ 4095
-		uffd.Touch(uc.Base()+uintptr(start), int(r.Offset+r.Length-start), 4096, false, nil, nil)
+		touch.Touch(uc.Base()+uintptr(start), int(r.Offset+r.Length-start), 4096, false, nil, nil)
 	}
 }
 

@@ -158,67 +158,12 @@ int ur_poll2(int fd, int wakefd, int timeout_ms)
 		return -errno;
 	int out = 0;
 	if (p[0].revents & POLLIN)
-		out |= 1;
+		out |= UR_POLL_READY;
 	if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))
-		out |= 4;
+		out |= UR_POLL_HUP;
 	if (wakefd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)))
-		out |= 2;
+		out |= UR_POLL_WOKEN;
 	return out;
-}
-
-void ur_get_abi(struct ur_abi *a)
-{
-	memset(a, 0, sizeof(*a));
-	a->sizeof_uffd_msg = sizeof(struct uffd_msg);
-	a->off_event = offsetof(struct uffd_msg, event);
-	a->off_pf_flags = offsetof(struct uffd_msg, arg.pagefault.flags);
-	a->off_pf_address = offsetof(struct uffd_msg, arg.pagefault.address);
-	a->off_pf_ptid = offsetof(struct uffd_msg, arg.pagefault.feat.ptid);
-	a->off_fork_ufd = offsetof(struct uffd_msg, arg.fork.ufd);
-	a->off_remap_from = offsetof(struct uffd_msg, arg.remap.from);
-	a->off_remap_to = offsetof(struct uffd_msg, arg.remap.to);
-	a->off_remap_len = offsetof(struct uffd_msg, arg.remap.len);
-	a->off_remove_start = offsetof(struct uffd_msg, arg.remove.start);
-	a->off_remove_end = offsetof(struct uffd_msg, arg.remove.end);
-	a->sizeof_uffdio_api = sizeof(struct uffdio_api);
-	a->sizeof_uffdio_register = sizeof(struct uffdio_register);
-	a->sizeof_uffdio_continue = sizeof(struct uffdio_continue);
-	a->sizeof_uffdio_copy = sizeof(struct uffdio_copy);
-	a->sizeof_uffdio_poison = sizeof(struct uffdio_poison);
-	a->ioctl_api = UFFDIO_API;
-	a->ioctl_register = UFFDIO_REGISTER;
-	a->ioctl_unregister = UFFDIO_UNREGISTER;
-	a->ioctl_wake = UFFDIO_WAKE;
-	a->ioctl_copy = UFFDIO_COPY;
-	a->ioctl_zeropage = UFFDIO_ZEROPAGE;
-	a->ioctl_continue = UFFDIO_CONTINUE;
-	a->ioctl_poison = UFFDIO_POISON;
-	a->ioctl_dev_new = USERFAULTFD_IOC_NEW;
-	a->feat_minor_hugetlbfs = UFFD_FEATURE_MINOR_HUGETLBFS;
-	a->feat_minor_shmem = UFFD_FEATURE_MINOR_SHMEM;
-	a->feat_poison = UFFD_FEATURE_POISON;
-	a->feat_missing_hugetlbfs = UFFD_FEATURE_MISSING_HUGETLBFS;
-	a->feat_missing_shmem = UFFD_FEATURE_MISSING_SHMEM;
-	a->feat_event_fork = UFFD_FEATURE_EVENT_FORK;
-	a->feat_event_remap = UFFD_FEATURE_EVENT_REMAP;
-	a->feat_event_remove = UFFD_FEATURE_EVENT_REMOVE;
-	a->feat_event_unmap = UFFD_FEATURE_EVENT_UNMAP;
-	a->feat_sigbus = UFFD_FEATURE_SIGBUS;
-	a->feat_thread_id = UFFD_FEATURE_THREAD_ID;
-	a->feat_exact_address = UFFD_FEATURE_EXACT_ADDRESS;
-	a->feat_wp_hugetlbfs_shmem = UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-	a->feat_move = UFFD_FEATURE_MOVE;
-	a->event_pagefault = UFFD_EVENT_PAGEFAULT;
-	a->event_fork = UFFD_EVENT_FORK;
-	a->event_remap = UFFD_EVENT_REMAP;
-	a->event_remove = UFFD_EVENT_REMOVE;
-	a->event_unmap = UFFD_EVENT_UNMAP;
-	a->pf_flag_write = UFFD_PAGEFAULT_FLAG_WRITE;
-	a->pf_flag_wp = UFFD_PAGEFAULT_FLAG_WP;
-	a->pf_flag_minor = UFFD_PAGEFAULT_FLAG_MINOR;
-	a->mode_missing = UFFDIO_REGISTER_MODE_MISSING;
-	a->mode_wp = UFFDIO_REGISTER_MODE_WP;
-	a->mode_minor = UFFDIO_REGISTER_MODE_MINOR;
 }
 
 int ur_memfd_create(const char *name, unsigned int flags, int hugetlb, int page_shift)
@@ -258,39 +203,6 @@ int ur_get_seals(int fd)
 {
 	int r = fcntl(fd, F_GET_SEALS);
 	return r < 0 ? -errno : r;
-}
-
-#include <time.h>
-
-static inline uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-uint64_t ur_touch(uint64_t addr, uint64_t len, uint64_t stride, int write,
-		  const uint32_t *order, uint64_t norder, uint64_t *lat_ns)
-{
-	volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)addr;
-	uint64_t n = stride ? (len + stride - 1) / stride : 0;
-	uint64_t sum = 0;
-	if (order)
-		n = norder;
-	for (uint64_t i = 0; i < n; i++) {
-		uint64_t idx = order ? order[i] : i;
-		uint64_t off = idx * stride;
-		if (off >= len)
-			continue;
-		uint64_t t0 = lat_ns ? now_ns() : 0;
-		unsigned char v = p[off];
-		if (write)
-			p[off] = v;
-		if (lat_ns)
-			lat_ns[i] = now_ns() - t0;
-		sum = sum * 31 + v;
-	}
-	return sum;
 }
 
 int ur_mincore(uint64_t addr, uint64_t len, unsigned char *vec)

@@ -4,7 +4,8 @@
  *
  * Every function returns a non-negative value on success and -errno on
  * failure; none of them retries or prints. The Go package restore/uffd is the
- * only caller (it is the only package that imports "C").
+ * only caller (the only package that reaches the kernel through "C";
+ * internal/touch imports "C" only to touch memory in benchmarks and tests).
  *
  * Constants and struct layouts come from <linux/userfaultfd.h>. Debian 12
  * ships 6.1 headers, so whatever newer kernels added is defined below with
@@ -84,38 +85,10 @@ int ur_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t 
 
 /* Reads up to n bytes of struct uffd_msg records; returns bytes read. */
 long ur_uffd_read(int fd, void *buf, size_t n);
-/* Waits for fd (and optionally wakefd) to be readable; returns a bitmask: 1 fd, 2 wakefd, 4 fd hung up. */
+/* Waits for fd (and optionally wakefd) to be readable; returns a bitmask of UR_POLL_*. */
+enum { UR_POLL_READY = 1, UR_POLL_WOKEN = 2, UR_POLL_HUP = 4 };
 int ur_poll2(int fd, int wakefd, int timeout_ms);
 
-/* Layout of struct uffd_msg and friends, so the Go side can pin its parser to C. */
-struct ur_abi {
-	uint64_t sizeof_uffd_msg;
-	uint64_t off_event;
-	uint64_t off_pf_flags;
-	uint64_t off_pf_address;
-	uint64_t off_pf_ptid;
-	uint64_t off_fork_ufd;
-	uint64_t off_remap_from;
-	uint64_t off_remap_to;
-	uint64_t off_remap_len;
-	uint64_t off_remove_start;
-	uint64_t off_remove_end;
-	uint64_t sizeof_uffdio_api;
-	uint64_t sizeof_uffdio_register;
-	uint64_t sizeof_uffdio_continue;
-	uint64_t sizeof_uffdio_copy;
-	uint64_t sizeof_uffdio_poison;
-	uint64_t ioctl_api, ioctl_register, ioctl_unregister, ioctl_wake, ioctl_copy,
-		ioctl_zeropage, ioctl_continue, ioctl_poison, ioctl_dev_new;
-	uint64_t feat_minor_hugetlbfs, feat_minor_shmem, feat_poison, feat_missing_hugetlbfs,
-		feat_missing_shmem, feat_event_fork, feat_event_remap, feat_event_remove,
-		feat_event_unmap, feat_sigbus, feat_thread_id, feat_exact_address,
-		feat_wp_hugetlbfs_shmem, feat_move;
-	uint64_t event_pagefault, event_fork, event_remap, event_remove, event_unmap;
-	uint64_t pf_flag_write, pf_flag_wp, pf_flag_minor;
-	uint64_t mode_missing, mode_wp, mode_minor;
-};
-void ur_get_abi(struct ur_abi *abi);
 
 /* Memory and files. */
 int ur_memfd_create(const char *name, unsigned int flags, int hugetlb, int page_shift);
@@ -128,20 +101,8 @@ int ur_ftruncate(int fd, int64_t len);
 int ur_add_seals(int fd, int seals);
 int ur_get_seals(int fd);
 
-#endif
-
-/*
- * Touches one byte per stride in [addr, addr+len) (reads, or writes back the
- * byte it read when write != 0), in the order given by order[] (stride
- * indexes) or sequentially when order is NULL. When lat_ns is not NULL it
- * receives each touch's latency in nanoseconds. Returns a checksum of the
- * bytes read. Running in C means the calling goroutine's P is released while
- * it waits on faults, so a Go fault handler in the same process can run; it
- * is also how benchmarks measure fault latency as a target thread sees it.
- */
-uint64_t ur_touch(uint64_t addr, uint64_t len, uint64_t stride, int write,
-		  const uint32_t *order, uint64_t norder, uint64_t *lat_ns);
-
 /* mincore(2): one byte per page of [addr, addr+len) in vec, bit 0 set when
  * the page is resident (for shmem: in the page cache). */
 int ur_mincore(uint64_t addr, uint64_t len, unsigned char *vec);
+
+#endif

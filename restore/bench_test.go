@@ -23,6 +23,7 @@ import (
 	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/internal/size"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -256,9 +257,9 @@ func BenchmarkFaultLatency(b *testing.B) {
 					m2, u2 := benchView(b, l)
 					units := int(l.Layout().FileSize) / l.e.unitSize
 					lat := make([]uint64, units)
-					uffd.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, lat)
+					touch.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, lat)
 					first = append(first, lat...)
-					uffd.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, lat)
+					touch.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, lat)
 					second = append(second, lat...)
 					ideal = append(ideal, idealFault(b, l, units)...)
 					u1.Close()
@@ -435,7 +436,7 @@ func BenchmarkWorkingSet(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		uffd.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
+		touch.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
 		d := time.Since(t0)
 		s, _ := r.Stats(context.Background())
 		r.Close()
@@ -446,7 +447,7 @@ func BenchmarkWorkingSet(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	uffd.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
+	touch.Touch(uintptr(unsafe.Pointer(&r.Bytes()[0])), len(r.Bytes()), 4096, false, order, nil)
 	prof, err := r.Profile(context.Background())
 	r.Close()
 	if err != nil {
@@ -466,7 +467,7 @@ func BenchmarkWorkingSet(b *testing.B) {
 		d, _ = run(WithMode(ModeEager))
 		eager = append(eager, d)
 		t0 := time.Now()
-		uffd.Touch(uintptr(unsafe.Pointer(&warm[0])), len(warm), 4096, false, order, nil)
+		touch.Touch(uintptr(unsafe.Pointer(&warm[0])), len(warm), 4096, false, order, nil)
 		hot = append(hot, time.Since(t0))
 	}
 	med := func(v []time.Duration) float64 {
@@ -500,10 +501,10 @@ func BenchmarkSecondViewPremapped(b *testing.B) {
 			b.Fatal(err)
 		}
 		m1, v1 := benchView(b, l)
-		uffd.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, nil)
+		touch.Touch(m1.Addr(), m1.Len(), l.e.unitSize, false, nil, nil)
 		m2, v2 := benchView(b, l)
 		l2 := make([]uint64, m2.Len()/l.e.unitSize)
-		uffd.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, l2)
+		touch.Touch(m2.Addr(), m2.Len(), l.e.unitSize, false, nil, l2)
 		lat = append(lat, l2...)
 		s := v2.Stats()
 		faults += s.FaultsMinor + s.FaultsMissing
@@ -546,7 +547,7 @@ func BenchmarkReadahead(b *testing.B) {
 		if mode == "eager" {
 			l.Wait(context.Background())
 		}
-		uffd.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
+		touch.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
 		return time.Since(t0)
 	}
 	// sparse: every page of 10% of the units, units in random order.
@@ -603,7 +604,7 @@ func BenchmarkFirstTouch(b *testing.B) {
 				order[k] = uint32(u * l.e.unitSize / 4096)
 			}
 			ls := make([]uint64, units)
-			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
+			touch.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
 			lat[v.name] = append(lat[v.name], ls...)
 			helped[v.name] += float64(l.Stats().SplitParts) / float64(units)
 			// One core decoding each unit's chunks into a warm buffer.
@@ -670,7 +671,7 @@ func BenchmarkShmemFirstTouch(b *testing.B) {
 				order[k] = uint32(u * l.e.unitSize / 4096)
 			}
 			ls := make([]uint64, units)
-			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
+			touch.Touch(m.Addr(), m.Len(), 4096, false, order, ls)
 			lat[v.name] = append(lat[v.name], ls...)
 			view.Close()
 			m.Close()

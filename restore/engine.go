@@ -990,7 +990,7 @@ func (e *engine) stats() Stats {
 	s.FillTime = time.Duration(e.fillTime.Load())
 	if e.ws != nil {
 		s.WorkingSet = &WorkingSetStats{Profile: e.ws.name, Units: e.ws.units, Prefilled: total.wsPrefilled.Load(),
-			Late: total.wsLate.Load(), Missed: total.wsMissed.Load(), Warning: e.ws.warned}
+			Late: total.wsLate.Load(), Missed: total.wsMissed.Load()}
 	}
 	if err := e.err(); err != nil {
 		s.LastError = err.Error()

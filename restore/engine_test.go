@@ -16,6 +16,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -39,7 +40,7 @@ func TestBoundarySizes(t *testing.T) {
 			}
 			defer l.Close()
 			m, _ := attachLocal(t, l, false)
-			uffd.Touch(m.Addr(), m.Len(), 4096, true, nil, nil)
+			touch.Touch(m.Addr(), m.Len(), 4096, true, nil, nil)
 			checkRegions(t, m.Bytes(), l.Layout(), regions)
 			if s := l.Stats(); s.ZeroChunks == 0 {
 				t.Errorf("no zero chunks seen: %+v", s)
@@ -79,13 +80,13 @@ func TestManyViewsOneFill(t *testing.T) {
 			defer l.Close()
 			m1, v1 := attachLocal(t, l, false)
 			m2, v2 := attachLocal(t, l, true)
-			uffd.Touch(m1.Addr(), m1.Len(), 4096, false, nil, nil)
+			touch.Touch(m1.Addr(), m1.Len(), 4096, false, nil, nil)
 			// Wait returns once the last fill has been published, premap
 			// into the second view included.
 			if err := l.Wait(context.Background()); err != nil {
 				t.Fatal(err)
 			}
-			uffd.Touch(m2.Addr(), m2.Len(), 4096, false, nil, nil)
+			touch.Touch(m2.Addr(), m2.Len(), 4096, false, nil, nil)
 			checkRegions(t, m1.Bytes(), l.Layout(), regions)
 			checkRegions(t, m2.Bytes(), l.Layout(), regions)
 			s := l.Stats()
@@ -101,7 +102,7 @@ func TestManyViewsOneFill(t *testing.T) {
 			}
 			_ = v1
 			// A write to the private view stays private.
-			uffd.Touch(m2.Addr(), m2.Len(), 1<<20, true, nil, nil)
+			touch.Touch(m2.Addr(), m2.Len(), 1<<20, true, nil, nil)
 			m2.Bytes()[5] ^= 0xff
 			if m1.Bytes()[5] != regions[0].data[5] {
 				t.Fatal("a private view's write reached the shared view")
@@ -264,7 +265,7 @@ func TestFaultPathAllocations(t *testing.T) {
 	defer l.Close()
 	m, _ := attachLocal(t, l, false)
 	// Warm up: the first faults size the per-worker buffers.
-	uffd.Touch(m.Addr(), 1<<20, 64<<10, false, []uint32{15, 13, 11, 9, 7, 5, 3, 1}, nil)
+	touch.Touch(m.Addr(), 1<<20, 64<<10, false, []uint32{15, 13, 11, 9, 7, 5, 3, 1}, nil)
 	runtime.GC()
 	var before, after runtime.MemStats
 	// Not in order: a sequential walk would be filled by readahead, with
@@ -275,7 +276,7 @@ func TestFaultPathAllocations(t *testing.T) {
 		order[i] = uint32((i*7 + 16) % n)
 	}
 	runtime.ReadMemStats(&before)
-	uffd.Touch(m.Addr(), m.Len(), 64<<10, false, order, nil)
+	touch.Touch(m.Addr(), m.Len(), 64<<10, false, order, nil)
 	runtime.ReadMemStats(&after)
 	faults := l.Stats().FaultsMissing + l.Stats().FaultsMinor
 	allocs := after.Mallocs - before.Mallocs
@@ -303,7 +304,7 @@ func TestPunchedPageComesBackFilled(t *testing.T) {
 			}
 			defer l.Close()
 			m, _ := attachLocal(t, l, false)
-			uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+			touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 			mem := m.Bytes()
 			page := l.Layout().PageSize
 			mem[0] ^= 0xff // the target's own write, in unit 0
@@ -314,7 +315,7 @@ func TestPunchedPageComesBackFilled(t *testing.T) {
 			if err := m.Madvise(punch, page, unix.MADV_REMOVE); err != nil {
 				t.Fatal(err)
 			}
-			uffd.Touch(m.Addr()+uintptr(punch), page, page, false, nil, nil)
+			touch.Touch(m.Addr()+uintptr(punch), page, page, false, nil, nil)
 			if !bytes.Equal(mem[punch:punch+page], regions[0].data[punch:punch+page]) {
 				t.Fatal("punched page did not come back with the snapshot's bytes")
 			}
@@ -344,12 +345,12 @@ func TestRefillRaceKeepsWrites(t *testing.T) {
 	defer l.Close()
 	m1, _ := attachLocal(t, l, false)
 	m2, _ := attachLocal(t, l, false)
-	uffd.Touch(m1.Addr(), m1.Len(), page, false, nil, nil)
+	touch.Touch(m1.Addr(), m1.Len(), page, false, nil, nil)
 	img, mem1, mem2 := regions[0].data, m1.Bytes(), m2.Bytes()
 	var raced atomic.Int32
 	l.e.hooks = &engineHooks{refillAbsent: func(u uint32) {
 		// The second view's first touch of page 2 of the unit, now.
-		uffd.Touch(m2.Addr()+uintptr(int(u)*chunk+2*page), page, page, false, nil, nil)
+		touch.Touch(m2.Addr()+uintptr(int(u)*chunk+2*page), page, page, false, nil, nil)
 		raced.Add(1)
 	}}
 	units := len(img) / chunk
@@ -363,7 +364,7 @@ func TestRefillRaceKeepsWrites(t *testing.T) {
 			if err := m2.Madvise(0, m2.Len(), unix.MADV_DONTNEED); err != nil {
 				t.Fatal(err)
 			}
-			uffd.Touch(m1.Addr()+uintptr(base+page), page, page, false, nil, nil)
+			touch.Touch(m1.Addr()+uintptr(base+page), page, page, false, nil, nil)
 			if mem1[base] != img[base]^byte(0x5a+round) {
 				t.Fatalf("round %d unit %d: a fault racing the refill decoded the whole unit over the target's write", round, u)
 			}

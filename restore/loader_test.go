@@ -9,6 +9,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -18,7 +19,7 @@ func TestMain(m *testing.M) {
 }
 
 // attachLocal maps the loader's backing in this process, registers it on a
-// new uffd and attaches it as a view. Touch it only from C (uffd.Touch): a
+// new uffd and attaches it as a view. Touch it only from C (touch.Touch): a
 // Go goroutine faulting on it would hold its P while the handler, in this
 // same process, needs one.
 func attachLocal(t *testing.T, l *Loader, private bool) (*uffd.Mapping, *View) {
@@ -93,7 +94,7 @@ func TestLoaderLazyRoundTrip(t *testing.T) {
 					for i := range order {
 						order[i] = uint32((i * 7919) % n)
 					}
-					uffd.Touch(m.Addr(), int(lay.FileSize), stride, false, order, nil)
+					touch.Touch(m.Addr(), int(lay.FileSize), stride, false, order, nil)
 					checkRegions(t, m.Bytes(), lay, regions)
 					s := l.Stats()
 					if s.FaultsMinor+s.FaultsMissing == 0 {

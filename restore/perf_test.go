@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -103,7 +104,7 @@ func TestShmemPartlyMappedUnits(t *testing.T) {
 	}
 	defer l.Close()
 	m, _ := attachLocal(t, l, false)
-	uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+	touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 	mem := m.Bytes()
 	want := bytes.Clone(img)
 	// The target's writes, in every unit.
@@ -132,8 +133,8 @@ func TestShmemPartlyMappedUnits(t *testing.T) {
 		}
 	}
 	// Touch in an order that hits units part-way first.
-	uffd.Touch(m.Addr()+uintptr(5<<20), 1<<20, 4096, false, nil, nil)
-	uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+	touch.Touch(m.Addr()+uintptr(5<<20), 1<<20, 4096, false, nil, nil)
+	touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 	if i := firstDiff(mem[:size], want); i >= 0 {
 		t.Fatalf("restored memory differs at byte %#x (unit %d): got %#x, want %#x", i, i>>21, mem[i], want[i])
 	}
@@ -154,7 +155,7 @@ func firstDiff(a, b []byte) int {
 // touchUnits touches every page of each unit in order, from C.
 func touchUnits(m *uffd.Mapping, unit int, units ...int) {
 	for _, u := range units {
-		uffd.Touch(m.Addr()+uintptr(u*unit), unit, 4096, false, nil, nil)
+		touch.Touch(m.Addr()+uintptr(u*unit), unit, 4096, false, nil, nil)
 	}
 }
 
@@ -178,7 +179,7 @@ func TestReadaheadSequential(t *testing.T) {
 	}
 	t.Run("sequential", func(t *testing.T) {
 		l, m := open(t)
-		uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+		touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 		checkRegions(t, m.Bytes(), l.Layout(), regions)
 		s := l.Stats()
 		t.Logf("%d faults, %d units filled by readahead, %d by faults", s.FaultsMinor+s.FaultsMissing, s.Readahead, s.FilledByFault)
@@ -240,8 +241,8 @@ func TestSplitFirstTouch(t *testing.T) {
 			for i := range order {
 				order[i] = uint32((i * 5 % units) * 512)
 			}
-			uffd.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
-			uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+			touch.Touch(m.Addr(), m.Len(), 4096, false, order, nil)
+			touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 			checkRegions(t, m.Bytes(), l.Layout(), regions)
 			s := l.Stats()
 			t.Logf("%d units, %d filled by faults, %d chunks decoded by a helping worker", s.Units, s.FilledByFault, s.SplitParts)

@@ -196,5 +196,4 @@ type WorkingSetStats struct {
 	Prefilled int64  `json:"prefilled"` // profile units filled before any fault asked: faults avoided
 	Late      int64  `json:"late"`      // profile units a fault needed before the prefetch got there
 	Missed    int64  `json:"missed"`    // units faulted that the profile did not have
-	Warning   string `json:"warning,omitempty"`
 }

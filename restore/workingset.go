@@ -9,11 +9,15 @@ import (
 	"hash/crc64"
 	"os"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
+	"github.com/uffdrestore/uffdrestore/snapshot"
 )
 
 // Working sets: record which chunks a restore touched first, in order, and
@@ -51,10 +55,9 @@ func (r *recorder) profile(name string) format.Profile {
 
 // wsState is a working-set restore's profile and its accounting.
 type wsState struct {
-	name   string
-	inSet  []bool // per unit
-	units  int
-	warned string
+	name  string
+	inSet []bool // per unit
+	units int
 }
 
 // setupWorkingSet builds the prefetch order: in working-set mode the
@@ -65,17 +68,17 @@ func (e *engine) setupWorkingSet() error {
 	all := make([]uint32, 0, 2*e.nUnits)
 	limit := e.nUnits
 	if e.cfg.mode == ModeWorkingSet {
-		p, warn, err := e.cfg.profile.resolve(e.r)
+		p, err := e.cfg.profile.resolve(e.r)
 		if err != nil {
 			return err
 		}
-		ws := &wsState{name: p.Name, inSet: make([]bool, e.nUnits), warned: warn}
+		ws := &wsState{name: p.Name, inSet: make([]bool, e.nUnits)}
 		entries := append([]format.ProfileEntry(nil), p.Entries...)
 		sort.SliceStable(entries, func(i, j int) bool { return entries[i].Rank < entries[j].Rank })
 		for _, en := range entries {
 			u := int(en.Chunk) / e.chunksPerUnit
 			if int(en.Chunk) >= e.r.NumChunks() || u >= e.nUnits {
-				continue // resolve already rejected these; be safe
+				continue // resolve rejected profiles with these; be safe
 			}
 			if !ws.inSet[u] {
 				ws.inSet[u] = true
@@ -109,72 +112,136 @@ type ProfileSource struct {
 }
 
 // resolve finds the profile and checks it belongs to this snapshot. A
-// stale or foreign profile is rejected, never trusted blindly; out-of-range
-// entries are dropped with a warning.
-func (ps ProfileSource) resolve(r *format.Reader) (format.Profile, string, error) {
+// stale or foreign profile is rejected, never trusted blindly; so is one with
+// entries beyond the snapshot (snapshot.CheckProfile: the one policy).
+func (ps ProfileSource) resolve(r *format.Reader) (format.Profile, error) {
 	var p format.Profile
 	switch {
 	case ps.Profile != nil:
 		p = *ps.Profile
 	case ps.File != "":
-		sc, err := LoadProfile(ps.File)
+		sc, err := LoadSidecar(r, ps.File)
 		if err != nil {
-			return p, "", err
-		}
-		if id := SnapshotID(r); sc.SnapshotID != id {
-			return p, "", fmt.Errorf("%w: profile file %s was recorded on snapshot %s, this is %s", ErrForeignProfile, ps.File, sc.SnapshotID, id)
+			return p, err
 		}
 		p = sc.Profile
 	default:
-		profs := r.Profiles()
-		if len(profs) == 0 {
-			return p, "", fmt.Errorf("%w: the snapshot has no working-set profile (record one with `uffdrestore load --record`)", ErrNoProfile)
-		}
-		if ps.Name == "" {
-			p = MergeProfiles("merged", profs...)
-			if len(profs) == 1 {
-				p = profs[0]
-			}
-		} else {
-			found := false
-			for _, q := range profs {
-				if q.Name == ps.Name {
-					p, found = q, true
-				}
-			}
-			if !found {
-				var names []string
-				for _, q := range profs {
-					names = append(names, q.Name)
-				}
-				return p, "", fmt.Errorf("%w: no profile %q in the snapshot (it has %q)", ErrNoProfile, ps.Name, names)
-			}
+		var err error
+		if p, err = FindProfile(r, ps.Name); err != nil {
+			return p, err
 		}
 	}
-	kept := p.Entries[:0:0]
-	dropped := 0
-	for _, e := range p.Entries {
-		if int(e.Chunk) < r.NumChunks() {
-			kept = append(kept, e)
-		} else {
-			dropped++
+	if err := snapshot.CheckProfile(r, p); err != nil {
+		return p, fmt.Errorf("%w: %w", ErrForeignProfile, err)
+	}
+	return p, nil
+}
+
+// FindProfile returns the profile called name stored in r; with name "",
+// the only profile, or all of them merged (as a restore picks by default).
+// A missing profile is an error wrapping ErrNoProfile.
+func FindProfile(r *format.Reader, name string) (format.Profile, error) {
+	ps := r.Profiles()
+	if len(ps) == 0 {
+		return format.Profile{}, fmt.Errorf("%w: the snapshot has no working-set profile (record one with a restore: uffdrestore load --record; or add a sidecar with: uffdrestore snapshot profile add SNAP --from FILE)", ErrNoProfile)
+	}
+	if name == "" {
+		if len(ps) == 1 {
+			return ps[0], nil
+		}
+		return MergeProfiles("merged", ps...), nil
+	}
+	for _, p := range ps {
+		if p.Name == name {
+			return p, nil
 		}
 	}
-	var warn string
-	if dropped > 0 {
-		warn = fmt.Sprintf("profile %q: ignored %d entries naming chunks beyond the snapshot's %d (stale profile?)", p.Name, dropped, r.NumChunks())
-		if len(kept) == 0 {
-			return p, warn, fmt.Errorf("%w: %s", ErrForeignProfile, warn)
+	return format.Profile{}, fmt.Errorf("%w: no profile %q in the snapshot (it has %s)", ErrNoProfile, name, ProfileNames(ps))
+}
+
+// ProfileNames lists the profiles' names, quoted ("none" for no profile).
+func ProfileNames(ps []format.Profile) string {
+	if len(ps) == 0 {
+		return "none"
+	}
+	q := make([]string, len(ps))
+	for i, p := range ps {
+		q[i] = strconv.Quote(p.Name)
+	}
+	return strings.Join(q, ", ")
+}
+
+// LoadSidecar loads the sidecar profile file and checks that it belongs to
+// the snapshot r: a profile recorded on another snapshot, or one naming
+// chunks r does not have, is an error wrapping ErrForeignProfile.
+func LoadSidecar(r *format.Reader, file string) (*SidecarProfile, error) {
+	sc, err := LoadProfile(file)
+	if err != nil {
+		return nil, err
+	}
+	if err := sc.Check(r, file); err != nil {
+		return nil, err
+	}
+	return sc, nil
+}
+
+// Check reports whether the sidecar profile (read from file, for messages)
+// belongs to the snapshot r: recorded on another snapshot, or naming chunks
+// r does not have, it is an error wrapping ErrForeignProfile.
+func (sc *SidecarProfile) Check(r *format.Reader, file string) error {
+	if id := SnapshotID(r); sc.SnapshotID != id {
+		return fmt.Errorf("%w: %s is a foreign profile: recorded on snapshot %s (%d chunks of %s), this snapshot is %s (%d chunks of %s); record a profile on this snapshot",
+			ErrForeignProfile, file, sc.SnapshotID, sc.Chunks, snapshot.HumanBytes(uint64(sc.ChunkSize)),
+			id, r.NumChunks(), snapshot.HumanBytes(uint64(r.ChunkSize())))
+	}
+	if err := snapshot.CheckProfile(r, sc.Profile); err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrForeignProfile, file, err)
+	}
+	return nil
+}
+
+// ReplaceProfile returns ps with p in the place of the profile of its name
+// (later ones of that name dropped), or appended.
+func ReplaceProfile(ps []format.Profile, p format.Profile) []format.Profile {
+	out := make([]format.Profile, 0, len(ps)+1)
+	done := false
+	for _, q := range ps {
+		if q.Name == p.Name {
+			if !done {
+				out = append(out, p)
+				done = true
+			}
+			continue
+		}
+		out = append(out, q)
+	}
+	if !done {
+		out = append(out, p)
+	}
+	return out
+}
+
+// StoreProfile stores p in the snapshot at path, whose profiles are
+// existing: appended (only the index is rewritten), or, with replace, in the
+// place of the profile of its name. Without replace, a profile of that name
+// is an error wrapping ErrProfileExists.
+func StoreProfile(path string, existing []format.Profile, p format.Profile, replace bool) error {
+	for _, q := range existing {
+		if q.Name == p.Name {
+			if !replace {
+				return fmt.Errorf("%w: the snapshot already has a profile %q: give another --name, or --replace", ErrProfileExists, p.Name)
+			}
+			return format.SetProfiles(path, ReplaceProfile(existing, p))
 		}
 	}
-	p.Entries = kept
-	return p, warn, nil
+	return format.AppendProfile(path, p)
 }
 
 // Errors of working-set profiles.
 var (
 	ErrNoProfile      = errors.New("restore: no working-set profile")
 	ErrForeignProfile = errors.New("restore: working-set profile does not belong to this snapshot")
+	ErrProfileExists  = errors.New("restore: a working-set profile of that name exists")
 )
 
 // MergeProfiles unions profiles from several runs: every chunk any of them
@@ -261,11 +328,7 @@ func SaveProfile(path string, r *format.Reader, p format.Profile) error {
 	if err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.WriteBytes(path, 0o644, b)
 }
 
 // LoadProfile reads a sidecar profile file.

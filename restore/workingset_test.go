@@ -11,7 +11,8 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
-	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
+	"github.com/uffdrestore/uffdrestore/snapshot"
 )
 
 // wsSnapshot: 16 units of 2 MiB (s2).
@@ -29,7 +30,7 @@ func TestRecordProfile(t *testing.T) {
 	defer l.Close()
 	m, _ := attachLocal(t, l, false)
 	order := []uint32{9, 3, 3, 12, 0, 9}
-	uffd.Touch(m.Addr(), m.Len(), 2<<20, false, order, nil)
+	touch.Touch(m.Addr(), m.Len(), 2<<20, false, order, nil)
 	p, err := l.Profile()
 	if err != nil {
 		t.Fatal(err)
@@ -84,19 +85,19 @@ func TestWorkingSetReplay(t *testing.T) {
 	}
 	m, v := attachLocal(t, l, false)
 	// Touching the working set costs no fault (premapped at attach).
-	uffd.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{5, 1, 14}, nil)
+	touch.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{5, 1, 14}, nil)
 	if vs := v.Stats(); vs.FaultsMinor+vs.FaultsMissing != 0 {
 		t.Fatalf("working-set touches faulted %d times", vs.FaultsMinor+vs.FaultsMissing)
 	}
 	// A unit outside it is a miss.
-	uffd.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{7}, nil)
+	touch.Touch(m.Addr(), m.Len(), 2<<20, false, []uint32{7}, nil)
 	if s := l.Stats(); s.WorkingSet.Missed != 1 {
 		t.Fatalf("missed = %d, want 1", s.WorkingSet.Missed)
 	}
 	if err := l.Wait(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	uffd.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
+	touch.Touch(m.Addr(), m.Len(), 4096, false, nil, nil)
 	checkRegions(t, m.Bytes(), l.Layout(), regions)
 }
 
@@ -116,19 +117,29 @@ func TestWorkingSetRejectsForeignProfile(t *testing.T) {
 	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{File: side}))...); !errors.Is(err, ErrForeignProfile) {
 		t.Fatalf("foreign sidecar profile: %v, want ErrForeignProfile", err)
 	}
-	// All entries out of range: rejected. Some: dropped with a warning.
+	// Entries out of range, all or some: rejected (snapshot.CheckProfile).
 	bad := format.Profile{Name: "stale", Entries: []format.ProfileEntry{{Chunk: 1000}}}
-	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &bad}))...); !errors.Is(err, ErrForeignProfile) {
-		t.Fatalf("out-of-range profile: %v, want ErrForeignProfile", err)
+	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &bad}))...); !errors.Is(err, ErrForeignProfile) || !errors.Is(err, snapshot.ErrProfileRange) {
+		t.Fatalf("out-of-range profile: %v, want ErrForeignProfile and ErrProfileRange", err)
 	}
 	mixed := format.Profile{Name: "stale", Entries: []format.ProfileEntry{{Chunk: 1000}, {Chunk: 2, Rank: 1}}}
-	l, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &mixed}))...)
+	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Profile: &mixed}))...); !errors.Is(err, snapshot.ErrProfileRange) ||
+		!strings.Contains(err.Error(), "1 of 2 entries") {
+		t.Fatalf("partly out-of-range profile: %v, want ErrProfileRange", err)
+	}
+	// The same in a sidecar that carries this snapshot's identity (damaged
+	// or edited): rejected too.
+	fs, err := format.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	if w := l.Stats().WorkingSet; w == nil || w.Units != 1 || !strings.Contains(w.Warning, "ignored 1") {
-		t.Fatalf("mixed profile: %+v", w)
+	damaged := filepath.Join(t.TempDir(), "damaged.json")
+	if err := SaveProfile(damaged, fs.Reader, mixed); err != nil {
+		t.Fatal(err)
+	}
+	fs.Close()
+	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{File: damaged}))...); !errors.Is(err, ErrForeignProfile) || !errors.Is(err, snapshot.ErrProfileRange) {
+		t.Fatalf("sidecar with out-of-range entries: %v", err)
 	}
 	if _, err := NewLoader(context.Background(), path, append(opts, WithProfile(ProfileSource{Name: "nope"}))...); !errors.Is(err, ErrNoProfile) {
 		t.Fatalf("missing profile: %v, want ErrNoProfile", err)
@@ -225,5 +236,71 @@ func TestOpenRecordAndReplay(t *testing.T) {
 	}
 	if s, _ := r2.Stats(context.Background()); s.FaultsMinor+s.FaultsMissing != 0 {
 		t.Fatalf("touching the prefilled working set faulted %d times", s.FaultsMinor+s.FaultsMissing)
+	}
+}
+
+// SaveProfile writes through a temporary of its own: a link planted at a
+// predictable temporary name (path.tmp) never redirects the write.
+func TestSaveProfileIgnoresPlantedTemporary(t *testing.T) {
+	path := writeSnap(t, []testRegion{{"x", 0, testImage(1<<20, 3)}}, format.CodecS2, 64<<10)
+	f, err := format.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "victim")
+	if err := os.WriteFile(victim, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	side := filepath.Join(dir, "p.json")
+	if err := os.Symlink(victim, side+".tmp"); err != nil {
+		t.Fatal(err)
+	}
+	if err := SaveProfile(side, f.Reader, format.Profile{Name: "p", Entries: []format.ProfileEntry{{Chunk: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep" {
+		t.Fatalf("the planted link's target was overwritten: %q", b)
+	}
+	sc, err := LoadProfile(side)
+	if err != nil || sc.Profile.Name != "p" {
+		t.Fatalf("saved profile: %+v %v", sc, err)
+	}
+}
+
+// StoreProfile appends a new profile, refuses a second of one name unless
+// told to replace it, and then keeps its place (the CLI's profile add/merge
+// and load --record all store through it).
+func TestStoreProfile(t *testing.T) {
+	path := writeSnap(t, []testRegion{{"x", 0, testImage(1<<20, 4)}}, format.CodecS2, 64<<10)
+	profs := func() []format.Profile {
+		f, err := format.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		return f.Profiles()
+	}
+	a := format.Profile{Name: "a", Entries: []format.ProfileEntry{{Chunk: 1}}}
+	b := format.Profile{Name: "b", Entries: []format.ProfileEntry{{Chunk: 2}}}
+	for _, p := range []format.Profile{a, b} {
+		if err := StoreProfile(path, profs(), p, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a2 := format.Profile{Name: "a", Entries: []format.ProfileEntry{{Chunk: 3}, {Chunk: 4, Rank: 1}}}
+	if err := StoreProfile(path, profs(), a2, false); !errors.Is(err, ErrProfileExists) || !strings.Contains(err.Error(), `profile "a"`) {
+		t.Fatalf("a second profile \"a\": %v, want ErrProfileExists", err)
+	}
+	if err := StoreProfile(path, profs(), a2, true); err != nil {
+		t.Fatal(err)
+	}
+	ps := profs()
+	if len(ps) != 2 || ps[0].Name != "a" || len(ps[0].Entries) != 2 || ps[1].Name != "b" {
+		t.Fatalf("profiles after replace: %+v", ps)
+	}
+	if got := ReplaceProfile([]format.Profile{a, b, a}, a2); len(got) != 2 || len(got[0].Entries) != 2 || got[1].Name != "b" {
+		t.Fatalf("ReplaceProfile with a repeated name: %+v", got)
 	}
 }

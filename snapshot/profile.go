@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -67,13 +68,46 @@ func SummarizeProfile(r *format.Reader, p format.Profile, unitSize int) ProfileI
 	return pi
 }
 
+// ErrProfileRange means a working-set profile names chunks the snapshot
+// does not have.
+var ErrProfileRange = errors.New("working-set profile names chunks beyond the snapshot")
+
+// CheckProfile applies the one policy for profile entries naming chunks
+// beyond r: the profile is rejected (an error wrapping ErrProfileRange), not
+// trimmed. The snapshot format refuses such entries in stored profiles and a
+// sidecar carries the identity of its snapshot (and so its chunk count), so
+// an out-of-range entry means the profile belongs to another snapshot or is
+// damaged; its other entries are not to be trusted either, and a restore or
+// reorder guided by it would quietly do worse. Every user of profiles (the
+// restore, Reorder, the CLI) goes through here.
+func CheckProfile(r *format.Reader, p format.Profile) error {
+	n := r.NumChunks()
+	bad, first := 0, -1
+	for j, e := range p.Entries {
+		if int64(e.Chunk) >= int64(n) {
+			bad++
+			if first < 0 {
+				first = j
+			}
+		}
+	}
+	if bad == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: profile %q: %d of %d entries name chunks beyond the snapshot's %d (entry %d: chunk %d); it was recorded on another snapshot or is damaged: record a new one",
+		ErrProfileRange, p.Name, bad, len(p.Entries), n, first, p.Entries[first].Chunk)
+}
+
 // WorkingSetOrder returns the chunk order that lays p's working set out
 // first: the fill units (of unitSize bytes; 0 = DefaultUnitSize) p touches,
 // by first-touch rank, each unit's chunks in chunk order. A restore fills
 // whole units, so their chunks are placed together; the rest of the
-// snapshot follows in chunk order (format.Rewrite adds it). Entries naming
-// chunks beyond the snapshot are skipped and counted in dropped.
-func WorkingSetOrder(r *format.Reader, p format.Profile, unitSize int) (order []uint32, dropped int) {
+// snapshot follows in chunk order (format.Rewrite adds it). A profile with
+// entries beyond the snapshot is refused (CheckProfile).
+func WorkingSetOrder(r *format.Reader, p format.Profile, unitSize int) ([]uint32, error) {
+	if err := CheckProfile(r, p); err != nil {
+		return nil, err
+	}
 	if unitSize <= 0 {
 		unitSize = DefaultUnitSize
 	}
@@ -89,12 +123,9 @@ func WorkingSetOrder(r *format.Reader, p format.Profile, unitSize int) (order []
 		}
 		return 0
 	})
+	var order []uint32
 	seen := make(map[int]struct{}, len(entries))
 	for _, e := range entries {
-		if int64(e.Chunk) >= int64(n) {
-			dropped++
-			continue
-		}
 		u := int(e.Chunk) / cpu
 		if _, ok := seen[u]; ok {
 			continue
@@ -104,7 +135,7 @@ func WorkingSetOrder(r *format.Reader, p format.Profile, unitSize int) (order []
 			order = append(order, uint32(c))
 		}
 	}
-	return order, dropped
+	return order, nil
 }
 
 // ReorderOptions configure Reorder.
@@ -123,20 +154,18 @@ type ReorderOptions struct {
 type ReorderStats struct {
 	format.RewriteStats
 	WorkingSetBytes uint64 // stored bytes of the working set, at the start of the data area
-	Dropped         int    // profile entries naming chunks beyond the snapshot
 }
 
 // Reorder copies r to w with the chunk data of p's working set first (see
 // WorkingSetOrder), then the rest in chunk order. Stored bytes are copied,
 // not recompressed; the result decodes to exactly the same bytes. A profile
-// whose entries all lie beyond the snapshot is an error: it belongs to
-// another snapshot.
+// naming chunks beyond the snapshot is an error wrapping ErrProfileRange.
 func Reorder(ctx context.Context, r *format.Reader, w io.Writer, p format.Profile, opts ReorderOptions) (ReorderStats, error) {
-	order, dropped := WorkingSetOrder(r, p, opts.UnitSize)
-	if dropped > 0 && dropped == len(p.Entries) {
-		return ReorderStats{Dropped: dropped}, fmt.Errorf("snapshot: profile %q names only chunks beyond the snapshot's %d: it belongs to another snapshot", p.Name, r.NumChunks())
+	order, err := WorkingSetOrder(r, p, opts.UnitSize)
+	if err != nil {
+		return ReorderStats{}, fmt.Errorf("snapshot: reorder: %w", err)
 	}
-	st := ReorderStats{Dropped: dropped}
+	var st ReorderStats
 	for _, c := range order {
 		st.WorkingSetBytes += uint64(r.Chunk(int(c)).StoredLen)
 	}

@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bytes"
 	"context"
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -55,12 +56,18 @@ func TestWorkingSetOrder(t *testing.T) {
 	p := format.Profile{Name: "p", Entries: []format.ProfileEntry{
 		{Chunk: 70, Rank: 2}, {Chunk: 5, Rank: 0}, {Chunk: 99, Rank: 1}, {Chunk: 33, Rank: 3}, {Chunk: 5, Rank: 4},
 	}}
-	order, dropped := WorkingSetOrder(r, p, format.MinChunkSize)
-	if dropped != 1 || !slices.Equal(order, []uint32{5, 70, 33}) {
-		t.Fatalf("chunk units: order %v dropped %d", order, dropped)
+	// One entry beyond the snapshot: the whole profile is refused.
+	if order, err := WorkingSetOrder(r, p, format.MinChunkSize); !errors.Is(err, ErrProfileRange) || order != nil ||
+		!strings.Contains(err.Error(), "1 of 5 entries") || !strings.Contains(err.Error(), "entry 2: chunk 99") {
+		t.Fatalf("out-of-range entry: order %v, %v; want ErrProfileRange naming the entry", order, err)
+	}
+	in := format.Profile{Name: "p", Entries: slices.DeleteFunc(slices.Clone(p.Entries), func(e format.ProfileEntry) bool { return e.Chunk == 99 })}
+	order, err := WorkingSetOrder(r, in, format.MinChunkSize)
+	if err != nil || !slices.Equal(order, []uint32{5, 70, 33}) {
+		t.Fatalf("chunk units: order %v, %v", order, err)
 	}
 	// 2 MiB units = 32 chunks: units 0, 2 (short: chunks 64..79), 1.
-	order, _ = WorkingSetOrder(r, p, 0)
+	order, _ = WorkingSetOrder(r, in, 0)
 	want := append(append(seq(0, 32), seq(64, 80)...), seq(32, 64)...)
 	if !slices.Equal(order, want) {
 		t.Fatalf("2 MiB units: order %v", order)
@@ -127,7 +134,12 @@ func TestReorder(t *testing.T) {
 		t.Errorf("info %+v", rep)
 	}
 	// A profile of another snapshot (all entries beyond it) is an error.
-	if _, err := Reorder(context.Background(), r, &bytes.Buffer{}, prof("x", 500, 600), ReorderOptions{}); err == nil || !strings.Contains(err.Error(), "another snapshot") {
+	if _, err := Reorder(context.Background(), r, &bytes.Buffer{}, prof("x", 500, 600), ReorderOptions{}); !errors.Is(err, ErrProfileRange) || !strings.Contains(err.Error(), "another snapshot") {
 		t.Errorf("foreign profile: %v", err)
+	}
+	// So is one with a single entry beyond it (it used to be trimmed).
+	var part bytes.Buffer
+	if _, err := Reorder(context.Background(), r, &part, prof("x", 1, 600), ReorderOptions{}); !errors.Is(err, ErrProfileRange) || part.Len() != 0 {
+		t.Errorf("partly foreign profile: %v, %d bytes written", err, part.Len())
 	}
 }

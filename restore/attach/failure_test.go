@@ -16,6 +16,7 @@ import (
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
@@ -73,7 +74,7 @@ func helperLiar(mode, sock string) int {
 	case "anon", "anon-mapped":
 		addr = reg.m.Addr() + uintptr(cl.Hello.ChunkSize) + uintptr(ps)
 		if mode == "anon-mapped" {
-			uffd.Touch(addr, ps, ps, false, nil, nil) // served: the server maps the unit
+			touch.Touch(addr, ps, ps, false, nil, nil) // served: the server maps the unit
 		}
 		err := cl.u.Unregister(addr, uintptr(ps))
 		if err == nil {
@@ -91,7 +92,7 @@ func helperLiar(mode, sock string) int {
 		return 1
 	}
 	fmt.Println("touching")
-	go uffd.Touch(addr, ps, ps, false, nil, nil) // waits forever once the server lets go
+	go touch.Touch(addr, ps, ps, false, nil, nil) // waits forever once the server lets go
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, err := cl.Poll(time.Second); err != nil {

@@ -20,6 +20,7 @@ import (
 	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -164,7 +165,7 @@ func TestGoClient(t *testing.T) {
 				// fault into the server, which is another goroutine here,
 				// so only the C touch is safe for any GOMAXPROCS.
 				if len(r.Data) > 0 {
-					uffd.Touch(uintptr(unsafe.Pointer(unsafe.SliceData(r.Data))), len(r.Data), int(b.hello.PageSize), false, nil, nil)
+					touch.Touch(uintptr(unsafe.Pointer(unsafe.SliceData(r.Data))), len(r.Data), int(b.hello.PageSize), false, nil, nil)
 				}
 				got = append(got, r.Data...)
 			}

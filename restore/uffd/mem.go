@@ -99,40 +99,6 @@ func (m *Mapping) Close() error {
 	return errno("munmap", C.ur_munmap(m.ptr, C.uint64_t(m.n)))
 }
 
-// Touch reads (or, with write, rewrites) one byte every stride bytes of
-// [addr, addr+length), in order (stride indexes) or sequentially when order
-// is nil, from C. While it runs the calling goroutine holds no P, so a Go
-// fault handler in this process can run; lat, when not nil, receives each
-// touch's latency in nanoseconds (len(lat) must cover every touch). It
-// returns a checksum of the bytes read.
-func Touch(addr uintptr, length, stride int, write bool, order []uint32, lat []uint64) uint64 {
-	w := C.int(0)
-	if write {
-		w = 1
-	}
-	n := 0
-	if stride > 0 {
-		n = (length + stride - 1) / stride
-	}
-	var op *C.uint32_t
-	if order != nil {
-		n = len(order)
-		if n > 0 {
-			op = (*C.uint32_t)(unsafe.Pointer(&order[0]))
-		}
-	}
-	var lp *C.uint64_t
-	if lat != nil {
-		if len(lat) < n {
-			panic("uffd.Touch: latency slice too short")
-		}
-		if n > 0 {
-			lp = (*C.uint64_t)(unsafe.Pointer(&lat[0]))
-		}
-	}
-	return uint64(C.ur_touch(C.uint64_t(addr), C.uint64_t(length), C.uint64_t(stride), w, op, C.uint64_t(len(order)), lp))
-}
-
 // Resident reports which pages of [off, off+length) of the mapping are
 // resident, one byte per base page (os.Getpagesize(), also for huge page
 // mappings), bit 0 set when resident; for a shared shmem mapping that means

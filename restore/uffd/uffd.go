@@ -1,6 +1,10 @@
 // Package uffd is uffdrestore's one gateway to the kernel: the only package
-// that imports "C". It wraps the C shim in csrc/ (userfaultfd and its ioctls,
-// memfd, mmap, fallocate, seals) in a typed Go API.
+// that makes kernel calls through "C". It wraps the C shim in csrc/
+// (userfaultfd and its ioctls, memfd, mmap, fallocate, seals) in a typed Go
+// API and keeps to raw calls (benchmarks touch memory through
+// internal/touch). Every ABI value (feature and ioctl bits, modes, events,
+// the uffd_msg layout) is a constant taken from <linux/userfaultfd.h> by
+// cgo, pinned to the kernel's ABI by TestABI.
 //
 // Every failure is an *os.SyscallError wrapping a unix.Errno, so
 // errors.Is(err, unix.EEXIST) keeps working. EINTR is retried in one place
@@ -9,8 +13,33 @@ package uffd
 
 /*
 #cgo CFLAGS: -Wall -Werror -I${SRCDIR}/../../csrc
+#include <stddef.h>
 #include <stdlib.h>
 #include "ur_shim.h"
+
+// The layout of struct uffd_msg and the _UFFDIO_* ioctl numbers, as the C
+// compiler reads them from <linux/userfaultfd.h>, for the constants below.
+enum {
+	ur_msg_size = sizeof(struct uffd_msg),
+	ur_off_event = offsetof(struct uffd_msg, event),
+	ur_off_pf_flags = offsetof(struct uffd_msg, arg.pagefault.flags),
+	ur_off_pf_address = offsetof(struct uffd_msg, arg.pagefault.address),
+	ur_off_pf_ptid = offsetof(struct uffd_msg, arg.pagefault.feat.ptid),
+	ur_off_fork_ufd = offsetof(struct uffd_msg, arg.fork.ufd),
+	ur_off_remap_from = offsetof(struct uffd_msg, arg.remap.from),
+	ur_off_remap_to = offsetof(struct uffd_msg, arg.remap.to),
+	ur_off_remap_len = offsetof(struct uffd_msg, arg.remap.len),
+	ur_off_remove_start = offsetof(struct uffd_msg, arg.remove.start),
+	ur_off_remove_end = offsetof(struct uffd_msg, arg.remove.end),
+	ur_nr_register = _UFFDIO_REGISTER,
+	ur_nr_unregister = _UFFDIO_UNREGISTER,
+	ur_nr_wake = _UFFDIO_WAKE,
+	ur_nr_copy = _UFFDIO_COPY,
+	ur_nr_zeropage = _UFFDIO_ZEROPAGE,
+	ur_nr_continue = _UFFDIO_CONTINUE,
+	ur_nr_poison = _UFFDIO_POISON,
+	ur_nr_api = _UFFDIO_API,
+};
 */
 import "C"
 
@@ -25,93 +54,83 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ABI is the layout of the kernel's structs and the ioctl numbers, as the C
-// compiler sees them in <linux/userfaultfd.h> (plus the shim's fallbacks).
-type ABI struct {
-	SizeofMsg                                                           uintptr
-	OffEvent, OffPFFlags, OffPFAddress, OffPFPtid, OffForkUFD           uintptr
-	OffRemapFrom, OffRemapTo, OffRemapLen, OffRemoveStart, OffRemoveEnd uintptr
-	SizeofAPI, SizeofRegister, SizeofContinue, SizeofCopy, SizeofPoison uintptr
-}
-
-// abi is read from C before any package variable that depends on it.
-var abi = func() (a C.struct_ur_abi) { C.ur_get_abi(&a); return a }()
-
-// Features are UFFD_FEATURE_* bits, taken from the kernel header.
+// Features are UFFD_FEATURE_* bits.
 type Features uint64
 
-// Feature bits, from <linux/userfaultfd.h>.
-var (
-	FeatureMinorHugetlbfs   = Features(abi.feat_minor_hugetlbfs)
-	FeatureMinorShmem       = Features(abi.feat_minor_shmem)
-	FeaturePoison           = Features(abi.feat_poison)
-	FeatureMissingHugetlbfs = Features(abi.feat_missing_hugetlbfs)
-	FeatureMissingShmem     = Features(abi.feat_missing_shmem)
-	FeatureEventFork        = Features(abi.feat_event_fork)
-	FeatureEventRemap       = Features(abi.feat_event_remap)
-	FeatureEventRemove      = Features(abi.feat_event_remove)
-	FeatureEventUnmap       = Features(abi.feat_event_unmap)
-	FeatureSigbus           = Features(abi.feat_sigbus)
-	FeatureThreadID         = Features(abi.feat_thread_id)
-	FeatureExactAddress     = Features(abi.feat_exact_address)
-	FeatureWPHugetlbfsShmem = Features(abi.feat_wp_hugetlbfs_shmem)
-	FeatureMove             = Features(abi.feat_move)
+// Feature bits, from <linux/userfaultfd.h> (csrc/ur_shim.h defines those
+// newer than the build host's headers). TestABI pins them to the kernel ABI.
+const (
+	FeatureMinorHugetlbfs   Features = C.UFFD_FEATURE_MINOR_HUGETLBFS
+	FeatureMinorShmem       Features = C.UFFD_FEATURE_MINOR_SHMEM
+	FeaturePoison           Features = C.UFFD_FEATURE_POISON
+	FeatureMissingHugetlbfs Features = C.UFFD_FEATURE_MISSING_HUGETLBFS
+	FeatureMissingShmem     Features = C.UFFD_FEATURE_MISSING_SHMEM
+	FeatureEventFork        Features = C.UFFD_FEATURE_EVENT_FORK
+	FeatureEventRemap       Features = C.UFFD_FEATURE_EVENT_REMAP
+	FeatureEventRemove      Features = C.UFFD_FEATURE_EVENT_REMOVE
+	FeatureEventUnmap       Features = C.UFFD_FEATURE_EVENT_UNMAP
+	FeatureSigbus           Features = C.UFFD_FEATURE_SIGBUS
+	FeatureThreadID         Features = C.UFFD_FEATURE_THREAD_ID
+	FeatureExactAddress     Features = C.UFFD_FEATURE_EXACT_ADDRESS
+	FeatureWPHugetlbfsShmem Features = C.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+	FeatureMove             Features = C.UFFD_FEATURE_MOVE
 )
 
 // Mode is a UFFDIO_REGISTER_MODE_* set.
 type Mode uint64
 
-// Registration modes.
-var (
-	ModeMissing = Mode(abi.mode_missing)
-	ModeWP      = Mode(abi.mode_wp)
-	ModeMinor   = Mode(abi.mode_minor)
+// Registration modes, from <linux/userfaultfd.h>.
+const (
+	ModeMissing Mode = C.UFFDIO_REGISTER_MODE_MISSING
+	ModeWP      Mode = C.UFFDIO_REGISTER_MODE_WP
+	ModeMinor   Mode = C.UFFDIO_REGISTER_MODE_MINOR
 )
 
 // Event is a uffd_msg event type.
 type Event uint8
 
-// Events.
-var (
-	EventPagefault = Event(abi.event_pagefault)
-	EventFork      = Event(abi.event_fork)
-	EventRemap     = Event(abi.event_remap)
-	EventRemove    = Event(abi.event_remove)
-	EventUnmap     = Event(abi.event_unmap)
+// Events, from <linux/userfaultfd.h>.
+const (
+	EventPagefault Event = C.UFFD_EVENT_PAGEFAULT
+	EventFork      Event = C.UFFD_EVENT_FORK
+	EventRemap     Event = C.UFFD_EVENT_REMAP
+	EventRemove    Event = C.UFFD_EVENT_REMOVE
+	EventUnmap     Event = C.UFFD_EVENT_UNMAP
 )
 
-// Page fault flags.
-var (
-	PFWrite = uint64(abi.pf_flag_write)
-	PFWP    = uint64(abi.pf_flag_wp)
-	PFMinor = uint64(abi.pf_flag_minor)
+// Page fault flags, from <linux/userfaultfd.h>.
+const (
+	PFWrite uint64 = C.UFFD_PAGEFAULT_FLAG_WRITE
+	PFWP    uint64 = C.UFFD_PAGEFAULT_FLAG_WP
+	PFMinor uint64 = C.UFFD_PAGEFAULT_FLAG_MINOR
 )
 
 // Ioctl bits reported by UFFDIO_API / UFFDIO_REGISTER (1 << _UFFDIO_*).
 const (
-	IoctlRegister   uint64 = 1 << 0x00
-	IoctlUnregister uint64 = 1 << 0x01
-	IoctlWake       uint64 = 1 << 0x02
-	IoctlCopy       uint64 = 1 << 0x03
-	IoctlZeropage   uint64 = 1 << 0x04
-	IoctlContinue   uint64 = 1 << 0x07
-	IoctlPoison     uint64 = 1 << 0x08
-	IoctlAPI        uint64 = 1 << 0x3F
+	IoctlRegister   uint64 = 1 << C.ur_nr_register
+	IoctlUnregister uint64 = 1 << C.ur_nr_unregister
+	IoctlWake       uint64 = 1 << C.ur_nr_wake
+	IoctlCopy       uint64 = 1 << C.ur_nr_copy
+	IoctlZeropage   uint64 = 1 << C.ur_nr_zeropage
+	IoctlContinue   uint64 = 1 << C.ur_nr_continue
+	IoctlPoison     uint64 = 1 << C.ur_nr_poison
+	IoctlAPI        uint64 = 1 << C.ur_nr_api
 )
 
-// CABI reports the C side's struct sizes and offsets, for tests that pin the
-// Go parser to the kernel header.
-func CABI() ABI {
-	return ABI{
-		SizeofMsg: uintptr(abi.sizeof_uffd_msg), OffEvent: uintptr(abi.off_event),
-		OffPFFlags: uintptr(abi.off_pf_flags), OffPFAddress: uintptr(abi.off_pf_address),
-		OffPFPtid: uintptr(abi.off_pf_ptid), OffForkUFD: uintptr(abi.off_fork_ufd),
-		OffRemapFrom: uintptr(abi.off_remap_from), OffRemapTo: uintptr(abi.off_remap_to),
-		OffRemapLen: uintptr(abi.off_remap_len), OffRemoveStart: uintptr(abi.off_remove_start),
-		OffRemoveEnd: uintptr(abi.off_remove_end), SizeofAPI: uintptr(abi.sizeof_uffdio_api),
-		SizeofRegister: uintptr(abi.sizeof_uffdio_register), SizeofContinue: uintptr(abi.sizeof_uffdio_continue),
-		SizeofCopy: uintptr(abi.sizeof_uffdio_copy), SizeofPoison: uintptr(abi.sizeof_uffdio_poison),
+// The DONTWAKE mode bits of the resolving ioctls.
+const (
+	continueDontWake = C.UFFDIO_CONTINUE_MODE_DONTWAKE
+	copyDontWake     = C.UFFDIO_COPY_MODE_DONTWAKE
+	zeropageDontWake = C.UFFDIO_ZEROPAGE_MODE_DONTWAKE
+	poisonDontWake   = C.UFFDIO_POISON_MODE_DONTWAKE
+)
+
+// wakeMode is the mode of a resolving ioctl: its DONTWAKE bit when noWake.
+func wakeMode(noWake bool, bit C.uint64_t) C.uint64_t {
+	if noWake {
+		return bit
 	}
+	return 0
 }
 
 // errno turns a shim return code into an error naming the operation.
@@ -123,11 +142,12 @@ func errno(op string, rc C.int) error {
 }
 
 // retry runs f until it returns something other than -EINTR. It is the one
-// place EINTR is handled.
-func retry(f func() C.int) C.int {
+// place EINTR is handled: every shim call that can be interrupted goes
+// through it.
+func retry[T C.int | C.long](f func() T) T {
 	for {
 		rc := f()
-		if rc != -C.int(unix.EINTR) {
+		if rc != -T(unix.EINTR) {
 			return rc
 		}
 	}
@@ -335,25 +355,19 @@ func (u *FD) Continue(addr, length uintptr, dontWake bool) (Outcome, error) {
 	return out, err
 }
 
-func (u *FD) continueN(addr, length uintptr, dontWake bool) (uintptr, Outcome, error) {
-	mode := C.uint64_t(0)
-	if dontWake {
-		mode = 1 // UFFDIO_CONTINUE_MODE_DONTWAKE
-	}
+func (u *FD) continueN(addr, length uintptr, noWake bool) (uintptr, Outcome, error) {
+	mode := wakeMode(noWake, continueDontWake)
 	var rc C.long
 	u.closeMu.RLock()
 	if u.closed.Load() {
 		u.closeMu.RUnlock()
 		return 0, Mapped, os.NewSyscallError("ioctl UFFDIO_CONTINUE", unix.EBADF)
 	}
-	for {
-		// nil for the mapped count: passing a Go pointer to C would make it
-		// escape, one allocation per fault.
-		rc = C.ur_uffd_continue(C.int(u.fd), C.uint64_t(addr), C.uint64_t(length), mode, nil)
-		if rc != -C.long(unix.EINTR) {
-			break
-		}
-	}
+	// nil for the mapped count: passing a Go pointer to C would make it
+	// escape, one allocation per fault.
+	rc = retry(func() C.long {
+		return C.ur_uffd_continue(C.int(u.fd), C.uint64_t(addr), C.uint64_t(length), mode, nil)
+	})
 	u.closeMu.RUnlock()
 	switch {
 	case rc >= 0:
@@ -394,11 +408,8 @@ func (u *FD) ContinueRange(addr, length, pageSize uintptr) (int, error) {
 
 // Copy resolves a missing fault by copying length bytes from src into the
 // registered range at dst (UFFDIO_COPY). EEXIST is AlreadyMapped.
-func (u *FD) Copy(dst, src, length uintptr, dontWake bool) (Outcome, error) {
-	mode := C.uint64_t(0)
-	if dontWake {
-		mode = 1
-	}
+func (u *FD) Copy(dst, src, length uintptr, noWake bool) (Outcome, error) {
+	mode := wakeMode(noWake, copyDontWake)
 	rc := u.do(func(fd C.int) C.int {
 		return C.ur_uffd_copy(fd, C.uint64_t(dst), C.uint64_t(src), C.uint64_t(length), mode, nil)
 	})
@@ -409,11 +420,8 @@ func (u *FD) Copy(dst, src, length uintptr, dontWake bool) (Outcome, error) {
 }
 
 // ZeroPage resolves a missing fault with zero pages (anonymous memory only).
-func (u *FD) ZeroPage(addr, length uintptr, dontWake bool) (Outcome, error) {
-	mode := C.uint64_t(0)
-	if dontWake {
-		mode = 1
-	}
+func (u *FD) ZeroPage(addr, length uintptr, noWake bool) (Outcome, error) {
+	mode := wakeMode(noWake, zeropageDontWake)
 	rc := u.do(func(fd C.int) C.int {
 		return C.ur_uffd_zeropage(fd, C.uint64_t(addr), C.uint64_t(length), mode, nil)
 	})
@@ -432,11 +440,8 @@ func (u *FD) Wake(addr, length uintptr) error {
 // Poison marks the range poisoned (UFFDIO_POISON, Linux >= 6.6): an access
 // raises SIGBUS instead of reading the page. Used when a chunk fails its
 // checksum, so a target never sees wrong bytes.
-func (u *FD) Poison(addr, length uintptr, dontWake bool) error {
-	mode := C.uint64_t(0)
-	if dontWake {
-		mode = 1
-	}
+func (u *FD) Poison(addr, length uintptr, noWake bool) error {
+	mode := wakeMode(noWake, poisonDontWake)
 	rc := u.do(func(fd C.int) C.int {
 		return C.ur_uffd_poison(fd, C.uint64_t(addr), C.uint64_t(length), mode, nil)
 	})
@@ -487,12 +492,7 @@ func (u *FD) ReadMsgs(buf *MsgBuf, out []Msg) (int, error) {
 		u.closeMu.RUnlock()
 		return 0, os.ErrClosed
 	}
-	for {
-		r = C.ur_uffd_read(C.int(u.fd), unsafe.Pointer(&buf.raw[0]), C.size_t(n*sz))
-		if r != -C.long(unix.EINTR) {
-			break
-		}
-	}
+	r = retry(func() C.long { return C.ur_uffd_read(C.int(u.fd), unsafe.Pointer(&buf.raw[0]), C.size_t(n*sz)) })
 	u.closeMu.RUnlock()
 	if r == -C.long(unix.EAGAIN) {
 		return 0, nil
@@ -519,20 +519,19 @@ func le32(b []byte) uint32 {
 	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
 
-// The Go-side layout of struct uffd_msg. TestABI pins these to what the C
-// compiler reports for <linux/userfaultfd.h>.
+// The layout of struct uffd_msg, from <linux/userfaultfd.h>.
 const (
-	msgSize        = 32
-	offEvent       = 0
-	offPFFlags     = 8
-	offPFAddress   = 16
-	offPFPtid      = 24
-	offForkUFD     = 8
-	offRemapFrom   = 8
-	offRemapTo     = 16
-	offRemapLen    = 24
-	offRemoveStart = 8
-	offRemoveEnd   = 16
+	msgSize        = C.ur_msg_size
+	offEvent       = C.ur_off_event
+	offPFFlags     = C.ur_off_pf_flags
+	offPFAddress   = C.ur_off_pf_address
+	offPFPtid      = C.ur_off_pf_ptid
+	offForkUFD     = C.ur_off_fork_ufd
+	offRemapFrom   = C.ur_off_remap_from
+	offRemapTo     = C.ur_off_remap_to
+	offRemapLen    = C.ur_off_remap_len
+	offRemoveStart = C.ur_off_remove_start
+	offRemoveEnd   = C.ur_off_remove_end
 )
 
 func decodeMsg(b []byte) Msg {
@@ -566,7 +565,7 @@ func Poll(fd, wakefd int, timeoutMS int) (ready, woken, hangup bool, err error) 
 	if rc < 0 {
 		return false, false, false, errno("poll", rc)
 	}
-	return rc&1 != 0, rc&2 != 0, rc&4 != 0, nil
+	return rc&C.UR_POLL_READY != 0, rc&C.UR_POLL_WOKEN != 0, rc&C.UR_POLL_HUP != 0, nil
 }
 
 // NotSupportedError says a kernel feature is missing and which Linux release

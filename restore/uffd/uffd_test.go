@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,42 +25,96 @@ func TestMain(m *testing.M) {
 	os.Exit(testutil.Main(m))
 }
 
-// TestABI pins the Go-side layout of struct uffd_msg to what the C compiler
-// reads from <linux/userfaultfd.h>.
+// TestABI pins the values the gateway takes from <linux/userfaultfd.h> (and
+// the fallbacks csrc/ur_shim.h defines for older headers) to the kernel's
+// ABI, which never changes once released: a wrong header or fallback fails
+// here, not as a fault that never resolves.
 func TestABI(t *testing.T) {
-	a := CABI()
 	pins := []struct {
-		name   string
-		goSide uintptr
-		cSide  uintptr
+		name      string
+		got, want uint64
 	}{
-		{"sizeof(struct uffd_msg)", msgSize, a.SizeofMsg},
-		{"offsetof(event)", offEvent, a.OffEvent},
-		{"offsetof(pagefault.flags)", offPFFlags, a.OffPFFlags},
-		{"offsetof(pagefault.address)", offPFAddress, a.OffPFAddress},
-		{"offsetof(pagefault.feat.ptid)", offPFPtid, a.OffPFPtid},
-		{"offsetof(fork.ufd)", offForkUFD, a.OffForkUFD},
-		{"offsetof(remap.from)", offRemapFrom, a.OffRemapFrom},
-		{"offsetof(remap.to)", offRemapTo, a.OffRemapTo},
-		{"offsetof(remap.len)", offRemapLen, a.OffRemapLen},
-		{"offsetof(remove.start)", offRemoveStart, a.OffRemoveStart},
-		{"offsetof(remove.end)", offRemoveEnd, a.OffRemoveEnd},
-		// The ioctl argument structs, which the shim fills field by field.
-		{"sizeof(struct uffdio_api)", 24, a.SizeofAPI},
-		{"sizeof(struct uffdio_register)", 32, a.SizeofRegister},
-		{"sizeof(struct uffdio_continue)", 32, a.SizeofContinue},
-		{"sizeof(struct uffdio_copy)", 40, a.SizeofCopy},
-		{"sizeof(struct uffdio_poison)", 32, a.SizeofPoison},
+		{"sizeof(struct uffd_msg)", msgSize, 32},
+		{"offsetof(event)", offEvent, 0},
+		{"offsetof(pagefault.flags)", offPFFlags, 8},
+		{"offsetof(pagefault.address)", offPFAddress, 16},
+		{"offsetof(pagefault.feat.ptid)", offPFPtid, 24},
+		{"offsetof(fork.ufd)", offForkUFD, 8},
+		{"offsetof(remap.from)", offRemapFrom, 8},
+		{"offsetof(remap.to)", offRemapTo, 16},
+		{"offsetof(remap.len)", offRemapLen, 24},
+		{"offsetof(remove.start)", offRemoveStart, 8},
+		{"offsetof(remove.end)", offRemoveEnd, 16},
+		{"UFFD_FEATURE_EVENT_FORK", uint64(FeatureEventFork), 1 << 1},
+		{"UFFD_FEATURE_EVENT_REMAP", uint64(FeatureEventRemap), 1 << 2},
+		{"UFFD_FEATURE_EVENT_REMOVE", uint64(FeatureEventRemove), 1 << 3},
+		{"UFFD_FEATURE_MISSING_HUGETLBFS", uint64(FeatureMissingHugetlbfs), 1 << 4},
+		{"UFFD_FEATURE_MISSING_SHMEM", uint64(FeatureMissingShmem), 1 << 5},
+		{"UFFD_FEATURE_EVENT_UNMAP", uint64(FeatureEventUnmap), 1 << 6},
+		{"UFFD_FEATURE_SIGBUS", uint64(FeatureSigbus), 1 << 7},
+		{"UFFD_FEATURE_THREAD_ID", uint64(FeatureThreadID), 1 << 8},
+		{"UFFD_FEATURE_MINOR_HUGETLBFS", uint64(FeatureMinorHugetlbfs), 1 << 9},
+		{"UFFD_FEATURE_MINOR_SHMEM", uint64(FeatureMinorShmem), 1 << 10},
+		{"UFFD_FEATURE_EXACT_ADDRESS", uint64(FeatureExactAddress), 1 << 11},
+		{"UFFD_FEATURE_WP_HUGETLBFS_SHMEM", uint64(FeatureWPHugetlbfsShmem), 1 << 12},
+		{"UFFD_FEATURE_POISON", uint64(FeaturePoison), 1 << 14},
+		{"UFFD_FEATURE_MOVE", uint64(FeatureMove), 1 << 16},
+		{"UFFDIO_REGISTER_MODE_MISSING", uint64(ModeMissing), 1 << 0},
+		{"UFFDIO_REGISTER_MODE_WP", uint64(ModeWP), 1 << 1},
+		{"UFFDIO_REGISTER_MODE_MINOR", uint64(ModeMinor), 1 << 2},
+		{"UFFD_EVENT_PAGEFAULT", uint64(EventPagefault), 0x12},
+		{"UFFD_EVENT_FORK", uint64(EventFork), 0x13},
+		{"UFFD_EVENT_REMAP", uint64(EventRemap), 0x14},
+		{"UFFD_EVENT_REMOVE", uint64(EventRemove), 0x15},
+		{"UFFD_EVENT_UNMAP", uint64(EventUnmap), 0x16},
+		{"UFFD_PAGEFAULT_FLAG_WRITE", PFWrite, 1 << 0},
+		{"UFFD_PAGEFAULT_FLAG_WP", PFWP, 1 << 1},
+		{"UFFD_PAGEFAULT_FLAG_MINOR", PFMinor, 1 << 2},
+		{"1<<_UFFDIO_REGISTER", IoctlRegister, 1 << 0x00},
+		{"1<<_UFFDIO_UNREGISTER", IoctlUnregister, 1 << 0x01},
+		{"1<<_UFFDIO_WAKE", IoctlWake, 1 << 0x02},
+		{"1<<_UFFDIO_COPY", IoctlCopy, 1 << 0x03},
+		{"1<<_UFFDIO_ZEROPAGE", IoctlZeropage, 1 << 0x04},
+		{"1<<_UFFDIO_CONTINUE", IoctlContinue, 1 << 0x07},
+		{"1<<_UFFDIO_POISON", IoctlPoison, 1 << 0x08},
+		{"1<<_UFFDIO_API", IoctlAPI, 1 << 0x3F},
+		{"UFFDIO_CONTINUE_MODE_DONTWAKE", uint64(continueDontWake), 1 << 0},
+		{"UFFDIO_COPY_MODE_DONTWAKE", uint64(copyDontWake), 1 << 0},
+		{"UFFDIO_ZEROPAGE_MODE_DONTWAKE", uint64(zeropageDontWake), 1 << 0},
+		{"UFFDIO_POISON_MODE_DONTWAKE", uint64(poisonDontWake), 1 << 0},
 	}
 	for _, p := range pins {
-		if p.goSide != p.cSide {
-			t.Errorf("%s: Go side %d, C side %d", p.name, p.goSide, p.cSide)
+		if p.got != p.want {
+			t.Errorf("%s: %#x, the kernel ABI is %#x", p.name, p.got, p.want)
 		}
 	}
-	// Ioctl bits: the Go constants are 1<<_UFFDIO_*; check a few against
-	// what the kernel reports for a registered range.
-	if IoctlContinue != 1<<7 || IoctlPoison != 1<<8 {
-		t.Errorf("ioctl bits drifted")
+}
+
+// TestABIKernel checks the ioctl bits against what the running kernel
+// reports: UFFDIO_API answers with UFFD_API_IOCTLS (API, REGISTER,
+// UNREGISTER), a registered shmem range offers WAKE and CONTINUE.
+func TestABIKernel(t *testing.T) {
+	testutil.RequireRoot(t)
+	_, ioctls, err := Supported(OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := IoctlAPI | IoctlRegister | IoctlUnregister; ioctls&want != want {
+		t.Errorf("UFFDIO_API reported ioctls %#x, want %#x among them", ioctls, want)
+	}
+	u := need(t, FeatureMinorShmem)
+	fd, page := backing(t, shmemMemfd, 1)
+	m, err := Mmap(0, page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	r, err := u.Register(m.Addr(), uintptr(page), ModeMinor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := IoctlWake | IoctlContinue; r&want != want {
+		t.Errorf("a minor shmem range offers ioctls %#x, want %#x among them", r, want)
 	}
 }
 
@@ -264,7 +319,7 @@ func TestMinorRoundTrip(t *testing.T) {
 			}
 			h := startHandler(t, u, view, alias, page, true)
 			// Touch from C so this goroutine's P is free for the handler.
-			Touch(view.Addr(), size, page, false, nil, nil)
+			touch.Touch(view.Addr(), size, page, false, nil, nil)
 			if got := h.minor.Load(); got != pages {
 				t.Errorf("minor faults = %d, want %d (one per page touched)", got, pages)
 			}
@@ -293,7 +348,7 @@ func TestMinorRoundTrip(t *testing.T) {
 				t.Fatalf("ContinueRange over a partly mapped range: %d calls, %v", calls, err)
 			}
 			before := h.minor.Load()
-			Touch(view.Addr(), size, page, false, nil, nil)
+			touch.Touch(view.Addr(), size, page, false, nil, nil)
 			if h.minor.Load() != before {
 				t.Fatalf("pages still faulted after ContinueRange")
 			}
@@ -324,7 +379,7 @@ func TestMissingMinorNoPrealloc(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := startHandler(t, u, view, alias, page, false)
-			Touch(view.Addr(), size, page, true, []uint32{2, 0, 1}, nil)
+			touch.Touch(view.Addr(), size, page, true, []uint32{2, 0, 1}, nil)
 			if got := h.missing.Load() + h.minor.Load(); got != pages {
 				t.Errorf("faults = %d, want %d", got, pages)
 			}
@@ -364,7 +419,7 @@ func TestPrivateView(t *testing.T) {
 				t.Fatal(err)
 			}
 			h := startHandler(t, u, view, alias, page, true)
-			Touch(view.Addr(), size, page, true, nil, nil) // write faults: minor, then copy-on-write
+			touch.Touch(view.Addr(), size, page, true, nil, nil) // write faults: minor, then copy-on-write
 			if h.minor.Load() != pages {
 				t.Errorf("minor faults = %d, want %d", h.minor.Load(), pages)
 			}
@@ -620,5 +675,38 @@ func TestUserModeOnlyFallback(t *testing.T) {
 	}
 	if res.fallErr != nil || res.via != ViaUserModeOnly || res.regErr != nil {
 		t.Fatalf("user-mode-only fallback: via %v, open %v, register %v", res.via, res.fallErr, res.regErr)
+	}
+}
+
+// The fault path allocates nothing: reading no message and a CONTINUE that
+// finds the page mapped (both through retry) cost no allocation.
+func TestFaultPathDoesNotAllocate(t *testing.T) {
+	u := need(t, FeatureMinorShmem)
+	fd, page := backing(t, shmemMemfd, 1)
+	if _, err := unix.Pwrite(fd, []byte{1}, 0); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Mmap(0, page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if _, err := u.Register(m.Addr(), uintptr(page), ModeMinor); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := u.Continue(m.Addr(), uintptr(page), false); err != nil || out != Mapped {
+		t.Fatalf("first CONTINUE: %v %v", out, err)
+	}
+	buf, msgs := NewMsgBuf(4), make([]Msg, 4)
+	n := testing.AllocsPerRun(100, func() {
+		if out, err := u.Continue(m.Addr(), uintptr(page), false); err != nil || out != AlreadyMapped {
+			t.Fatalf("CONTINUE of a mapped page: %v %v", out, err)
+		}
+		if k, err := u.ReadMsgs(buf, msgs); k != 0 || err != nil {
+			t.Fatalf("ReadMsgs: %d %v", k, err)
+		}
+	})
+	if n != 0 {
+		t.Fatalf("%v allocations per CONTINUE + read", n)
 	}
 }
