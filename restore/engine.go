@@ -54,6 +54,7 @@ type engine struct {
 	moreWorkOnce  sync.Once
 	ws            *wsState
 	rec           *recorder
+	fetchSem      chan struct{} // remote snapshot: prefetch reads in flight (see fillBatchRemote)
 	prefetchOnce  sync.Once
 	prefetchOn    chan struct{}
 
@@ -128,6 +129,9 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 			}
 			return nil, fmt.Errorf("restore: map backing: %w", err)
 		}
+	}
+	if cfg.fetchParallel > 0 {
+		e.fetchSem = make(chan struct{}, max(1, cfg.fetchParallel-1))
 	}
 	e.moreWork = make(chan struct{}, 1)
 	e.moreWorkAll = make(chan struct{})
@@ -554,6 +558,10 @@ func (e *engine) helpSplit(w *workerState, r splitReq) {
 // fillBatch fills claimed units (prefetch), reading the stored bytes of
 // chunks that are adjacent in the file with one pread into rbuf.
 func (e *engine) fillBatch(w *workerState, units []uint32) {
+	if e.fetchSem != nil {
+		e.fillBatchRemote(w, units)
+		return
+	}
 	dec, rbuf := w.dec, w.rbuf
 	mem := e.alias.Bytes()
 	var winOff uint64 // rbuf holds the file's bytes [winOff, winOff+winLen)

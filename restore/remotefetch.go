@@ -1,0 +1,210 @@
+package restore
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/uffdrestore/uffdrestore/format"
+)
+
+// Prefetch from a remote snapshot. A batch's units are read with a local
+// file's method (runs of chunks back to back in claim order, one read at a
+// time) would cost a round trip per run, one after another: a working set
+// recorded in touch order seldom lists neighbours in the file one after the
+// other. fillBatchRemote instead sorts the batch's stored ranges by offset,
+// merges neighbours into spans, sends the spans in profile order (the span
+// holding the earliest unit first) several at once, and decodes the units in
+// profile order as their bytes arrive. Engine-wide, prefetch keeps at most
+// fetchParallel-1 requests in flight, so a fault's read always finds a free
+// request slot in the remote reader; and while a worker waits for its
+// batch's bytes it serves faults first.
+
+// fetchSpan is one ranged read of a batch: the file bytes [off, end).
+type fetchSpan struct {
+	off, end uint64
+	first    int    // index in the batch of the earliest unit that needs it
+	buf      []byte // where its bytes land
+	done     chan error
+	err      error
+	waited   bool
+}
+
+// fetchPiece is one stored chunk of a batch.
+type fetchPiece struct {
+	off  uint64
+	n    uint32
+	c    int // chunk
+	unit int // index in the batch
+	span int
+}
+
+// remoteFetchSpan bounds a merged span; fetchBatchBytes bounds the stored
+// bytes of one batch (a batch holds at most 8 MiB of units, stored chunks
+// are not much bigger than raw ones).
+const remoteFetchSpan = 4 << 20
+
+func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
+	// The stored pieces of every unit not being refilled after a punch.
+	var pieces []fetchPiece
+	var total uint64
+	for i, u := range units {
+		if e.partial[u].Load() {
+			continue
+		}
+		c0, c1, _ := e.unitChunks(u)
+		for c := c0; c < c1; c++ {
+			ch := e.r.Chunk(c)
+			if ch.Codec == format.CodecZero {
+				continue
+			}
+			pieces = append(pieces, fetchPiece{off: ch.Offset, n: ch.StoredLen, c: c, unit: i})
+			total += uint64(ch.StoredLen)
+		}
+	}
+	slices.SortFunc(pieces, func(a, b fetchPiece) int {
+		switch {
+		case a.off < b.off:
+			return -1
+		case a.off > b.off:
+			return 1
+		}
+		return 0
+	})
+	// Merge neighbours in the file into spans.
+	var spans []*fetchSpan
+	for i := range pieces {
+		p := &pieces[i]
+		if k := len(spans); k > 0 && spans[k-1].end == p.off && p.off+uint64(p.n)-spans[k-1].off <= remoteFetchSpan {
+			s := spans[k-1]
+			s.end += uint64(p.n)
+			s.first = min(s.first, p.unit)
+			p.span = k - 1
+			continue
+		}
+		p.span = len(spans)
+		spans = append(spans, &fetchSpan{off: p.off, end: p.off + uint64(p.n), first: p.unit, done: make(chan error, 1)})
+	}
+	if uint64(len(w.rbuf)) < total {
+		w.rbuf = make([]byte, total)
+	}
+	var at uint64
+	for _, s := range spans {
+		s.buf = w.rbuf[at : at+s.end-s.off]
+		at += s.end - s.off
+	}
+	// Send them in profile order, a few at once.
+	order := slices.Clone(spans)
+	slices.SortStableFunc(order, func(a, b *fetchSpan) int { return a.first - b.first })
+	go func() {
+		for _, s := range order {
+			e.fetchSem <- struct{}{}
+			go func() {
+				err := e.r.ReadStored(s.buf, int64(s.off))
+				<-e.fetchSem
+				if err == nil {
+					e.c.bytesRead.Add(int64(len(s.buf)))
+					e.c.reads.Add(1)
+				} else {
+					err = fmt.Errorf("restore: read chunks at %#x: %w", s.off, err)
+				}
+				s.done <- err
+			}()
+		}
+	}()
+	wait := func(s *fetchSpan) error {
+		for !s.waited {
+			select {
+			case s.err = <-s.done:
+				s.waited = true
+			case fu := <-e.faultq:
+				// Faults jump the queue (no unit is being decoded now).
+				e.fill(w, fu, true)
+			case r := <-e.splitq:
+				e.helpSplit(w, r)
+			}
+		}
+		return s.err
+	}
+	// The pieces of each unit, in chunk order: sort a copy by unit, then chunk.
+	byUnit := slices.Clone(pieces)
+	slices.SortFunc(byUnit, func(a, b fetchPiece) int {
+		if a.unit != b.unit {
+			return a.unit - b.unit
+		}
+		return a.c - b.c
+	})
+	mem := e.alias.Bytes()
+	next := 0
+	for i, u := range units {
+		start := next
+		for next < len(byUnit) && byUnit[next].unit == i {
+			next++
+		}
+		if e.partial[u].Swap(false) {
+			e.publish(w, u, e.refillUnit(w, u), false)
+			continue
+		}
+		var err error
+		for _, p := range byUnit[start:next] {
+			if err = wait(spans[p.span]); err != nil {
+				break
+			}
+		}
+		c0, c1, whole := e.unitChunks(u)
+		buffered := e.buffered()
+		var ubuf []byte
+		if buffered {
+			ubuf = w.unitBuf(e.unitSize)
+		}
+		base := int(u) * e.unitSize
+		pi := start
+		for c := c0; c < c1 && err == nil; c++ {
+			ch := e.r.Chunk(c)
+			off := c * e.chunkSize
+			dst := mem[off : off+e.chunkSize]
+			if buffered {
+				dst = ubuf[off-base : off-base+e.chunkSize]
+			}
+			if ch.Codec == format.CodecZero {
+				e.c.zeroChunks.Add(1)
+				if buffered {
+					clear(dst)
+				}
+				continue
+			}
+			p := byUnit[pi]
+			pi++
+			s := spans[p.span]
+			lo := p.off - s.off
+			if err = w.dec.DecodeStored(c, s.buf[lo:lo+uint64(p.n)], dst); err == nil {
+				e.c.bytesDecoded.Add(int64(ch.RawLen))
+				if buffered {
+					clear(dst[ch.RawLen:])
+				}
+			}
+		}
+		switch {
+		case err != nil:
+		case buffered:
+			clear(ubuf[(c1-c0)*e.chunkSize:])
+			err = e.writeUnit(u, ubuf)
+		case !whole:
+			err = e.allocUnit(u)
+		}
+		e.publish(w, u, err, false)
+		for drained := false; !drained; {
+			select {
+			case fu := <-e.faultq:
+				e.fill(w, fu, true)
+			case r := <-e.splitq:
+				e.helpSplit(w, r)
+			default:
+				drained = true
+			}
+		}
+	}
+	// w.rbuf is reused by the next batch: every read must be over.
+	for _, s := range spans {
+		wait(s)
+	}
+}
