@@ -1,6 +1,7 @@
 package restore
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 
@@ -38,9 +39,8 @@ type fetchPiece struct {
 	span int
 }
 
-// remoteFetchSpan bounds a merged span; fetchBatchBytes bounds the stored
-// bytes of one batch (a batch holds at most 8 MiB of units, stored chunks
-// are not much bigger than raw ones).
+// remoteFetchSpan bounds a merged span (a batch holds at most
+// prefetchBatchBytes of units).
 const remoteFetchSpan = 4 << 20
 
 func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
@@ -96,8 +96,15 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 	order := slices.Clone(spans)
 	slices.SortStableFunc(order, func(a, b *fetchSpan) int { return a.first - b.first })
 	go func() {
-		for _, s := range order {
-			e.fetchSem <- struct{}{}
+		for i, s := range order {
+			select {
+			case e.fetchSem <- struct{}{}:
+			case <-e.stop:
+				for _, s := range order[i:] {
+					s.done <- errEngineStopped
+				}
+				return
+			}
 			go func() {
 				err := e.r.ReadStored(s.buf, int64(s.off))
 				<-e.fetchSem
@@ -121,6 +128,8 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 				e.fill(w, fu, true)
 			case r := <-e.splitq:
 				e.helpSplit(w, r)
+			case <-e.stop:
+				return errEngineStopped
 			}
 		}
 		return s.err
@@ -149,6 +158,12 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 			if err = wait(spans[p.span]); err != nil {
 				break
 			}
+		}
+		if err == errEngineStopped {
+			// Closing: leave the rest (and rbuf, which reads in flight may
+			// still write: this worker is ending).
+			w.rbuf = nil
+			return
 		}
 		c0, c1, whole := e.unitChunks(u)
 		buffered := e.buffered()
@@ -205,6 +220,11 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 	}
 	// w.rbuf is reused by the next batch: every read must be over.
 	for _, s := range spans {
-		wait(s)
+		if wait(s) == errEngineStopped {
+			w.rbuf = nil
+			return
+		}
 	}
 }
+
+var errEngineStopped = errors.New("restore: closing")

@@ -1,7 +1,9 @@
 package restore
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -10,6 +12,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/remote"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
@@ -50,16 +53,21 @@ func TestWorkingSetRemote(t *testing.T) {
 		}
 	}
 	f.Close()
-	var gets atomic.Int64
+	var inFlight, maxInFlight atomic.Int64
 	fs := http.FileServer(http.Dir(filepath.Dir(path)))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		gets.Add(1)
-		time.Sleep(time.Millisecond) // a round trip worth merging requests for
+		n := inFlight.Add(1)
+		defer inFlight.Add(-1)
+		for m := maxInFlight.Load(); n > m && !maxInFlight.CompareAndSwap(m, n); m = maxInFlight.Load() {
+		}
+		time.Sleep(10 * time.Millisecond) // a round trip worth merging and overlapping requests for
 		fs.ServeHTTP(w, r)
 	}))
 	defer srv.Close()
 	url := srv.URL + "/" + filepath.Base(path)
-	opts := kernelOpts(t, BackingShmem, 16<<20)
+	// One worker: the requests overlap because prefetch sends them so, not
+	// because several workers each wait on one.
+	opts := append(kernelOpts(t, BackingShmem, 16<<20), WithWorkers(1))
 	// What opening costs (the header and the index): a lazy load's fetches.
 	lazy, err := NewLoader(context.Background(), url, opts...)
 	if err != nil {
@@ -77,14 +85,17 @@ func TestWorkingSetRemote(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	s := l.Stats()
-	t.Logf("working set %+v; remote %+v (at open: %d requests, %d bytes); profile: %d stored chunks, %d stored bytes",
-		*s.WorkingSet, *s.Remote, opened.Requests, opened.BytesFetched, stChunks, stored)
+	t.Logf("working set %+v; remote %+v (at open: %d requests, %d bytes); profile: %d stored chunks, %d stored bytes; at most %d requests at once",
+		*s.WorkingSet, *s.Remote, opened.Requests, opened.BytesFetched, stChunks, stored, maxInFlight.Load())
 	if s.WorkingSet.Prefilled != int64(len(units)) || s.WorkingSet.Late != 0 || s.UnitsPresent != int64(len(units)) {
 		t.Fatalf("working set not prefilled ahead of faults: %+v, %d units present", *s.WorkingSet, s.UnitsPresent)
 	}
 	reqs := s.Remote.Requests - opened.Requests
 	if reqs == 0 || reqs*4 > stChunks {
 		t.Errorf("%d requests for the profile's %d stored chunks in 6 runs: neighbours not merged", reqs, stChunks)
+	}
+	if maxInFlight.Load() < 3 {
+		t.Errorf("the working set's 6 ranges were read at most %d at a time", maxInFlight.Load())
 	}
 	if got := s.Remote.BytesFetched - opened.BytesFetched; got < stored || got > stored+stored/10 {
 		t.Errorf("fetched %d bytes for the working set, its stored size is %d", got, stored)
@@ -101,4 +112,58 @@ func TestWorkingSetRemote(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkRegions(t, m.Bytes(), l.Layout(), regions)
+}
+
+// TestWorkingSetRemoteFaultFirst: while a working set is fetched over a
+// slow link, a fault outside it does not wait for the working set's
+// requests: prefetch leaves one of the remote reader's request slots free
+// for faults, and its worker serves faults while it waits for its ranges.
+func TestWorkingSetRemoteFaultFirst(t *testing.T) {
+	regions := []testRegion{{"heap", 0, testImage(16<<20, 42)}}
+	path := writeSnap(t, regions, format.CodecS2, 64<<10)
+	f, err := format.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const faultUnit = 250 // not in the profile; its bytes come fast
+	fast := int64(f.Chunk(faultUnit).Offset)
+	if f.Chunk(faultUnit).Codec == format.CodecZero {
+		t.Fatal("the fault's unit is a zero chunk: no request to time")
+	}
+	f.Close()
+	// 4 units far apart, a request each, and those requests are slow.
+	p := format.Profile{Name: "scattered"}
+	for i := uint32(0); i < 4; i++ {
+		p.Entries = append(p.Entries, format.ProfileEntry{Chunk: 8 + 40*i, Rank: i})
+	}
+	const slow = 300 * time.Millisecond
+	fs := http.FileServer(http.Dir(filepath.Dir(path)))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var a int64
+		if _, err := fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-", &a); err == nil && a < fast && a >= 4096 {
+			time.Sleep(slow)
+		}
+		fs.ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+	url := srv.URL + "/" + filepath.Base(path)
+	l, err := NewLoader(context.Background(), url, append(kernelOpts(t, BackingShmem, 16<<20), WithWorkers(1),
+		WithRemote(remote.Options{Parallel: 2}), WithProfile(ProfileSource{Profile: &p}))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	m, _ := attachLocal(t, l, false)
+	t0 := time.Now()
+	uffd.Touch(m.Addr(), m.Len(), 64<<10, false, []uint32{faultUnit}, nil)
+	took := time.Since(t0)
+	s := l.Stats()
+	t.Logf("fault outside the working set answered in %v with %d of its %d units prefilled", took, s.WorkingSet.Prefilled, s.WorkingSet.Units)
+	if s.WorkingSet.Missed != 1 || took >= slow/2 {
+		t.Errorf("the fault waited %v for the working set's requests (%v each; %d of %d units prefilled, missed %d)",
+			took, slow, s.WorkingSet.Prefilled, s.WorkingSet.Units, s.WorkingSet.Missed)
+	}
+	if b, want := m.Bytes()[faultUnit<<16:(faultUnit+1)<<16], regions[0].data[faultUnit<<16:(faultUnit+1)<<16]; !bytes.Equal(b, want) {
+		t.Error("the faulted unit's bytes differ from the image's")
+	}
 }
