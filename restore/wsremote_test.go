@@ -60,7 +60,7 @@ func TestWorkingSetRemote(t *testing.T) {
 		defer inFlight.Add(-1)
 		for m := maxInFlight.Load(); n > m && !maxInFlight.CompareAndSwap(m, n); m = maxInFlight.Load() {
 		}
-		time.Sleep(10 * time.Millisecond) // a round trip worth merging and overlapping requests for
+		time.Sleep(20 * time.Millisecond) // a round trip worth merging and overlapping requests for
 		fs.ServeHTTP(w, r)
 	}))
 	defer srv.Close()
@@ -97,7 +97,8 @@ func TestWorkingSetRemote(t *testing.T) {
 	if maxInFlight.Load() < 3 {
 		t.Errorf("the working set's 6 ranges were read at most %d at a time", maxInFlight.Load())
 	}
-	if got := s.Remote.BytesFetched - opened.BytesFetched; got < stored || got > stored+stored/10 {
+	// (A chunk inside the first 4 KiB is served from the bytes of the open.)
+	if got := s.Remote.BytesFetched - opened.BytesFetched; got < stored-4096 || got > stored+stored/10 {
 		t.Errorf("fetched %d bytes for the working set, its stored size is %d", got, stored)
 	}
 	if s.Remote.BytesFetched*3 > s.Remote.Size {
@@ -136,7 +137,7 @@ func TestWorkingSetRemoteFaultFirst(t *testing.T) {
 	for i := uint32(0); i < 4; i++ {
 		p.Entries = append(p.Entries, format.ProfileEntry{Chunk: 8 + 40*i, Rank: i})
 	}
-	const slow = 300 * time.Millisecond
+	const slow = 500 * time.Millisecond
 	fs := http.FileServer(http.Dir(filepath.Dir(path)))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var a int64
