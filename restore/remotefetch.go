@@ -142,7 +142,6 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 		}
 		return a.c - b.c
 	})
-	mem := e.alias.Bytes()
 	next := 0
 	for i, u := range units {
 		start := next
@@ -165,58 +164,23 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 			w.rbuf = nil
 			return
 		}
-		c0, c1, whole := e.unitChunks(u)
-		buffered := e.buffered()
-		var ubuf []byte
-		if buffered {
-			ubuf = w.unitBuf(e.unitSize)
-		}
-		base := int(u) * e.unitSize
 		pi := start
-		for c := c0; c < c1 && err == nil; c++ {
-			ch := e.r.Chunk(c)
-			off := c * e.chunkSize
-			dst := mem[off : off+e.chunkSize]
-			if buffered {
-				dst = ubuf[off-base : off-base+e.chunkSize]
+		e.fillStored(w, u, func(c int, ch format.Chunk) ([]byte, error) {
+			if err != nil {
+				return nil, err
 			}
-			if ch.Codec == format.CodecZero {
-				e.c.zeroChunks.Add(1)
-				if buffered {
-					clear(dst)
-				}
-				continue
+			if pi >= next {
+				return nil, fmt.Errorf("restore: chunk %d: prefetch did not read its bytes", c)
 			}
 			p := byUnit[pi]
 			pi++
+			if p.c != c {
+				return nil, fmt.Errorf("restore: chunk %d: prefetch read chunk %d's bytes for it", c, p.c)
+			}
 			s := spans[p.span]
 			lo := p.off - s.off
-			if err = w.dec.DecodeStored(c, s.buf[lo:lo+uint64(p.n)], dst); err == nil {
-				e.c.bytesDecoded.Add(int64(ch.RawLen))
-				if buffered {
-					clear(dst[ch.RawLen:])
-				}
-			}
-		}
-		switch {
-		case err != nil:
-		case buffered:
-			clear(ubuf[(c1-c0)*e.chunkSize:])
-			err = e.writeUnit(u, ubuf)
-		case !whole:
-			err = e.allocUnit(u)
-		}
-		e.publish(w, u, err, false)
-		for drained := false; !drained; {
-			select {
-			case fu := <-e.faultq:
-				e.fill(w, fu, true)
-			case r := <-e.splitq:
-				e.helpSplit(w, r)
-			default:
-				drained = true
-			}
-		}
+			return s.buf[lo : lo+uint64(p.n)], nil
+		})
 	}
 	// w.rbuf is reused by the next batch: every read must be over.
 	for _, s := range spans {
