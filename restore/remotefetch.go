@@ -1,6 +1,7 @@
 package restore
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"slices"
@@ -61,15 +62,7 @@ func (e *engine) fillBatchRemote(w *workerState, units []uint32) {
 			total += uint64(ch.StoredLen)
 		}
 	}
-	slices.SortFunc(pieces, func(a, b fetchPiece) int {
-		switch {
-		case a.off < b.off:
-			return -1
-		case a.off > b.off:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(pieces, func(a, b fetchPiece) int { return cmp.Compare(a.off, b.off) })
 	// Merge neighbours in the file into spans.
 	var spans []*fetchSpan
 	for i := range pieces {

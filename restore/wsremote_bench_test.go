@@ -8,14 +8,12 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
-	"github.com/uffdrestore/uffdrestore/internal/testutil"
 )
 
 // BenchmarkRemoteWorkingSet: time from Open to having read every 4 KiB page
@@ -32,15 +30,7 @@ func BenchmarkRemoteWorkingSet(b *testing.B) {
 	const chunk = 2 << 20
 	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, chunk, false)
 	opts := benchBacking(b, size)
-	var origin string
-	if _, err := exec.LookPath("nginx"); err == nil {
-		origin = testutil.StartNginx(b, filepath.Dir(snap)).URL
-	} else {
-		srv := httptest.NewServer(http.FileServer(http.Dir(filepath.Dir(snap))))
-		defer srv.Close()
-		origin = srv.URL
-		b.Logf("no nginx: serving with net/http")
-	}
+	origin := benchServe(b, filepath.Dir(snap))
 	// The working set: 20% of the units in runs of 4, runs interleaved.
 	units := int(size / chunk)
 	rng := rand.New(rand.NewPCG(20, 4))
@@ -89,14 +79,7 @@ func BenchmarkRemoteWorkingSet(b *testing.B) {
 						}
 					}
 					times = append(times, time.Since(t0))
-					sinkMu.Lock()
-					sinkByte += sum
-					sinkMu.Unlock()
-					st, err := r.Stats(context.Background())
-					r.Close()
-					if err != nil {
-						b.Fatal(err)
-					}
+					st := sinkAndClose(b, r, sum)
 					fetched, requests = st.Remote.BytesFetched, st.Remote.Requests
 				}
 				slices.Sort(times)
