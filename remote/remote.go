@@ -210,6 +210,10 @@ func Open(ctx context.Context, rawURL string, o Options) (*Reader, error) {
 // Size returns the snapshot's size in bytes.
 func (r *Reader) Size() int64 { return r.size }
 
+// Parallel returns how many requests the reader runs at once
+// (Options.Parallel, default 8).
+func (r *Reader) Parallel() int { return r.o.Parallel }
+
 // URL returns the URL the reader was opened with.
 func (r *Reader) URL() string { return r.url }
 

@@ -54,6 +54,7 @@ type engine struct {
 	moreWorkOnce  sync.Once
 	ws            *wsState
 	rec           *recorder
+	fetchSem      chan struct{} // remote snapshot: prefetch reads in flight (see fillBatchRemote)
 	prefetchOnce  sync.Once
 	prefetchOn    chan struct{}
 
@@ -128,6 +129,9 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 			}
 			return nil, fmt.Errorf("restore: map backing: %w", err)
 		}
+	}
+	if cfg.fetchParallel > 0 {
+		e.fetchSem = make(chan struct{}, max(1, cfg.fetchParallel-1))
 	}
 	e.moreWork = make(chan struct{}, 1)
 	e.moreWorkAll = make(chan struct{})
@@ -554,8 +558,11 @@ func (e *engine) helpSplit(w *workerState, r splitReq) {
 // fillBatch fills claimed units (prefetch), reading the stored bytes of
 // chunks that are adjacent in the file with one pread into rbuf.
 func (e *engine) fillBatch(w *workerState, units []uint32) {
-	dec, rbuf := w.dec, w.rbuf
-	mem := e.alias.Bytes()
+	if e.fetchSem != nil {
+		e.fillBatchRemote(w, units)
+		return
+	}
+	rbuf := w.rbuf
 	var winOff uint64 // rbuf holds the file's bytes [winOff, winOff+winLen)
 	winLen := 0
 	for _, u := range units {
@@ -565,62 +572,76 @@ func (e *engine) fillBatch(w *workerState, units []uint32) {
 			e.publish(w, u, e.refillUnit(w, u), false)
 			continue
 		}
-		c0, c1, whole := e.unitChunks(u)
-		buffered := e.buffered()
-		var ubuf []byte
-		if buffered {
-			ubuf = w.unitBuf(e.unitSize)
-		}
-		base := int(u) * e.unitSize
-		var err error
-		for c := c0; c < c1 && err == nil; c++ {
-			ch := e.r.Chunk(c)
-			off := c * e.chunkSize
-			dst := mem[off : off+e.chunkSize]
-			if buffered {
-				dst = ubuf[off-base : off-base+e.chunkSize]
-			}
-			if ch.Codec == format.CodecZero {
-				e.c.zeroChunks.Add(1)
-				if buffered {
-					clear(dst)
-				}
-				continue
-			}
+		e.fillStored(w, u, func(c int, ch format.Chunk) ([]byte, error) {
 			if ch.Offset < winOff || ch.Offset+uint64(ch.StoredLen) > winOff+uint64(winLen) {
-				winOff, winLen, err = e.readAhead(units, u, c, rbuf)
-				if err != nil {
-					break
+				var err error
+				if winOff, winLen, err = e.readAhead(units, u, c, rbuf); err != nil {
+					return nil, err
 				}
 			}
 			lo := int(ch.Offset - winOff)
-			if err = dec.DecodeStored(c, rbuf[lo:lo+int(ch.StoredLen)], dst); err == nil {
-				e.c.bytesDecoded.Add(int64(ch.RawLen))
-				if buffered {
-					clear(dst[ch.RawLen:])
-				}
+			return rbuf[lo : lo+int(ch.StoredLen)], nil
+		})
+	}
+}
+
+// fillStored fills claimed unit u (prefetch) by decoding each of its stored
+// chunks from the bytes stored(c, chunk) gives, publishes it, and then
+// serves the faults that arrived meanwhile.
+func (e *engine) fillStored(w *workerState, u uint32, stored func(c int, ch format.Chunk) ([]byte, error)) {
+	mem := e.alias.Bytes()
+	c0, c1, whole := e.unitChunks(u)
+	buffered := e.buffered()
+	var ubuf []byte
+	if buffered {
+		ubuf = w.unitBuf(e.unitSize)
+	}
+	base := int(u) * e.unitSize
+	var err error
+	for c := c0; c < c1 && err == nil; c++ {
+		ch := e.r.Chunk(c)
+		off := c * e.chunkSize
+		dst := mem[off : off+e.chunkSize]
+		if buffered {
+			dst = ubuf[off-base : off-base+e.chunkSize]
+		}
+		if ch.Codec == format.CodecZero {
+			e.c.zeroChunks.Add(1)
+			if buffered {
+				clear(dst)
+			}
+			continue
+		}
+		var src []byte
+		if src, err = stored(c, ch); err != nil {
+			break
+		}
+		if err = w.dec.DecodeStored(c, src, dst); err == nil {
+			e.c.bytesDecoded.Add(int64(ch.RawLen))
+			if buffered {
+				clear(dst[ch.RawLen:])
 			}
 		}
-		switch {
-		case err != nil:
-		case buffered:
-			clear(ubuf[(c1-c0)*e.chunkSize:])
-			err = e.writeUnit(u, ubuf)
-		case !whole:
-			err = e.allocUnit(u)
-		}
-		e.publish(w, u, err, false)
-		// Faults jump the queue: serve any that arrived during this unit
-		// before the next one.
-		for drained := false; !drained; {
-			select {
-			case fu := <-e.faultq:
-				e.fill(w, fu, true)
-			case r := <-e.splitq:
-				e.helpSplit(w, r)
-			default:
-				drained = true
-			}
+	}
+	switch {
+	case err != nil:
+	case buffered:
+		clear(ubuf[(c1-c0)*e.chunkSize:])
+		err = e.writeUnit(u, ubuf)
+	case !whole:
+		err = e.allocUnit(u)
+	}
+	e.publish(w, u, err, false)
+	// Faults jump the queue: serve any that arrived during this unit
+	// before the next one.
+	for drained := false; !drained; {
+		select {
+		case fu := <-e.faultq:
+			e.fill(w, fu, true)
+		case r := <-e.splitq:
+			e.helpSplit(w, r)
+		default:
+			drained = true
 		}
 	}
 }

@@ -120,6 +120,9 @@ func checkNotEmpty(r *format.Reader, path string) error {
 }
 
 func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name string) (*Loader, error) {
+	if rem := f.Remote(); rem != nil {
+		cfg.fetchParallel = rem.Parallel()
+	}
 	e, err := newEngine(f.Reader, b, cfg)
 	if err != nil {
 		return nil, err

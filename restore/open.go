@@ -532,6 +532,9 @@ func helperMain(js string) int {
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
 	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest
+	if rem != nil {
+		cfg.fetchParallel = rem.Parallel()
+	}
 	e, err := newEngine(rd, b, cfg)
 	if err != nil {
 		return fail(err)

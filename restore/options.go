@@ -67,6 +67,9 @@ type config struct {
 	prefetchRest bool
 	forTargets   bool
 	remote       remote.Options // for a snapshot given as an http(s) URL
+	// fetchParallel: the snapshot is remote and reads this many ranges at
+	// once (set by the open path, not an option); 0 for a local file.
+	fetchParallel int
 }
 
 func defaultConfig() config {

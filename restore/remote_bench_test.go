@@ -23,16 +23,7 @@ func BenchmarkRemoteSparse(b *testing.B) {
 	size := benchSize(b)
 	snap, _ := benchSnapshot(b, size, "mem", format.CodecZstd, 2<<20, false)
 	opts := benchBacking(b, size)
-	base := ""
-	if _, err := exec.LookPath("nginx"); err == nil {
-		base = testutil.StartNginx(b, filepath.Dir(snap)).URL
-	} else {
-		srv := httptest.NewServer(http.FileServer(http.Dir(filepath.Dir(snap))))
-		defer srv.Close()
-		base = srv.URL
-		b.Logf("no nginx: serving with net/http")
-	}
-	url := base + "/" + filepath.Base(snap)
+	url := benchServe(b, filepath.Dir(snap)) + "/" + filepath.Base(snap)
 	var fetched, fileSize, requests, filled int64
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -51,14 +42,7 @@ func BenchmarkRemoteSparse(b *testing.B) {
 		for _, u := range rng.Perm(units)[:units/10] {
 			sum += mem[u*unit+rng.IntN(unit)]
 		}
-		sinkMu.Lock()
-		sinkByte += sum
-		sinkMu.Unlock()
-		st, err := r.Stats(context.Background())
-		r.Close()
-		if err != nil {
-			b.Fatal(err)
-		}
+		st := sinkAndClose(b, r, sum)
 		fetched, fileSize, requests, filled = st.Remote.BytesFetched, st.Remote.Size, st.Remote.Requests, st.FilledByFault
 	}
 	b.ReportMetric(100*float64(fetched)/float64(fileSize), "fetched_pct")
@@ -66,6 +50,33 @@ func BenchmarkRemoteSparse(b *testing.B) {
 	b.ReportMetric(float64(fileSize)/(1<<20), "file_MiB")
 	b.ReportMetric(float64(requests), "requests")
 	b.ReportMetric(float64(filled), "units_filled")
+}
+
+// benchServe serves dir over HTTP on loopback until the benchmark ends: with
+// nginx when installed, else with net/http's file server. It returns the
+// base URL.
+func benchServe(b *testing.B, dir string) string {
+	if _, err := exec.LookPath("nginx"); err == nil {
+		return testutil.StartNginx(b, dir).URL
+	}
+	srv := httptest.NewServer(http.FileServer(http.Dir(dir)))
+	b.Cleanup(srv.Close)
+	b.Logf("no nginx: serving with net/http")
+	return srv.URL
+}
+
+// sinkAndClose keeps sum (bytes a benchmark read) alive, and returns the
+// restore's stats after closing it.
+func sinkAndClose(b *testing.B, r *Restore, sum byte) Stats {
+	sinkMu.Lock()
+	sinkByte += sum
+	sinkMu.Unlock()
+	st, err := r.Stats(context.Background())
+	r.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	return st
 }
 
 // BenchmarkRemoteLatency: time to ready (Open), to the first byte (Open and
