@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/remote"
-	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
 // wsRemoteProfile: 6 runs of 8 neighbouring units of 64 KiB (about 20% of a
@@ -105,7 +105,7 @@ func TestWorkingSetRemote(t *testing.T) {
 		t.Errorf("fetched %d of %d bytes of the file for a 20%% working set", s.Remote.BytesFetched, s.Remote.Size)
 	}
 	m, v := attachLocal(t, l, false)
-	uffd.Touch(m.Addr(), m.Len(), 64<<10, false, units, nil)
+	touch.Touch(m.Addr(), m.Len(), 64<<10, false, units, nil)
 	if vs := v.Stats(); vs.FaultsMinor+vs.FaultsMissing != 0 {
 		t.Fatalf("touching the prefilled working set faulted %d times", vs.FaultsMinor+vs.FaultsMissing)
 	}
@@ -156,7 +156,7 @@ func TestWorkingSetRemoteFaultFirst(t *testing.T) {
 	defer l.Close()
 	m, _ := attachLocal(t, l, false)
 	t0 := time.Now()
-	uffd.Touch(m.Addr(), m.Len(), 64<<10, false, []uint32{faultUnit}, nil)
+	touch.Touch(m.Addr(), m.Len(), 64<<10, false, []uint32{faultUnit}, nil)
 	took := time.Since(t0)
 	s := l.Stats()
 	t.Logf("fault outside the working set answered in %v with %d of its %d units prefilled", took, s.WorkingSet.Prefilled, s.WorkingSet.Units)
