@@ -64,6 +64,7 @@ type config struct {
 	profile      ProfileSource
 	prefetchRest bool
 	forTargets   bool
+	adopt        *AdoptInfo // AdoptLoader: learn the units present, fill in the numbers
 }
 
 func defaultConfig() config {
