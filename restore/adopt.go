@@ -230,25 +230,26 @@ func (e *engine) adoptPresent(info *AdoptInfo) error {
 // targets before one of them hands the backing back. BackingAuto resolves as
 // NewLoader resolves it now (the huge page pool's free pages included), so
 // a restart names the backing the first server used (--backing).
-func PlanLayout(path string, opts ...Option) (Layout, error) {
+// The second result is the snapshot's SnapshotID.
+func PlanLayout(path string, opts ...Option) (Layout, string, error) {
 	cfg := defaultConfig()
 	for _, o := range opts {
 		o(&cfg)
 	}
 	f, err := format.Open(path)
 	if err != nil {
-		return Layout{}, fmt.Errorf("restore: open snapshot: %w", err)
+		return Layout{}, "", fmt.Errorf("restore: open snapshot: %w", err)
 	}
 	defer f.Close()
 	if err := checkNotEmpty(f.Reader, path); err != nil {
-		return Layout{}, err
+		return Layout{}, "", err
 	}
 	kind := cfg.backing
 	hp := uffd.DefaultHugePageSize()
 	if cfg.forTargets && kind != BackingShmem {
 		if _, ok := misalignedRegion(f.Regions(), f.ChunkSize(), uint64(hp)); ok {
 			if kind != BackingAuto {
-				return Layout{}, fmt.Errorf("restore: the snapshot's regions are not on huge-page boundaries: a %v backing cannot serve targets (use --backing shmem)", kind)
+				return Layout{}, "", fmt.Errorf("restore: the snapshot's regions are not on huge-page boundaries: a %v backing cannot serve targets (use --backing shmem)", kind)
 			}
 			kind = BackingShmem
 		}
@@ -268,5 +269,5 @@ func PlanLayout(path string, opts ...Option) (Layout, error) {
 		lay.Regions = append(lay.Regions, LayoutRegion{Name: r.Name, Offset: uint64(r.FirstChunk) * uint64(f.ChunkSize()),
 			Size: uint64(roundUp(int64(r.Length), int64(b.pageSize))), Length: r.Length, Addr: r.Addr, Prot: r.Prot})
 	}
-	return lay, nil
+	return lay, SnapshotID(f.Reader), nil
 }

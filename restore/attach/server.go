@@ -140,6 +140,11 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 		return nil, err
 	}
 	var rofd = -1
+	if o.ReadOnlyTargets && b.BackingFD() < 0 {
+		ln.Close()
+		removeIfSame(path, dev, ino)
+		return nil, errors.New("attach: read-only targets need a backing at start; an adopting server has none until a target hands it back (use --read-only-targets without --adopt)")
+	}
 	if o.ReadOnlyTargets {
 		if rofd, err = readOnlyBacking(b.BackingFD()); err != nil {
 			ln.Close()
@@ -551,7 +556,9 @@ func (cn *conn) handshake() (View, error) {
 	}
 	h := s.b.Hello()
 	h.Type, h.Version, h.RegionCount = TypeHello, Version, len(h.Regions)
+	h.Reattach = true
 	backingFD := s.b.BackingFD()
+	h.Adopting = backingFD < 0
 	if s.rofd >= 0 {
 		backingFD = s.rofd
 	}
@@ -571,6 +578,18 @@ func (cn *conn) handshake() (View, error) {
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Time{})
+	reattach := a.Type == TypeReattach
+	if reattach {
+		if err := cn.checkReattach(fds); err != nil {
+			CloseFDs(fds)
+			return nil, err
+		}
+		unix.Close(fds[1])
+		fds = fds[:1]
+	} else if h.Adopting {
+		CloseFDs(fds)
+		return nil, errors.New("this server is adopting the targets of a server that died (load --adopt): it serves only re-attaching targets until one hands back the backing; attach again later")
+	}
 	if len(fds) != 1 {
 		CloseFDs(fds)
 		return nil, invalid(TypeAttach, "fds", "%d file descriptors came with the message, want exactly 1 (the userfaultfd)", len(fds))
@@ -603,6 +622,18 @@ func (cn *conn) handshake() (View, error) {
 		ranges[i] = Range{Base: uintptr(m.BaseHostVirtAddr), Size: m.Size, Offset: m.Offset, Private: m.Private}
 	}
 	u := uffd.FromFD(fds[0], feat)
+	if reattach {
+		// A fault the dead server had read but not answered is in no
+		// queue any more: wake every range, so such a thread touches its
+		// page again and the fault comes to this server (a thread whose
+		// page is still missing just faults again).
+		for _, r := range ranges {
+			if err := u.Wake(r.Base, uintptr(r.Size)); err != nil {
+				u.Close()
+				return nil, fmt.Errorf("reattach: wake the threads waiting in [%#x, +%d): %w", r.Base, r.Size, err)
+			}
+		}
+	}
 	v, err := s.b.AttachView(u, ranges, cn.info.Name)
 	if err != nil {
 		return nil, fmt.Errorf("attach view: %w", err)
@@ -613,8 +644,38 @@ func (cn *conn) handshake() (View, error) {
 		v.Close()
 		return nil, err
 	}
-	cn.logf("attached: %d mapping(s)", len(ranges))
+	if reattach {
+		cn.logf("re-attached: %d mapping(s)", len(ranges))
+	} else {
+		cn.logf("attached: %d mapping(s)", len(ranges))
+	}
 	return v, nil
+}
+
+// checkReattach checks a reattach's fds (its userfaultfd and its backing)
+// and that the backing is this server's: an adopting server adopts the
+// first one handed back (PROTOCOL.md §5.1).
+func (cn *conn) checkReattach(fds []int) error {
+	if len(fds) != 2 {
+		return invalid(TypeReattach, "fds", "%d file descriptors came with the message, want exactly 2 (the userfaultfd, then the backing file)", len(fds))
+	}
+	if ad, ok := cn.s.b.(Adopter); ok {
+		if err := ad.Adopt(fds[1]); err != nil {
+			return err
+		}
+	}
+	own := cn.s.b.BackingFD()
+	if own < 0 {
+		return errors.New("reattach: this server has no backing")
+	}
+	same, err := sameFile(own, fds[1])
+	if err != nil {
+		return fmt.Errorf("reattach: %w", err)
+	}
+	if !same {
+		return fmt.Errorf("%w: it was restarted without --adopt (a server of its own backing), or another target handed back a different backing first: restart `uffdrestore load` with --adopt", ErrNotThisBacking)
+	}
+	return nil
 }
 
 // attached serves an attached target until it detaches or goes away; it
