@@ -271,4 +271,3 @@ func TestLoadRestartRefused(t *testing.T) {
 		})
 	}
 }
-
