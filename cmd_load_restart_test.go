@@ -124,17 +124,18 @@ func restartSetup(t *testing.T, backing string, snap string, mib int) (sock stri
 	}
 	t.Cleanup(func() { ld.Process.Kill() })
 	waitOutput(t, &stderr, "ready: serving", 60*time.Second)
-	// Pace the touches: about 1.5 s for the whole snapshot.
+	// Pace the touches: about 1 s for the whole snapshot (plus what the
+	// faults cost).
 	pages := int64(mib) << 20 / 4096
 	if backing != "shmem" {
 		pages = int64(mib) << 20 / uffd.DefaultHugePageSize()
 	}
-	delay := strconv.FormatInt(max(1, 1500000/pages), 10)
+	delay := strconv.FormatInt(max(1, 1000000/pages), 10)
 	shared = startRestartTarget(t, tp, sock, filepath.Join(dir, "shared.raw"), "--delay-us", delay, "--seed", "1")
 	clone = startRestartTarget(t, tp, sock, filepath.Join(dir, "clone.raw"), "--delay-us", delay, "--seed", "2", "--private", "--write-xor", "0x5a")
 	waitOutput(t, &shared.out, "attached to", 30*time.Second)
 	waitOutput(t, &clone.out, "attached to", 30*time.Second)
-	time.Sleep(400 * time.Millisecond) // some pages in, most not
+	time.Sleep(300 * time.Millisecond) // some pages in, most not
 	return sock, ld, shared, clone
 }
 
