@@ -92,15 +92,17 @@ type Client struct {
 	c        *net.UnixConn
 	u        *uffd.FD
 	timeout  time.Duration
-	path     string
-	o        ClientOptions
-	backing  int // kept for a reattach; -1 when re-attaching is off
-	attach   Attach
-	// Reattaches counts the re-attaches Poll made.
-	Reattaches int
 	mu       sync.Mutex
 	closed   bool
 	shutdown bool // the server sent shutdown
+
+	// Re-attaching (PROTOCOL.md §5.1).
+	path    string
+	o       ClientOptions
+	backing int // kept for a reattach; -1 when re-attaching is off
+	attach  Attach
+	// Reattaches counts the re-attaches Poll made.
+	Reattaches int
 }
 
 // UserModeOnly reports whether the client's userfaultfd is
