@@ -190,6 +190,13 @@ func runLoad(c *cli.Context) error {
 	if err := loadCheckAttachable(snap); err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
+	// The fill journal beside the socket (for a restart: PROTOCOL.md §5.1)
+	// belongs to the server on the socket: never touch a live one's.
+	if err := attach.PrepareSocket(sock); err != nil {
+		return cli.Exit("load: "+err.Error(), 1)
+	}
+	journal := sock + ".fills"
+	opts = append(opts, restore.WithFillJournal(journal))
 	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "uffdrestore: "+format+"\n", args...) }
 	if c.Bool("quiet") {
 		logf = func(string, ...any) {}
@@ -209,6 +216,7 @@ func runLoad(c *cli.Context) error {
 	} else {
 		l, err = restore.NewLoader(sig.Graceful, snap, opts...)
 		if err != nil {
+			os.Remove(journal)
 			if sig.Signalled() {
 				return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
 			}
@@ -328,6 +336,7 @@ func runLoad(c *cli.Context) error {
 	if err := l.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
 		errs = append(errs, fmt.Errorf("free the backing: %w", err))
 	}
+	os.Remove(journal) // stopped cleanly: no fill in flight
 	if err := errors.Join(errs...); err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
@@ -413,8 +422,8 @@ func loadAdopt(ctx context.Context, snap string, opts []restore.Option, start ti
 		out.mu.Lock()
 		out.l = l
 		out.mu.Unlock()
-		fmt.Fprintf(stderr, "adopted: the backing handed back %.1f ms after start: %d units present (kept), %d partly present (only missing pages filled), %d absent; scanned in %.1f ms\n",
-			float64(time.Since(start).Microseconds())/1000, info.Present, info.Partial, info.Absent, float64(info.Scan.Microseconds())/1000)
+		fmt.Fprintf(stderr, "adopted: the backing handed back %.1f ms after start: %d units present (kept), %d partly present (only missing pages filled), %d absent (%d of them half-filled when the server died: punched); scanned in %.1f ms\n",
+			float64(time.Since(start).Microseconds())/1000, info.Present, info.Partial, info.Absent, info.Punched, float64(info.Scan.Microseconds())/1000)
 		go func() {
 			// Polled every 100 µs: the first fault a re-attached target
 			// raised (or had queued) that this server answered.

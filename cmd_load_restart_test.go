@@ -214,6 +214,9 @@ func TestLoadRestartAdopt(t *testing.T) {
 			if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 				t.Error("socket left behind")
 			}
+			if _, err := os.Lstat(sock + ".fills"); !errors.Is(err, os.ErrNotExist) {
+				t.Error("fill journal left behind after a clean stop")
+			}
 			if backing == "memfd" {
 				// Every process that held the backing is gone: its huge
 				// pages are back in the pool (other packages' tests may

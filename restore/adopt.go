@@ -24,7 +24,11 @@ type AdoptInfo struct {
 	Present int // units whose every page was in the page cache: served as they are
 	Partial int // units with some pages in it: only the missing pages are filled
 	Absent  int // units with none: filled as usual
-	Scan    time.Duration
+	// Punched: units the dead server was filling (WithFillJournal): punched
+	// out and filled again. Refilling: units it was refilling after a
+	// target punched pages out of them, left as they are.
+	Punched, Refilling int
+	Scan               time.Duration
 }
 
 // AdoptLoader is NewLoader for a backing file that already holds the
@@ -154,6 +158,10 @@ func (e *engine) adoptPresent(info *AdoptInfo) error {
 	t0 := time.Now()
 	if e.nUnits == 0 {
 		return nil
+	}
+	var err error
+	if info.Punched, info.Refilling, err = e.journalRecover(); err != nil {
+		return err
 	}
 	var present func(u uint32) (all, some bool, err error)
 	if e.b.kind.hugetlb() {

@@ -1,9 +1,11 @@
 package restore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/format"
@@ -140,4 +142,53 @@ func TestAdoptLoaderRefusesForeignBacking(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Close()
+}
+
+// TestAdoptLoaderFillJournal: a unit the dead server was in the middle of
+// filling (marked in the fill journal, every page present but half
+// written) is punched and filled again by the adopting loader, not served.
+func TestAdoptLoaderFillJournal(t *testing.T) {
+	img := testImage(4<<20, 9)
+	snap := writeSnap(t, []testRegion{{name: "data", data: img}}, format.CodecZstd, 64<<10)
+	journal := filepath.Join(t.TempDir(), "fills")
+	ctx := context.Background()
+	l, err := NewLoader(ctx, snap, WithBacking(BackingShmem), WithMode(ModeEager), WithFillJournal(journal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.FcntlInt(uintptr(l.BackingFD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	for u, w := range l.e.journal.w {
+		if w != jIdle {
+			t.Fatalf("after the fill, unit %d is marked %d in the journal", u, w)
+		}
+	}
+	// As if the server died decoding unit 7: its first half written, the
+	// rest garbage (every page present), the mark still set.
+	const u = 7
+	unit := l.e.unitSize
+	bad := l.e.alias.Bytes()[u*unit+unit/2 : (u+1)*unit]
+	for i := range bad {
+		bad[i] = 0xee
+	}
+	l.e.journalMark(u)
+	l.Close()
+
+	l2, info, err := AdoptLoader(ctx, snap, fd, WithFillJournal(journal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	if info.Punched != 1 || l2.e.state[u].Load() == stPresent {
+		t.Fatalf("adopt: %+v, unit %d state %d: want it punched and absent", info, u, l2.e.state[u].Load())
+	}
+	if err := l2.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := l2.e.alias.Bytes()[:len(img)]; !bytes.Equal(got, img) {
+		t.Fatal("after adopting and filling, the backing differs from the snapshot")
+	}
 }

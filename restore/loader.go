@@ -118,6 +118,12 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 	if err != nil {
 		return nil, err
 	}
+	if cfg.journal != "" {
+		if e.journal, err = openJournal(cfg.journal, e.nUnits, cfg.adopt != nil); err != nil {
+			e.close()
+			return nil, err
+		}
+	}
 	if cfg.adopt != nil {
 		if err := e.adoptPresent(cfg.adopt); err != nil {
 			e.close()

@@ -65,6 +65,7 @@ type config struct {
 	prefetchRest bool
 	forTargets   bool
 	adopt        *AdoptInfo // AdoptLoader: learn the units present, fill in the numbers
+	journal      string     // WithFillJournal
 }
 
 func defaultConfig() config {

@@ -190,6 +190,12 @@ func readOnlyBacking(fd int) (int, error) {
 	return ro, nil
 }
 
+// PrepareSocket checks that a server can listen on path (as Listen does:
+// its directory exists, it is not a symlink or another kind of file, no
+// live server is on it) and removes a stale socket file there. `load` calls
+// it before it touches anything kept beside the socket.
+func PrepareSocket(path string) error { return prepareSocketPath(path) }
+
 // prepareSocketPath checks path can be bound: its directory exists, it is
 // not a symlink or another kind of file, and a socket there is stale.
 func prepareSocketPath(path string) error {
