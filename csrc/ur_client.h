@@ -142,7 +142,9 @@ unsigned ur_session_uffd_flags(const struct ur_session *s);
 /* The socket, to poll(2) for POLLIN; then call ur_poll. */
 int ur_session_socket(const struct ur_session *s);
 
-/* Reads pending server notices without blocking: returns 1 if the server
+/* Reads pending server notices without blocking (except to re-attach: when
+ * the socket closed, it reconnects for up to reattach_timeout_ms, and then
+ * returns 0 once re-attached): returns 1 if the server
  * asked this target to detach (it is shutting down), 0 if not, < 0 on error
  * (UR_ECLOSED: the server is gone; UR_EREFUSED: the server ended this
  * session, ur_session_error(s) says why, e.g. a fault it could not answer).

@@ -82,6 +82,11 @@ func AdoptLoader(ctx context.Context, path string, fd int, opts ...Option) (_ *L
 		}
 	}()
 	cfg.adopt = &info
+	if cfg.mode == ModeEager {
+		// Targets are waiting on this loader: fill the rest in the
+		// background rather than before serving them.
+		cfg.mode = ModePrefetch
+	}
 	l, err := newLoader(ctx, f, b, cfg, filepath.Base(path))
 	if err != nil {
 		return nil, info, err
