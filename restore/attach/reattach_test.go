@@ -9,6 +9,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+
+	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
 // startHelperServer runs a server (this test binary) in a child process on
@@ -48,6 +51,7 @@ func TestClientReattach(t *testing.T) {
 			other := writeSnapshot(t, []snapRegion{{"data", 0, memImage(8<<20, 5)}}, 2<<20)
 			sock := filepath.Join(t.TempDir(), "s.sock")
 			env := []string{"UR_ATTACH_TEST_SNAP=" + snap, "UR_ATTACH_TEST_BACKING=" + bk.kind.String()}
+			fdsBefore := countFDs(t)
 			srv := startHelperServer(t, sock, env...)
 			cl, err := Dial(sock, ClientOptions{ReattachTimeout: 20 * time.Second})
 			if err != nil {
@@ -61,8 +65,14 @@ func TestClientReattach(t *testing.T) {
 			want[ps+5] ^= 0xff
 			srv.Process.Kill()
 			srv.Wait()
+			// Touch every page from C (uffd.Touch holds no P): a goroutine
+			// waiting in a fault in Go code would stall this process's
+			// garbage collector until the fault is answered.
 			done := make(chan []byte)
-			go func() { done <- bytes.Clone(data) }() // touches pages never filled: waits
+			go func() {
+				uffd.Touch(uintptr(unsafe.Pointer(&data[0])), len(data), ps, false, nil, nil)
+				done <- bytes.Clone(data)
+			}()
 			select {
 			case <-done:
 				t.Fatal("the touch finished with no server")
@@ -75,7 +85,7 @@ func TestClientReattach(t *testing.T) {
 			}
 			wrong.Process.Kill()
 			wrong.Wait()
-			startHelperServer(t, sock, append(env, "UR_ATTACH_TEST_ADOPT=1")...)
+			adopter := startHelperServer(t, sock, append(env, "UR_ATTACH_TEST_ADOPT=1")...)
 			if _, err := cl.Poll(time.Second); err != nil {
 				t.Fatalf("Poll after the restart: %v", err)
 			}
@@ -93,6 +103,17 @@ func TestClientReattach(t *testing.T) {
 			if _, err := cl.Detach(); err != nil {
 				t.Fatal(err)
 			}
+			adopter.Process.Kill()
+			adopter.Wait()
+			// The kept backing fd and every socket are closed.
+			if countFDs(t) != fdsBefore {
+				ents, _ := os.ReadDir("/proc/self/fd")
+				for _, e := range ents {
+					l, _ := os.Readlink("/proc/self/fd/" + e.Name())
+					t.Logf("open: fd %s -> %s", e.Name(), l)
+				}
+			}
+			waitFor(t, 5*time.Second, "fds back", func() bool { return countFDs(t) == fdsBefore })
 		})
 	}
 }
