@@ -584,13 +584,15 @@ func (cn *conn) handshake() (View, error) {
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Time{})
-	reattach := a.Type == TypeReattach
+	reattach, backing := a.Type == TypeReattach, -1
 	if reattach {
-		if err := cn.checkReattach(fds); err != nil {
+		if len(fds) != 2 {
 			CloseFDs(fds)
-			return nil, err
+			return nil, invalid(TypeReattach, "fds", "%d file descriptors came with the message, want exactly 2 (the userfaultfd, then the backing file)", len(fds))
 		}
-		unix.Close(fds[1])
+		// The backing is adopted or compared last, once the rest is valid.
+		backing = fds[1]
+		defer unix.Close(backing)
 		fds = fds[:1]
 	} else if h.Adopting {
 		CloseFDs(fds)
@@ -622,6 +624,12 @@ func (cn *conn) handshake() (View, error) {
 	if err := unix.SetNonblock(fds[0], true); err != nil {
 		CloseFDs(fds)
 		return nil, fmt.Errorf("set userfaultfd non-blocking: %w", err)
+	}
+	if reattach {
+		if err := cn.checkReattach(backing); err != nil {
+			CloseFDs(fds)
+			return nil, err
+		}
 	}
 	ranges := make([]Range, len(a.Mappings))
 	for i, m := range a.Mappings {
@@ -658,15 +666,11 @@ func (cn *conn) handshake() (View, error) {
 	return v, nil
 }
 
-// checkReattach checks a reattach's fds (its userfaultfd and its backing)
-// and that the backing is this server's: an adopting server adopts the
+// checkReattach checks that a reattach's backing is this server's: an adopting server adopts the
 // first one handed back (PROTOCOL.md §5.1).
-func (cn *conn) checkReattach(fds []int) error {
-	if len(fds) != 2 {
-		return invalid(TypeReattach, "fds", "%d file descriptors came with the message, want exactly 2 (the userfaultfd, then the backing file)", len(fds))
-	}
+func (cn *conn) checkReattach(backing int) error {
 	if ad, ok := cn.s.b.(Adopter); ok {
-		if err := ad.Adopt(fds[1]); err != nil {
+		if err := ad.Adopt(backing); err != nil {
 			return err
 		}
 	}
@@ -674,7 +678,7 @@ func (cn *conn) checkReattach(fds []int) error {
 	if own < 0 {
 		return errors.New("reattach: this server has no backing")
 	}
-	same, err := sameFile(own, fds[1])
+	same, err := sameFile(own, backing)
 	if err != nil {
 		return fmt.Errorf("reattach: %w", err)
 	}
