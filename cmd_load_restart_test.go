@@ -82,9 +82,10 @@ func restartSnap(t *testing.T, mib int, seed uint64) (string, []byte) {
 }
 
 type restartTarget struct {
-	cmd  *exec.Cmd
-	out  syncBuf
-	dump string
+	cmd   *exec.Cmd
+	out   syncBuf
+	dump  string
+	stdin interface{ Close() error } // with --hold: closing it detaches
 }
 
 func startRestartTarget(t *testing.T, tp, sock, dump string, args ...string) *restartTarget {
@@ -92,6 +93,11 @@ func startRestartTarget(t *testing.T, tp, sock, dump string, args ...string) *re
 	tg := &restartTarget{dump: dump}
 	tg.cmd = exec.Command(tp, append([]string{"--socket", sock, "--pattern", "random", "--dump", dump}, args...)...)
 	tg.cmd.Stdout, tg.cmd.Stderr = &tg.out, &tg.out
+	in, err := tg.cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.stdin = in
 	if err := tg.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -131,8 +137,8 @@ func restartSetup(t *testing.T, backing string, snap string, mib int) (sock stri
 		pages = int64(mib) << 20 / uffd.DefaultHugePageSize()
 	}
 	delay := strconv.FormatInt(max(1, 1000000/pages), 10)
-	shared = startRestartTarget(t, tp, sock, filepath.Join(dir, "shared.raw"), "--delay-us", delay, "--seed", "1")
-	clone = startRestartTarget(t, tp, sock, filepath.Join(dir, "clone.raw"), "--delay-us", delay, "--seed", "2", "--private", "--write-xor", "0x5a")
+	shared = startRestartTarget(t, tp, sock, filepath.Join(dir, "shared.raw"), "--delay-us", delay, "--seed", "1", "--hold")
+	clone = startRestartTarget(t, tp, sock, filepath.Join(dir, "clone.raw"), "--delay-us", delay, "--seed", "2", "--private", "--write-xor", "0x5a", "--hold")
 	waitOutput(t, &shared.out, "attached to", 30*time.Second)
 	waitOutput(t, &clone.out, "attached to", 30*time.Second)
 	time.Sleep(300 * time.Millisecond) // some pages in, most not
@@ -176,11 +182,23 @@ func TestLoadRestartAdopt(t *testing.T) {
 			}
 			defer ld2.Process.Kill()
 			for _, tg := range []*restartTarget{shared, clone} {
-				if code := waitExit(t, tg.cmd, 120*time.Second); code != 0 {
-					t.Fatalf("target exited %d:\n%s\nserver:\n%s", code, tg.out.String(), stderr.String())
-				}
+				waitOutput(t, &tg.out, `"pages":`, 600*time.Second)
 				if !strings.Contains(tg.out.String(), `"reattaches":1`) {
 					t.Errorf("target output lacks \"reattaches\":1:\n%s", tg.out.String())
+				}
+			}
+			// No fd leaked by re-attaching: a re-attached target holds as
+			// many fds as one attached afresh to the new server.
+			fresh := startRestartTarget(t, loadTarget(t), sock, filepath.Join(t.TempDir(), "fresh.raw"), "--pattern", "fraction:0.01", "--hold")
+			waitOutput(t, &fresh.out, `"pages":`, 60*time.Second)
+			fdsFresh := countProcFDs(t, fresh.cmd.Process.Pid)
+			for _, tg := range []*restartTarget{shared, clone, fresh} {
+				if n := countProcFDs(t, tg.cmd.Process.Pid); n != fdsFresh {
+					t.Errorf("a re-attached target holds %d fds, a fresh one %d", n, fdsFresh)
+				}
+				tg.stdin.Close() // detach
+				if code := waitExit(t, tg.cmd, 60*time.Second); code != 0 {
+					t.Fatalf("target exited %d:\n%s\nserver:\n%s", code, tg.out.String(), stderr.String())
 				}
 			}
 			waitOutput(t, &stderr, "first fault served", 10*time.Second)
@@ -274,4 +292,13 @@ func TestLoadRestartRefused(t *testing.T) {
 			waitExit(t, ld2, 30*time.Second)
 		})
 	}
+}
+
+func countProcFDs(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
