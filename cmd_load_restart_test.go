@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -58,27 +57,7 @@ func restartSnap(t *testing.T, mib int, seed uint64) (string, []byte) {
 		}
 		off += run
 	}
-	p := filepath.Join(t.TempDir(), fmt.Sprintf("restart-%d.snap", seed))
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	w, err := format.NewWriter(f, format.WriterOptions{ChunkSize: 64 << 10, Codec: format.CodecS2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := w.BeginRegion("mem", 0, 3); err != nil {
-		t.Fatal(err)
-	}
-	w.Write(img)
-	if err := w.EndRegion(); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return p, img
+	return testutil.WriteSnapshot(t, []testutil.Region{{Name: "mem", Data: img}}, format.CodecS2, 64<<10), img
 }
 
 type restartTarget struct {
