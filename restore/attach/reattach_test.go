@@ -117,3 +117,21 @@ func TestClientReattach(t *testing.T) {
 		})
 	}
 }
+
+// TestAdoptingServerRefusesFreshTargets: before a target handed a backing
+// back, an adopting server sends a hello without an fd; a fresh client
+// (Go, and the C target) says the server is adopting instead of mapping.
+func TestAdoptingServerRefusesFreshTargets(t *testing.T) {
+	requireUffd(t, false)
+	snap := writeSnapshot(t, []snapRegion{{"data", 0, memImage(1<<20, 4)}}, 64<<10)
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	startHelperServer(t, sock, "UR_ATTACH_TEST_SNAP="+snap, "UR_ATTACH_TEST_BACKING=shmem", "UR_ATTACH_TEST_ADOPT=1")
+	_, err := Dial(sock, ClientOptions{})
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "adopting") {
+		t.Errorf("Dial of an adopting server = %v, want a refusal naming it", err)
+	}
+	tg := startTarget(t, sock)
+	if err := tg.wait(t, 10*time.Second); err == nil || !strings.Contains(tg.stderr.String(), "the server is adopting") {
+		t.Errorf("C target: %v\n%s", err, tg.stderr.String())
+	}
+}
