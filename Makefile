@@ -39,7 +39,7 @@ C_OUTPUTS  := $(if $(CLIENT_SRC),bin/libuffdrestore.a bin/libuffdrestore.so) \
 # every run so new targets are picked up.
 FUZZ_FIND = grep -rlE --include='*_test.go' --exclude-dir=.git --exclude-dir=testdata '^func Fuzz[A-Za-z0-9_]*\(' .
 
-.PHONY: all build bin/uffdrestore test vet fmt-check lint fuzz bench demo demo-prebuilt hugepages clean
+.PHONY: all build bin/uffdrestore test vet fmt-check test-restart-1g lint fuzz bench demo demo-prebuilt hugepages clean
 
 all: build
 
@@ -79,6 +79,11 @@ test: vet fmt-check | bin
 	$(GO) test -count=1 -run 'NoAlloc|Allocations' ./...   # allocation counts, without the race detector
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME)
 	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+
+# The server-restart test of issue 15 at 1 GiB (make test runs it at 64 MiB):
+# a server SIGKILLed under two targets, `load --adopt` takes them back.
+test-restart-1g:
+	UFFDRESTORE_RESTART_MIB=1024 $(GO) test -count=1 -timeout 20m -v -run 'TestLoadRestartAdopt' .
 
 lint: vet fmt-check
 	@if $(GO) run honnef.co/go/tools/cmd/staticcheck@latest -version >/dev/null 2>&1; then \

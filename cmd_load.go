@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -52,6 +54,16 @@ is killed); a second signal shuts down at once. With --once, load also ends
 exist and be writable, and an existing file is replaced only with --force. The stats are printed (and
 written to --stats-json), the socket is removed and the backing freed.
 
+Restarting: if load dies, its targets keep their mappings and wait (faults
+queue in their userfaultfds); the client library reconnects to the same
+socket for a while (30 s by default). Start load again with --adopt, the same
+SNAP, --socket and --backing: it removes the stale socket, announces the
+snapshot, adopts the backing the first re-attaching target hands back
+(learning which pages are already filled: those are never filled again, so a
+shared target's writes stay) and serves every re-attaching target. A server of
+another snapshot is refused by every re-attaching target, which exits with an
+error. See PROTOCOL.md section 5.1.
+
 Only the server's own uid and root may attach, plus --allow-uid; the socket
 is created mode 0600 (--socket-mode). Attached targets may write the shared
 snapshot pages unless --read-only-targets (then they must map it private).
@@ -64,7 +76,8 @@ Examples:
    uffdrestore load app.snap --socket /tmp/s.sock --once --stats-json stats.json &
    bin/uffdrestore-target --socket /tmp/s.sock --private --pattern random --dump out.raw
    uffdrestore load app.snap --socket /tmp/s.sock --record boot --once
-   uffdrestore load app.snap --socket /tmp/s.sock --profile boot --prefetch-rest`,
+   uffdrestore load app.snap --socket /tmp/s.sock --profile boot --prefetch-rest
+   uffdrestore load app.snap --socket /run/app.sock --backing memfd --adopt   (after the first load died)`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "socket", Aliases: []string{"s"}, Usage: "Unix socket to listen on (`PATH`)", Required: true},
 			&cli.StringFlag{Name: "mode", Value: "lazy", Usage: "lazy, eager, prefetch or working-set"},
@@ -83,6 +96,7 @@ Examples:
 			&cli.IntFlag{Name: "workers", Usage: "fill workers (default: number of CPUs)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 5 * time.Second, Usage: "how long targets get to detach on shutdown"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no per-target lines on stderr"},
+			&cli.BoolFlag{Name: "adopt", Usage: "take over the targets of a server that died on --socket: they re-attach and the first hands back the backing (same SNAP and --backing as the first server)"},
 			forceFlag(),
 		},
 		Action: runLoad,
@@ -102,6 +116,7 @@ func loadParseUIDs(s string) ([]uint32, error) {
 }
 
 func runLoad(c *cli.Context) error {
+	start := time.Now()
 	if c.NArg() != 1 {
 		return cli.Exit("load: want exactly one SNAP argument (see uffdrestore load --help)", 2)
 	}
@@ -175,16 +190,43 @@ func runLoad(c *cli.Context) error {
 	if err := loadCheckAttachable(snap); err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
-	l, err := restore.NewLoader(sig.Graceful, snap, opts...)
-	if err != nil {
-		if sig.Signalled() {
-			return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
-		}
+	// The fill journal beside the socket (for a restart: PROTOCOL.md §5.1)
+	// belongs to the server on the socket: never touch a live one's.
+	if err := attach.PrepareSocket(sock); err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
-	defer l.Close()
-	if sig.Graceful.Err() != nil { // interrupted while loading
-		return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
+	journal := sock + ".fills"
+	opts = append(opts, restore.WithFillJournal(journal))
+	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "uffdrestore: "+format+"\n", args...) }
+	if c.Bool("quiet") {
+		logf = func(string, ...any) {}
+	}
+	var (
+		l       *restore.Loader
+		backend attach.Backend
+		lay     restore.Layout
+		adopted loadAdopted
+	)
+	if c.Bool("adopt") {
+		backend, lay, err = loadAdopt(sig.Graceful, snap, opts, start, stderr, &adopted)
+		if err != nil {
+			return cli.Exit("load: "+err.Error(), 1)
+		}
+		defer adopted.close()
+	} else {
+		l, err = restore.NewLoader(sig.Graceful, snap, opts...)
+		if err != nil {
+			os.Remove(journal)
+			if sig.Signalled() {
+				return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
+			}
+			return cli.Exit("load: "+err.Error(), 1)
+		}
+		defer l.Close()
+		if sig.Graceful.Err() != nil { // interrupted while loading
+			return cli.Exit("load: interrupted ("+sig.Reason()+") before serving", 130)
+		}
+		backend, lay = attach.FromLoader(l), l.Layout()
 	}
 
 	type ended struct {
@@ -192,11 +234,7 @@ func runLoad(c *cli.Context) error {
 		attached bool
 	}
 	detached := make(chan ended, 1)
-	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "uffdrestore: "+format+"\n", args...) }
-	if c.Bool("quiet") {
-		logf = func(string, ...any) {}
-	}
-	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{
+	srv, err := attach.Listen(sock, backend, attach.Options{
 		Mode:            fs.FileMode(sockMode),
 		AllowUIDs:       uids,
 		ReadOnlyTargets: c.Bool("read-only-targets"),
@@ -219,7 +257,6 @@ func runLoad(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
-	lay := l.Layout()
 	var total uint64
 	for _, r := range lay.Regions {
 		total += r.Length
@@ -253,6 +290,12 @@ func runLoad(c *cli.Context) error {
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		fmt.Fprintf(stderr, "uffdrestore: %v\n", err)
+	}
+	if l == nil {
+		if l = adopted.get(); l == nil {
+			fmt.Fprintf(stderr, "uffdrestore: --adopt: no target re-attached; nothing was served\n")
+			return errors.Join(errs...)
+		}
 	}
 	st := l.Stats()
 	fmt.Fprintf(stderr, "stats: %s\n", loadStatsLine(st))
@@ -290,6 +333,7 @@ func runLoad(c *cli.Context) error {
 	if err := l.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
 		errs = append(errs, fmt.Errorf("free the backing: %w", err))
 	}
+	os.Remove(journal) // stopped cleanly: no fill in flight
 	if err := errors.Join(errs...); err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
@@ -312,4 +356,57 @@ func loadStatsLine(st restore.Stats) string {
 		return err.Error()
 	}
 	return string(b)
+}
+
+// loadAdopted is the loader `load --adopt` made of the backing the first
+// re-attaching target handed back.
+type loadAdopted struct {
+	mu sync.Mutex
+	l  *restore.Loader
+}
+
+func (a *loadAdopted) get() *restore.Loader {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.l
+}
+
+func (a *loadAdopted) close() {
+	if l := a.get(); l != nil {
+		l.Close()
+	}
+}
+
+// loadAdopt is the backend of `load --adopt`: it announces SNAP's layout
+// for opts and adopts the backing the first re-attaching target hands
+// back. It reports, on stderr, what it found there and how long after the
+// server's start the first fault was served.
+func loadAdopt(ctx context.Context, snap string, opts []restore.Option, start time.Time, stderr io.Writer, out *loadAdopted) (attach.Backend, restore.Layout, error) {
+	plan, id, err := restore.PlanLayout(snap, opts...)
+	if err != nil {
+		return nil, plan, err
+	}
+	b := attach.NewAdoptBackend(attach.HelloOf(plan, id), func(fd int) (attach.Backend, error) {
+		l, info, err := restore.AdoptLoader(ctx, snap, fd, opts...)
+		if err != nil {
+			return nil, err
+		}
+		out.mu.Lock()
+		out.l = l
+		out.mu.Unlock()
+		fmt.Fprintf(stderr, "adopted: the backing handed back %.1f ms after start: %d units present (kept), %d partly present (only missing pages filled), %d absent (%d of them half-filled when the server died: punched); scanned in %.1f ms\n",
+			float64(time.Since(start).Microseconds())/1000, info.Present, info.Partial, info.Absent, info.Punched, float64(info.Scan.Microseconds())/1000)
+		go func() {
+			// Polled every 100 µs: the first fault a re-attached target
+			// raised (or had queued) that this server answered.
+			for t := time.Now(); time.Since(t) < time.Minute; time.Sleep(100 * time.Microsecond) {
+				if st := l.Stats(); st.FaultsMinor+st.FaultsMissing > 0 {
+					fmt.Fprintf(stderr, "adopted: first fault served %.1f ms after start\n", float64(time.Since(start).Microseconds())/1000)
+					return
+				}
+			}
+		}()
+		return attach.FromLoader(l), nil
+	})
+	return b, plan, nil
 }

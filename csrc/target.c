@@ -6,6 +6,7 @@
  *       [--pattern sequential|random|fraction:F] [--threads N] [--seed N]
  *       [--write] [--dump FILE] [--wait] [--hold] [--stats]
  *       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]
+ *       [--delay-us N] [--reattach-timeout-ms MS] [--write-xor B]
  *
  * It attaches (ur_attach), touches one byte of every page of every region
  * (pages covering each region's length) in the order asked for, prints one
@@ -24,6 +25,17 @@
  * shutdown notice before detaching. Exit status 0 on success, 1 on error
  * (also when the server ends the session with an error while the target
  * touches or dumps: a fault it could not answer; the message is printed).
+ *
+ * --write-xor B writes each touched byte back xor B (1..255), so the dump
+ * shows which writes this target kept. --delay-us N sleeps N microseconds after each touch (so a server restart
+ * can be staged in the middle of a restore). When the server dies, the
+ * watcher thread re-attaches to a restarted `uffdrestore load --adopt` on the
+ * same socket (ur_poll; PROTOCOL.md section 5.1) within
+ * --reattach-timeout-ms (default 30000; a negative value turns it off: the
+ * server's death is then only reported and a touch of an unfilled page
+ * waits); if none took it back in time, or the new server serves another
+ * snapshot, it says why and exits 1 instead of blocking. The JSON line then
+ * has "reattaches":N.
  *
  * It attaches only to a server running as root or as its own uid (checked
  * with SO_PEERCRED before it maps anything); --server-uid UID trusts one
@@ -132,7 +144,9 @@ struct worker {
 	uint64_t *lat;
 	uint64_t from, to;
 	int write;
+	unsigned char xor_; /* --write-xor: what each write flips */
 	uint64_t first_done; /* now_ns() when the first touch completed */
+	long delay_us;
 	uint64_t sum;
 };
 
@@ -145,12 +159,17 @@ static void *touch(void *arg)
 		uint64_t t0 = now_ns();
 		unsigned char v = *p;
 		if (w->write)
-			*p = v;
+			*p = v ^ w->xor_;
 		uint64_t t1 = now_ns();
 		w->lat[i] = t1 - t0;
 		if (i == w->from)
 			w->first_done = t1;
 		sum = sum * 31 + v;
+		if (w->delay_us > 0) {
+			struct timespec ts = { .tv_sec = w->delay_us / 1000000, .tv_nsec = (w->delay_us % 1000000) * 1000 };
+			while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+			}
+		}
 	}
 	w->sum = sum;
 	return NULL;
@@ -285,6 +304,8 @@ struct watch {
 	int stop[2];
 };
 
+static int reattach_on = 1;
+
 static void *watch_loop(void *arg)
 {
 	struct watch *w = arg;
@@ -304,6 +325,12 @@ static void *watch_loop(void *arg)
 			int r = ur_poll(w->s);
 			if (r == UR_EREFUSED)
 				die("the server ended the session: %s", ur_session_error(w->s));
+			if (r < 0 && reattach_on)
+				/* The server died and no server took this target back
+				 * (or one of another snapshot): a touch of an unfilled
+				 * page would wait forever. */
+				die("the server died and this target was not re-attached: %s: %s", ur_strerror(r),
+				    ur_session_error(w->s));
 			if (r < 0) {
 				fprintf(stderr, "%s: %s: %s\n", prog, ur_strerror(r), ur_session_error(w->s));
 				return NULL;
@@ -620,6 +647,7 @@ static void usage(int status)
 		"       [--pattern sequential|random|fraction:F]\n"
 		"       [--threads N] [--seed N] [--write] [--dump FILE] [--wait] [--hold] [--stats]\n"
 		"       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]\n"
+		"       [--delay-us N] [--reattach-timeout-ms MS] [--write-xor B]\n"
 		"Example: %s --socket /run/snap.sock --pattern random --threads 2 --dump out.raw\n",
 		prog, prog);
 	exit(status);
@@ -635,6 +663,8 @@ int main(int argc, char **argv)
 	uint64_t seed = 1;
 	int do_hold = 0, do_wait = 0, do_write = 0, do_stats = 0;
 	int do_unmap = 0, do_mremap_ = 0, do_remove_ = 0, do_fork_ = 0, do_churn = 0, do_pause = 0;
+	long delay_us = 0;
+	unsigned char write_xor = 0;
 	double fraction = 1.0;
 	int random_order = 0;
 
@@ -657,6 +687,20 @@ int main(int argc, char **argv)
 			if (*e || !*v || u > 0xfffffffeULL)
 				die("--server-uid: %s is not a uid", v);
 			opts.server_uid = (uint32_t)u;
+		} else if (!strcmp(a, "--delay-us")) {
+			NEEDV();
+			char *e;
+			delay_us = strtol(v, &e, 10);
+			if (*e || !*v || delay_us < 0 || delay_us > 10000000)
+				die("--delay-us: %s is not a number of microseconds in 0..10000000", v);
+		} else if (!strcmp(a, "--reattach-timeout-ms")) {
+			NEEDV();
+			char *e;
+			long ms = strtol(v, &e, 10);
+			if (*e || !*v || ms < -1 || ms > 3600000)
+				die("--reattach-timeout-ms: %s is not 0 or -1 (off) or a number of ms up to 3600000", v);
+			opts.reattach_timeout_ms = ms == 0 ? -1 : (int)ms;
+			reattach_on = ms > 0;
 		} else if (!strcmp(a, "--readonly")) {
 			opts.readonly = 1;
 		} else if (!strcmp(a, "--private")) {
@@ -687,6 +731,14 @@ int main(int argc, char **argv)
 			do_wait = 1;
 		} else if (!strcmp(a, "--write")) {
 			do_write = 1;
+		} else if (!strcmp(a, "--write-xor")) {
+			NEEDV();
+			char *e;
+			long x = strtol(v, &e, 0);
+			if (*e || !*v || x < 1 || x > 255)
+				die("--write-xor: %s is not a byte value in 1..255", v);
+			do_write = 1;
+			write_xor = (unsigned char)x;
 		} else if (!strcmp(a, "--stats")) {
 			do_stats = 1;
 		} else if (!strcmp(a, "--unmap-part")) {
@@ -814,6 +866,8 @@ int main(int argc, char **argv)
 		w[t].from = ntouch * (uint64_t)t / (uint64_t)threads;
 		w[t].to = ntouch * (uint64_t)(t + 1) / (uint64_t)threads;
 		w[t].write = do_write;
+		w[t].delay_us = delay_us;
+		w[t].xor_ = write_xor;
 		if (t == 0)
 			continue;
 		int e = pthread_create(&w[t].th, NULL, touch, &w[t]);
@@ -855,7 +909,7 @@ int main(int argc, char **argv)
 	       "\"threads\":%ld,\"pattern\":\"%s\",\"private\":%s,"
 	       "\"lat_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
 	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\","
-	       "\"uffd\":\"%s\",\"fork_events\":%s%s%s%s%s%s}\n",
+	       "\"uffd\":\"%s\",\"fork_events\":%s,\"reattaches\":%u%s%s%s%s%s}\n",
 	       (double)(t_ready - t_start) / 1e6, first ? (double)(first - t_start) / 1e6 : 0.0,
 	       (double)(t_touch1 - t_touch0) / 1e6, (unsigned long long)ntouch, (unsigned long long)ps,
 	       threads, random_order ? (fraction < 1 ? "fraction" : "random") : "sequential",
@@ -863,7 +917,7 @@ int main(int argc, char **argv)
 	       pct_us(lat, ntouch, 50), pct_us(lat, ntouch, 90), pct_us(lat, ntouch, 99),
 	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)sum,
 	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s), uffd_via(s),
-	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true",
+	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true", ur_session_reattaches(s),
 	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
 	       events_json, events_len ? "}" : "");
 	fflush(stdout);

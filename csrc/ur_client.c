@@ -69,6 +69,14 @@ struct ur_session {
 	int timeout_ms;
 	int shutdown_requested;
 	char err[UR_ERRLEN];
+	/* Re-attaching (PROTOCOL.md 5.1): what a reconnect needs. */
+	char *path;
+	int backing_fd; /* kept to hand back to a restarted server; -1 if it cannot re-attach */
+	int private_mapping;
+	uint32_t server_uid;
+	int reattach_ms; /* < 0: off */
+	char snapshot_id[64];
+	unsigned reattaches;
 };
 
 static __thread char last_err[UR_ERRLEN];
@@ -103,6 +111,8 @@ const char *ur_strerror(int code)
 		return "region has no usable original address";
 	case UR_ETIMEDOUT:
 		return "timed out waiting for the server";
+	case UR_ESNAPSHOT:
+		return "the restarted server serves another snapshot";
 	case UR_EUNTRUSTED:
 		return "the server runs as an untrusted uid";
 	}
@@ -405,6 +415,8 @@ struct msg {
 	uint64_t page_size, chunk_size, file_size;
 	char *snapshot;
 	uint64_t region_count; /* hello: how many regions the batches carry */
+	char snapshot_id[64]; /* hello: the snapshot's identity */
+	int reattach, adopting; /* hello: the server accepts reattach; it has no backing yet */
 	int has_first;
 	uint64_t first; /* regions: index of the batch's first region */
 	size_t nregions;
@@ -489,8 +501,9 @@ static int parse_msg(const char *buf, size_t n, struct msg *m)
 	int first = 1, k;
 	memset(m, 0, sizeof(*m));
 	unsigned seen = 0; /* known members read so far: a second one is an error */
-	static const char *const known[] = { "type",	   "version",	 "error",    "stats",	 "backing",
-					     "page_size", "chunk_size", "file_size", "snapshot", "regions" };
+	static const char *const known[] = { "type",	   "version",	 "error",	"stats",    "backing",	"page_size",
+					     "chunk_size", "file_size", "snapshot", "regions", "snapshot_id", "reattach",
+					     "adopting" };
 	while ((k = jmember(&p, &first, key, sizeof key)) == 1) {
 		int rc;
 		for (unsigned j = 0; j < sizeof known / sizeof known[0]; j++) {
@@ -537,6 +550,13 @@ static int parse_msg(const char *buf, size_t n, struct msg *m)
 			rc = m->snapshot ? jstring(&p, m->snapshot, UR_MAX_NAME) : -1;
 		} else if (!strcmp(key, "region_count")) {
 			rc = juint(&p, &m->region_count);
+		} else if (!strcmp(key, "snapshot_id")) {
+			rc = jstring(&p, m->snapshot_id, sizeof m->snapshot_id);
+		} else if (!strcmp(key, "reattach") || !strcmp(key, "adopting")) {
+			int *flag = key[0] == 'r' ? &m->reattach : &m->adopting;
+			jws(&p);
+			*flag = jpeek(&p) == 't';
+			rc = *flag ? jlit(&p, "true") : jlit(&p, "false");
 		} else if (!strcmp(key, "first")) {
 			rc = juint(&p, &m->first);
 			m->has_first = 1;
@@ -653,11 +673,14 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int send_msg(int sock, const char *buf, size_t n, int fd)
+/* Sends one message with fd and, when fd2 >= 0, fd2 too (a reattach). */
+static int send_msg2(int sock, const char *buf, size_t n, int fd, int fd2)
 {
 	struct iovec iov = { .iov_base = (void *)buf, .iov_len = n };
+	int nfd = fd2 >= 0 ? 2 : 1;
+	int fdv[2] = { fd, fd2 };
 	union {
-		char b[CMSG_SPACE(sizeof(int))];
+		char b[CMSG_SPACE(2 * sizeof(int))];
 		struct cmsghdr align;
 	} cb;
 	struct msghdr mh;
@@ -667,12 +690,12 @@ static int send_msg(int sock, const char *buf, size_t n, int fd)
 	mh.msg_iovlen = 1;
 	if (fd >= 0) {
 		mh.msg_control = cb.b;
-		mh.msg_controllen = sizeof(cb.b);
+		mh.msg_controllen = CMSG_SPACE(nfd * sizeof(int));
 		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
 		c->cmsg_level = SOL_SOCKET;
 		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+		c->cmsg_len = CMSG_LEN(nfd * sizeof(int));
+		memcpy(CMSG_DATA(c), fdv, nfd * sizeof(int));
 	}
 	ssize_t r;
 	do
@@ -684,6 +707,8 @@ static int send_msg(int sock, const char *buf, size_t n, int fd)
 		return -EMSGSIZE;
 	return 0;
 }
+
+static int send_msg(int sock, const char *buf, size_t n, int fd) { return send_msg2(sock, buf, n, fd, -1); }
 
 /* Receives one message into buf (cap >= UR_MAX_MSG + 1) and up to
  * UR_MAX_FDS fds. Waits at most timeout_ms (< 0: forever; 0: do not wait,
@@ -965,6 +990,9 @@ static void session_free(struct ur_session *s)
 	 * wait for a server that may be gone. */
 	if (s->uffd >= 0)
 		close(s->uffd);
+	if (s->backing_fd >= 0)
+		close(s->backing_fd);
+	free(s->path);
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct ur_region *r = &s->regions[i];
 		if (r->addr)
@@ -1155,7 +1183,17 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	}
 	s->sock = -1;
 	s->uffd = -1;
+	s->backing_fd = -1;
 	s->timeout_ms = opts->timeout_ms == 0 ? 10000 : opts->timeout_ms;
+	s->reattach_ms = opts->reattach_timeout_ms == 0 ? 30000 : opts->reattach_timeout_ms;
+	s->private_mapping = opts->private_mapping;
+	s->server_uid = opts->server_uid;
+	s->path = strdup(socket_path);
+	if (!s->path) {
+		seterr(last_err, "out of memory");
+		rc = -ENOMEM;
+		goto fail;
+	}
 
 	struct sockaddr_un sa;
 	memset(&sa, 0, sizeof(sa));
@@ -1205,6 +1243,11 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 		rc = UR_EMALFORMED;
 		goto reject;
 	}
+	if (m.adopting && nfds == 0) {
+		seterr(last_err, "the server is adopting the targets of a server that died (load --adopt): it serves only re-attaching targets until one hands back the backing; attach again later");
+		rc = UR_EREFUSED;
+		goto reject;
+	}
 	if (nfds != 1) {
 		seterr(last_err, "hello came with %d file descriptors, want 1", nfds);
 		rc = UR_EMALFORMED;
@@ -1231,6 +1274,9 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	snprintf(s->backing, sizeof s->backing, "%s", m.backing);
 	s->snapshot = m.snapshot ? m.snapshot : strdup("");
 	m.snapshot = NULL;
+	snprintf(s->snapshot_id, sizeof s->snapshot_id, "%s", m.snapshot_id);
+	if (!m.reattach)
+		s->reattach_ms = -1; /* an older server: it would not take a reattach */
 	msg_free(&m);
 	/* 1b. The regions, in batches after the hello. */
 	rc = recv_regions(s, buf, m.region_count, last_err);
@@ -1296,7 +1342,12 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	rc = uffd_guard_fork(s, last_err);
 	if (rc < 0)
 		goto fail;
-	close(backing); /* the mappings keep the file */
+	/* The mappings keep the file; the fd is kept only to hand it back to
+	 * a restarted server (PROTOCOL.md 5.1). */
+	if (s->reattach_ms >= 0)
+		s->backing_fd = backing;
+	else
+		close(backing);
 	backing = -1;
 
 	/* 4. attach + the userfaultfd, then the mappings in batches. */
@@ -1382,6 +1433,176 @@ uint64_t ur_session_uffd_features(const struct ur_session *s) { return s->featur
 unsigned ur_session_uffd_flags(const struct ur_session *s) { return s->uffd_flags; }
 int ur_session_socket(const struct ur_session *s) { return s->sock; }
 
+/* One reattach attempt on a new connection (PROTOCOL.md 5.1): the server's
+ * uid, its hello (the same snapshot and layout, or UR_ESNAPSHOT), then
+ * reattach + [uffd, backing] and the mappings, and ready. Returns 0 (s->sock
+ * is the new socket), a fatal error (UR_ESNAPSHOT, UR_EUNTRUSTED,
+ * UR_EREFUSED: retrying would not help), or another one (the caller retries
+ * until its deadline). */
+static int reattach_once(struct ur_session *s, int sock, char *buf)
+{
+	struct ucred cred;
+	socklen_t credlen = sizeof(cred);
+	if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &credlen) < 0) {
+		seterr(s->err, "reattach: getsockopt SO_PEERCRED on %s: %s", s->path, strerror(errno));
+		return -errno;
+	}
+	uid_t me = geteuid();
+	if (cred.uid != 0 && cred.uid != me && cred.uid != s->server_uid) {
+		seterr(s->err, "reattach: the server now on %s runs as uid %u (pid %d), not root or this process's uid %u: refusing to send it the userfaultfd",
+		       s->path, (unsigned)cred.uid, (int)cred.pid, (unsigned)me);
+		return UR_EUNTRUSTED;
+	}
+	struct msg m;
+	int fds[UR_MAX_FDS], nfds = 0;
+	int rc = recv_parse(sock, buf, &m, s->timeout_ms, fds, &nfds, s->err);
+	if (rc < 0)
+		return rc;
+	close_fds(fds, nfds); /* the backing of a server that has one: ours is mapped already */
+	if (strcmp(m.type, "hello")) {
+		seterr(s->err, "reattach: expected a hello, got \"%s\"", m.type);
+		msg_free(&m);
+		return UR_EMALFORMED;
+	}
+	rc = validate_hello(&m, s->err);
+	if (rc == 0 && !m.reattach) {
+		seterr(s->err, "reattach: the server now on %s does not take re-attaching targets (an older uffdrestore load)", s->path);
+		rc = UR_ESNAPSHOT;
+	}
+	if (rc == 0 && strcmp(m.snapshot_id, s->snapshot_id)) {
+		seterr(s->err, "reattach: the server now on %s serves another snapshot (\"%s\", id %s; this target maps id %s): refusing it; restart `uffdrestore load` with the snapshot this target was restored from",
+		       s->path, m.snapshot ? m.snapshot : "", m.snapshot_id[0] ? m.snapshot_id : "none", s->snapshot_id);
+		rc = UR_ESNAPSHOT;
+	}
+	if (rc == 0 && (strcmp(m.backing, s->backing) || m.page_size != s->page_size || m.file_size != s->file_size ||
+			m.region_count != s->nregions)) {
+		seterr(s->err, "reattach: the server now on %s lays the snapshot out differently (backing %s, pages of %llu bytes, %llu bytes; this target maps %s, %llu, %llu): restart it with the first server's --backing",
+		       s->path, m.backing, (unsigned long long)m.page_size, (unsigned long long)m.file_size, s->backing,
+		       (unsigned long long)s->page_size, (unsigned long long)s->file_size);
+		rc = UR_ESNAPSHOT;
+	}
+	uint64_t count = m.region_count;
+	msg_free(&m);
+	if (rc < 0)
+		return rc;
+	/* Its regions must be ours. */
+	struct ur_session t;
+	memset(&t, 0, sizeof(t));
+	t.sock = sock;
+	t.timeout_ms = s->timeout_ms;
+	rc = recv_regions(&t, buf, count, s->err);
+	for (size_t i = 0; rc == 0 && i < t.nregions; i++) {
+		const struct ur_region *a = &t.regions[i], *b = &s->regions[i];
+		if (a->offset != b->offset || a->size != b->size || a->length != b->length) {
+			seterr(s->err, "reattach: region %zu of the server now on %s is not the one this target maps", i, s->path);
+			rc = UR_ESNAPSHOT;
+		}
+	}
+	for (size_t i = 0; i < t.nregions; i++)
+		free((char *)t.regions[i].name);
+	free(t.regions);
+	if (rc < 0)
+		return rc;
+	size_t nmapped = 0;
+	for (size_t i = 0; i < s->nregions; i++)
+		nmapped += s->regions[i].addr != NULL;
+	size_t o = 0;
+	if (jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"reattach\",\"version\":%d,\"uffd_features\":%llu,\"mapping_count\":%zu}",
+		  UR_PROTOCOL_VERSION, (unsigned long long)s->features, nmapped) < 0)
+		return UR_ETOOLARGE;
+	rc = send_msg2(sock, buf, o, s->uffd, s->backing_fd);
+	if (rc < 0) {
+		seterr(s->err, "reattach: sendmsg: %s", strerror(-rc));
+		return rc;
+	}
+	int old = s->sock;
+	s->sock = sock;
+	rc = send_mappings(s, buf, s->private_mapping);
+	if (rc == 0)
+		rc = recv_parse(sock, buf, &m, s->timeout_ms, NULL, NULL, s->err);
+	s->sock = old;
+	if (rc < 0)
+		return rc;
+	if (strcmp(m.type, "ready")) {
+		seterr(s->err, "reattach: expected ready, got \"%s\"", m.type);
+		msg_free(&m);
+		return UR_EMALFORMED;
+	}
+	msg_free(&m);
+	return 0;
+}
+
+/* The server closed the session: connect to the same path again and
+ * re-attach, with a back-off (10 ms doubling to 500 ms) until
+ * s->reattach_ms have passed. Faults raised meanwhile wait in the
+ * userfaultfd for the new server. */
+static int reattach(struct ur_session *s)
+{
+	char *buf = malloc(UR_MAX_MSG + 1);
+	if (!buf)
+		return -ENOMEM;
+	char first[UR_ERRLEN];
+	snprintf(first, sizeof first, "%s", s->err);
+	int64_t deadline = now_ms() + s->reattach_ms;
+	int delay = 10, rc = UR_ECLOSED, attempts = 0;
+	struct sockaddr_un sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", s->path);
+	for (;;) {
+		attempts++;
+		int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+		if (sock < 0) {
+			rc = -errno;
+			seterr(s->err, "reattach: socket: %s", strerror(errno));
+		} else if (connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+			rc = -errno;
+			seterr(s->err, "reattach: connect to %s: %s", s->path, strerror(errno));
+		} else {
+			rc = reattach_once(s, sock, buf);
+			if (rc == 0) {
+				close(s->sock);
+				s->sock = sock;
+				s->shutdown_requested = 0;
+				s->reattaches++;
+				break;
+			}
+		}
+		if (sock >= 0)
+			close(sock);
+		if (rc == UR_ESNAPSHOT || rc == UR_EUNTRUSTED || rc == UR_EREFUSED)
+			break;
+		int64_t left = deadline - now_ms();
+		if (left <= 0) {
+			char last[UR_ERRLEN];
+			snprintf(last, sizeof last, "%s", s->err);
+			seterr(s->err, "%s; no server re-attached this target within %d ms (%d attempts; last: %s)", first,
+			       s->reattach_ms, attempts, last);
+			rc = UR_ETIMEDOUT;
+			break;
+		}
+		struct timespec ts = { .tv_sec = 0, .tv_nsec = (long)(delay < left ? delay : left) * 1000000L };
+		while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+		}
+		delay = delay * 2 > 500 ? 500 : delay * 2;
+	}
+	free(buf);
+	return rc;
+}
+
+int ur_reattach(struct ur_session *s)
+{
+	if (!s)
+		return -EINVAL;
+	if (s->reattach_ms < 0 || s->backing_fd < 0) {
+		seterr(s->err, "re-attaching is off for this session (reattach_timeout_ms < 0, or the server does not take it)");
+		return -EOPNOTSUPP;
+	}
+	return reattach(s);
+}
+
+unsigned ur_session_reattaches(const struct ur_session *s) { return s->reattaches; }
+
 int ur_poll(struct ur_session *s)
 {
 	char *buf = malloc(UR_MAX_MSG + 1);
@@ -1393,6 +1614,12 @@ int ur_poll(struct ur_session *s)
 		int r = recv_parse(s->sock, buf, &m, 0, NULL, NULL, s->err);
 		if (r == -EAGAIN)
 			break;
+		if (r == UR_ECLOSED && s->reattach_ms >= 0 && s->backing_fd >= 0) {
+			/* The server is gone: a restarted one may take us back. */
+			r = reattach(s);
+			if (r == 0)
+				continue;
+		}
 		if (r < 0) {
 			rc = r;
 			break;

@@ -73,6 +73,7 @@ extern "C" {
 #define UR_EADDR (-10007) /* at_original_addr: no or misaligned original address */
 #define UR_ETIMEDOUT (-10008) /* the server did not answer within timeout_ms */
 #define UR_EUNTRUSTED (-10009) /* the server runs as a uid this client does not trust */
+#define UR_ESNAPSHOT (-10010) /* re-attaching: the restarted server serves another snapshot or layout */
 
 struct ur_attach_opts {
 	int private_mapping; /* MAP_PRIVATE: writes are copy-on-write, private to this process */
@@ -89,6 +90,13 @@ struct ur_attach_opts {
 				or sending its userfaultfd, ur_attach checks the server's uid
 				(SO_PEERCRED): root, this process's effective uid, or this one
 				(0 adds nothing); otherwise UR_EUNTRUSTED. */
+	int reattach_timeout_ms; /* when the server dies (the socket closes), ur_poll connects to the
+				    same path again and re-attaches this session to the restarted
+				    server (`uffdrestore load --adopt`), retrying (10 ms back-off
+				    doubling to 500 ms) for this long: 0 = 30000, < 0 = never (ur_poll
+				    then returns UR_ECLOSED at once). Faults raised meanwhile wait in
+				    the userfaultfd and are served by the new server. The session
+				    keeps the backing fd open for that (PROTOCOL.md section 5.1). */
 };
 
 struct ur_region {
@@ -134,7 +142,9 @@ unsigned ur_session_uffd_flags(const struct ur_session *s);
 /* The socket, to poll(2) for POLLIN; then call ur_poll. */
 int ur_session_socket(const struct ur_session *s);
 
-/* Reads pending server notices without blocking: returns 1 if the server
+/* Reads pending server notices without blocking (except to re-attach: when
+ * the socket closed, it reconnects for up to reattach_timeout_ms, and then
+ * returns 0 once re-attached): returns 1 if the server
  * asked this target to detach (it is shutting down), 0 if not, < 0 on error
  * (UR_ECLOSED: the server is gone; UR_EREFUSED: the server ended this
  * session, ur_session_error(s) says why, e.g. a fault it could not answer).
@@ -144,6 +154,15 @@ int ur_session_socket(const struct ur_session *s);
  * ur_close/ur_detach while such a thread waits: unregistering wakes it onto
  * whatever the backing holds (zeros where a page was never filled). */
 int ur_poll(struct ur_session *s);
+
+/* Re-attaches now (ur_poll does so by itself when the socket closes):
+ * 0, or UR_ESNAPSHOT (the server on the path serves another snapshot or
+ * layout: exit, a fault there would never be served), UR_EREFUSED (it
+ * refused, e.g. it was restarted without --adopt), UR_EUNTRUSTED, or
+ * UR_ETIMEDOUT (no server took it back within reattach_timeout_ms). */
+int ur_reattach(struct ur_session *s);
+/* How many times this session was re-attached. */
+unsigned ur_session_reattaches(const struct ur_session *s);
 
 /* Asks for this target's stats; copies the JSON object (NUL-terminated) to
  * buf. Returns its length, or -ERANGE if it does not fit. */

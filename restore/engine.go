@@ -75,6 +75,7 @@ type engine struct {
 	poisonOff  bool             // answer poisoned units by ending the view, not with UFFDIO_POISON
 	noPopulate atomic.Bool      // the kernel lacks MADV_POPULATE_WRITE
 	hooks      *engineHooks     // nil outside tests
+	journal    *fillJournal     // WithFillJournal, else nil
 
 	stop    chan struct{}
 	workers sync.WaitGroup
@@ -303,6 +304,7 @@ func (e *engine) claimPrefetch(out []uint32) []uint32 {
 		}
 		for _, u := range e.prefetchOrder[next : next+k] {
 			if e.state[u].CompareAndSwap(stAbsent, stFilling) {
+				e.journalMark(u)
 				out = append(out, u)
 			}
 		}
@@ -780,6 +782,7 @@ func (e *engine) publish(w *workerState, u uint32, err error, byFault bool) {
 			e.c.wsPrefilled.Add(1)
 		}
 	}
+	e.journalDone(u)
 	sh := &e.shards[u%uint32(len(e.shards))]
 	sh.mu.Lock()
 	e.state[u].Store(final)
@@ -854,6 +857,7 @@ func (e *engine) request(v *View, u uint32, addr uintptr, t0 int64) {
 	claimed := st == stAbsent && e.state[u].CompareAndSwap(stAbsent, stFilling)
 	sh.mu.Unlock()
 	if claimed {
+		e.journalMark(u)
 		e.faultq <- u
 	} else {
 		v.c.faultsWaited.Add(1)
@@ -1026,6 +1030,7 @@ func (e *engine) close() {
 	if e.alias != nil {
 		e.alias.Close()
 	}
+	e.journal.close()
 }
 
 func (c *counters) add(o *counters) {

@@ -127,6 +127,18 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 	if err != nil {
 		return nil, err
 	}
+	if cfg.journal != "" {
+		if e.journal, err = openJournal(cfg.journal, e.nUnits, cfg.adopt != nil); err != nil {
+			e.close()
+			return nil, err
+		}
+	}
+	if cfg.adopt != nil {
+		if err := e.adoptPresent(cfg.adopt); err != nil {
+			e.close()
+			return nil, err
+		}
+	}
 	l := &Loader{f: f, b: b, e: e}
 	l.layout = Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: f.ChunkSize(), FileSize: uint64(b.size), Snapshot: name}
 	for _, r := range f.Regions() {

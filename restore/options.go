@@ -70,6 +70,8 @@ type config struct {
 	// fetchParallel: the snapshot is remote and reads this many ranges at
 	// once (set by the open path, not an option); 0 for a local file.
 	fetchParallel int
+	adopt         *AdoptInfo // AdoptLoader: learn the units present, fill in the numbers
+	journal       string     // WithFillJournal
 }
 
 func defaultConfig() config {

@@ -99,7 +99,11 @@ func SendHello(send func(v any, fds ...int) error, h Hello, backingFD int) error
 	if err != nil {
 		return err
 	}
-	if err := send(h, backingFD); err != nil {
+	var fds []int
+	if backingFD >= 0 { // < 0: an adopting server has none yet
+		fds = []int{backingFD}
+	}
+	if err := send(h, fds...); err != nil {
 		return err
 	}
 	for _, b := range batches {
@@ -133,14 +137,18 @@ func RecvHello(recv func() ([]byte, []int, error)) (Hello, []int, error) {
 }
 
 // SendAttach sends a (its header with the userfaultfd, then its mappings
-// in batches) through send.
-func SendAttach(send func(v any, fds ...int) error, a Attach, uffdFD int) error {
-	a.Type, a.Version, a.MappingCount = TypeAttach, Version, len(a.Mappings)
+// in batches) through send. A reattach (a.Type TypeReattach) sends the
+// backing fd after the userfaultfd (extra).
+func SendAttach(send func(v any, fds ...int) error, a Attach, uffdFD int, extra ...int) error {
+	if a.Type != TypeReattach {
+		a.Type = TypeAttach
+	}
+	a.Version, a.MappingCount = Version, len(a.Mappings)
 	batches, err := encodeBatches(TypeMappings, a.Mappings)
 	if err != nil {
 		return err
 	}
-	if err := send(a, uffdFD); err != nil {
+	if err := send(a, append([]int{uffdFD}, extra...)...); err != nil {
 		return err
 	}
 	for _, b := range batches {
@@ -151,7 +159,8 @@ func SendAttach(send func(v any, fds ...int) error, a Attach, uffdFD int) error 
 	return nil
 }
 
-// RecvAttach receives an attach header and its mappings through recv (it
+// RecvAttach receives an attach (or reattach: a.Type says which) header
+// and its mappings through recv (it
 // does not check them against the hello: Attach.Validate does). The fds
 // are those that came with the header; the caller owns them.
 func RecvAttach(recv func() ([]byte, []int, error)) (Attach, []int, error) {
@@ -164,11 +173,15 @@ func RecvAttach(recv func() ([]byte, []int, error)) (Attach, []int, error) {
 	var v struct {
 		Version int `json:"version"`
 	}
-	if typ, err := PeekType(raw); err == nil && typ == TypeAttach && json.Unmarshal(raw, &v) == nil && v.Version != Version {
+	typ, _ := PeekType(raw)
+	if (typ == TypeAttach || typ == TypeReattach) && json.Unmarshal(raw, &v) == nil && v.Version != Version {
 		a.Version = v.Version
 		return a, fds, a.ValidateHeader()
 	}
-	if err := Decode(raw, TypeAttach, &a); err != nil {
+	if typ != TypeReattach {
+		typ = TypeAttach
+	}
+	if err := Decode(raw, typ, &a); err != nil {
 		return a, fds, err
 	}
 	if err := a.ValidateHeader(); err != nil {

@@ -39,7 +39,19 @@ type ClientOptions struct {
 	// bytes (and receive the userfaultfd). 0 adds nothing (root is always
 	// accepted).
 	ServerUID uint32
+	// ReattachTimeout: when the server dies (the socket closes), Poll
+	// connects to the same path again and re-attaches this client to a
+	// restarted server (`uffdrestore load --adopt`, PROTOCOL.md §5.1),
+	// retrying with a back-off (10 ms doubling to 500 ms) for this long.
+	// 0 means 30 s; < 0 turns it off (Poll then reports the closed
+	// session at once). The client keeps the backing fd open for it.
+	ReattachTimeout time.Duration
 }
+
+// ErrOtherSnapshot: re-attaching, the server now on the path serves another
+// snapshot or layout (or does not take a reattach). A fault on a page never
+// filled would wait forever: report it and exit.
+var ErrOtherSnapshot = errors.New("attach: the restarted server serves another snapshot")
 
 // CheckServer checks who listens on the other end of c: root, this
 // process's effective uid, or extra. A client calls it before it trusts
@@ -83,6 +95,14 @@ type Client struct {
 	mu       sync.Mutex
 	closed   bool
 	shutdown bool // the server sent shutdown
+
+	// Re-attaching (PROTOCOL.md §5.1).
+	path    string
+	o       ClientOptions
+	backing int // kept for a reattach; -1 when re-attaching is off
+	attach  Attach
+	// Reattaches counts the re-attaches Poll made.
+	Reattaches int
 }
 
 // UserModeOnly reports whether the client's userfaultfd is
@@ -125,7 +145,10 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("attach: connect to %s: %w", path, err)
 	}
-	cl := &Client{c: c, timeout: o.Timeout}
+	if o.ReattachTimeout == 0 {
+		o.ReattachTimeout = 30 * time.Second
+	}
+	cl := &Client{c: c, timeout: o.Timeout, path: path, o: o, backing: -1}
 	defer func() {
 		if err != nil {
 			cl.release()
@@ -151,6 +174,9 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	}
 	cl.Hello = hello
 	h := &cl.Hello
+	if h.Adopting && len(fds) == 0 {
+		return nil, rejectHello(fmt.Errorf("%w: the server is adopting the targets of a server that died (load --adopt): it serves only re-attaching targets until one hands back the backing; attach again later", ErrRefused))
+	}
 	if len(fds) != 1 {
 		return nil, rejectHello(invalid(TypeHello, "fds", "%d file descriptors came with the hello, want 1", len(fds)))
 	}
@@ -234,6 +260,14 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 	}
 	if err := SendAttach(func(v any, fds ...int) error { return SendMsg(c, v, fds...) }, a, cl.u.Fd()); err != nil {
 		return nil, err
+	}
+	cl.attach = a
+	if h.Reattach && o.ReattachTimeout > 0 {
+		// Kept to hand back to a restarted server (PROTOCOL.md §5.1).
+		if cl.backing, err = unix.FcntlInt(uintptr(fds[0]), unix.F_DUPFD_CLOEXEC, 0); err != nil {
+			cl.backing = -1
+			return nil, fmt.Errorf("attach: keep the backing fd: %w", err)
+		}
 	}
 	raw, fds2, err := RecvMsg(c)
 	CloseFDs(fds2)
@@ -332,6 +366,12 @@ func (cl *Client) Poll(wait time.Duration) (shutdown bool, err error) {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return cl.shutdown, nil
 		}
+		if errors.Is(err, ErrClosed) && cl.backing >= 0 {
+			// The server is gone: a restarted one may take us back.
+			if err = cl.reattach(); err == nil {
+				continue
+			}
+		}
 		if err != nil {
 			return cl.shutdown, fmt.Errorf("attach: session ended: %w", err)
 		}
@@ -413,5 +453,81 @@ func (cl *Client) release() {
 	if cl.c != nil {
 		cl.c.Close()
 	}
+	if cl.backing >= 0 {
+		unix.Close(cl.backing)
+		cl.backing = -1
+	}
 	_ = errors.Join(errs...)
+}
+
+// reattach connects to the same path again until a server takes this
+// client back or ReattachTimeout passed (PROTOCOL.md §5.1). Called with
+// cl.mu held.
+func (cl *Client) reattach() error {
+	first := fmt.Errorf("attach: the server on %s closed the session", cl.path)
+	deadline := time.Now().Add(cl.o.ReattachTimeout)
+	delay := 10 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: cl.path, Net: "unixpacket"})
+		if err == nil {
+			if err = cl.reattachOnce(c); err == nil {
+				cl.c.Close()
+				cl.c = c
+				cl.shutdown = false
+				cl.Reattaches++
+				return nil
+			}
+			c.Close()
+			if errors.Is(err, ErrOtherSnapshot) || errors.Is(err, ErrUntrustedServer) || errors.Is(err, ErrRefused) {
+				return fmt.Errorf("%v; re-attaching: %w", first, err)
+			}
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("%w; no server re-attached this client within %v (%d attempts; last: %v)", first, cl.o.ReattachTimeout, attempt, err)
+		}
+		time.Sleep(min(delay, left))
+		delay = min(2*delay, 500*time.Millisecond)
+	}
+}
+
+// reattachOnce runs one reattach handshake on c.
+func (cl *Client) reattachOnce(c *net.UnixConn) error {
+	if err := CheckServer(c, cl.path, cl.o.ServerUID); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(cl.timeout))
+	defer c.SetReadDeadline(time.Time{})
+	h, fds, err := RecvHello(func() ([]byte, []int, error) { return RecvMsg(c) })
+	CloseFDs(fds) // a server's own backing: ours is mapped already
+	if err != nil {
+		return err
+	}
+	old := &cl.Hello
+	switch {
+	case !h.Reattach:
+		return fmt.Errorf("%w: the server now on %s does not take re-attaching targets (an older uffdrestore load)", ErrOtherSnapshot, cl.path)
+	case h.SnapshotID != old.SnapshotID:
+		return fmt.Errorf("%w: the server now on %s serves %q (id %s), this client maps id %s: restart `uffdrestore load` with the snapshot this client was restored from", ErrOtherSnapshot, cl.path, h.Snapshot, h.SnapshotID, old.SnapshotID)
+	case h.Backing != old.Backing || h.PageSize != old.PageSize || h.FileSize != old.FileSize || len(h.Regions) != len(old.Regions):
+		return fmt.Errorf("%w: the server now on %s lays the snapshot out differently (backing %s, pages of %d bytes, %d bytes; this client maps %s, %d, %d): restart it with the first server's --backing", ErrOtherSnapshot, cl.path, h.Backing, h.PageSize, h.FileSize, old.Backing, old.PageSize, old.FileSize)
+	}
+	for i, r := range h.Regions {
+		if o := old.Regions[i]; r.Offset != o.Offset || r.Size != o.Size || r.Length != o.Length {
+			return fmt.Errorf("%w: region %d of the server now on %s is not the one this client maps", ErrOtherSnapshot, i, cl.path)
+		}
+	}
+	a := cl.attach
+	a.Type = TypeReattach
+	c.SetWriteDeadline(time.Now().Add(cl.timeout))
+	defer c.SetWriteDeadline(time.Time{})
+	if err := SendAttach(func(v any, fds ...int) error { return SendMsg(c, v, fds...) }, a, cl.u.Fd(), cl.backing); err != nil {
+		return err
+	}
+	raw, fds2, err := RecvMsg(c)
+	CloseFDs(fds2)
+	if err != nil {
+		return err
+	}
+	return Decode(raw, TypeReady, &Reply{})
 }

@@ -546,13 +546,19 @@ func helperServer(path string) int {
 			fmt.Fprintln(os.Stderr, "helper server:", err)
 			return 1
 		}
-		l, err := restore.NewLoader(context.Background(), snap, restore.WithBacking(kind))
+		if os.Getenv("UR_ATTACH_TEST_ADOPT") == "1" {
+			b, err = helperAdopt(snap, kind)
+		} else {
+			var l *restore.Loader
+			if l, err = restore.NewLoader(context.Background(), snap, restore.WithBacking(kind)); err == nil {
+				defer l.Close()
+				b = FromLoader(l)
+			}
+		}
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "helper server:", err)
 			return 1
 		}
-		defer l.Close()
-		b = FromLoader(l)
 	} else {
 		b = newFakeBackend(&helperTB{}, os.Getenv("UR_ATTACH_TEST_HUGETLB") == "1", nil)
 	}
@@ -577,4 +583,20 @@ func (helperTB) Fatal(args ...any) { fmt.Fprintln(os.Stderr, args...); os.Exit(1
 func (helperTB) Fatalf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, format+"\n", args...)
 	os.Exit(1)
+}
+
+// helperAdopt is what `load --adopt` serves: snap announced for kind, the
+// backing adopted from the first re-attaching target.
+func helperAdopt(snap string, kind restore.BackingKind) (Backend, error) {
+	lay, id, err := restore.PlanLayout(snap, restore.WithBacking(kind))
+	if err != nil {
+		return nil, err
+	}
+	return NewAdoptBackend(HelloOf(lay, id), func(fd int) (Backend, error) {
+		l, _, err := restore.AdoptLoader(context.Background(), snap, fd)
+		if err != nil {
+			return nil, err
+		}
+		return FromLoader(l), nil
+	}), nil
 }

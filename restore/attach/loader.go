@@ -8,21 +8,35 @@ import (
 // FromLoader serves a restore.Loader: its layout is the hello, its backing
 // file is the fd the hello carries, and each attached target becomes one of
 // its views.
-func FromLoader(l *restore.Loader) Backend { return loaderBackend{l} }
+func FromLoader(l *restore.Loader) Backend {
+	return loaderBackend{l, HelloOf(l.Layout(), restore.SnapshotID(l.Reader()))}
+}
 
-type loaderBackend struct{ l *restore.Loader }
+type loaderBackend struct {
+	l *restore.Loader
+	h Hello
+}
 
-func (b loaderBackend) Hello() Hello {
-	lay := b.l.Layout()
+// HelloOf is the hello of a layout; id is the snapshot's restore.SnapshotID.
+func HelloOf(lay restore.Layout, id string) Hello {
 	h := Hello{
 		Backing: lay.Backing, PageSize: uint64(lay.PageSize), ChunkSize: uint64(lay.ChunkSize),
-		FileSize: lay.FileSize, Snapshot: lay.Snapshot,
+		FileSize: lay.FileSize, Snapshot: lay.Snapshot, SnapshotID: id,
 	}
 	for _, r := range lay.Regions {
 		h.Regions = append(h.Regions, Region{Name: r.Name, Offset: r.Offset, Size: r.Size, Length: r.Length, Addr: r.Addr, Prot: r.Prot})
 	}
 	return h
 }
+
+func (b loaderBackend) Hello() Hello {
+	h := b.h
+	h.Regions = append([]Region(nil), b.h.Regions...)
+	return h
+}
+
+// Close closes the loader (an AdoptBackend closes what it adopted).
+func (b loaderBackend) Close() error { return b.l.Close() }
 
 func (b loaderBackend) BackingFD() int { return b.l.BackingFD() }
 

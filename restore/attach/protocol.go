@@ -78,6 +78,11 @@ const (
 	TypeShutdown = "shutdown"
 	TypeRegions  = "regions"  // server → target after the hello: a batch of regions
 	TypeMappings = "mappings" // target → server after the attach: a batch of mappings
+	// TypeReattach is an attach by a target that is attached already, to a
+	// server that died: its existing userfaultfd and mappings, and its
+	// backing fd (PROTOCOL.md §5.1). Sent only to a server whose hello has
+	// "reattach":true.
+	TypeReattach = "reattach"
 )
 
 // Backing kinds named in the hello.
@@ -161,6 +166,15 @@ type Hello struct {
 	Snapshot    string   `json:"snapshot"`
 	RegionCount int      `json:"region_count"`
 	Regions     []Region `json:"-"` // in snapshot order; a region's identity is its index
+	// SnapshotID identifies the snapshot's content (restore.SnapshotID): a
+	// re-attaching target refuses a server of another snapshot.
+	SnapshotID string `json:"snapshot_id,omitempty"`
+	// Reattach: this server accepts "reattach" (PROTOCOL.md §5.1).
+	Reattach bool `json:"reattach,omitempty"`
+	// Adopting: the server has no backing yet (load --adopt): the hello
+	// carries no fd, and only a re-attaching target (handing its backing
+	// back) is served until one did.
+	Adopting bool `json:"adopting,omitempty"`
 }
 
 // Mapping is one range of the backing file a target mapped and registered.
@@ -247,7 +261,7 @@ type Envelope struct {
 var knownTypes = map[string]bool{
 	TypeHello: true, TypeAttach: true, TypeReady: true, TypeError: true,
 	TypeStats: true, TypeDetach: true, TypeBye: true, TypeShutdown: true,
-	TypeRegions: true, TypeMappings: true,
+	TypeRegions: true, TypeMappings: true, TypeReattach: true,
 }
 
 // Encode marshals a message and checks it fits MaxMsgSize.

@@ -140,6 +140,11 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 		return nil, err
 	}
 	var rofd = -1
+	if o.ReadOnlyTargets && b.BackingFD() < 0 {
+		ln.Close()
+		removeIfSame(path, dev, ino)
+		return nil, errors.New("attach: read-only targets need a backing at start; an adopting server has none until a target hands it back (use --read-only-targets without --adopt)")
+	}
 	if o.ReadOnlyTargets {
 		if rofd, err = readOnlyBacking(b.BackingFD()); err != nil {
 			ln.Close()
@@ -184,6 +189,12 @@ func readOnlyBacking(fd int) (int, error) {
 	}
 	return ro, nil
 }
+
+// PrepareSocket checks that a server can listen on path (as Listen does:
+// its directory exists, it is not a symlink or another kind of file, no
+// live server is on it) and removes a stale socket file there. `load` calls
+// it before it touches anything kept beside the socket.
+func PrepareSocket(path string) error { return prepareSocketPath(path) }
 
 // prepareSocketPath checks path can be bound: its directory exists, it is
 // not a symlink or another kind of file, and a socket there is stale.
@@ -551,7 +562,9 @@ func (cn *conn) handshake() (View, error) {
 	}
 	h := s.b.Hello()
 	h.Type, h.Version, h.RegionCount = TypeHello, Version, len(h.Regions)
+	h.Reattach = true
 	backingFD := s.b.BackingFD()
+	h.Adopting = backingFD < 0
 	if s.rofd >= 0 {
 		backingFD = s.rofd
 	}
@@ -571,6 +584,20 @@ func (cn *conn) handshake() (View, error) {
 		return nil, err
 	}
 	cn.c.SetReadDeadline(time.Time{})
+	reattach, backing := a.Type == TypeReattach, -1
+	if reattach {
+		if len(fds) != 2 {
+			CloseFDs(fds)
+			return nil, invalid(TypeReattach, "fds", "%d file descriptors came with the message, want exactly 2 (the userfaultfd, then the backing file)", len(fds))
+		}
+		// The backing is adopted or compared last, once the rest is valid.
+		backing = fds[1]
+		defer unix.Close(backing)
+		fds = fds[:1]
+	} else if h.Adopting {
+		CloseFDs(fds)
+		return nil, errors.New("this server is adopting the targets of a server that died (load --adopt): it serves only re-attaching targets until one hands back the backing; attach again later")
+	}
 	if len(fds) != 1 {
 		CloseFDs(fds)
 		return nil, invalid(TypeAttach, "fds", "%d file descriptors came with the message, want exactly 1 (the userfaultfd)", len(fds))
@@ -598,11 +625,29 @@ func (cn *conn) handshake() (View, error) {
 		CloseFDs(fds)
 		return nil, fmt.Errorf("set userfaultfd non-blocking: %w", err)
 	}
+	if reattach {
+		if err := cn.checkReattach(backing); err != nil {
+			CloseFDs(fds)
+			return nil, err
+		}
+	}
 	ranges := make([]Range, len(a.Mappings))
 	for i, m := range a.Mappings {
 		ranges[i] = Range{Base: uintptr(m.BaseHostVirtAddr), Size: m.Size, Offset: m.Offset, Private: m.Private}
 	}
 	u := uffd.FromFD(fds[0], feat)
+	if reattach {
+		// A fault the dead server had read but not answered is in no
+		// queue any more: wake every range, so such a thread touches its
+		// page again and the fault comes to this server (a thread whose
+		// page is still missing just faults again).
+		for _, r := range ranges {
+			if err := u.Wake(r.Base, uintptr(r.Size)); err != nil {
+				u.Close()
+				return nil, fmt.Errorf("reattach: wake the threads waiting in [%#x, +%d): %w", r.Base, r.Size, err)
+			}
+		}
+	}
 	v, err := s.b.AttachView(u, ranges, cn.info.Name)
 	if err != nil {
 		return nil, fmt.Errorf("attach view: %w", err)
@@ -613,8 +658,34 @@ func (cn *conn) handshake() (View, error) {
 		v.Close()
 		return nil, err
 	}
-	cn.logf("attached: %d mapping(s)", len(ranges))
+	if reattach {
+		cn.logf("re-attached: %d mapping(s)", len(ranges))
+	} else {
+		cn.logf("attached: %d mapping(s)", len(ranges))
+	}
 	return v, nil
+}
+
+// checkReattach checks that a reattach's backing is this server's: an adopting server adopts the
+// first one handed back (PROTOCOL.md §5.1).
+func (cn *conn) checkReattach(backing int) error {
+	if ad, ok := cn.s.b.(Adopter); ok {
+		if err := ad.Adopt(backing); err != nil {
+			return err
+		}
+	}
+	own := cn.s.b.BackingFD()
+	if own < 0 {
+		return errors.New("reattach: this server has no backing")
+	}
+	same, err := sameFile(own, backing)
+	if err != nil {
+		return fmt.Errorf("reattach: %w", err)
+	}
+	if !same {
+		return fmt.Errorf("%w: it was restarted without --adopt (a server of its own backing), or another target handed back a different backing first: restart `uffdrestore load` with --adopt", ErrNotThisBacking)
+	}
+	return nil
 }
 
 // attached serves an attached target until it detaches or goes away; it

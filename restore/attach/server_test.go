@@ -524,21 +524,7 @@ func TestServerKilled(t *testing.T) {
 func killServerUnderTarget(t *testing.T, env ...string) {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "s.sock")
-	srv := exec.Command(os.Args[0], "-test.run=^$")
-	srv.Env = append(append(os.Environ(), "UR_ATTACH_TEST_SERVER="+sock), env...)
-	out, err := srv.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv.Stderr = os.Stderr
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	line := make([]byte, 8)
-	if _, err := out.Read(line); err != nil || !strings.HasPrefix(string(line), "serving") {
-		t.Fatalf("helper server: %q %v", line, err)
-	}
+	srv := startHelperServer(t, sock, env...)
 	dump := filepath.Join(t.TempDir(), "dump")
 	tg := startTarget(t, sock, "--wait", "--dump", dump)
 	tg.stderr.wait(t, "attached", 10*time.Second)
