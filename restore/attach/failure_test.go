@@ -197,6 +197,11 @@ func TestEngineUnanswerableFaultEndsSession(t *testing.T) {
 			if out := liar.stdout.String(); !strings.Contains(out, "invalid argument") {
 				t.Errorf("the liar's session ended with: %s", out)
 			}
+			// The server logs the end once the target hung up (or after
+			// its 100 ms drain): it may come just after the target's line.
+			for deadline := time.Now().Add(5 * time.Second); !strings.Contains(logs.String(), "ended: error:") && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
+			}
 			if lg := logs.String(); !strings.Contains(lg, "ended: error:") || !strings.Contains(lg, "UFFDIO_CONTINUE") {
 				t.Errorf("the server's log does not name the failed CONTINUE:\n%s", lg)
 			}
