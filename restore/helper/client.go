@@ -21,8 +21,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// handshakeTimeout bounds hello → ready, as a target's handshake is.
-const handshakeTimeout = 10 * time.Second
+// handshakeTimeout bounds hello → ready, as a target's handshake is (a
+// variable for the tests).
+var handshakeTimeout = 10 * time.Second
 
 // maxProfile bounds the profile a helper may hand back.
 const maxProfile = 1 << 30

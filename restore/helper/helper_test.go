@@ -97,10 +97,10 @@ func TestBadHelper(t *testing.T) {
 		want   []error
 		text   string
 	}{
-		{"garbage", findFD + `eval "printf 'not json' >&$fd"; sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "malformed JSON"},
-		{"bad-hello", findFD + `eval "printf '{\"type\":\"hello\",\"version\":2}' >&$fd"; sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "backing"},
-		{"unknown-type", findFD + `eval "printf '{\"type\":\"hi\"}' >&$fd"; sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "unknown message type"},
-		{"refuses", findFD + `eval "printf '{\"type\":\"error\",\"error\":\"disk full\",\"code\":\"no-space\"}' >&$fd"; sleep 20`,
+		{"garbage", findFD + `eval "printf 'not json' >&$fd"; exec sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "malformed JSON"},
+		{"bad-hello", findFD + `eval "printf '{\"type\":\"hello\",\"version\":2}' >&$fd"; exec sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "backing"},
+		{"unknown-type", findFD + `eval "printf '{\"type\":\"hi\"}' >&$fd"; exec sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "unknown message type"},
+		{"refuses", findFD + `eval "printf '{\"type\":\"error\",\"error\":\"disk full\",\"code\":\"no-space\"}' >&$fd"; exec sleep 20`,
 			[]error{ErrHelper, attach.ErrRefused, syscall.ENOSPC}, "disk full"},
 		{"dies", "exit 7", []error{ErrHelper, attach.ErrClosed}, "exited"},
 	} {
@@ -167,5 +167,33 @@ func TestNoTakeover(t *testing.T) {
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, argv0+":") || strings.Contains(out, "PASS") {
 		t.Fatalf("a program importing restore/helper, started as a helper, was not taken over: %v\n%s", err, out)
+	}
+}
+
+// TestSilentHelper: a helper that never answers ends a Wait on a context
+// without deadline after the handshake timeout, with a named error.
+func TestSilentHelper(t *testing.T) {
+	testutil.RequireRoot(t)
+	defer func(d time.Duration) { handshakeTimeout = d }(handshakeTimeout)
+	handshakeTimeout = 300 * time.Millisecond
+	path := testutil.WriteSnapshot(t, []testutil.Region{{Name: "a", Data: image(1 << 20)}}, format.CodecZstd, 64<<10)
+	exe := filepath.Join(t.TempDir(), "helper.sh")
+	if err := os.WriteFile(exe, []byte("#!/bin/sh\nexec sleep 20\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r, err := restore.Open(context.Background(), path, restore.WithBacking(restore.BackingShmem), restore.WithHelper(exe))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	done := make(chan error, 1)
+	go func() { done <- r.Wait(context.Background()) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrHelper) || !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("Wait with a silent helper = %v, want ErrHelper after the handshake timeout", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("Wait on context.Background() with a silent helper hangs")
 	}
 }
