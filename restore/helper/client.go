@@ -42,7 +42,7 @@ type session struct {
 	c      *net.UnixConn
 	ready  chan struct{} // closed when the handshake ended (err set if it failed)
 	done   chan struct{} // closed when the reader ended
-	exited chan struct{} // closed when the helper process was reaped
+	exited chan struct{} // closed when Close reaped the helper process
 
 	mu       sync.Mutex
 	err      error                         // why the session ended; nil while it runs
@@ -73,20 +73,28 @@ func start(ctx context.Context, req helperlink.Request) (helperlink.Session, err
 	if err != nil {
 		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", os.NewSyscallError("socketpair", err))
 	}
-	mine := os.NewFile(uintptr(fds[0]), "uffdrestore-helper-socket")
 	theirs := os.NewFile(uintptr(fds[1]), "uffdrestore-helper-socket")
 	defer theirs.Close()
-	fc, err := net.FileConn(mine)
-	mine.Close()
+	mine := os.NewFile(uintptr(fds[0]), "uffdrestore-helper-socket")
+	defer mine.Close()
+	// The attach goes first, ahead of the hello (it waits in the socket):
+	// this side created the backing, so it knows what it maps, and the
+	// helper must be able to serve the view without this process
+	// (PROTOCOL.md §3.2: a goroutine that touches the view holds its P,
+	// possibly the only one, until the fault is served, so nothing in this
+	// process may be needed for that). The hello is still read and
+	// checked, and ready awaited, before any request.
+	a := attach.Attach{UffdFeatures: req.Features, Mappings: []attach.Mapping{{
+		Region: attach.NoRegion, BaseHostVirtAddr: uint64(req.ViewAddr), Size: req.ViewSize, PageSize: req.PageSize,
+	}}}
+	err = attach.SendAttach(func(v any, fds ...int) error { return attach.SendMsgFD(int(mine.Fd()), v, fds...) }, a, req.Uffd)
 	if err != nil {
-		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", err)
+		return nil, fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
 	}
-	c := fc.(*net.UnixConn)
 	// ExtraFiles[i] is the child's fd 3+i: the environment says which is which.
 	extra := []*os.File{theirs, req.Snapshot, req.Backing}
 	js, err := json.Marshal(envConfig{Socket: 3, Snapshot: 4, Backing: 5, Workers: req.Workers, Loader: req.Config})
 	if err != nil {
-		c.Close()
 		return nil, fmt.Errorf("restore: helper configuration: %w", err)
 	}
 	cmd := exec.Command(req.Exe)
@@ -103,31 +111,16 @@ func start(ctx context.Context, req helperlink.Request) (helperlink.Session, err
 	cmd.ExtraFiles = extra
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
-		c.Close()
 		return nil, fmt.Errorf("restore: start the fault-handler helper %s: %w", req.Exe, err)
 	}
-	s := &session{cmd: cmd, c: c, ready: make(chan struct{}), done: make(chan struct{}), exited: make(chan struct{}),
-		pending: map[string][]chan attachReply{}}
-	go func() { cmd.Wait(); close(s.exited) }()
-	// The attach goes now, ahead of the hello: this side created the
-	// backing, so it knows what it maps, and the helper must be able to
-	// serve the view without this process (PROTOCOL.md §3.2: a goroutine
-	// that touches the view holds its P, possibly the only one, until the
-	// fault is served, so nothing in this process may be needed for that).
-	// The hello is still read and checked, and ready awaited, before any
-	// request.
-	a := attach.Attach{UffdFeatures: req.Features, Mappings: []attach.Mapping{{
-		Region: attach.NoRegion, BaseHostVirtAddr: uint64(req.ViewAddr), Size: req.ViewSize, PageSize: req.PageSize,
-	}}}
-	c.SetWriteDeadline(time.Now().Add(handshakeTimeout))
-	err = attach.SendAttach(func(v any, fds ...int) error { return attach.SendMsg(c, v, fds...) }, a, req.Uffd)
-	c.SetWriteDeadline(time.Time{})
+	fc, err := net.FileConn(mine)
 	if err != nil {
-		c.Close()
 		cmd.Process.Kill()
-		<-s.exited
-		return nil, fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
+		cmd.Wait()
+		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", err)
 	}
+	s := &session{cmd: cmd, c: fc.(*net.UnixConn), ready: make(chan struct{}), done: make(chan struct{}), exited: make(chan struct{}),
+		pending: map[string][]chan attachReply{}}
 	go s.run(req, bst.Dev, bst.Ino)
 	return s, nil
 }
@@ -358,6 +351,7 @@ func (s *session) Close() error {
 			// A helper that failed has nothing left to serve.
 			s.cmd.Process.Kill()
 		}
+		go func() { s.cmd.Wait(); close(s.exited) }()
 		select {
 		case <-s.exited:
 		case <-time.After(5 * time.Second):
