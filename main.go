@@ -12,6 +12,10 @@ import (
 	"strings"
 
 	"github.com/urfave/cli/v2"
+
+	// restore.Open's lazy modes (demo, bench) serve faults from a helper
+	// process: this program, run again. The import opts in.
+	_ "github.com/uffdrestore/uffdrestore/restore/helper"
 )
 
 // version is the tool version, stamped into snapshot metadata.

@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	// restore.Open's lazy strategies run their helper as this test binary.
+	_ "github.com/uffdrestore/uffdrestore/restore/helper"
 )
 
 func TestMain(m *testing.M) { os.Exit(testutil.Main(m)) }

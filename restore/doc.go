@@ -94,14 +94,39 @@
 // Ps it deadlocks as soon as the runtime stops the world (a GC) while a
 // goroutine is blocked in a fault inside non-preemptible code such as
 // memmove. So Open serves faults from a helper process: this program
-// re-executed (/proc/self/exe, or WithHelper) with the snapshot, the backing
-// and the userfaultfd passed as file descriptors, running the same engine as
-// `uffdrestore load`. Open itself creates the backing, maps and registers the
-// view and starts the helper, then returns: the first fault waits for the
-// helper to come up. Any goroutine, with any GOMAXPROCS, may then touch the
-// view. If the helper dies, faults on unfilled pages block rather than read
-// zeros; Stats and Wait report the helper's exit. Eager mode needs no
-// helper: everything is decompressed before Open returns.
+// re-executed (/proc/self/exe, or WithHelper) as "uffdrestore-helper",
+// running a Loader on the backing Open created, served by an attach server
+// (restore/attach, the protocol of PROTOCOL.md) on one end of a socketpair.
+// Open is the attach client on the other end: it creates the backing, maps
+// and registers the view, starts the helper (which inherits the snapshot,
+// the backing and its socket; its environment says which descriptor is
+// which) and sends its attach with the view's userfaultfd at once, then
+// returns: the first fault waits for the helper to come up, and nothing in
+// this process is needed to serve it. Stats, Wait and Profile wait for the
+// protocol's ready first. Any goroutine, with any GOMAXPROCS, may then touch
+// the view. Errors keep their kind across the process boundary (the error
+// message's "code"): Wait's error for a corrupt chunk matches
+// format.ErrChecksum with errors.Is, as Loader.Wait's does. If the helper
+// dies or breaks the protocol, faults on unfilled pages block rather than
+// read zeros, and Stats and Wait return why (restore/helper.ErrHelper).
+// Eager mode needs no helper: everything is decompressed before Open
+// returns.
+//
+// # What an embedding program must do
+//
+// A program that calls Open in ModeLazy, ModePrefetch or ModeWorkingSet
+// imports restore/helper for its side effect in its main package:
+//
+//	import _ "github.com/uffdrestore/uffdrestore/restore/helper"
+//
+// Its init runs the helper (and exits) when the process was started as one,
+// and does nothing else otherwise; the program's main never runs in a
+// helper. Without the import such an Open fails at once with ErrNoHelper.
+// Importing restore alone never changes what a program does: it has no
+// init that takes the process over. Test binaries of packages that Open
+// lazily import it too (in a _test.go file). A program that cannot be
+// re-executed (or should not be) names another executable that imports
+// restore/helper with WithHelper, or uses ModeEager.
 //
 // GOMAXPROCS. A fault loop is a goroutine on a locked thread that sleeps in
 // poll(2) without a P; when a fault wakes it, it needs a P again, and if the

@@ -6,17 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
-	"runtime/trace"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/remote"
+	"github.com/uffdrestore/uffdrestore/restore/internal/helperlink"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -40,14 +36,9 @@ type Restore struct {
 	// eager: the loader that filled the backing in this process.
 	eager *Loader
 
-	// lazy/prefetch: the helper process and its control socket.
-	helper  *exec.Cmd
-	ctl     *os.File
-	ctlMu   sync.Mutex
-	nextID  atomic.Uint64
-	pending sync.Map // id -> chan ctlMsg
-	ctlDone chan struct{}
-	ctlErr  atomic.Pointer[error]
+	// lazy/prefetch/working-set: the helper process, an attach server
+	// whose client is this Restore (restore/helper).
+	helper helperlink.Session
 
 	closeOnce sync.Once
 
@@ -70,10 +61,13 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 		if err != nil {
 			return nil, err
 		}
-		r := &Restore{cfg: cfg, layout: l.Layout(), eager: l, b: l.b, ctlDone: make(chan struct{})}
+		r := &Restore{cfg: cfg, layout: l.Layout(), eager: l, b: l.b}
 		r.view = l.e.alias
 		r.ready = time.Since(t0)
 		return r, nil
+	}
+	if helperlink.Start == nil {
+		return nil, fmt.Errorf("%w (%v mode serves faults from a helper process)", ErrNoHelper, cfg.mode)
 	}
 	var (
 		rd       *format.Reader
@@ -88,6 +82,12 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 		}
 		defer rf.Close()
 		rd, rem, snapSize = rf.Reader, rf.Remote(), rf.FileSize()
+		// The helper opens the URL again; it inherits /dev/null in the
+		// snapshot's place.
+		if f, err = os.Open(os.DevNull); err != nil {
+			return nil, err
+		}
+		defer f.Close()
 	} else {
 		f, err = os.Open(path)
 		if err != nil {
@@ -117,7 +117,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if err != nil {
 		return nil, err
 	}
-	r := &Restore{cfg: cfg, b: b, ctlDone: make(chan struct{})}
+	r := &Restore{cfg: cfg, b: b}
 	defer func() {
 		if err != nil {
 			r.release()
@@ -152,7 +152,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if rem != nil {
 		r.remoteURL, r.remoteValidator = path, rem.Validator()
 	}
-	if err = r.startHelper(f, snapSize); err != nil {
+	if err = r.startHelper(ctx, f); err != nil {
 		return nil, err
 	}
 	r.ready = time.Since(t0)
@@ -226,11 +226,14 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 		s.TimeToReady = r.ready
 		return s, nil
 	}
-	m, err := r.call(ctx, ctlMsg{Op: "stats"})
+	raw, err := r.helper.Stats(ctx)
 	if err != nil {
 		return Stats{}, err
 	}
-	s := *m.Stats
+	var s Stats
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return Stats{}, fmt.Errorf("restore: stats from the fault-handler helper: %w", err)
+	}
 	s.TimeToReady = r.ready
 	return s, nil
 }
@@ -240,34 +243,19 @@ func (r *Restore) Profile(ctx context.Context) (format.Profile, error) {
 	if r.eager != nil {
 		return r.eager.Profile()
 	}
-	f, err := os.CreateTemp("", "uffdrestore-profile-*.json")
-	if err != nil {
-		return format.Profile{}, err
-	}
-	f.Close()
-	defer os.Remove(f.Name())
-	if _, err := r.call(ctx, ctlMsg{Op: "profile", Path: f.Name()}); err != nil {
-		return format.Profile{}, err
-	}
-	b, err := os.ReadFile(f.Name())
-	if err != nil {
-		return format.Profile{}, err
-	}
-	var p format.Profile
-	if err := json.Unmarshal(b, &p); err != nil {
-		return format.Profile{}, fmt.Errorf("restore: profile from the helper: %w", err)
-	}
-	return p, nil
+	return r.helper.Profile(ctx)
 }
 
 // Wait fills every unit not filled yet and returns when all are present
-// (at once in eager mode). It returns the first fill error, if any.
+// (at once in eager mode). It returns the engine's last fill error, if
+// any: errors.Is matches its cause (format.ErrChecksum for a corrupt
+// chunk), also when the helper process reported it. When the helper
+// failed (it exited, or broke the protocol) Wait returns why.
 func (r *Restore) Wait(ctx context.Context) error {
 	if r.eager != nil {
 		return r.eager.Wait(ctx)
 	}
-	_, err := r.call(ctx, ctlMsg{Op: "wait"})
-	return err
+	return r.helper.Wait(ctx)
 }
 
 // Close unmaps the view, stops the helper and frees the backing. The view's
@@ -290,25 +278,10 @@ func (r *Restore) release() error {
 		// Unmap first: no new faults can arise.
 		errs = append(errs, r.view.Close())
 	}
-	if r.ctl != nil {
-		// shutdown, not just close: the reader goroutine blocked in
-		// recvmsg holds the socket open, so only shutdown sends the helper
-		// its EOF (and wakes the reader).
-		unix.Shutdown(int(r.ctl.Fd()), unix.SHUT_RDWR)
-	}
 	if r.helper != nil {
-		done := make(chan error, 1)
-		go func() { done <- r.helper.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			r.helper.Process.Kill()
-			<-done
-		}
-		<-r.ctlDone
-		r.ctl.Close()
-	} else if r.ctl != nil {
-		r.ctl.Close()
+		// The helper's session ends when this side hangs up; its exit
+		// status says nothing the session did not.
+		r.helper.Close()
 	}
 	if r.u != nil {
 		r.u.Close()
@@ -321,89 +294,55 @@ func (r *Restore) release() error {
 
 // The helper process.
 
-const helperEnv = "_UFFDRESTORE_HELPER"
+// ErrNoHelper: a lazy, prefetch or working-set Open in a program that did
+// not opt in to the fault-handler helper (see the package documentation).
+var ErrNoHelper = errors.New("restore: this program has no fault-handler helper: import _ \"github.com/uffdrestore/uffdrestore/restore/helper\" in its main package (or use WithMode(ModeEager), which needs none)")
 
+// helperConfig is the helper's Loader configuration (helperlink.Request.Config).
 type helperConfig struct {
-	Mode        Mode          `json:"mode"`
-	Workers     int           `json:"workers"`
-	Spin        time.Duration `json:"spin"`
-	Premap      bool          `json:"premap"`
-	Backing     BackingKind   `json:"backing"`
-	Size        int64         `json:"size"`
-	PageSize    int           `json:"page_size"`
-	SnapSize    int64         `json:"snap_size"`
-	ViewBase    uintptr       `json:"view_base"`
-	UffdFeature uint64        `json:"uffd_features"`
-	Name        string        `json:"name"`
-	Record      string        `json:"record,omitempty"`
-	Profile     ProfileSource `json:"profile"`
-	Rest        bool          `json:"prefetch_rest,omitempty"`
-	// A remote snapshot (fd 3 is then closed): its URL and the validator
-	// pinned by the parent.
+	Mode     Mode          `json:"mode"`
+	Workers  int           `json:"workers"`
+	Spin     time.Duration `json:"spin"`
+	Premap   bool          `json:"premap"`
+	Backing  BackingKind   `json:"backing"`
+	Size     int64         `json:"size"`
+	PageSize int           `json:"page_size"`
+	Name     string        `json:"name"`
+	Record   string        `json:"record,omitempty"`
+	Profile  ProfileSource `json:"profile"`
+	Rest     bool          `json:"prefetch_rest,omitempty"`
+	// A remote snapshot (the inherited snapshot fd is then /dev/null): its
+	// URL and the validator pinned by the parent.
 	URL    string         `json:"url,omitempty"`
 	Remote remote.Options `json:"remote"`
 }
 
-// ctlMsg is a message on the control socket between a Restore and its
-// helper: a request ({id, op}) or its reply ({id, ok, error, stats}).
-type ctlMsg struct {
-	ID    uint64 `json:"id"`
-	Op    string `json:"op,omitempty"` // stats, wait, prefetch; "ready" from the helper
-	Error string `json:"error,omitempty"`
-	Stats *Stats `json:"stats,omitempty"`
-	Path  string `json:"path,omitempty"` // profile: where the helper writes it
-}
-
-func (r *Restore) startHelper(snap *os.File, snapSize int64) error {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return os.NewSyscallError("socketpair", err)
-	}
-	r.ctl = os.NewFile(uintptr(fds[0]), "uffdrestore-ctl")
-	child := os.NewFile(uintptr(fds[1]), "uffdrestore-ctl-helper")
-	defer child.Close()
-	// ExtraFiles wants *os.File, whose finalizer would close the fd: hand
-	// it duplicates and close those once the helper has its copies.
+func (r *Restore) startHelper(ctx context.Context, snap *os.File) error {
+	// The helper inherits duplicates (ExtraFiles wants *os.File, whose
+	// finalizer would close the fd); they are closed once it has its copies.
 	backing, err := dupFile(r.b.fd, "backing")
 	if err != nil {
 		return err
 	}
 	defer backing.Close()
-	uf, err := dupFile(r.u.Fd(), "uffd")
-	if err != nil {
-		return err
-	}
-	defer uf.Close()
 	hc := helperConfig{Mode: r.cfg.mode, Workers: r.cfg.workers, Spin: r.cfg.spin, Premap: r.cfg.premap,
-		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, SnapSize: snapSize,
-		ViewBase: r.view.Addr(), UffdFeature: uint64(r.u.Features()), Name: r.layout.Snapshot,
+		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, Name: r.layout.Snapshot,
 		Record: r.cfg.record, Profile: r.cfg.profile, Rest: r.cfg.prefetchRest,
 		URL: r.remoteURL, Remote: r.cfg.remote}
 	hc.Remote.Validator = r.remoteValidator
-	js, _ := json.Marshal(hc)
+	js, err := json.Marshal(hc)
+	if err != nil {
+		return fmt.Errorf("restore: helper configuration: %w", err)
+	}
 	exe := r.cfg.helperPath
 	if exe == "" {
 		exe = "/proc/self/exe"
 	}
-	cmd := exec.Command(exe)
-	cmd.Args = []string{"uffdrestore-helper"}
-	env := []string{helperEnv + "=" + string(js)}
-	for _, kv := range os.Environ() {
-		// The helper sizes its own runtime: the caller's GOMAXPROCS (1 in a
-		// test, say) must not starve the fillers.
-		if !strings.HasPrefix(kv, "GOMAXPROCS=") && !strings.HasPrefix(kv, helperEnv+"=") {
-			env = append(env, kv)
-		}
-	}
-	cmd.Env = env
-	cmd.ExtraFiles = []*os.File{snap, backing, uf, child} // fds 3 (nil: a remote snapshot), 4, 5, 6
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("restore: start fault-handler helper %s: %w", exe, err)
-	}
-	r.helper = cmd
-	go r.readCtl()
-	return nil
+	r.helper, err = helperlink.Start(ctx, helperlink.Request{
+		Exe: exe, Config: js, Workers: r.cfg.workers, Snapshot: snap, Backing: backing,
+		Uffd: r.u.Fd(), Features: uint64(r.u.Features()), ViewAddr: r.view.Addr(), ViewSize: uint64(r.b.size), PageSize: uint64(r.b.pageSize),
+	})
+	return err
 }
 
 func dupFile(fd int, name string) (*os.File, error) {
@@ -414,211 +353,42 @@ func dupFile(fd int, name string) (*os.File, error) {
 	return os.NewFile(uintptr(n), name), nil
 }
 
-func (r *Restore) readCtl() {
-	defer close(r.ctlDone)
-	buf := make([]byte, 64<<10)
-	for {
-		n, _, _, _, err := unix.Recvmsg(int(r.ctl.Fd()), buf, nil, 0)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil || n == 0 {
-			e := errors.New("restore: the fault-handler helper exited; touching unfilled pages will block (Close the restore and Open it again)")
-			if err != nil && !errors.Is(err, unix.EBADF) {
-				e = fmt.Errorf("%w: %v", e, err)
-			}
-			r.ctlErr.Store(&e)
-			r.pending.Range(func(k, v any) bool {
-				v.(chan ctlMsg) <- ctlMsg{Error: e.Error()}
-				r.pending.Delete(k)
-				return true
-			})
-			return
-		}
-		var m ctlMsg
-		if json.Unmarshal(buf[:n], &m) != nil {
-			continue
-		}
-		if ch, ok := r.pending.LoadAndDelete(m.ID); ok {
-			ch.(chan ctlMsg) <- m
-		}
-	}
-}
+// The helper process's side: restore/helper builds its Loader with this.
+func init() { helperlink.NewLoader = newHelperLoader }
 
-func (r *Restore) call(ctx context.Context, req ctlMsg) (ctlMsg, error) {
-	if p := r.ctlErr.Load(); p != nil {
-		return ctlMsg{}, *p
-	}
-	req.ID = r.nextID.Add(1)
-	ch := make(chan ctlMsg, 1)
-	r.pending.Store(req.ID, ch)
-	b, _ := json.Marshal(req)
-	r.ctlMu.Lock()
-	_, err := r.ctl.Write(b)
-	r.ctlMu.Unlock()
-	if err != nil {
-		r.pending.Delete(req.ID)
-		return ctlMsg{}, fmt.Errorf("restore: talk to the fault-handler helper: %w", err)
-	}
-	select {
-	case m := <-ch:
-		if m.Error != "" {
-			return m, errors.New(m.Error)
-		}
-		return m, nil
-	case <-ctx.Done():
-		r.pending.Delete(req.ID)
-		return ctlMsg{}, ctx.Err()
-	}
-}
-
-func init() {
-	if js, ok := os.LookupEnv(helperEnv); ok && len(os.Args) > 0 && os.Args[0] == "uffdrestore-helper" {
-		os.Exit(helperMain(js))
-	}
-}
-
-// helperMain serves the faults of the parent's view until the parent closes
-// the control socket.
-func helperMain(js string) int {
-	fail := func(err error) int {
-		fmt.Fprintln(os.Stderr, "uffdrestore-helper:", err)
-		return 1
-	}
+// newHelperLoader is the Loader of a helper process: on the backing and
+// snapshot its parent created and opened (inherited), configured as the
+// parent's Open was.
+func newHelperLoader(js []byte, snap, backing *os.File) (any, error) {
 	var hc helperConfig
-	if err := json.Unmarshal([]byte(js), &hc); err != nil {
-		return fail(err)
+	if err := json.Unmarshal(js, &hc); err != nil {
+		return nil, fmt.Errorf("restore: helper configuration: %w", err)
 	}
-	// UFFDRESTORE_HELPER_TRACE=FILE writes a Go execution trace of the
-	// helper (go tool trace), for looking into where a restore waits.
-	if p := os.Getenv("UFFDRESTORE_HELPER_TRACE"); p != "" {
-		if f, err := os.Create(fmt.Sprintf("%s.%d", p, os.Getpid())); err == nil {
-			if trace.Start(f) == nil {
-				defer func() { trace.Stop(); f.Close() }()
-			}
-		}
-	}
-	// One more P than filler workers: a fault loop that wakes up must not
-	// wait for a P while every P decodes a chunk (Go preempts those only
-	// every 10 ms). Measured with a trace of the helper: without it, fault
-	// loops and fillers spent 260 ms runnable without a P in a 320 ms
-	// working-set restore.
-	workers := hc.Workers
-	if workers <= 0 {
-		workers = runtime.NumCPU()
-	}
-	runtime.GOMAXPROCS(workers + 1)
-	ctl := os.NewFile(6, "ctl")
-	var rd *format.Reader
-	var rem *remote.Reader
+	var f *format.File
+	var err error
 	if hc.URL != "" {
-		rf, err := format.OpenRemote(hc.URL, hc.Remote)
-		if err != nil {
-			return fail(err)
-		}
-		defer rf.Close()
-		rd, rem = rf.Reader, rf.Remote()
+		f, err = format.OpenRemote(hc.URL, hc.Remote)
 	} else {
-		snap := os.NewFile(3, "snapshot")
-		var err error
-		if rd, err = format.NewReader(snap, hc.SnapSize); err == nil {
-			err = format.AuthenticateFromEnv(rd)
-		}
-		if err != nil {
-			return fail(err)
-		}
+		// Through /proc/self/fd: the very file the parent opened.
+		f, err = format.Open(fmt.Sprintf("/proc/self/fd/%d", snap.Fd()))
 	}
-	b := backingFromFD(4, hc.Backing, hc.Size, hc.PageSize)
+	if err != nil {
+		return nil, fmt.Errorf("restore: open snapshot: %w", err)
+	}
+	fd, err := unix.FcntlInt(backing.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		f.Close()
+		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
+	}
+	b := backingFromFD(fd, hc.Backing, hc.Size, hc.PageSize)
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
 	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest
-	if rem != nil {
-		cfg.fetchParallel = rem.Parallel()
-	}
-	e, err := newEngine(rd, b, cfg)
+	l, err := newLoader(context.Background(), f, b, cfg, hc.Name)
 	if err != nil {
-		return fail(err)
+		b.close()
+		f.Close()
+		return nil, err
 	}
-	switch cfg.mode {
-	case ModePrefetch:
-		e.extendPrefetch()
-		e.startPrefetch()
-	case ModeWorkingSet:
-		e.startPrefetch()
-	}
-	u := uffd.FromFD(5, uffd.Features(hc.UffdFeature))
-	v, err := e.newView(u, []ViewRange{{Base: hc.ViewBase, Size: uint64(hc.Size)}}, hc.Name)
-	if err != nil {
-		return fail(err)
-	}
-	go func() {
-		// A fault it could not answer ended the view: say why (the
-		// faulting thread waits; Wait and Stats return the error too).
-		<-v.Done()
-		if err := v.Err(); err != nil {
-			fmt.Fprintln(os.Stderr, "uffdrestore-helper:", err)
-		}
-	}()
-	reply := func(m ctlMsg) {
-		b, _ := json.Marshal(m)
-		ctl.Write(b)
-	}
-	var wg sync.WaitGroup
-	buf := make([]byte, 4096)
-	for {
-		n, err := ctl.Read(buf)
-		if err != nil || n == 0 {
-			break
-		}
-		var m ctlMsg
-		if json.Unmarshal(buf[:n], &m) != nil {
-			continue
-		}
-		switch m.Op {
-		case "stats":
-			s := e.stats()
-			if rem != nil {
-				rs := rem.Stats()
-				s.Remote = &rs
-			}
-			reply(ctlMsg{ID: m.ID, Stats: &s})
-		case "wait":
-			e.extendPrefetch()
-			e.startPrefetch()
-			wg.Add(1)
-			go func(id uint64) {
-				defer wg.Done()
-				<-e.allPresent
-				rep := ctlMsg{ID: id}
-				if e.c.poisoned.Load() > 0 {
-					rep.Error = e.err().Error()
-				}
-				reply(rep)
-			}(m.ID)
-		case "prefetch":
-			e.extendPrefetch()
-			e.startPrefetch()
-			reply(ctlMsg{ID: m.ID})
-		case "profile":
-			if e.rec == nil {
-				reply(ctlMsg{ID: m.ID, Error: "restore: not recording (WithRecord)"})
-				break
-			}
-			// Profiles can be larger than a SEQPACKET message: the
-			// helper writes it to the file the parent named.
-			p := e.rec.profile(cfg.record)
-			rep := ctlMsg{ID: m.ID}
-			if b, err := json.Marshal(p); err != nil {
-				rep.Error = err.Error()
-			} else if err := os.WriteFile(m.Path, b, 0o600); err != nil {
-				rep.Error = fmt.Sprintf("restore: write profile: %v", err)
-			}
-			reply(rep)
-		default:
-			reply(ctlMsg{ID: m.ID, Error: "unknown op " + m.Op})
-		}
-	}
-	v.Close()
-	e.close()
-	return 0
+	return l, nil
 }

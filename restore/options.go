@@ -134,7 +134,9 @@ func WithSpin(d time.Duration) Option { return func(c *config) { c.spin = d } }
 func WithPremap(on bool) Option { return func(c *config) { c.premap = on } }
 
 // WithHelper sets the executable that runs the fault handler of an
-// in-process restore (default: this program itself, /proc/self/exe).
+// in-process restore (default: this program itself, /proc/self/exe). It
+// must import restore/helper (see the package documentation); it is run
+// with argv[0] "uffdrestore-helper".
 func WithHelper(path string) Option { return func(c *config) { c.helperPath = path } }
 
 // WithRecord records the first-touch order of chunks as a working-set

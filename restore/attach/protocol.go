@@ -83,6 +83,10 @@ const (
 	// backing fd (PROTOCOL.md §5.1). Sent only to a server whose hello has
 	// "reattach":true.
 	TypeReattach = "reattach"
+	// Optional requests (PROTOCOL.md §3.8), answered only by a server whose
+	// hello lists them in "requests" (the in-process helper of restore.Open).
+	TypeWait    = "wait"    // target → server: fill everything; server → target: done
+	TypeProfile = "profile" // target → server: the recorded profile; server → target + fd
 )
 
 // Backing kinds named in the hello.
@@ -136,12 +140,18 @@ func invalid(msg, field, format string, args ...any) *ProtocolError {
 }
 
 // RefusedError is an error message received from the peer.
-type RefusedError struct{ Text string }
+type RefusedError struct {
+	Text string
+	Code string // the message's "code" member (PROTOCOL.md §3.4), "" if none
+}
 
 func (e *RefusedError) Error() string { return "attach: refused by peer: " + e.Text }
 
-// Is makes errors.Is(err, ErrRefused) true.
-func (e *RefusedError) Is(target error) bool { return target == ErrRefused }
+// Is makes errors.Is(err, ErrRefused) true, and errors.Is(err, S) for the
+// sentinel S of the message's code (format.ErrChecksum for "checksum"...).
+func (e *RefusedError) Is(target error) bool {
+	return target == ErrRefused || codeIs(e.Code, target)
+}
 
 // Region is one snapshot region as the hello describes it.
 type Region struct {
@@ -175,6 +185,9 @@ type Hello struct {
 	// carries no fd, and only a re-attaching target (handing its backing
 	// back) is served until one did.
 	Adopting bool `json:"adopting,omitempty"`
+	// Requests lists the optional requests (TypeWait, TypeProfile) this
+	// server answers after ready; left out when none (PROTOCOL.md §3.8).
+	Requests []string `json:"requests,omitempty"`
 }
 
 // Mapping is one range of the backing file a target mapped and registered.
@@ -246,10 +259,11 @@ type Batch struct {
 }
 
 // Reply is every other message: ready, error, stats (request and reply),
-// detach, bye and shutdown.
+// detach, bye, shutdown, wait and profile.
 type Reply struct {
 	Type  string          `json:"type"`
 	Error string          `json:"error,omitempty"`
+	Code  string          `json:"code,omitempty"` // error, wait: what kind of error (ErrorCode)
 	Stats json.RawMessage `json:"stats,omitempty"`
 }
 
@@ -261,7 +275,7 @@ type Envelope struct {
 var knownTypes = map[string]bool{
 	TypeHello: true, TypeAttach: true, TypeReady: true, TypeError: true,
 	TypeStats: true, TypeDetach: true, TypeBye: true, TypeShutdown: true,
-	TypeRegions: true, TypeMappings: true, TypeReattach: true,
+	TypeRegions: true, TypeMappings: true, TypeReattach: true, TypeWait: true, TypeProfile: true,
 }
 
 // Encode marshals a message and checks it fits MaxMsgSize.
@@ -310,7 +324,7 @@ func Decode(raw []byte, want string, v any) error {
 	if typ == TypeError && want != TypeError {
 		var r Reply
 		_ = json.Unmarshal(raw, &r)
-		return &RefusedError{Text: r.Error}
+		return &RefusedError{Text: r.Error, Code: r.Code}
 	}
 	if typ != want {
 		return invalid(typ, "type", "expected a %q message, got %q", want, typ)

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -40,6 +41,20 @@ type Backend interface {
 	// AttachView starts serving faults on u for ranges. It takes ownership
 	// of u, also when it fails.
 	AttachView(u *uffd.FD, ranges []Range, name string) (View, error)
+}
+
+// Waiter is a Backend that answers the optional "wait" request (PROTOCOL.md
+// §3.8): Wait fills every unit and returns the fill error, if any. A server
+// answers it only for a Backend that implements it and lists TypeWait in
+// its Hello's Requests.
+type Waiter interface {
+	Wait(ctx context.Context) error
+}
+
+// Profiler is a Backend that answers the optional "profile" request: the
+// working-set profile recorded so far.
+type Profiler interface {
+	Profile() (format.Profile, error)
 }
 
 // View is one target's attached view, served by the Backend.
@@ -162,6 +177,40 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	s.acceptWG.Add(1)
 	go s.accept()
 	return s, nil
+}
+
+// ServeConn serves one target already connected on c (one end of a
+// socketpair: restore/helper serves its parent so) until its session ends,
+// and returns the target's info, Reason saying why it ended. There is no
+// listener and no socket file; everything else (the uid check, the
+// handshake, the validation) is as for a target of Listen. ServeConn
+// takes ownership of c.
+func ServeConn(c *net.UnixConn, b Backend, o Options) TargetInfo {
+	if o.HandshakeTimeout == 0 {
+		o.HandshakeTimeout = 10 * time.Second
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...any) {}
+	}
+	s := &Server{
+		b: b, o: o, rofd: -1,
+		allowed:  append([]uint32{uint32(os.Getuid()), 0}, o.AllowUIDs...),
+		conns:    map[*conn]struct{}{},
+		stopping: make(chan struct{}),
+		force:    make(chan struct{}),
+	}
+	cn := &conn{s: s, c: c, done: make(chan struct{})}
+	h := b.Hello()
+	h.Version, h.RegionCount = Version, len(h.Regions)
+	if err := h.Validate(); err != nil {
+		cn.refuse(fmt.Errorf("no target could attach to this layout: %w", err))
+		c.Close()
+		return TargetInfo{Reason: "error: " + err.Error()}
+	}
+	s.conns[cn] = struct{}{}
+	s.wg.Add(1)
+	cn.serve()
+	return cn.info
 }
 
 // readOnlyBacking reopens the backing file read-only (through
@@ -486,7 +535,7 @@ func (cn *conn) send(v any, fds ...int) error {
 
 func (cn *conn) refuse(err error) {
 	cn.logf("refused: %v", err)
-	cn.send(Reply{Type: TypeError, Error: err.Error()})
+	cn.send(Reply{Type: TypeError, Error: err.Error(), Code: ErrorCode(err)})
 	// Read what the peer sent already (the rest of an attach's batches):
 	// closing a socket with unread messages resets the connection, and the
 	// peer would see ECONNRESET instead of the error. Bounded in time.
@@ -708,9 +757,20 @@ func (cn *conn) attached(v View) string {
 			}
 		}
 	}()
+	// Optional requests run on their own goroutines (a wait may take long;
+	// stats meanwhile are answered); their replies are sent from here.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	replies := make(chan outMsg)
 	stopping := s.stopping
 	for {
 		select {
+		case r := <-replies:
+			err := cn.send(r.v, r.fds...)
+			CloseFDs(r.fds)
+			if err != nil {
+				return "hangup: " + err.Error()
+			}
 		case m := <-msgs:
 			if m.err != nil {
 				if errors.Is(m.err, ErrClosed) {
@@ -736,6 +796,20 @@ func (cn *conn) attached(v View) string {
 				v.Close()
 				cn.send(Reply{Type: TypeBye, Stats: statsJSON(v)})
 				return "detach"
+			case TypeWait, TypeProfile:
+				if !cn.offers(typ) {
+					err := invalid(typ, "type", "this server does not answer %q requests (its hello lists what it answers in \"requests\")", typ)
+					cn.refuse(err)
+					return "error: " + err.Error()
+				}
+				go func() {
+					r := cn.answer(ctx, typ)
+					select {
+					case replies <- r:
+					case <-ctx.Done():
+						CloseFDs(r.fds)
+					}
+				}()
 			default:
 				err := invalid(typ, "type", "a %q message is not valid after ready (send stats or detach)", typ)
 				cn.refuse(err)
@@ -756,6 +830,79 @@ func (cn *conn) attached(v View) string {
 			return "shutdown"
 		}
 	}
+}
+
+// outMsg is a reply to send, with its fds (closed once sent).
+type outMsg struct {
+	v   any
+	fds []int
+}
+
+// offers reports whether the Backend answers the optional request typ.
+func (cn *conn) offers(typ string) bool {
+	if !slices.Contains(cn.s.b.Hello().Requests, typ) {
+		return false
+	}
+	switch typ {
+	case TypeWait:
+		_, ok := cn.s.b.(Waiter)
+		return ok
+	case TypeProfile:
+		_, ok := cn.s.b.(Profiler)
+		return ok
+	}
+	return false
+}
+
+// answer runs an optional request: wait fills everything and replies
+// {"type":"wait"}, with "error" and "code" when units failed; profile
+// replies {"type":"profile"} with a memfd holding the profile's JSON (a
+// profile may be larger than a message), or with "error".
+func (cn *conn) answer(ctx context.Context, typ string) outMsg {
+	switch typ {
+	case TypeWait:
+		if err := cn.s.b.(Waiter).Wait(ctx); err != nil {
+			return outMsg{v: Reply{Type: TypeWait, Error: err.Error(), Code: ErrorCode(err)}}
+		}
+		return outMsg{v: Reply{Type: TypeWait}}
+	default:
+		p, err := cn.s.b.(Profiler).Profile()
+		if err != nil {
+			return outMsg{v: Reply{Type: TypeProfile, Error: err.Error(), Code: ErrorCode(err)}}
+		}
+		fd, err := profileFile(p)
+		if err != nil {
+			return outMsg{v: Reply{Type: TypeProfile, Error: err.Error(), Code: ErrorCode(err)}}
+		}
+		return outMsg{v: Reply{Type: TypeProfile}, fds: []int{fd}}
+	}
+}
+
+// profileFile writes p's JSON into a new memfd, read from its start.
+func profileFile(p format.Profile) (int, error) {
+	b, err := json.Marshal(p)
+	if err != nil {
+		return -1, fmt.Errorf("attach: encode profile: %w", err)
+	}
+	fd, err := unix.MemfdCreate("uffdrestore-profile", unix.MFD_CLOEXEC)
+	if err != nil {
+		return -1, fmt.Errorf("attach: profile: %w", os.NewSyscallError("memfd_create", err))
+	}
+	f := os.NewFile(uintptr(fd), "uffdrestore-profile")
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return -1, fmt.Errorf("attach: profile: write: %w", err)
+	}
+	nfd, err := unix.Dup(fd)
+	f.Close()
+	if err != nil {
+		return -1, fmt.Errorf("attach: profile: %w", os.NewSyscallError("dup", err))
+	}
+	if _, err := unix.Seek(nfd, 0, 0); err != nil {
+		unix.Close(nfd)
+		return -1, fmt.Errorf("attach: profile: %w", os.NewSyscallError("lseek", err))
+	}
+	return nfd, nil
 }
 
 func statsJSON(v View) json.RawMessage {

@@ -1,0 +1,364 @@
+package helper
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore/attach"
+	"github.com/uffdrestore/uffdrestore/restore/internal/helperlink"
+	"golang.org/x/sys/unix"
+)
+
+// handshakeTimeout bounds hello → ready, as a target's handshake is (a
+// variable for the tests).
+var handshakeTimeout = 10 * time.Second
+
+// maxProfile bounds the profile a helper may hand back.
+const maxProfile = 1 << 30
+
+// ErrHelper: the helper process failed: it exited, refused the view, or
+// broke the protocol. The error wraps the cause (attach.ErrClosed,
+// attach.ErrInvalid, attach.ErrRefused with its code's sentinel).
+var ErrHelper = errors.New("restore: the fault-handler helper failed")
+
+// session is restore.Open's side of a helper: an attach client on a
+// socketpair. Open returns once the helper is started; the handshake runs
+// on (a touch of the view meanwhile waits in its fault, as PROTOCOL.md
+// §3.3 allows), and every request waits for its ready first.
+type session struct {
+	cmd    *exec.Cmd
+	c      *net.UnixConn
+	ready  chan struct{} // closed when the handshake ended (err set if it failed)
+	done   chan struct{} // closed when the reader ended
+	exited chan struct{} // closed when Close reaped the helper process
+
+	mu       sync.Mutex
+	err      error                         // why the session ended; nil while it runs
+	pending  map[string][]chan attachReply // per reply type, oldest first
+	requests []string                      // the optional requests the hello offered
+	sendMu   sync.Mutex
+	closed   sync.Once
+}
+
+type attachReply struct {
+	r   attach.Reply
+	fds []int
+	err error
+}
+
+// start runs the helper (req.Exe as argv0, inheriting the socket, the
+// snapshot and the backing, whose fd numbers its environment names) and
+// attaches req's view to it in the background.
+func start(ctx context.Context, req helperlink.Request) (helperlink.Session, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var bst unix.Stat_t
+	if err := unix.Fstat(int(req.Backing.Fd()), &bst); err != nil {
+		return nil, fmt.Errorf("restore: backing: %w", os.NewSyscallError("fstat", err))
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", os.NewSyscallError("socketpair", err))
+	}
+	theirs := os.NewFile(uintptr(fds[1]), "uffdrestore-helper-socket")
+	defer theirs.Close()
+	mine := os.NewFile(uintptr(fds[0]), "uffdrestore-helper-socket")
+	defer mine.Close()
+	// The attach goes first, ahead of the hello (it waits in the socket):
+	// this side created the backing, so it knows what it maps, and the
+	// helper must be able to serve the view without this process
+	// (PROTOCOL.md §3.2: a goroutine that touches the view holds its P,
+	// possibly the only one, until the fault is served, so nothing in this
+	// process may be needed for that). The hello is still read and
+	// checked, and ready awaited, before any request.
+	a := attach.Attach{UffdFeatures: req.Features, Mappings: []attach.Mapping{{
+		Region: attach.NoRegion, BaseHostVirtAddr: uint64(req.ViewAddr), Size: req.ViewSize, PageSize: req.PageSize,
+	}}}
+	err = attach.SendAttach(func(v any, fds ...int) error { return attach.SendMsgFD(int(mine.Fd()), v, fds...) }, a, req.Uffd)
+	if err != nil {
+		return nil, fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
+	}
+	// ExtraFiles[i] is the child's fd 3+i: the environment says which is which.
+	extra := []*os.File{theirs, req.Snapshot, req.Backing}
+	js, err := json.Marshal(envConfig{Socket: 3, Snapshot: 4, Backing: 5, Workers: req.Workers, Loader: req.Config})
+	if err != nil {
+		return nil, fmt.Errorf("restore: helper configuration: %w", err)
+	}
+	cmd := exec.Command(req.Exe)
+	cmd.Args = []string{argv0}
+	env := []string{envName + "=" + string(js)}
+	for _, kv := range os.Environ() {
+		// The helper sizes its own runtime: the caller's GOMAXPROCS (1 in a
+		// test, say) must not starve the fillers.
+		if !strings.HasPrefix(kv, "GOMAXPROCS=") && !strings.HasPrefix(kv, envName+"=") {
+			env = append(env, kv)
+		}
+	}
+	cmd.Env = env
+	cmd.ExtraFiles = extra
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("restore: start the fault-handler helper %s: %w", req.Exe, err)
+	}
+	fc, err := net.FileConn(mine)
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", err)
+	}
+	s := &session{cmd: cmd, c: fc.(*net.UnixConn), ready: make(chan struct{}), done: make(chan struct{}), exited: make(chan struct{}),
+		pending: map[string][]chan attachReply{}}
+	go s.run(req, bst.Dev, bst.Ino)
+	return s, nil
+}
+
+// run attaches the view, then reads the helper's messages until the
+// session ends.
+func (s *session) run(req helperlink.Request, dev, ino uint64) {
+	defer close(s.done)
+	if err := s.handshake(req, dev, ino); err != nil {
+		if errors.Is(err, attach.ErrClosed) || errors.Is(err, syscall.ECONNRESET) {
+			s.end(gone(err))
+		} else {
+			s.end(fmt.Errorf("%w: attaching the view: %w", ErrHelper, err))
+		}
+		close(s.ready)
+		return
+	}
+	close(s.ready)
+	for {
+		raw, fds, err := attach.RecvMsg(s.c)
+		if err != nil {
+			s.end(gone(err))
+			return
+		}
+		typ, err := attach.PeekType(raw)
+		if err != nil {
+			attach.CloseFDs(fds)
+			s.end(fmt.Errorf("%w: %w", ErrHelper, err))
+			return
+		}
+		switch typ {
+		case attach.TypeShutdown:
+			attach.CloseFDs(fds)
+		case attach.TypeError:
+			attach.CloseFDs(fds)
+			var r attach.Reply
+			json.Unmarshal(raw, &r)
+			s.end(fmt.Errorf("%w: it ended the session: %w", ErrHelper, &attach.RefusedError{Text: r.Error, Code: r.Code}))
+			return
+		case attach.TypeStats, attach.TypeWait, attach.TypeProfile:
+			var r attach.Reply
+			err := attach.Decode(raw, typ, &r)
+			s.mu.Lock()
+			q := s.pending[typ]
+			var ch chan attachReply
+			if len(q) > 0 {
+				ch, s.pending[typ] = q[0], q[1:]
+			}
+			s.mu.Unlock()
+			if err == nil && ch == nil {
+				err = fmt.Errorf("%w: attach: a %q reply came unasked", attach.ErrInvalid, typ)
+			}
+			if err != nil {
+				attach.CloseFDs(fds)
+				s.end(fmt.Errorf("%w: %w", ErrHelper, err))
+				return
+			}
+			ch <- attachReply{r: r, fds: fds}
+		default:
+			attach.CloseFDs(fds)
+			s.end(fmt.Errorf("%w: attach: a %q message is not valid from the helper after ready", ErrHelper, typ))
+			return
+		}
+	}
+}
+
+// gone is the error of a helper whose socket closed: it exited (a reset
+// is a close with our messages unread).
+func gone(err error) error {
+	if errors.Is(err, syscall.ECONNRESET) {
+		err = attach.ErrClosed
+	}
+	return fmt.Errorf("%w: it exited; touching unfilled pages of the view will block (Close the restore and Open it again): %w", ErrHelper, err)
+}
+
+// handshake receives the hello (checking it is the backing this side
+// mapped and attached already) and waits for ready.
+func (s *session) handshake(req helperlink.Request, dev, ino uint64) error {
+	s.c.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	defer s.c.SetReadDeadline(time.Time{})
+	recv := func() ([]byte, []int, error) { return attach.RecvMsg(s.c) }
+	h, fds, err := attach.RecvHello(recv)
+	defer attach.CloseFDs(fds)
+	if err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	switch {
+	case len(fds) != 1:
+		return &attach.ProtocolError{Msg: attach.TypeHello, Field: "fds", Text: fmt.Sprintf("%d file descriptors came with the hello, want 1", len(fds))}
+	case unix.Fstat(fds[0], &st) != nil || st.Dev != dev || st.Ino != ino:
+		return &attach.ProtocolError{Msg: attach.TypeHello, Field: "fds", Text: "the backing file is not the one this process created"}
+	case h.FileSize != req.ViewSize || h.PageSize != req.PageSize:
+		return &attach.ProtocolError{Msg: attach.TypeHello, Field: "file_size", Text: fmt.Sprintf("%d bytes of %d-byte pages, the view maps %d bytes of %d-byte pages", h.FileSize, h.PageSize, req.ViewSize, req.PageSize)}
+	}
+	raw, fds2, err := recv()
+	attach.CloseFDs(fds2)
+	if err != nil {
+		return err
+	}
+	var r attach.Reply
+	if err := attach.Decode(raw, attach.TypeReady, &r); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.requests = h.Requests
+	s.mu.Unlock()
+	return nil
+}
+
+// end records why the session ended (the first reason) and fails every
+// request waiting for a reply with it. The socket is closed: the helper
+// sees a hangup.
+func (s *session) end(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	err = s.err
+	pending := s.pending
+	s.pending = map[string][]chan attachReply{}
+	s.mu.Unlock()
+	for _, q := range pending {
+		for _, ch := range q {
+			ch <- attachReply{err: err}
+		}
+	}
+	s.c.Close()
+}
+
+// request sends a request of type typ and waits for its reply.
+func (s *session) request(ctx context.Context, typ string) (attachReply, error) {
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return attachReply{}, fmt.Errorf("restore: waiting for the fault-handler helper to attach the view: %w", ctx.Err())
+	}
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return attachReply{}, err
+	}
+	if typ != attach.TypeStats && !slices.Contains(s.requests, typ) {
+		s.mu.Unlock()
+		return attachReply{}, fmt.Errorf("%w: its hello does not offer %q requests", ErrHelper, typ)
+	}
+	ch := make(chan attachReply, 1)
+	s.pending[typ] = append(s.pending[typ], ch)
+	s.mu.Unlock()
+	s.sendMu.Lock()
+	s.c.SetWriteDeadline(time.Now().Add(handshakeTimeout))
+	err := attach.SendMsg(s.c, attach.Reply{Type: typ})
+	s.sendMu.Unlock()
+	if err != nil {
+		s.end(fmt.Errorf("%w: %w", ErrHelper, err))
+	}
+	select {
+	case rep := <-ch:
+		return rep, rep.err
+	case <-ctx.Done():
+		// The reply, when it comes, goes to ch and is dropped.
+		go func() { attach.CloseFDs((<-ch).fds) }()
+		return attachReply{}, ctx.Err()
+	}
+}
+
+func (s *session) Stats(ctx context.Context) (json.RawMessage, error) {
+	rep, err := s.request(ctx, attach.TypeStats)
+	if err != nil {
+		return nil, err
+	}
+	return rep.r.Stats, nil
+}
+
+func (s *session) Wait(ctx context.Context) error {
+	rep, err := s.request(ctx, attach.TypeWait)
+	if err != nil {
+		return err
+	}
+	if rep.r.Error != "" {
+		return &attach.RemoteError{Text: rep.r.Error, Code: rep.r.Code}
+	}
+	return nil
+}
+
+func (s *session) Profile(ctx context.Context) (format.Profile, error) {
+	rep, err := s.request(ctx, attach.TypeProfile)
+	defer attach.CloseFDs(rep.fds)
+	if err != nil {
+		return format.Profile{}, err
+	}
+	if rep.r.Error != "" {
+		return format.Profile{}, &attach.RemoteError{Text: rep.r.Error, Code: rep.r.Code}
+	}
+	if len(rep.fds) != 1 {
+		return format.Profile{}, fmt.Errorf("%w: attach: profile reply: %d file descriptors, want 1", ErrHelper, len(rep.fds))
+	}
+	fd, err := unix.Dup(rep.fds[0])
+	if err != nil {
+		return format.Profile{}, os.NewSyscallError("dup", err)
+	}
+	f := os.NewFile(uintptr(fd), "uffdrestore-profile")
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxProfile+1))
+	if err != nil {
+		return format.Profile{}, fmt.Errorf("restore: profile from the fault-handler helper: %w", err)
+	}
+	if len(b) > maxProfile {
+		return format.Profile{}, fmt.Errorf("%w: attach: profile reply: more than %d bytes", ErrHelper, maxProfile)
+	}
+	var p format.Profile
+	if err := json.Unmarshal(b, &p); err != nil {
+		return format.Profile{}, fmt.Errorf("%w: profile: %w", ErrHelper, err)
+	}
+	return p, nil
+}
+
+// Close hangs up (the helper's session ends, and it exits) and reaps the
+// helper, killing it after 5 s.
+func (s *session) Close() error {
+	s.closed.Do(func() {
+		s.mu.Lock()
+		failed := s.err != nil
+		s.mu.Unlock()
+		s.end(os.ErrClosed)
+		if failed {
+			// A helper that failed has nothing left to serve.
+			s.cmd.Process.Kill()
+		}
+		go func() { s.cmd.Wait(); close(s.exited) }()
+		select {
+		case <-s.exited:
+		case <-time.After(5 * time.Second):
+			s.cmd.Process.Kill()
+			<-s.exited
+		}
+		<-s.done
+	})
+	return nil
+}

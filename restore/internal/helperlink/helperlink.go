@@ -1,0 +1,48 @@
+// Package helperlink connects restore.Open to the fault-handler helper that
+// package restore/helper provides, without an import cycle: restore/attach
+// (the protocol the two speak) imports restore (for its Loader), so restore
+// cannot import the protocol. restore/helper imports both and, when a
+// program opts in by importing it, installs its side here from its init;
+// restore installs the Loader constructor the helper process needs.
+package helperlink
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+
+	"github.com/uffdrestore/uffdrestore/format"
+)
+
+// Request is what restore.Open hands the helper's client side: a view it
+// has mapped and registered, and what the helper process inherits.
+type Request struct {
+	Exe      string   // the executable to run as the helper
+	Config   []byte   // the Loader's configuration, for NewLoader (opaque here)
+	Workers  int      // filler workers (the helper sizes GOMAXPROCS from it)
+	Snapshot *os.File // the snapshot, inherited by the helper
+	Backing  *os.File // the backing file, inherited by the helper
+	Uffd     int      // the view's userfaultfd, sent with the attach
+	Features uint64   // the UFFD_FEATURE_* bits enabled on it
+	ViewAddr uintptr  // where the view maps the whole backing
+	ViewSize uint64
+	PageSize uint64
+}
+
+// Session is a started helper, attached to (or attaching to) the view.
+type Session interface {
+	Stats(ctx context.Context) (json.RawMessage, error)
+	Wait(ctx context.Context) error
+	Profile(ctx context.Context) (format.Profile, error)
+	// Close hangs up and waits for the helper to exit.
+	Close() error
+}
+
+// Start starts a helper for req; installed by restore/helper, nil when
+// the program did not import it.
+var Start func(ctx context.Context, req Request) (Session, error)
+
+// NewLoader builds the helper process's *restore.Loader (returned as any:
+// this package cannot name restore's types) on the inherited snapshot and
+// backing, from Request.Config. Installed by restore.
+var NewLoader func(config []byte, snapshot, backing *os.File) (any, error)
