@@ -117,7 +117,8 @@
 // MaxHelperRespawns, or when a new helper cannot be started, Wait, Stats and
 // Profile return ErrHelperDied and threads touching unfilled pages stay
 // blocked (nothing else can serve them without wrong bytes): Close the
-// restore. A helper that breaks the protocol or refuses is not replaced:
+// restore. Replacing a helper needs a P of this process that no goroutine
+// blocked in a fault holds (see ErrHelperDied): give GOMAXPROCS at least 2. A helper that breaks the protocol or refuses is not replaced:
 // faults on unfilled pages block rather than read zeros, and Stats and Wait
 // return why (restore/helper.ErrHelper).
 // Eager mode needs no helper: everything is decompressed before Open

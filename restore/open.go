@@ -392,6 +392,11 @@ func (r *Restore) startHelper(ctx context.Context, adopt bool) (helperlink.Sessi
 // a page of the view not filled yet then stays blocked in its fault:
 // nothing else can serve it without risking wrong bytes. Close the restore
 // (no fault is pending once the view is unmapped) and Open it again.
+//
+// Replacing a helper runs Go code in this process, so it needs a P: a
+// goroutine blocked in a fault keeps its P unless Go can preempt it there
+// (not in assembly such as copy or bytes.Equal). With GOMAXPROCS=1 and the
+// only P held so, the replacement waits, as the faults do.
 var ErrHelperDied = errors.New("restore: the fault-handler helper died")
 
 // MaxHelperRespawns bounds how many times a restore replaces a helper that

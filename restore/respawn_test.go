@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -39,6 +40,10 @@ func helperPID(t *testing.T, r *Restore, old int) int {
 // the view was touched (and written); a new helper adopts the backing and
 // every later touch gets the image's bytes, the program's writes kept.
 func TestOpenHelperRespawn(t *testing.T) {
+	// The respawn is Go code of this process: it needs a P that no
+	// goroutine blocked in a fault holds (bytes.Equal's assembly is no
+	// async preemption point), see ErrHelperDied.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(max(2, runtime.GOMAXPROCS(0))))
 	for _, kind := range []BackingKind{BackingMemfdHugetlb, BackingShmem} {
 		t.Run(kind.String(), func(t *testing.T) {
 			img := testImage(6<<20, 21)
