@@ -68,10 +68,12 @@ func TestOpenHelperRespawn(t *testing.T) {
 			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 				t.Fatal(err)
 			}
+			t0 := time.Now()
 			done := make(chan bool, 1)
 			go func() { done <- bytes.Equal(mem, want) }()
 			select {
 			case ok := <-done:
+				t.Logf("kill to every byte of the view read: %v", time.Since(t0))
 				if !ok {
 					checkRegions(t, r.Bytes(), r.Layout(), []testRegion{{"a", 0, want}})
 				}
