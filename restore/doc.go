@@ -107,8 +107,20 @@
 // the view. Errors keep their kind across the process boundary (the error
 // message's "code"): Wait's error for a corrupt chunk matches
 // format.ErrChecksum with errors.Is, as Loader.Wait's does. If the helper
-// dies or breaks the protocol, faults on unfilled pages block rather than
-// read zeros, and Stats and Wait return why (restore/helper.ErrHelper).
+// process dies (its socket closes before Close: killed, OOM), Open's side
+// starts a new one on the same backing and userfaultfd, which adopts the
+// backing as AdoptLoader does (units present are kept, never refilled: the
+// program may have written them; units the dead helper was filling, per a
+// fill journal in a private temporary directory, are punched and filled
+// again) and re-attaches the view, waking every thread waiting in it; Wait
+// and Stats carry on with it (Stats.HelperRespawns counts them). After
+// MaxHelperRespawns, or when a new helper cannot be started, Wait, Stats and
+// Profile return ErrHelperDied and threads touching unfilled pages stay
+// blocked (nothing else can serve them without wrong bytes): Close the
+// restore. Replacing a helper needs a P of this process that no goroutine
+// blocked in a fault holds (see ErrHelperDied): give GOMAXPROCS at least 2. A helper that breaks the protocol or refuses is not replaced:
+// faults on unfilled pages block rather than read zeros, and Stats and Wait
+// return why (restore/helper.ErrHelper).
 // Eager mode needs no helper: everything is decompressed before Open
 // returns.
 //

@@ -37,8 +37,12 @@ type Restore struct {
 	eager *Loader
 
 	// lazy/prefetch/working-set: the helper process, an attach server
-	// whose client is this Restore (restore/helper).
-	helper helperlink.Session
+	// whose client is this Restore (restore/helper), replaced when it dies.
+	helper *helperSet
+	// What a new helper needs: the snapshot (a duplicate, or /dev/null
+	// for a remote one) and the private directory of the fill journal.
+	snap       *os.File
+	journalDir string
 
 	closeOnce sync.Once
 
@@ -152,7 +156,21 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if rem != nil {
 		r.remoteURL, r.remoteValidator = path, rem.Validator()
 	}
-	if err = r.startHelper(ctx, f); err != nil {
+	if r.snap, err = dupFile(int(f.Fd()), "snapshot"); err != nil {
+		return nil, err
+	}
+	// The helpers keep a fill journal, so that a new helper knows which
+	// units the one that died was in the middle of.
+	if r.journalDir, err = os.MkdirTemp("", "uffdrestore-helper-"); err != nil {
+		return nil, fmt.Errorf("restore: a directory for the fill journal: %w", err)
+	}
+	r.helper = &helperSet{r: r, changed: make(chan struct{})}
+	// Under the lock: a helper that dies at once is replaced only once
+	// it is the current one.
+	r.helper.mu.Lock()
+	r.helper.cur, err = r.startHelper(ctx, false)
+	r.helper.mu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	r.ready = time.Since(t0)
@@ -226,7 +244,11 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 		s.TimeToReady = r.ready
 		return s, nil
 	}
-	raw, err := r.helper.Stats(ctx)
+	var raw json.RawMessage
+	pid, respawns, err := r.helper.do(ctx, func(s helperlink.Session) (err error) {
+		raw, err = s.Stats(ctx)
+		return err
+	})
 	if err != nil {
 		return Stats{}, err
 	}
@@ -235,6 +257,7 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 		return Stats{}, fmt.Errorf("restore: stats from the fault-handler helper: %w", err)
 	}
 	s.TimeToReady = r.ready
+	s.HelperPID, s.HelperRespawns = pid, respawns
 	return s, nil
 }
 
@@ -243,19 +266,27 @@ func (r *Restore) Profile(ctx context.Context) (format.Profile, error) {
 	if r.eager != nil {
 		return r.eager.Profile()
 	}
-	return r.helper.Profile(ctx)
+	var p format.Profile
+	_, _, err := r.helper.do(ctx, func(s helperlink.Session) (err error) {
+		p, err = s.Profile(ctx)
+		return err
+	})
+	return p, err
 }
 
 // Wait fills every unit not filled yet and returns when all are present
 // (at once in eager mode). It returns the engine's last fill error, if
 // any: errors.Is matches its cause (format.ErrChecksum for a corrupt
 // chunk), also when the helper process reported it. When the helper
-// failed (it exited, or broke the protocol) Wait returns why.
+// failed (it refused the view, or broke the protocol) Wait returns why.
+// A helper that dies is replaced (see ErrHelperDied): Wait then waits for
+// the new one.
 func (r *Restore) Wait(ctx context.Context) error {
 	if r.eager != nil {
 		return r.eager.Wait(ctx)
 	}
-	return r.helper.Wait(ctx)
+	_, _, err := r.helper.do(ctx, func(s helperlink.Session) error { return s.Wait(ctx) })
+	return err
 }
 
 // Close unmaps the view, stops the helper and frees the backing. The view's
@@ -281,7 +312,13 @@ func (r *Restore) release() error {
 	if r.helper != nil {
 		// The helper's session ends when this side hangs up; its exit
 		// status says nothing the session did not.
-		r.helper.Close()
+		r.helper.close()
+	}
+	if r.snap != nil {
+		r.snap.Close()
+	}
+	if r.journalDir != "" {
+		errs = append(errs, os.RemoveAll(r.journalDir))
 	}
 	if r.u != nil {
 		r.u.Close()
@@ -315,34 +352,138 @@ type helperConfig struct {
 	// URL and the validator pinned by the parent.
 	URL    string         `json:"url,omitempty"`
 	Remote remote.Options `json:"remote"`
+	// The fill journal (WithFillJournal), and whether this helper replaces
+	// one that died: it adopts the backing (AdoptLoader's rules).
+	Journal string `json:"journal"`
+	Adopt   bool   `json:"adopt,omitempty"`
 }
 
-func (r *Restore) startHelper(ctx context.Context, snap *os.File) error {
+func (r *Restore) startHelper(ctx context.Context, adopt bool) (helperlink.Session, error) {
 	// The helper inherits duplicates (ExtraFiles wants *os.File, whose
 	// finalizer would close the fd); they are closed once it has its copies.
 	backing, err := dupFile(r.b.fd, "backing")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer backing.Close()
 	hc := helperConfig{Mode: r.cfg.mode, Workers: r.cfg.workers, Spin: r.cfg.spin, Premap: r.cfg.premap,
 		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, Name: r.layout.Snapshot,
 		Record: r.cfg.record, Profile: r.cfg.profile, Rest: r.cfg.prefetchRest,
-		URL: r.remoteURL, Remote: r.cfg.remote}
+		URL: r.remoteURL, Remote: r.cfg.remote, Journal: filepath.Join(r.journalDir, "fills"), Adopt: adopt}
 	hc.Remote.Validator = r.remoteValidator
 	js, err := json.Marshal(hc)
 	if err != nil {
-		return fmt.Errorf("restore: helper configuration: %w", err)
+		return nil, fmt.Errorf("restore: helper configuration: %w", err)
 	}
 	exe := r.cfg.helperPath
 	if exe == "" {
 		exe = "/proc/self/exe"
 	}
-	r.helper, err = helperlink.Start(ctx, helperlink.Request{
-		Exe: exe, Config: js, Workers: r.cfg.workers, Snapshot: snap, Backing: backing,
+	return helperlink.Start(ctx, helperlink.Request{
+		Exe: exe, Config: js, Workers: r.cfg.workers, Snapshot: r.snap, Backing: backing,
 		Uffd: r.u.Fd(), Features: uint64(r.u.Features()), ViewAddr: r.view.Addr(), ViewSize: uint64(r.b.size), PageSize: uint64(r.b.pageSize),
+		Reattach: adopt, OnGone: r.helper.gone,
 	})
-	return err
+}
+
+// ErrHelperDied ends a lazy, prefetch or working-set restore (from Wait,
+// Stats and Profile) whose fault-handler helper process died more than
+// MaxHelperRespawns times, or could not be replaced. A thread that touches
+// a page of the view not filled yet then stays blocked in its fault:
+// nothing else can serve it without risking wrong bytes. Close the restore
+// (no fault is pending once the view is unmapped) and Open it again.
+//
+// Replacing a helper runs Go code in this process, so it needs a P: a
+// goroutine blocked in a fault keeps its P unless Go can preempt it there
+// (not in assembly such as copy or bytes.Equal). With GOMAXPROCS=1 and the
+// only P held so, the replacement waits, as the faults do.
+var ErrHelperDied = errors.New("restore: the fault-handler helper died")
+
+// MaxHelperRespawns bounds how many times a restore replaces a helper that
+// died.
+const MaxHelperRespawns = 3
+
+// helperSet is the helper serving the view now. When one dies (its socket
+// closes before Close), a new one is started on the same backing and
+// userfaultfd: it adopts the backing (the units present kept, those the
+// dead one was filling punched, per the fill journal) and re-attaches the
+// view, waking every thread waiting in it, whose faults then come to it.
+type helperSet struct {
+	r *Restore
+
+	mu       sync.Mutex
+	cur      helperlink.Session // nil once closed or dead
+	respawns int
+	changed  chan struct{} // closed (and replaced) when cur changes
+	dead     error         // ErrHelperDied
+	closed   bool
+}
+
+// do runs f on the current helper; when that helper died meanwhile, it
+// runs f again on its successor.
+func (h *helperSet) do(ctx context.Context, f func(helperlink.Session) error) (pid, respawns int, err error) {
+	for {
+		h.mu.Lock()
+		s, n, dead, closed := h.cur, h.respawns, h.dead, h.closed
+		h.mu.Unlock()
+		switch {
+		case dead != nil:
+			return 0, n, dead
+		case closed || s == nil:
+			return 0, n, os.ErrClosed
+		}
+		err := f(s)
+		if err == nil || !errors.Is(err, helperlink.ErrGone) {
+			return s.Pid(), n, err
+		}
+		h.mu.Lock()
+		ch, replaced := h.changed, h.cur != s || h.dead != nil || h.closed
+		h.mu.Unlock()
+		if !replaced {
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return 0, n, ctx.Err()
+			}
+		}
+	}
+}
+
+// gone replaces s, whose process went away (helperlink.Request.OnGone).
+func (h *helperSet) gone(s helperlink.Session, cause error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed || h.cur != s {
+		return
+	}
+	s.Close() // reaps it
+	defer func() {
+		close(h.changed)
+		h.changed = make(chan struct{})
+	}()
+	if h.respawns >= MaxHelperRespawns {
+		h.cur = nil
+		h.dead = fmt.Errorf("%w %d times (the last: %w); threads touching unfilled pages of the view stay blocked: Close the restore and Open it again", ErrHelperDied, h.respawns+1, cause)
+		return
+	}
+	h.respawns++
+	ns, err := h.r.startHelper(context.Background(), true)
+	if err != nil {
+		h.cur = nil
+		h.dead = fmt.Errorf("%w (%w) and a new one could not be started: %w; threads touching unfilled pages of the view stay blocked: Close the restore and Open it again", ErrHelperDied, cause, err)
+		return
+	}
+	h.cur = ns
+}
+
+func (h *helperSet) close() {
+	h.mu.Lock()
+	s := h.cur
+	h.closed, h.cur = true, nil
+	h.mu.Unlock()
+	if s != nil {
+		s.Close()
+	}
 }
 
 func dupFile(fd int, name string) (*os.File, error) {
@@ -384,6 +525,12 @@ func newHelperLoader(js []byte, snap, backing *os.File) (any, error) {
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
 	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest
+	cfg.journal = hc.Journal
+	if hc.Adopt {
+		// The helper that died may have filled units, and the program may
+		// have written them: keep what is present, fill the rest.
+		cfg.adopt = &AdoptInfo{}
+	}
 	l, err := newLoader(context.Background(), f, b, cfg, hc.Name)
 	if err != nil {
 		b.close()

@@ -38,6 +38,12 @@ type Stats struct {
 	// Remote is filled for a snapshot read from an HTTP server.
 	Remote *remote.Stats `json:"remote,omitempty"`
 
+	// Restore.Stats of a lazy, prefetch or working-set Open: the helper
+	// process serving the view now, and how many helpers that died it
+	// replaced (the figures above are the current helper's).
+	HelperPID      int `json:"helper_pid,omitempty"`
+	HelperRespawns int `json:"helper_respawns,omitempty"`
+
 	// WorkingSet is filled in working-set mode.
 	WorkingSet *WorkingSetStats `json:"working_set,omitempty"`
 

@@ -50,6 +50,8 @@ type session struct {
 	requests []string                      // the optional requests the hello offered
 	sendMu   sync.Mutex
 	closed   sync.Once
+	closing  bool // Close began: an end is not the helper going away
+	onGone   func(helperlink.Session, error)
 }
 
 type attachReply struct {
@@ -87,7 +89,15 @@ func start(ctx context.Context, req helperlink.Request) (helperlink.Session, err
 	a := attach.Attach{UffdFeatures: req.Features, Mappings: []attach.Mapping{{
 		Region: attach.NoRegion, BaseHostVirtAddr: uint64(req.ViewAddr), Size: req.ViewSize, PageSize: req.PageSize,
 	}}}
-	err = attach.SendAttach(func(v any, fds ...int) error { return attach.SendMsgFD(int(mine.Fd()), v, fds...) }, a, req.Uffd)
+	var extraFDs []int
+	if req.Reattach {
+		// A new helper for a view whose helper died: a reattach, with the
+		// backing (the helper checks it is the one it adopted), makes it
+		// wake every thread waiting in the view once it can serve it.
+		a.Type = attach.TypeReattach
+		extraFDs = []int{int(req.Backing.Fd())}
+	}
+	err = attach.SendAttach(func(v any, fds ...int) error { return attach.SendMsgFD(int(mine.Fd()), v, fds...) }, a, req.Uffd, extraFDs...)
 	if err != nil {
 		return nil, fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
 	}
@@ -120,7 +130,7 @@ func start(ctx context.Context, req helperlink.Request) (helperlink.Session, err
 		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", err)
 	}
 	s := &session{cmd: cmd, c: fc.(*net.UnixConn), ready: make(chan struct{}), done: make(chan struct{}), exited: make(chan struct{}),
-		pending: map[string][]chan attachReply{}}
+		pending: map[string][]chan attachReply{}, onGone: req.OnGone}
 	go s.run(req, bst.Dev, bst.Ino)
 	return s, nil
 }
@@ -193,7 +203,7 @@ func gone(err error) error {
 	if errors.Is(err, syscall.ECONNRESET) {
 		err = attach.ErrClosed
 	}
-	return fmt.Errorf("%w: it exited; touching unfilled pages of the view will block (Close the restore and Open it again): %w", ErrHelper, err)
+	return fmt.Errorf("%w: it exited: %w: %w", ErrHelper, helperlink.ErrGone, err)
 }
 
 // handshake receives the hello (checking it is the backing this side
@@ -236,10 +246,12 @@ func (s *session) handshake(req helperlink.Request, dev, ino uint64) error {
 // sees a hangup.
 func (s *session) end(err error) {
 	s.mu.Lock()
-	if s.err == nil {
+	first := s.err == nil
+	if first {
 		s.err = err
 	}
 	err = s.err
+	notify := first && !s.closing && s.onGone != nil && errors.Is(err, helperlink.ErrGone)
 	pending := s.pending
 	s.pending = map[string][]chan attachReply{}
 	s.mu.Unlock()
@@ -249,6 +261,9 @@ func (s *session) end(err error) {
 		}
 	}
 	s.c.Close()
+	if notify {
+		go s.onGone(s, err)
+	}
 }
 
 // request sends a request of type typ and waits for its reply.
@@ -276,7 +291,11 @@ func (s *session) request(ctx context.Context, typ string) (attachReply, error) 
 	err := attach.SendMsg(s.c, attach.Reply{Type: typ})
 	s.sendMu.Unlock()
 	if err != nil {
-		s.end(fmt.Errorf("%w: %w", ErrHelper, err))
+		if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+			s.end(gone(err))
+		} else {
+			s.end(fmt.Errorf("%w: %w", ErrHelper, err))
+		}
 	}
 	select {
 	case rep := <-ch:
@@ -339,12 +358,15 @@ func (s *session) Profile(ctx context.Context) (format.Profile, error) {
 	return p, nil
 }
 
+func (s *session) Pid() int { return s.cmd.Process.Pid }
+
 // Close hangs up (the helper's session ends, and it exits) and reaps the
 // helper, killing it after 5 s.
 func (s *session) Close() error {
 	s.closed.Do(func() {
 		s.mu.Lock()
 		failed := s.err != nil
+		s.closing = true
 		s.mu.Unlock()
 		s.end(os.ErrClosed)
 		if failed {

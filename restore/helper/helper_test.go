@@ -102,7 +102,7 @@ func TestBadHelper(t *testing.T) {
 		{"unknown-type", findFD + `eval "printf '{\"type\":\"hi\"}' >&$fd"; exec sleep 20`, []error{ErrHelper, attach.ErrInvalid}, "unknown message type"},
 		{"refuses", findFD + `eval "printf '{\"type\":\"error\",\"error\":\"disk full\",\"code\":\"no-space\"}' >&$fd"; exec sleep 20`,
 			[]error{ErrHelper, attach.ErrRefused, syscall.ENOSPC}, "disk full"},
-		{"dies", "exit 7", []error{ErrHelper, attach.ErrClosed}, "exited"},
+		{"dies", "exit 7", []error{restore.ErrHelperDied, ErrHelper, attach.ErrClosed}, "exited"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			exe := filepath.Join(t.TempDir(), "helper.sh")

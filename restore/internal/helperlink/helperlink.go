@@ -9,6 +9,7 @@ package helperlink
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 
 	"github.com/uffdrestore/uffdrestore/format"
@@ -27,13 +28,24 @@ type Request struct {
 	ViewAddr uintptr  // where the view maps the whole backing
 	ViewSize uint64
 	PageSize uint64
+	// Reattach: a new helper for a view whose helper died; the attach is a
+	// reattach (PROTOCOL.md), which makes the helper wake the whole view.
+	Reattach bool
+	// OnGone, if set, is called (on its own goroutine) when the helper
+	// went away unasked: its socket closed before Close.
+	OnGone func(Session, error)
 }
+
+// ErrGone is wrapped by a Session's errors once its helper went away.
+var ErrGone = errors.New("the helper process went away")
 
 // Session is a started helper, attached to (or attaching to) the view.
 type Session interface {
 	Stats(ctx context.Context) (json.RawMessage, error)
 	Wait(ctx context.Context) error
 	Profile(ctx context.Context) (format.Profile, error)
+	// Pid is the helper process's id.
+	Pid() int
 	// Close hangs up and waits for the helper to exit.
 	Close() error
 }
