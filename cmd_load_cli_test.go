@@ -56,14 +56,7 @@ func TestLoadOnceTargetFailsBeforeAttach(t *testing.T) {
 	loadRequire(t)
 	snap, _ := loadTestSnap(t)
 	sock := filepath.Join(t.TempDir(), "s.sock")
-	var stderr syncBuf
-	ld := loadCmd("load", snap, "--socket", sock, "--once", "--backing", "shmem")
-	ld.Stderr = &stderr
-	if err := ld.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer ld.Process.Kill()
-	waitOutput(t, &stderr, "ready: serving", 30*time.Second)
+	ld, stderr := startLoad(t, "ready: serving", 30*time.Second, snap, "--socket", sock, "--once", "--backing", "shmem")
 	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: sock, Net: "unixpacket"})
 	if err != nil {
 		t.Fatal(err)

@@ -101,25 +101,48 @@ func waitOutput(t *testing.T, b *syncBuf, sub string, d time.Duration) {
 	}
 }
 
+// startLoad starts `uffdrestore load` with args, its stderr captured, and
+// waits up to d for ready on it; the process is killed when the test ends.
+func startLoad(t *testing.T, ready string, d time.Duration, args ...string) (*exec.Cmd, *syncBuf) {
+	t.Helper()
+	var stderr syncBuf
+	ld := loadCmd(append([]string{"load"}, args...)...)
+	ld.Stderr = &stderr
+	if err := ld.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ld.Process.Kill() })
+	waitOutput(t, &stderr, ready, d)
+	return ld, &stderr
+}
+
+// waitExit waits up to d for cmd and returns its exit code; a timeout
+// (cmd is killed) or a failed wait fails the test.
 func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration) int {
 	t.Helper()
+	err := waitExitErr(cmd, d)
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatalf("%s: %v", cmd.Path, err)
+	}
+	return 0
+}
+
+// waitExitErr waits up to d for cmd and returns what Wait returned, or an
+// error saying it did not exit (it is killed then).
+func waitExitErr(cmd *exec.Cmd, d time.Duration) error {
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return ee.ExitCode()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return 0
+		return err
 	case <-time.After(d):
 		cmd.Process.Kill()
 		<-done
-		t.Fatalf("%s did not exit within %v", cmd.Path, d)
-		return -1
+		return errors.New("did not exit within " + d.String())
 	}
 }
 
@@ -131,14 +154,7 @@ func TestLoadOnce(t *testing.T) {
 	snap, img := loadTestSnap(t)
 	dir := t.TempDir()
 	sock, statsPath, dump := filepath.Join(dir, "s.sock"), filepath.Join(dir, "stats.json"), filepath.Join(dir, "dump")
-	var stderr syncBuf
-	ld := loadCmd("load", snap, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath, "--workers", "2")
-	ld.Stderr = &stderr
-	if err := ld.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer ld.Process.Kill()
-	waitOutput(t, &stderr, "ready: serving "+snap+" on "+sock+" (backing shmem, 1 region, 3.0 MiB, mode lazy)", 30*time.Second)
+	ld, stderr := startLoad(t, "ready: serving "+snap+" on "+sock+" (backing shmem, 1 region, 3.0 MiB, mode lazy)", 30*time.Second, snap, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath, "--workers", "2")
 	out, err := exec.Command(tp, "--socket", sock, "--dump", dump, "--pattern", "random").CombinedOutput()
 	if err != nil {
 		t.Fatalf("target: %v\n%s", err, out)
@@ -174,14 +190,7 @@ func TestLoadSignal(t *testing.T) {
 	tp := loadTarget(t)
 	snap, _ := loadTestSnap(t)
 	sock := filepath.Join(t.TempDir(), "s.sock")
-	var stderr syncBuf
-	ld := loadCmd("load", snap, "--socket", sock, "--backing", "shmem", "--mode", "prefetch")
-	ld.Stderr = &stderr
-	if err := ld.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer ld.Process.Kill()
-	waitOutput(t, &stderr, "ready: serving", 30*time.Second)
+	ld, stderr := startLoad(t, "ready: serving", 30*time.Second, snap, "--socket", sock, "--backing", "shmem", "--mode", "prefetch")
 	tg := exec.Command(tp, "--socket", sock, "--hold")
 	var tout syncBuf
 	tg.Stdout, tg.Stderr = &tout, &tout

@@ -51,14 +51,7 @@ func TestLoadRemote(t *testing.T) {
 	_, url, img := remoteServe(t, 256<<10)
 	dir := t.TempDir()
 	sock, statsPath, dump := filepath.Join(dir, "s.sock"), filepath.Join(dir, "stats.json"), filepath.Join(dir, "dump")
-	var stderr syncBuf
-	ld := loadCmd("load", url, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath, "--workers", "2")
-	ld.Stderr = &stderr
-	if err := ld.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer ld.Process.Kill()
-	waitOutput(t, &stderr, "ready: serving "+url+" on "+sock, 30*time.Second)
+	ld, stderr := startLoad(t, "ready: serving "+url+" on "+sock, 30*time.Second, url, "--socket", sock, "--once", "--backing", "shmem", "--stats-json", statsPath, "--workers", "2")
 	out, err := exec.Command(tp, "--socket", sock, "--dump", dump, "--pattern", "random").CombinedOutput()
 	if err != nil {
 		t.Fatalf("target: %v\n%s", err, out)
@@ -142,14 +135,7 @@ func TestLoadRemoteFailures(t *testing.T) {
 			ng, url, img := remoteServe(t, 64<<10)
 			dir := t.TempDir()
 			sock, dump := filepath.Join(dir, "s.sock"), filepath.Join(dir, "dump")
-			var stderr syncBuf
-			ld := loadCmd("load", url, "--socket", sock, "--backing", "shmem", "--workers", "2")
-			ld.Stderr = &stderr
-			if err := ld.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer ld.Process.Kill()
-			waitOutput(t, &stderr, "ready: serving "+url, 30*time.Second)
+			ld, stderr := startLoad(t, "ready: serving "+url, 30*time.Second, url, "--socket", sock, "--backing", "shmem", "--workers", "2")
 			tg := exec.Command(tp, "--socket", sock, "--pattern", "fraction:0.02", "--pause-before-dump", "--dump", dump)
 			var tout syncBuf
 			tg.Stdout, tg.Stderr = &tout, &tout
@@ -210,19 +196,6 @@ func mustRead(t *testing.T, p string) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func waitExitErr(cmd *exec.Cmd, d time.Duration) error {
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(d):
-		cmd.Process.Kill()
-		<-done
-		return errors.New("did not exit within " + d.String())
-	}
 }
 
 // TestLoadRemoteMAC: with a MAC key in the environment, load refuses a
