@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 )
 
@@ -22,7 +23,7 @@ import (
 // its raw bytes from `snapshot extract` (the oracle).
 type runFixture struct {
 	dir, preload, prog, snap string
-	raw                      []byte
+	raw                      [2][]byte // regions #0 "img" and #1 "heap"
 }
 
 func runSetup(t *testing.T) *runFixture {
@@ -49,17 +50,43 @@ func runSetup(t *testing.T) *runFixture {
 			t.Fatalf("gcc %v: %v\n%s", args, err, b)
 		}
 	}
-	snap, _ := loadTestSnap(t)
+	// Two regions, so a marker of the second one maps at a non-zero backing offset.
 	f.snap = filepath.Join(dir, "img.snap")
-	if b, err := os.ReadFile(snap); err != nil || os.WriteFile(f.snap, b, 0o644) != nil {
-		t.Fatal("copy the snapshot:", err)
-	}
-	raw := filepath.Join(dir, "img.raw")
-	if b, err := loadCmd("snapshot", "extract", f.snap, "-o", raw, "-q").CombinedOutput(); err != nil {
-		t.Fatalf("snapshot extract: %v\n%s", err, b)
-	}
-	if f.raw, err = os.ReadFile(raw); err != nil {
+	sf, err := os.Create(f.snap)
+	if err != nil {
 		t.Fatal(err)
+	}
+	w, err := format.NewWriter(sf, format.WriterOptions{ChunkSize: 2 << 20, Codec: format.CodecS2}) // hugetlb-aligned regions
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range []int{3<<20 + 777, 1<<20 + 5} {
+		img := make([]byte, n)
+		for j := range img {
+			if (j>>16)%3 != 0 {
+				img[j] = byte(j*13+i*7) ^ byte(j>>10)
+			}
+		}
+		if err := w.BeginRegion([]string{"img", "heap"}[i], 0, 3); err != nil {
+			t.Fatal(err)
+		}
+		w.Write(img)
+		if err := w.EndRegion(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sf.Close()
+	for i := range f.raw {
+		raw := filepath.Join(dir, fmt.Sprintf("img%d.raw", i))
+		if b, err := loadCmd("snapshot", "extract", f.snap, "--region", fmt.Sprintf("#%d", i), "-o", raw, "-q").CombinedOutput(); err != nil {
+			t.Fatalf("snapshot extract: %v\n%s", err, b)
+		}
+		if f.raw[i], err = os.ReadFile(raw); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return f
 }
@@ -71,18 +98,19 @@ func (f *runFixture) run(args ...string) *exec.Cmd {
 
 // checkDump checks a dump of the region (its size rounded up to a page)
 // against the oracle: the extracted bytes, then zeros.
-func (f *runFixture) checkDump(t *testing.T, path string) {
+func (f *runFixture) checkDump(t *testing.T, path string, region int) {
 	t.Helper()
+	raw := f.raw[region]
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(b) < len(f.raw) || !bytes.Equal(b[:len(f.raw)], f.raw) || bytes.ContainsFunc(b[len(f.raw):], func(r rune) bool { return r != 0 }) {
+	if len(b) < len(raw) || !bytes.Equal(b[:len(raw)], raw) || bytes.ContainsFunc(b[len(raw):], func(r rune) bool { return r != 0 }) {
 		n := 0
-		for n < len(b) && n < len(f.raw) && b[n] == f.raw[n] {
+		for n < len(b) && n < len(raw) && b[n] == raw[n] {
 			n++
 		}
-		t.Fatalf("%s: %d bytes, differs from snapshot extract's %d bytes at byte %d", path, len(b), len(f.raw), n)
+		t.Fatalf("%s: %d bytes, differs from snapshot extract's %d bytes of region #%d at byte %d", path, len(b), len(raw), region, n)
 	}
 }
 
@@ -112,6 +140,8 @@ func TestRunOracle(t *testing.T) {
 			sock, stats := filepath.Join(f.dir, backing+".sock"), filepath.Join(f.dir, backing+".stats.json")
 			ld, lderr := startLoad(t, "ready: serving", 30*time.Second, f.snap, "--socket", sock, "--backing", backing, "--stats-json", stats)
 			marker := filepath.Join(f.dir, "no-such-dir", "ram") // need not exist
+			marker2 := filepath.Join(f.dir, "heap")
+			maps := []string{"--socket", sock, "--map", marker + "=img", "--map", marker2 + "=#1", "--"}
 			// Two processes at once, then the others one after another.
 			var wg sync.WaitGroup
 			modes := [][]string{{"shared", "fixed"}, {"private", "any"}}
@@ -119,7 +149,7 @@ func TestRunOracle(t *testing.T) {
 			for i, m := range modes {
 				wg.Add(1)
 				dump := filepath.Join(f.dir, fmt.Sprintf("%s.dump%d", backing, i))
-				cmd := f.run("--socket", sock, "--map", marker, "--", f.prog, "dump", marker, dump, m[0], m[1])
+				cmd := f.run(append(maps, f.prog, "dump", []string{marker, marker2}[i], dump, m[0], m[1])...)
 				go func() {
 					defer wg.Done()
 					var out syncBuf
@@ -134,20 +164,20 @@ func TestRunOracle(t *testing.T) {
 				if o != "" {
 					t.Fatalf("dump %v: %s", modes[i], o)
 				}
-				f.checkDump(t, filepath.Join(f.dir, fmt.Sprintf("%s.dump%d", backing, i)))
+				f.checkDump(t, filepath.Join(f.dir, fmt.Sprintf("%s.dump%d", backing, i)), i)
 			}
 			// A private mapping that writes: the next process still reads the snapshot.
-			if out, code := combined(t, f.run("--socket", sock, "--map", marker+"=img", "--", f.prog, "scribble", marker, "170")); code != 0 || !strings.HasPrefix(out, "ok ") {
+			if out, code := combined(t, f.run(append(maps, f.prog, "scribble", marker2, "170")...)); code != 0 || !strings.HasPrefix(out, "ok ") {
 				t.Fatalf("scribble: exit %d: %s", code, out)
 			}
 			dump := filepath.Join(f.dir, backing+".after")
 			// A relative marker path, by region index, private at a fixed address.
-			cmd := f.run("--socket", sock, "--map", "m=#0", "--", f.prog, "dump", "./m", dump, "private", "fixed")
+			cmd := f.run("--socket", sock, "--map", "m=#1", "--", f.prog, "dump", "./m", dump, "shared", "fixed")
 			cmd.Dir = f.dir
 			if out, code := combined(t, cmd); code != 0 {
 				t.Fatalf("dump after the scribble: exit %d: %s", code, out)
 			}
-			f.checkDump(t, dump)
+			f.checkDump(t, dump, 1)
 			ld.Process.Signal(syscall.SIGTERM)
 			if code := waitExit(t, ld, 30*time.Second); code != 0 {
 				t.Fatalf("load exited %d:\n%s", code, lderr.String())
@@ -200,7 +230,7 @@ func TestRunNonRoot(t *testing.T) {
 	sock := filepath.Join(f.dir, "s.sock")
 	startLoad(t, "ready: serving", 30*time.Second, f.snap, "--socket", sock, "--backing", "shmem", "--allow-uid", "65534", "--socket-mode", "0666")
 	as := func(uid uint32, args ...string) *exec.Cmd {
-		cmd := doctorCmd(bin, append([]string{"run", "--socket", sock, "--map", filepath.Join(f.dir, "ram"), "--"}, args...)...)
+		cmd := doctorCmd(bin, append([]string{"run", "--socket", sock, "--map", filepath.Join(f.dir, "ram") + "=#1", "--"}, args...)...)
 		cmd.Dir = f.dir
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: 65534}}
 		return cmd
@@ -209,7 +239,7 @@ func TestRunNonRoot(t *testing.T) {
 	if o, code := combined(t, as(65534, f.prog, "dump", filepath.Join(f.dir, "ram"), dump, "private", "fixed")); code != 0 {
 		t.Fatalf("uid 65534: exit %d: %s", code, o)
 	}
-	f.checkDump(t, dump)
+	f.checkDump(t, dump, 1)
 	o, code := combined(t, as(65533, f.prog, "dump", filepath.Join(f.dir, "ram"), dump+"2", "private", "any"))
 	if code == 0 || !strings.Contains(o, "uid 65533 may not attach") || !strings.Contains(o, "--allow-uid 65533") {
 		t.Fatalf("uid 65533 (not allowed): exit %d, want the refusal naming --allow-uid: %s", code, o)
@@ -241,15 +271,20 @@ func TestRunErrors(t *testing.T) {
 		{"preload, server down", func() *exec.Cmd { return direct(sock+".none", marker, "dump", marker, dump, "shared", "any") },
 			[]string{"uffdrestore-preload: open " + marker + ": cannot attach", "is the server running", "FAIL open: No such file or directory"}},
 		{"launcher, no such region", func() *exec.Cmd {
-			return f.run("--socket", sock, "--map", marker+"=heap", "--", f.prog, "dump", marker, dump, "shared", "any")
-		}, []string{`the snapshot has no region "heap" (its regions: #0 "img")`}},
+			return f.run("--socket", sock, "--map", marker+"=nosuch", "--", f.prog, "dump", marker, dump, "shared", "any")
+		}, []string{`the snapshot has no region "nosuch" (its regions: #0 "img", #1 "heap")`}},
+		{"launcher, region not named", func() *exec.Cmd {
+			return f.run("--socket", sock, "--map", marker, "--", f.prog, "dump", marker, dump, "shared", "any")
+		}, []string{"the snapshot has 2 regions", "PATH=#INDEX"}},
+		{"preload, region not named", func() *exec.Cmd { return direct(sock, marker, "dump", marker, dump, "shared", "any") },
+			[]string{"uffdrestore-preload: open " + marker + ": the snapshot has 2 regions: name one", "FAIL open: No such device or address"}},
 		{"preload, no such region", func() *exec.Cmd { return direct(sock, marker+"=#3", "dump", marker, dump, "shared", "any") },
 			[]string{"uffdrestore-preload: open " + marker + ": region #3 does not exist", "FAIL open: No such device or address"}},
-		{"preload, no such region name", func() *exec.Cmd { return direct(sock, marker+"=heap", "dump", marker, dump, "shared", "any") },
-			[]string{`no region "heap"`, "FAIL open: No such device or address"}},
-		{"oversized mmap", func() *exec.Cmd { return direct(sock, marker, "mapbig", marker) },
-			[]string{"goes past the end of region #0", "mmap: Invalid argument"}},
-		{"ftruncate", func() *exec.Cmd { return direct(sock, marker, "truncate", marker) },
+		{"preload, no such region name", func() *exec.Cmd { return direct(sock, marker+"=nosuch", "dump", marker, dump, "shared", "any") },
+			[]string{`no region "nosuch"`, "FAIL open: No such device or address"}},
+		{"oversized mmap", func() *exec.Cmd { return direct(sock, marker+"=heap", "mapbig", marker) },
+			[]string{"goes past the end of region #1", "mmap: Invalid argument"}},
+		{"ftruncate", func() *exec.Cmd { return direct(sock, marker+"=#1", "truncate", marker) },
 			[]string{"cannot grow", "ok ftruncate(size+1): File too large"}},
 	}
 	startLoad(t, "ready: serving", 30*time.Second, f.snap, "--socket", sock, "--backing", "shmem")
