@@ -170,6 +170,15 @@ func TestRunOracle(t *testing.T) {
 			if out, code := combined(t, f.run(append(maps, f.prog, "scribble", marker2, "170")...)); code != 0 || !strings.HasPrefix(out, "ok ") {
 				t.Fatalf("scribble: exit %d: %s", code, out)
 			}
+			// fork: with fork events (root) the child reads its inherited
+			// mapping; a child that opens and maps the marker itself works.
+			fo := filepath.Join(f.dir, backing+".fork")
+			if out, code := combined(t, f.run(append(maps, f.prog, "fork", marker, fo)...)); code != 0 || !strings.Contains(out, "inherit: exit 0") || !strings.Contains(out, "reopen: exit 0") {
+				t.Fatalf("fork: exit %d: %s", code, out)
+			}
+			f.checkDump(t, fo, 0)
+			f.checkDump(t, fo+".inherit", 0)
+			f.checkDump(t, fo+".reopen", 0)
 			dump := filepath.Join(f.dir, backing+".after")
 			// A relative marker path, by region index, private at a fixed address.
 			cmd := f.run("--socket", sock, "--map", "m=#1", "--", f.prog, "dump", "./m", dump, "shared", "fixed")
@@ -240,6 +249,15 @@ func TestRunNonRoot(t *testing.T) {
 		t.Fatalf("uid 65534: exit %d: %s", code, o)
 	}
 	f.checkDump(t, dump, 1)
+	// Without fork events (no CAP_SYS_PTRACE) a child has no mapping where
+	// the parent's was (a touch is SIGSEGV, never zeros); mapping the marker
+	// itself works.
+	fo := filepath.Join(out, "fork")
+	if o, code := combined(t, as(65534, f.prog, "fork", filepath.Join(f.dir, "ram"), fo)); code != 0 || !strings.Contains(o, "inherit: signal 11") || !strings.Contains(o, "reopen: exit 0") {
+		t.Fatalf("uid 65534 fork: exit %d: %s", code, o)
+	}
+	f.checkDump(t, fo, 1)
+	f.checkDump(t, fo+".reopen", 1)
 	o, code := combined(t, as(65533, f.prog, "dump", filepath.Join(f.dir, "ram"), dump+"2", "private", "any"))
 	if code == 0 || !strings.Contains(o, "uid 65533 may not attach") || !strings.Contains(o, "--allow-uid 65533") {
 		t.Fatalf("uid 65533 (not allowed): exit %d, want the refusal naming --allow-uid: %s", code, o)
