@@ -125,13 +125,21 @@ func combined(t *testing.T, cmd *exec.Cmd) (string, int) {
 	return out.String(), code
 }
 
-// TestRunOracle: an unmodified program under `uffdrestore run` opens a marker,
+// TestRun runs an unmodified C program under `uffdrestore run` against
+// `uffdrestore load` (one fixture for the subtests: building it is most of the time).
+func TestRun(t *testing.T) {
+	f := runSetup(t)
+	t.Run("Oracle", func(t *testing.T) { testRunOracle(t, f) })
+	t.Run("NonRoot", func(t *testing.T) { testRunNonRoot(t, f) })
+	t.Run("Errors", func(t *testing.T) { testRunErrors(t, f) })
+}
+
+// testRunOracle: an unmodified program under `uffdrestore run` opens a marker,
 // checks its size, and maps it shared and private, fixed and not: every byte
 // equals `snapshot extract`; a private mapping that writes leaves what the
 // next process reads alone; processes reading at once share one fill (each
 // unit filled once). shmem and hugetlb memfd backings.
-func TestRunOracle(t *testing.T) {
-	f := runSetup(t)
+func testRunOracle(t *testing.T, f *runFixture) {
 	for _, backing := range []string{"shmem", "memfd"} {
 		t.Run(backing, func(t *testing.T) {
 			if backing == "memfd" {
@@ -214,12 +222,11 @@ func TestRunOracle(t *testing.T) {
 	}
 }
 
-// TestRunNonRoot: uid 65534 runs the program under `uffdrestore run` (the
+// testRunNonRoot: uid 65534 runs the program under `uffdrestore run` (the
 // preload found next to the binary) against a server that allows it and
 // reads the snapshot; a uid the server does not allow gets the clear error.
-func TestRunNonRoot(t *testing.T) {
+func testRunNonRoot(t *testing.T, f *runFixture) {
 	testutil.RequireRoot(t)
-	f := runSetup(t)
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -236,7 +243,7 @@ func TestRunNonRoot(t *testing.T) {
 	if err := os.Mkdir(out, 0o777); err != nil || os.Chmod(out, 0o777) != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(f.dir, "s.sock")
+	sock := filepath.Join(f.dir, "nonroot.sock")
 	startLoad(t, "ready: serving", 30*time.Second, f.snap, "--socket", sock, "--backing", "shmem", "--allow-uid", "65534", "--socket-mode", "0666")
 	as := func(uid uint32, args ...string) *exec.Cmd {
 		cmd := doctorCmd(bin, append([]string{"run", "--socket", sock, "--map", filepath.Join(f.dir, "ram") + "=#1", "--"}, args...)...)
@@ -264,12 +271,11 @@ func TestRunNonRoot(t *testing.T) {
 	}
 }
 
-// TestRunErrors: the launcher's and the preload's named errors, each a
+// testRunErrors: the launcher's and the preload's named errors, each a
 // failing call or exit (never a crash or a hang): server down, a region
 // that does not exist, an mmap larger than the region; and ftruncate.
-func TestRunErrors(t *testing.T) {
-	f := runSetup(t)
-	sock := filepath.Join(f.dir, "s.sock")
+func testRunErrors(t *testing.T, f *runFixture) {
+	sock := filepath.Join(f.dir, "errors.sock")
 	marker := filepath.Join(f.dir, "ram")
 	// The preload alone (no launcher checks first).
 	direct := func(sock, mapv string, args ...string) *exec.Cmd {
