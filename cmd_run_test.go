@@ -32,14 +32,7 @@ func runSetup(t *testing.T) *runFixture {
 	if _, err := exec.LookPath("gcc"); err != nil {
 		testutil.Skip(t, "cannot build the preload library: %v", err)
 	}
-	dir, err := os.MkdirTemp("", "uffdrestore-run-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	dir := testutil.SharedTempDir(t)
 	f := &runFixture{dir: dir, preload: filepath.Join(dir, preloadName), prog: filepath.Join(dir, "prog")}
 	cf := []string{"-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-Icsrc"}
 	for _, args := range [][]string{
@@ -245,18 +238,7 @@ func testRunOracle(t *testing.T, f *runFixture) {
 // reads the snapshot; a uid the server does not allow gets the clear error.
 func testRunNonRoot(t *testing.T, f *runFixture) {
 	testutil.RequireRoot(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(exe)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(f.dir, "uffdrestore.test")
-	if err := os.WriteFile(bin, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	bin := testutil.CopyTestBinary(t, f.dir, "uffdrestore.test") // beside the preload: run finds it there
 	out := filepath.Join(f.dir, "out")
 	if err := os.Mkdir(out, 0o777); err != nil || os.Chmod(out, 0o777) != nil {
 		t.Fatal(err)

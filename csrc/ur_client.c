@@ -1308,36 +1308,11 @@ static int attach_common(const char *socket_path, const struct ur_attach_opts *o
 	rc = validate_hello(&m, last_err);
 	if (rc < 0)
 		goto reject;
-	if (connect_only) {
-		/* ur_connect: the program maps the backing itself and hands its
-		 * mappings over with ur_attach_mappings (the attach is sent then). */
-		s->page_size = m.page_size;
-		s->chunk_size = m.chunk_size;
-		s->file_size = m.file_size;
-		snprintf(s->backing, sizeof s->backing, "%s", m.backing);
-		s->snapshot = m.snapshot ? m.snapshot : strdup("");
-		m.snapshot = NULL;
-		snprintf(s->snapshot_id, sizeof s->snapshot_id, "%s", m.snapshot_id);
-		s->reattach_ms = -1; /* mappings the program made are not re-attached */
-		msg_free(&m);
-		rc = recv_regions(s, buf, m.region_count, last_err);
-		if (rc < 0)
-			goto reject;
-		rc = validate_regions(s->regions, s->nregions, s->page_size, s->file_size, last_err);
-		if (rc < 0)
-			goto reject;
-		s->backing_fd = backing;
-		s->pending = 1;
-		s->fork_events = !opts->no_fork_events;
-		free(buf);
-		*out = s;
-		return 0;
-	}
 	/* A server with read-only targets sends an O_RDONLY fd: only a
 	 * MAP_PRIVATE mapping of it can be registered (the kernel refuses
 	 * UFFDIO_REGISTER on a shared mapping the process may not write). */
 	int accmode = fcntl(backing, F_GETFL);
-	if (accmode >= 0 && (accmode & O_ACCMODE) == O_RDONLY && !opts->private_mapping) {
+	if (accmode >= 0 && (accmode & O_ACCMODE) == O_RDONLY && !opts->private_mapping && !connect_only) {
 		seterr(last_err, "the server gives read-only access to the snapshot (load --read-only-targets): "
 				 "map it private (--private, private_mapping)");
 		rc = -EACCES;
@@ -1360,6 +1335,18 @@ static int attach_common(const char *socket_path, const struct ur_attach_opts *o
 	rc = validate_regions(s->regions, s->nregions, s->page_size, s->file_size, last_err);
 	if (rc < 0)
 		goto reject;
+	s->fork_events = !opts->no_fork_events;
+	if (connect_only) {
+		/* ur_connect: the program maps the backing itself and hands its
+		 * mappings over with ur_attach_mappings (the attach is sent then).
+		 * Mappings the program made are not re-attached. */
+		s->reattach_ms = -1;
+		s->backing_fd = backing;
+		s->pending = 1;
+		free(buf);
+		*out = s;
+		return 0;
+	}
 
 	/* 2. A userfaultfd with the features this backing needs. */
 	int hugetlb = !strcmp(s->backing, "hugetlb");
@@ -1420,7 +1407,6 @@ static int attach_common(const char *socket_path, const struct ur_attach_opts *o
 	/* Kept: to hand it back to a restarted server (PROTOCOL.md 5.1), and
 	 * for the program to map (ur_session_backing_fd). */
 	s->backing_fd = backing;
-	s->fork_events = !opts->no_fork_events;
 	backing = -1;
 
 	/* 4. attach + the userfaultfd, then the mappings in batches. */
@@ -1556,6 +1542,28 @@ static int check_is_backing(const char *maps, uintptr_t addr, size_t len, uint64
 	return 0;
 }
 
+/* Receives count regions on sock (after a hello) and checks they are s's:
+ * the same offset, size and length each; UR_ESNAPSHOT otherwise. */
+static int recv_same_regions(struct ur_session *s, int sock, char *buf, uint64_t count, const char *what)
+{
+	struct ur_session t;
+	memset(&t, 0, sizeof(t));
+	t.sock = sock;
+	t.timeout_ms = s->timeout_ms;
+	int rc = recv_regions(&t, buf, count, s->err);
+	for (size_t i = 0; rc == 0 && i < t.nregions; i++) {
+		const struct ur_region *a = &t.regions[i], *b = &s->regions[i];
+		if (a->offset != b->offset || a->size != b->size || a->length != b->length) {
+			seterr(s->err, "%s: region %zu of the server now on %s is not the one this target maps", what, i, s->path);
+			rc = UR_ESNAPSHOT;
+		}
+	}
+	for (size_t i = 0; i < t.nregions; i++)
+		free((char *)t.regions[i].name);
+	free(t.regions);
+	return rc;
+}
+
 /* Connects one more time to the session's server for another attach: the
  * server must be trusted (as in ur_attach) and serve the same snapshot,
  * layout and backing file. Returns the socket or < 0. */
@@ -1613,21 +1621,7 @@ static int link_connect(struct ur_session *s, char *buf)
 	msg_free(&m);
 	if (rc < 0)
 		goto fail;
-	struct ur_session t;
-	memset(&t, 0, sizeof(t));
-	t.sock = sock;
-	t.timeout_ms = s->timeout_ms;
-	rc = recv_regions(&t, buf, count, s->err);
-	for (size_t i = 0; rc == 0 && i < t.nregions; i++) {
-		const struct ur_region *x = &t.regions[i], *y = &s->regions[i];
-		if (x->offset != y->offset || x->size != y->size || x->length != y->length) {
-			seterr(s->err, "region %zu of the server now on %s is not this session's", i, s->path);
-			rc = UR_ESNAPSHOT;
-		}
-	}
-	for (size_t i = 0; i < t.nregions; i++)
-		free((char *)t.regions[i].name);
-	free(t.regions);
+	rc = recv_same_regions(s, sock, buf, count, "attach");
 	if (rc < 0)
 		goto fail;
 	return sock;
@@ -1963,21 +1957,7 @@ static int reattach_once(struct ur_session *s, int sock, char *buf)
 	if (rc < 0)
 		return rc;
 	/* Its regions must be ours. */
-	struct ur_session t;
-	memset(&t, 0, sizeof(t));
-	t.sock = sock;
-	t.timeout_ms = s->timeout_ms;
-	rc = recv_regions(&t, buf, count, s->err);
-	for (size_t i = 0; rc == 0 && i < t.nregions; i++) {
-		const struct ur_region *a = &t.regions[i], *b = &s->regions[i];
-		if (a->offset != b->offset || a->size != b->size || a->length != b->length) {
-			seterr(s->err, "reattach: region %zu of the server now on %s is not the one this target maps", i, s->path);
-			rc = UR_ESNAPSHOT;
-		}
-	}
-	for (size_t i = 0; i < t.nregions; i++)
-		free((char *)t.regions[i].name);
-	free(t.regions);
+	rc = recv_same_regions(s, sock, buf, count, "reattach");
 	if (rc < 0)
 		return rc;
 	size_t nmapped = 0;

@@ -481,81 +481,36 @@ static uint64_t region_size(long idx)
 	return ur_session_region(sess, (size_t)idx)->size;
 }
 
-EXPORT int open(const char *path, int flags, ...)
-{
-	mode_t mode = 0;
-	if (flags & (O_CREAT | __O_TMPFILE)) {
-		va_list ap;
-		va_start(ap, flags);
-		mode = va_arg(ap, mode_t);
-		va_end(ap);
+/* open, open64, openat, openat64 (mode only with O_CREAT or O_TMPFILE), and
+ * glibc's fortified __open_2 ... forms. */
+#define OPEN_VARIADIC(name, params, dirfd, ...)                                              \
+	EXPORT int name params                                                               \
+	{                                                                                    \
+		mode_t mode = 0;                                                             \
+		if (flags & (O_CREAT | __O_TMPFILE)) {                                       \
+			va_list ap;                                                          \
+			va_start(ap, flags);                                                 \
+			mode = va_arg(ap, mode_t);                                           \
+			va_end(ap);                                                          \
+		}                                                                            \
+		int mi = marker_of(dirfd, path);                                             \
+		return mi < 0 ? fresh(get_##name()(__VA_ARGS__, mode)) : open_marker(mi, flags); \
 	}
-	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? fresh(get_open()(path, flags, mode)) : open_marker(mi, flags);
-}
-
-EXPORT int open64(const char *path, int flags, ...)
-{
-	mode_t mode = 0;
-	if (flags & (O_CREAT | __O_TMPFILE)) {
-		va_list ap;
-		va_start(ap, flags);
-		mode = va_arg(ap, mode_t);
-		va_end(ap);
+#define OPEN_FORTIFIED(name, params, dirfd, ...)                                             \
+	EXPORT int name params                                                               \
+	{                                                                                    \
+		int mi = marker_of(dirfd, path);                                             \
+		return mi < 0 ? fresh(get_##name()(__VA_ARGS__)) : open_marker(mi, flags);     \
 	}
-	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? fresh(get_open64()(path, flags, mode)) : open_marker(mi, flags);
-}
 
-EXPORT int __open_2(const char *path, int flags)
-{
-	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? fresh(get___open_2()(path, flags)) : open_marker(mi, flags);
-}
-
-EXPORT int __open64_2(const char *path, int flags)
-{
-	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? fresh(get___open64_2()(path, flags)) : open_marker(mi, flags);
-}
-
-EXPORT int openat(int dirfd, const char *path, int flags, ...)
-{
-	mode_t mode = 0;
-	if (flags & (O_CREAT | __O_TMPFILE)) {
-		va_list ap;
-		va_start(ap, flags);
-		mode = va_arg(ap, mode_t);
-		va_end(ap);
-	}
-	int mi = marker_of(dirfd, path);
-	return mi < 0 ? fresh(get_openat()(dirfd, path, flags, mode)) : open_marker(mi, flags);
-}
-
-EXPORT int openat64(int dirfd, const char *path, int flags, ...)
-{
-	mode_t mode = 0;
-	if (flags & (O_CREAT | __O_TMPFILE)) {
-		va_list ap;
-		va_start(ap, flags);
-		mode = va_arg(ap, mode_t);
-		va_end(ap);
-	}
-	int mi = marker_of(dirfd, path);
-	return mi < 0 ? fresh(get_openat64()(dirfd, path, flags, mode)) : open_marker(mi, flags);
-}
-
-EXPORT int __openat_2(int dirfd, const char *path, int flags)
-{
-	int mi = marker_of(dirfd, path);
-	return mi < 0 ? fresh(get___openat_2()(dirfd, path, flags)) : open_marker(mi, flags);
-}
-
-EXPORT int __openat64_2(int dirfd, const char *path, int flags)
-{
-	int mi = marker_of(dirfd, path);
-	return mi < 0 ? fresh(get___openat64_2()(dirfd, path, flags)) : open_marker(mi, flags);
-}
+OPEN_VARIADIC(open, (const char *path, int flags, ...), AT_FDCWD, path, flags)
+OPEN_VARIADIC(open64, (const char *path, int flags, ...), AT_FDCWD, path, flags)
+OPEN_VARIADIC(openat, (int dirfd, const char *path, int flags, ...), dirfd, dirfd, path, flags)
+OPEN_VARIADIC(openat64, (int dirfd, const char *path, int flags, ...), dirfd, dirfd, path, flags)
+OPEN_FORTIFIED(__open_2, (const char *path, int flags), AT_FDCWD, path, flags)
+OPEN_FORTIFIED(__open64_2, (const char *path, int flags), AT_FDCWD, path, flags)
+OPEN_FORTIFIED(__openat_2, (int dirfd, const char *path, int flags), dirfd, dirfd, path, flags)
+OPEN_FORTIFIED(__openat64_2, (int dirfd, const char *path, int flags), dirfd, dirfd, path, flags)
 
 static FILE *fopen_marker(int mi, const char *mode)
 {

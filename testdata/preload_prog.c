@@ -119,18 +119,8 @@ int main(int argc, char **argv)
 		unsigned char *a = map(fd, size, shared, fixed);
 		if (a == MAP_FAILED)
 			return die("mmap");
-		FILE *out = fopen(argv[3], "w");
-		if (!out)
-			return die("fopen OUT");
-		static unsigned char buf[1 << 16];
-		for (size_t o = 0; o < size; o += sizeof buf) {
-			size_t n = size - o < sizeof buf ? size - o : sizeof buf;
-			memcpy(buf, a + o, n);
-			if (fwrite(buf, 1, n, out) != n)
-				return die("fwrite");
-		}
-		if (fclose(out) != 0)
-			return die("fclose");
+		if (copy_out(a, size, argv[3]) != 0)
+			return 1;
 		/* A second mapping of the same file (through a dup of the fd),
 		 * the other kind, anywhere. */
 		unsigned char *b = map(dup(fd), size, !shared, 0);
