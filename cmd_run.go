@@ -15,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/uffdrestore/uffdrestore/restore/attach"
+	"golang.org/x/sys/unix"
 )
 
 // The environment the preload library (csrc/ur_preload.c) reads.
@@ -22,6 +23,7 @@ const (
 	envPreloadSocket    = "UFFDRESTORE_SOCKET"
 	envPreloadMap       = "UFFDRESTORE_MAP"
 	envPreloadServerUID = "UFFDRESTORE_SERVER_UID"
+	envPreloadSocketFD  = "UFFDRESTORE_SOCKET_FD" // run's checked connection, for the preload to take over
 	preloadName         = "libuffdrestore-preload.so"
 )
 
@@ -40,7 +42,8 @@ is a no-op; MAP_SHARED, MAP_PRIVATE (copy-on-write clones) and MAP_FIXED work.
 --map PATH[=REGION]: REGION is a region name or #INDEX (default: the
 snapshot's only region); repeat --map for more markers. Before starting CMD,
 run checks that the server is reachable and trusted (root, this uid or
---server-uid) and that every region exists. A non-root CMD works when the
+--server-uid) and that every #INDEX exists, and hands its connection to CMD
+(so the check is not a target that comes and goes: "load --once" serves CMD). A non-root CMD works when the
 server allows its uid (load --allow-uid). The preload prints one line
 "uffdrestore-preload: ..." and fails the call with an errno on any error.
 
@@ -84,75 +87,96 @@ func parseRunMaps(specs []string) ([]runMarker, error) {
 	return out, nil
 }
 
-// regionIndex resolves a --map region against the server's hello.
-func regionIndex(h *attach.Hello, region string) (int, error) {
-	names := func() string {
-		var b []string
-		for i, r := range h.Regions {
-			if len(b) == 20 {
-				b = append(b, "...")
-				break
-			}
-			b = append(b, fmt.Sprintf("#%d %q", i, r.Name))
-		}
-		return strings.Join(b, ", ")
-	}
-	var idx int
+// checkRegion checks a --map region against what the hello says: how many
+// regions there are (their names come after it; the preload checks a name
+// when the program opens the marker).
+func checkRegion(h *attach.Hello, region string) error {
 	switch {
 	case region == "":
-		if len(h.Regions) != 1 {
-			return 0, fmt.Errorf("the snapshot has %d regions (%s): name one, PATH=NAME or PATH=#INDEX", len(h.Regions), names())
+		if h.RegionCount != 1 {
+			return fmt.Errorf("the snapshot has %d regions: name one, PATH=NAME or PATH=#INDEX (`uffdrestore snapshot info` lists them)", h.RegionCount)
 		}
 	case strings.HasPrefix(region, "#"):
 		n, err := strconv.Atoi(region[1:])
-		if err != nil || n < 0 || n >= len(h.Regions) {
-			return 0, fmt.Errorf("region %s does not exist: the snapshot has regions #0..#%d", region, len(h.Regions)-1)
+		if err != nil || n < 0 || n >= h.RegionCount {
+			return fmt.Errorf("region %s does not exist: the snapshot has regions #0..#%d", region, h.RegionCount-1)
 		}
-		idx = n
-	default:
-		found := h.Find(region)
-		if len(found) == 0 {
-			return 0, fmt.Errorf("the snapshot has no region %q (its regions: %s)", region, names())
-		}
-		if len(found) > 1 {
-			return 0, fmt.Errorf("several regions are named %q: name one by index, PATH=#INDEX", region)
-		}
-		idx = found[0]
 	}
-	if h.Regions[idx].Size == 0 {
-		return 0, fmt.Errorf("region #%d %q is empty: nothing to map", idx, h.Regions[idx].Name)
-	}
-	return idx, nil
+	return nil
 }
 
-// probeServer connects to the server as the program will (this uid), checks
-// it is trusted and returns its hello; it attaches nothing.
-func probeServer(path string, serverUID uint32) (*attach.Hello, error) {
+// probeServer connects to the server as the program will (this uid) and
+// checks it is trusted; it peeks at the hello (leaving it, and its backing
+// fd, in the socket) and returns it without its regions (they follow in
+// batches), and the connection, which the program's preload library takes
+// over (UFFDRESTORE_SOCKET_FD): so the check is no target that came and went,
+// which would end a `load --once`.
+func probeServer(path string, serverUID uint32) (*attach.Hello, *os.File, error) {
 	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
 	if err != nil {
 		hint := ""
 		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
 			hint = ": is the server running? start `uffdrestore load SNAPSHOT --socket " + path + "` first"
 		}
-		return nil, fmt.Errorf("cannot reach the server on %s: %w%s", path, err, hint)
+		return nil, nil, fmt.Errorf("cannot reach the server on %s: %w%s", path, err, hint)
 	}
 	defer c.Close()
 	if err := attach.CheckServer(c, path, serverUID); err != nil {
-		return nil, fmt.Errorf("%w (uffdrestore run --server-uid)", err)
+		return nil, nil, fmt.Errorf("%w (uffdrestore run --server-uid)", err)
 	}
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	h, fds, err := attach.RecvHello(func() ([]byte, []int, error) { return attach.RecvMsg(c) })
-	attach.CloseFDs(fds)
+	raw, err := peekMsg(c, 10*time.Second)
 	if err != nil {
+		return nil, nil, fmt.Errorf("the server on %s: %w", path, err)
+	}
+	var h attach.Hello
+	if err := attach.Decode(raw, attach.TypeHello, &h); err != nil {
 		if errors.Is(err, attach.ErrRefused) && strings.Contains(err.Error(), "may not attach") {
-			return nil, fmt.Errorf("%w: start the server with --allow-uid %d", err, os.Geteuid())
+			return nil, nil, fmt.Errorf("%w: start the server with --allow-uid %d", err, os.Geteuid())
 		}
+		return nil, nil, err
+	}
+	if err := h.ValidateHeader(); err != nil {
+		return nil, nil, err
+	}
+	f, err := c.File() // a duplicate, close-on-exec
+	if err != nil {
+		return nil, nil, err
+	}
+	return &h, f, nil
+}
+
+// peekMsg returns the next message on c without taking it (MSG_PEEK);
+// file descriptors the peek installs are closed.
+func peekMsg(c *net.UnixConn, d time.Duration) ([]byte, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
 		return nil, err
 	}
-	// Say why we hang up, so the server's log does not show a mystery.
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	attach.SendMsg(c, attach.Reply{Type: attach.TypeError, Error: "uffdrestore run checked the server before starting its program (no attach)"})
-	return &h, nil
+	c.SetReadDeadline(time.Now().Add(d))
+	defer c.SetReadDeadline(time.Time{})
+	buf, oob := make([]byte, attach.MaxMsgSize+1), make([]byte, unix.CmsgSpace(4*4))
+	var n, oobn int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_PEEK|unix.MSG_CMSG_CLOEXEC|unix.MSG_DONTWAIT)
+		return rerr != unix.EAGAIN
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	if cms, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+		for _, cm := range cms {
+			fds, _ := unix.ParseUnixRights(&cm)
+			attach.CloseFDs(fds)
+		}
+	}
+	if n == 0 {
+		return nil, attach.ErrClosed
+	}
+	return buf[:n], nil
 }
 
 // findPreload is --preload, or the library next to this executable.
@@ -192,6 +216,7 @@ func runEnv(env []string, preload, socket string, maps []runMarker, serverUID st
 		envPreloadSocket:    socket,
 		envPreloadMap:       strings.Join(mapv, ":"),
 		envPreloadServerUID: serverUID,
+		envPreloadSocketFD:  "", // only run's own (cmdRun adds it)
 		"LD_PRELOAD":        preload,
 	}
 	var out []string
@@ -241,20 +266,25 @@ func cmdRun(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit("run: --socket: "+err.Error(), 2)
 	}
-	h, err := probeServer(socket, serverUID)
-	if err != nil {
-		return cli.Exit("run: "+err.Error(), 1)
-	}
-	for _, m := range maps {
-		if _, err := regionIndex(h, m.region); err != nil {
-			return cli.Exit(fmt.Sprintf("run: --map %s: %v", m.path, err), 1)
-		}
-	}
 	bin, err := exec.LookPath(args[0])
 	if err != nil {
 		return cli.Exit("run: "+err.Error(), 127)
 	}
+	h, conn, err := probeServer(socket, serverUID)
+	if err != nil {
+		return cli.Exit("run: "+err.Error(), 1)
+	}
+	for _, m := range maps {
+		if err := checkRegion(h, m.region); err != nil {
+			return cli.Exit(fmt.Sprintf("run: --map %s: %v", m.path, err), 1)
+		}
+	}
+	// The connection goes to the program (the preload takes it over).
+	if _, err := unix.FcntlInt(conn.Fd(), unix.F_SETFD, 0); err != nil {
+		return cli.Exit("run: "+err.Error(), 1)
+	}
 	env := runEnv(os.Environ(), preload, socket, maps, c.String("server-uid"))
+	env = append(env, envPreloadSocketFD+"="+strconv.Itoa(int(conn.Fd())))
 	err = syscall.Exec(bin, args, env)
 	return cli.Exit(fmt.Sprintf("run: exec %s: %v", bin, err), 126)
 }

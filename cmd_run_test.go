@@ -142,6 +142,28 @@ func TestRun(t *testing.T) {
 	t.Run("Oracle", func(t *testing.T) { testRunOracle(t, f) })
 	t.Run("NonRoot", func(t *testing.T) { testRunNonRoot(t, f) })
 	t.Run("Errors", func(t *testing.T) { testRunErrors(t, f) })
+	t.Run("Once", func(t *testing.T) { testRunOnce(t, f) })
+}
+
+// testRunOnce: run's check of the server is no target of its own (the
+// program's preload takes its connection over), so `load --once` serves the
+// program and exits 0 when it is done.
+func testRunOnce(t *testing.T, f *runFixture) {
+	sock := filepath.Join(f.dir, "once.sock")
+	ld, lderr := startLoad(t, "ready: serving", 30*time.Second, f.snap, "--socket", sock, "--backing", "shmem", "--once")
+	dump := filepath.Join(f.dir, "once.dump")
+	marker := filepath.Join(f.dir, "ram")
+	cmd := f.run("--socket", sock, "--map", marker+"=#0", "--", f.prog, "dump", marker, dump, "private", "fixed")
+	if out, code := combined(t, cmd); code != 0 {
+		t.Fatalf("run against load --once: exit %d: %s\nload:\n%s", code, out, lderr.String())
+	}
+	f.checkDump(t, dump, 0)
+	if code := waitExit(t, ld, 30*time.Second); code != 0 {
+		t.Fatalf("load --once exited %d:\n%s", code, lderr.String())
+	}
+	if n := strings.Count(lderr.String(), "attached:"); n != 2 || strings.Contains(lderr.String(), "refused") {
+		t.Errorf("want the program's two attaches and nothing refused:\n%s", lderr.String())
+	}
 }
 
 // testRunOracle: an unmodified program under `uffdrestore run` opens a marker,

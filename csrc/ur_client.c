@@ -1193,20 +1193,23 @@ static int send_mappings(struct ur_session *s, char *buf, int private_mapping)
 }
 
 static int attach_common(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out,
-			 int connect_only);
+			 int connect_only, int sock);
 
 int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out)
 {
-	return attach_common(socket_path, opts, out, 0);
+	return attach_common(socket_path, opts, out, 0, -1);
 }
 
 int ur_connect(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out)
 {
-	return attach_common(socket_path, opts, out, 1);
+	return attach_common(socket_path, opts, out, 1, -1);
 }
 
+/* sock >= 0: a socket connected to socket_path already, the hello unread
+ * (the preload library's, handed over by `uffdrestore run`); it is the
+ * session's, also when this fails. */
 static int attach_common(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out,
-			 int connect_only)
+			 int connect_only, int sock)
 {
 	static const struct ur_attach_opts defaults;
 	struct msg m;
@@ -1218,6 +1221,8 @@ static int attach_common(const char *socket_path, const struct ur_attach_opts *o
 	last_err[0] = 0;
 	if (!out || !socket_path) {
 		seterr(last_err, "ur_attach: NULL argument");
+		if (sock >= 0)
+			close(sock);
 		return -EINVAL;
 	}
 	*out = NULL;
@@ -1229,6 +1234,8 @@ static int attach_common(const char *socket_path, const struct ur_attach_opts *o
 		free(s);
 		free(buf);
 		seterr(last_err, "out of memory");
+		if (sock >= 0)
+			close(sock);
 		return -ENOMEM;
 	}
 	s->sock = -1;
@@ -1254,13 +1261,13 @@ static int attach_common(const char *socket_path, const struct ur_attach_opts *o
 		goto fail;
 	}
 	strcpy(sa.sun_path, socket_path);
-	s->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	s->sock = sock >= 0 ? sock : socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (s->sock < 0) {
 		rc = -errno;
 		seterr(last_err, "socket: %s", strerror(errno));
 		goto fail;
 	}
-	if (connect(s->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+	if (sock < 0 && connect(s->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		rc = -errno;
 		seterr(last_err, "connect to %s: %s", socket_path, strerror(errno));
 		goto fail;

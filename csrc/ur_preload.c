@@ -10,7 +10,9 @@
  * MARKER[=REGION]: MARKER is a path (need not exist; compared after making it
  * absolute), REGION a region name or #INDEX (default: the snapshot's only
  * region). UFFDRESTORE_SERVER_UID names one more uid the server may run as
- * (besides root and the program's own uid).
+ * (besides root and the program's own uid). UFFDRESTORE_SOCKET_FD, when
+ * `uffdrestore run` sets it, is its connection to the server (checked,
+ * hello unread): the first session uses it instead of connecting.
  *
  * When the program opens a marker (open, open64, __open_2, __open64_2,
  * openat, openat64, __openat_2, __openat64_2, fopen, fopen64) the library
@@ -60,6 +62,11 @@ static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static struct ur_session *sess;
 static pid_t sess_pid;
+/* UFFDRESTORE_SOCKET_FD: the connection `uffdrestore run` made to check the
+ * server (hello unread), used for the first session, so that the check is
+ * not a target that came and went (which would end a `load --once`). */
+static int handed_fd = -1;
+static pid_t handed_pid;
 
 /* Per fd: 1 + the region index of a marker fd, 0 otherwise; and its position. */
 static _Atomic int fd_region[UR_PRELOAD_MAXFD];
@@ -300,7 +307,19 @@ static struct ur_session *session(const char *what)
 	const char *su = getenv("UFFDRESTORE_SERVER_UID");
 	if (su && *su)
 		o.server_uid = (uint32_t)strtoul(su, NULL, 10);
-	int rc = ur_connect(sock, &o, &sess);
+	int rc = UR_ECLOSED;
+	if (handed_fd >= 0 && handed_pid != getpid()) { /* the parent's */
+		get_close()(handed_fd);
+		handed_fd = -1;
+	}
+	if (handed_fd >= 0) {
+		/* The server may have given up waiting for an attach on it (its
+		 * handshake timeout): then connect again. */
+		rc = attach_common(sock, &o, &sess, 1, handed_fd);
+		handed_fd = -1;
+	}
+	if (rc == UR_ECLOSED || rc == UR_EREFUSED || rc == -ECONNRESET || rc == -EPIPE)
+		rc = ur_connect(sock, &o, &sess);
 	if (rc < 0) {
 		const char *fix = "";
 		if (rc == -ENOENT || rc == -ECONNREFUSED)
@@ -453,7 +472,29 @@ static void after_fork_child(void)
 	pthread_mutex_init(&lock, &a);
 	pthread_mutexattr_destroy(&a);
 }
-__attribute__((constructor)) static void preload_init(void) { pthread_atfork(before_fork, after_fork, after_fork_child); }
+__attribute__((constructor)) static void preload_init(void)
+{
+	pthread_atfork(before_fork, after_fork, after_fork_child);
+	const char *v = getenv("UFFDRESTORE_SOCKET_FD"), *path = getenv("UFFDRESTORE_SOCKET");
+	if (!v)
+		return;
+	/* Only this process uses it: not its children, nor what it executes. */
+	char *end;
+	long fd = strtol(v, &end, 10);
+	unsetenv("UFFDRESTORE_SOCKET_FD");
+	int type = 0;
+	socklen_t tl = sizeof type;
+	struct sockaddr_un sa;
+	socklen_t sl = sizeof sa;
+	if (*end || end == v || fd < 0 || fd > INT_MAX || !path ||
+	    getsockopt((int)fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_SEQPACKET ||
+	    getpeername((int)fd, (struct sockaddr *)&sa, &sl) < 0 || sa.sun_family != AF_UNIX)
+		return; /* not a connection to a server: leave the fd alone */
+	/* Who the server is, is checked when it is used (as for any connection). */
+	fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+	handed_fd = (int)fd;
+	handed_pid = getpid();
+}
 
 /* An fd a real open returned is no marker (whatever a close we did not
  * see, such as close_range, left in its entry). */
