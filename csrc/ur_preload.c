@@ -609,6 +609,7 @@ static void *mmap_marker(long idx, void *addr, size_t len, int prot, int flags, 
 	const struct ur_region *r = ur_session_region(sess, (size_t)idx);
 	uint64_t ps = ur_session_page_size(sess);
 	uint64_t mlen = ((uint64_t)len + ps - 1) / ps * ps;
+	int type = flags & MAP_TYPE;
 	if (len == 0 || off < 0 || (uint64_t)off % ps) {
 		say(PFX "%s: the offset must be a multiple of the backing's page size %llu", what, (unsigned long long)ps);
 		goto out;
@@ -618,10 +619,13 @@ static void *mmap_marker(long idx, void *addr, size_t len, int prot, int flags, 
 		    what, (unsigned long long)mlen, (unsigned long long)ps, idx, r->name, (unsigned long long)r->size);
 		goto out;
 	}
-	int type = flags & MAP_TYPE;
 	void *a = get_mmap()(addr, mlen, prot, flags & ~MAP_POPULATE, fd, (off_t)(r->offset + (uint64_t)off));
 	if (a == MAP_FAILED) {
 		e = errno;
+		int am = fcntl(fd, F_GETFL);
+		if (e == EACCES && am >= 0 && (am & O_ACCMODE) == O_RDONLY && type != MAP_PRIVATE && (prot & PROT_WRITE))
+			say(PFX "%s: the server gives read-only access to the snapshot (load --read-only-targets): map it MAP_PRIVATE (for QEMU: share=off)",
+			    what);
 		goto out;
 	}
 	int rc = ur_attach_mapping(sess, a, mlen, (size_t)idx, (uint64_t)off, type == MAP_PRIVATE ? MAP_PRIVATE : MAP_SHARED);
