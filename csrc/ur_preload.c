@@ -26,7 +26,10 @@
  * (file offset 0 = the region's first byte) with the program's flags
  * (MAP_SHARED or MAP_PRIVATE, MAP_FIXED or not; MAP_POPULATE is dropped) and
  * registers the mapping (ur_attach_mapping): pages fill on first touch.
- * close() of it leaves the session alone. A forked child that opens or maps a
+ * close() of it leaves the session alone. It is close-on-exec whatever the
+ * flags: only this process knows it is a snapshot, and an fd handed to
+ * another (exec, SCM_RIGHTS) maps the backing without the lazy restore —
+ * pages not filled yet read as zeros there — so do not hand it on. A forked child that opens or maps a
  * marker connects on its own; what it inherited mapped follows
  * ur_client.h's fork rules (served with fork events, else not mapped in the
  * child: MADV_DONTFORK).
@@ -416,7 +419,10 @@ static int open_marker(int mi, int flags)
 	if (session(what))
 		idx = marker_region(mi, what);
 	if (idx >= 0) {
-		fd = fcntl(ur_session_backing_fd(sess), (flags & O_CLOEXEC) ? F_DUPFD_CLOEXEC : F_DUPFD, 3);
+		/* Always close-on-exec: a program run by exec would map it as a
+		 * plain file, without the lazy restore (zeros where nothing was
+		 * filled yet); without the fd it fails instead. */
+		fd = fcntl(ur_session_backing_fd(sess), F_DUPFD_CLOEXEC, 3);
 		if (fd < 0) {
 			say(PFX "%s: dup of the backing fd: %s", what, strerror(errno));
 		} else if (fd >= UR_PRELOAD_MAXFD) {
