@@ -331,7 +331,7 @@ func testRunErrors(t *testing.T, f *runFixture) {
 		{"oversized mmap", func() *exec.Cmd { return direct(sock, marker+"=heap", "mapbig", marker) },
 			[]string{"goes past the end of region #1", "mmap: Invalid argument"}},
 		{"ftruncate", func() *exec.Cmd { return direct(sock, marker+"=#1", "truncate", marker) },
-			[]string{"cannot grow", "ok ftruncate(size+1): File too large"}},
+			[]string{"cannot grow", "ok ftruncate(size+1): File too large; close-on-exec"}},
 	}
 	startLoad(t, "ready: serving", 30*time.Second, f.snap, "--socket", sock, "--backing", "shmem")
 	for _, c := range cases {

@@ -13,7 +13,8 @@
  *	map private, write BYTE over every byte, check it reads back.
  *   preload_prog truncate FILE
  *	lseek END == st_size; ftruncate(size) and ftruncate(size/2) succeed,
- *	ftruncate(size + 1) fails with EFBIG.
+ *	ftruncate(size + 1) fails with EFBIG; says whether the fd is
+ *	close-on-exec (it was opened without O_CLOEXEC).
  *   preload_prog mapbig FILE
  *	mmap st_size + 2 MiB: prints the errno.
  *   preload_prog fork FILE OUT
@@ -166,7 +167,8 @@ int main(int argc, char **argv)
 			printf("FAIL ftruncate(size+1) succeeded\n");
 			return 1;
 		}
-		printf("ok ftruncate(size+1): %s\n", strerror(errno));
+		printf("ok ftruncate(size+1): %s; %s\n", strerror(errno),
+		       (fcntl(fd, F_GETFD) & FD_CLOEXEC) ? "close-on-exec" : "inherited by exec");
 		return 0;
 	}
 	if (!strcmp(argv[1], "fork") && argc == 4) {
