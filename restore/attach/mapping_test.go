@@ -13,8 +13,8 @@ import (
 
 // mappingHarness is a C program against ur_client.c: it connects
 // (ur_connect), calls ur_attach_mapping with every kind of bad argument, then
-// attaches two good mappings of region 1 (private at a fixed address, shared
-// anywhere) and writes what both read to argv[2]. It prints "case=rc" lines.
+// attaches two good mappings of region 1 (private, shared) and region 0 in
+// two pieces in one ur_attach_mappings, and writes what they read to argv[2]. It prints "case=rc" lines.
 // It waits 0.7 s before the first good attach, past the server's handshake
 // timeout (the test sets 0.3 s): the session connects again for it.
 const mappingHarness = `#define _GNU_SOURCE
@@ -66,6 +66,12 @@ int main(int argc, char **argv) {
 	T("private", ur_attach_mapping(s, pv, len, 1, 0, MAP_PRIVATE));
 	T("shared", ur_attach_mapping(s, sh, len, 1, 0, MAP_SHARED));
 	T("again", ur_attach_mapping(s, sh, len, 1, 0, MAP_SHARED));
+	/* Region 0 in two pieces, attached in one call. */
+	const struct ur_region *r0 = ur_session_region(s, 0);
+	unsigned char *p0 = mmap(NULL, 2 * ps, PROT_READ, MAP_PRIVATE, fd, (off_t)r0->offset);
+	unsigned char *p1 = mmap(NULL, r0->size - 2 * ps, PROT_READ, MAP_SHARED, fd, (off_t)(r0->offset + 2 * ps));
+	struct ur_mapping pieces[2] = { { p0, 2 * ps, 0, 0, MAP_PRIVATE }, { p1, r0->size - 2 * ps, 0, 2 * ps, MAP_SHARED } };
+	T("array", ur_attach_mappings(s, pieces, 2));
 	pv[0] ^= 0xff; /* a private copy: the shared one keeps the snapshot's byte */
 	pv[0] ^= 0xff;
 	FILE *f = fopen(argv[2], "w");
@@ -74,6 +80,9 @@ int main(int argc, char **argv) {
 	fwrite(buf, 1, r->length, f);
 	memcpy(buf, sh, len);
 	fwrite(buf, 1, r->length, f);
+	memcpy(buf, p0, 2 * ps);
+	memcpy(buf + 2 * ps, p1, r0->size - 2 * ps);
+	fwrite(buf, 1, r0->length, f);
 	fclose(f);
 	T("detach", ur_detach(s));
 	return 0;
@@ -82,7 +91,7 @@ int main(int argc, char **argv) {
 
 // TestAttachMappingC: ur_attach_mapping refuses every bad range with its
 // named code before registering anything, the session stays usable, and two
-// good mappings of one region (private at an address the program chose,
+// good mappings of one region (private and
 // shared) read the snapshot's bytes.
 func TestAttachMappingC(t *testing.T) {
 	requireUffd(t, false)
@@ -113,7 +122,7 @@ func TestAttachMappingC(t *testing.T) {
 		"past_end": mapRange, "past_end_off": mapRange, "null": mapRange,
 		"anon": notBacking, "wrong_offset": notBacking, "wrong_flags": notBacking, "hole": notBacking,
 		"bad_flags": "-" + strconv.Itoa(22), "overlap": "-" + strconv.Itoa(16), "none": "-22",
-		"private": "0", "shared": "0", "again": "-16", "detach": "0",
+		"private": "0", "shared": "0", "again": "-16", "array": "0", "detach": "0",
 	}
 	lines := map[string]string{}
 	for _, l := range strings.Split(strings.TrimSpace(string(got)), "\n") {
@@ -131,7 +140,8 @@ func TestAttachMappingC(t *testing.T) {
 	r := b.hello.Regions[1]
 	img := b.image[r.Offset : r.Offset+r.Length]
 	dump, _ := os.ReadFile(out)
-	if !bytes.Equal(dump, append(append([]byte{}, img...), img...)) {
-		t.Errorf("the two mappings read %d bytes that are not region 1 twice", len(dump))
+	r0 := b.hello.Regions[0]
+	if !bytes.Equal(dump, append(append(append([]byte{}, img...), img...), b.image[r0.Offset:r0.Offset+r0.Length]...)) {
+		t.Errorf("the mappings read %d bytes that are not region 1 twice, then region 0", len(dump))
 	}
 }
