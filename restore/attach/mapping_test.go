@@ -90,9 +90,9 @@ int main(int argc, char **argv) {
 `
 
 // TestAttachMappingC: ur_attach_mapping refuses every bad range with its
-// named code before registering anything, the session stays usable, and two
-// good mappings of one region (private and
-// shared) read the snapshot's bytes.
+// named code before registering anything, the session stays usable, and
+// good mappings (region 1 private and shared, region 0 in two pieces in one
+// call) read the snapshot's bytes.
 func TestAttachMappingC(t *testing.T) {
 	requireUffd(t, false)
 	buildTarget(t) // skips without gcc
