@@ -32,7 +32,9 @@ GOTEST_TIMEOUT ?= 25m
 CLIENT_SRC := $(wildcard csrc/ur_client.c)
 TARGET_SRC := $(wildcard csrc/target.c)
 C_HEADERS  := $(wildcard csrc/*.h)
+PRELOAD_SRC := $(wildcard csrc/ur_preload.c)
 C_OUTPUTS  := $(if $(CLIENT_SRC),bin/libuffdrestore.a bin/libuffdrestore.so) \
+              $(if $(and $(CLIENT_SRC),$(PRELOAD_SRC)),bin/libuffdrestore-preload.so) \
               $(if $(and $(CLIENT_SRC),$(TARGET_SRC)),bin/uffdrestore-target)
 
 # Directories (relative, no leading ./) holding Fuzz* targets, found fresh on
@@ -61,6 +63,11 @@ bin/libuffdrestore.a: bin/ur_client.o
 
 bin/libuffdrestore.so: bin/ur_client.o
 	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS)
+
+# The preload library (uffdrestore run): the client code compiled in, only
+# the intercepted libc calls exported.
+bin/libuffdrestore-preload.so: $(PRELOAD_SRC) $(CLIENT_SRC) $(C_HEADERS) | bin
+	$(CC) $(CFLAGS) -fPIC -shared -fvisibility=hidden -o $@ $(PRELOAD_SRC) $(LDFLAGS) -ldl -lpthread
 
 bin/uffdrestore-target: $(TARGET_SRC) $(CLIENT_SRC) $(C_HEADERS) | bin
 	$(CC) $(CFLAGS) -o $@ $(TARGET_SRC) $(CLIENT_SRC) $(LDFLAGS) -lpthread

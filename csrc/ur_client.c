@@ -19,6 +19,8 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <time.h>
@@ -77,6 +79,20 @@ struct ur_session {
 	int reattach_ms; /* < 0: off */
 	char snapshot_id[64];
 	unsigned reattaches;
+	/* ur_connect / ur_attach_mappings: mappings the program made itself. */
+	int pending; /* s->sock has the hello read and no attach sent yet (ur_connect) */
+	int fork_events; /* ask for UFFD_FEATURE_EVENT_FORK on new userfaultfds */
+	struct ur_link *links; /* one per ur_attach_mappings call, newest first */
+};
+
+/* One attach of ur_attach_mappings: its connection (the session's own
+ * socket for the first call of a ur_connect session, sock == -1 here
+ * then), its userfaultfd and the ranges it registered. */
+struct ur_link {
+	struct ur_link *next;
+	int sock, uffd;
+	size_t n;
+	struct ur_mapping *maps;
 };
 
 static __thread char last_err[UR_ERRLEN];
@@ -115,6 +131,12 @@ const char *ur_strerror(int code)
 		return "the restarted server serves another snapshot";
 	case UR_EUNTRUSTED:
 		return "the server runs as an untrusted uid";
+	case UR_ENOREGION:
+		return "no such region (or an empty one)";
+	case UR_EMAPRANGE:
+		return "mapping range misaligned or outside its region";
+	case UR_ENOTBACKING:
+		return "the range is not a mapping of the session's backing";
 	}
 	if (code < 0 && code > -4096)
 		return strerror(-code);
@@ -977,6 +999,20 @@ static void session_free(struct ur_session *s)
 {
 	if (!s)
 		return;
+	/* The program's own mappings (ur_attach_mappings): unregistered, never unmapped. */
+	while (s->links) {
+		struct ur_link *l = s->links;
+		s->links = l->next;
+		for (size_t i = 0; i < l->n; i++) {
+			struct uffdio_range rg = { .start = (uintptr_t)l->maps[i].addr, .len = l->maps[i].len };
+			ioctl(l->uffd, UFFDIO_UNREGISTER, &rg);
+		}
+		close(l->uffd);
+		if (l->sock >= 0)
+			close(l->sock);
+		free(l->maps);
+		free(l);
+	}
 	for (size_t i = 0; i < s->nregions; i++) {
 		struct ur_region *r = &s->regions[i];
 		if (r->addr) {
@@ -1156,7 +1192,21 @@ static int send_mappings(struct ur_session *s, char *buf, int private_mapping)
 	return 0;
 }
 
+static int attach_common(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out,
+			 int connect_only);
+
 int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out)
+{
+	return attach_common(socket_path, opts, out, 0);
+}
+
+int ur_connect(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out)
+{
+	return attach_common(socket_path, opts, out, 1);
+}
+
+static int attach_common(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out,
+			 int connect_only)
 {
 	static const struct ur_attach_opts defaults;
 	struct msg m;
@@ -1258,6 +1308,31 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	rc = validate_hello(&m, last_err);
 	if (rc < 0)
 		goto reject;
+	if (connect_only) {
+		/* ur_connect: the program maps the backing itself and hands its
+		 * mappings over with ur_attach_mappings (the attach is sent then). */
+		s->page_size = m.page_size;
+		s->chunk_size = m.chunk_size;
+		s->file_size = m.file_size;
+		snprintf(s->backing, sizeof s->backing, "%s", m.backing);
+		s->snapshot = m.snapshot ? m.snapshot : strdup("");
+		m.snapshot = NULL;
+		snprintf(s->snapshot_id, sizeof s->snapshot_id, "%s", m.snapshot_id);
+		s->reattach_ms = -1; /* mappings the program made are not re-attached */
+		msg_free(&m);
+		rc = recv_regions(s, buf, m.region_count, last_err);
+		if (rc < 0)
+			goto reject;
+		rc = validate_regions(s->regions, s->nregions, s->page_size, s->file_size, last_err);
+		if (rc < 0)
+			goto reject;
+		s->backing_fd = backing;
+		s->pending = 1;
+		s->fork_events = !opts->no_fork_events;
+		free(buf);
+		*out = s;
+		return 0;
+	}
 	/* A server with read-only targets sends an O_RDONLY fd: only a
 	 * MAP_PRIVATE mapping of it can be registered (the kernel refuses
 	 * UFFDIO_REGISTER on a shared mapping the process may not write). */
@@ -1342,12 +1417,10 @@ int ur_attach(const char *socket_path, const struct ur_attach_opts *opts, struct
 	rc = uffd_guard_fork(s, last_err);
 	if (rc < 0)
 		goto fail;
-	/* The mappings keep the file; the fd is kept only to hand it back to
-	 * a restarted server (PROTOCOL.md 5.1). */
-	if (s->reattach_ms >= 0)
-		s->backing_fd = backing;
-	else
-		close(backing);
+	/* Kept: to hand it back to a restarted server (PROTOCOL.md 5.1), and
+	 * for the program to map (ur_session_backing_fd). */
+	s->backing_fd = backing;
+	s->fork_events = !opts->no_fork_events;
 	backing = -1;
 
 	/* 4. attach + the userfaultfd, then the mappings in batches. */
@@ -1399,6 +1472,416 @@ fail:
 	msg_free(&m);
 	free(buf);
 	session_free(s);
+	return rc;
+}
+
+/* ---- mappings the program made (ur_connect, ur_attach_mappings) ------------ */
+
+int ur_session_backing_fd(const struct ur_session *s) { return s ? s->backing_fd : -EINVAL; }
+
+/* Reads /proc/self/maps whole (NUL-terminated, malloc'd) or NULL. */
+static char *read_self_maps(void)
+{
+	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	size_t cap = 65536, n = 0;
+	char *b = malloc(cap);
+	while (b) {
+		if (n + 4097 > cap) {
+			char *nb = realloc(b, cap * 2);
+			if (!nb) {
+				free(b);
+				b = NULL;
+				break;
+			}
+			b = nb;
+			cap *= 2;
+		}
+		ssize_t r = read(fd, b + n, cap - n - 1);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0) {
+			free(b);
+			b = NULL;
+			break;
+		}
+		if (r == 0)
+			break;
+		n += (size_t)r;
+	}
+	close(fd);
+	if (b)
+		b[n] = 0;
+	return b;
+}
+
+/* Checks that [addr, addr+len) is, all of it, a mapping of the file dev/ino
+ * at file offset off (MAP_SHARED when shared, else MAP_PRIVATE), from the
+ * kernel's own list (/proc/self/maps). Returns 0 or UR_ENOTBACKING. */
+static int check_is_backing(const char *maps, uintptr_t addr, size_t len, uint64_t off, int shared, dev_t dev, ino_t ino,
+			    char *err)
+{
+	uintptr_t cur = addr, end = addr + len;
+	for (const char *l = maps; l && *l && cur < end; l = strchr(l, '\n'), l = l ? l + 1 : NULL) {
+		unsigned long long start, stop, pgoff, inode;
+		unsigned maj, min;
+		char perms[8];
+		if (sscanf(l, "%llx-%llx %7s %llx %x:%x %llu", &start, &stop, perms, &pgoff, &maj, &min, &inode) != 7)
+			continue;
+		if (stop <= cur)
+			continue;
+		if (start > cur)
+			break; /* a hole at cur */
+		uint64_t want = off + (cur - addr);
+		if (maj != major(dev) || min != minor(dev) || inode != (unsigned long long)ino ||
+		    pgoff + (cur - start) != want) {
+			seterr(err, "address %#llx is not a mapping of the session's backing at offset %llu (it maps %x:%x inode %llu at offset %llu): map ur_session_backing_fd() at the region's offset",
+			       (unsigned long long)cur, (unsigned long long)want, maj, min, inode,
+			       (unsigned long long)(pgoff + (cur - start)));
+			return UR_ENOTBACKING;
+		}
+		if ((perms[3] == 's') != !!shared) {
+			seterr(err, "address %#llx is mapped %s, but the flags say %s", (unsigned long long)cur,
+			       perms[3] == 's' ? "MAP_SHARED" : "MAP_PRIVATE", shared ? "MAP_SHARED" : "MAP_PRIVATE");
+			return UR_ENOTBACKING;
+		}
+		cur = stop;
+	}
+	if (cur < end) {
+		seterr(err, "address %#llx (of [%#llx, +%zu)) is not mapped: mmap ur_session_backing_fd() there first",
+		       (unsigned long long)cur, (unsigned long long)addr, len);
+		return UR_ENOTBACKING;
+	}
+	return 0;
+}
+
+/* Connects one more time to the session's server for another attach: the
+ * server must be trusted (as in ur_attach) and serve the same snapshot,
+ * layout and backing file. Returns the socket or < 0. */
+static int link_connect(struct ur_session *s, char *buf)
+{
+	struct sockaddr_un sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", s->path);
+	int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (sock < 0) {
+		seterr(s->err, "socket: %s", strerror(errno));
+		return -errno;
+	}
+	int rc;
+	if (connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		rc = -errno;
+		seterr(s->err, "connect to %s: %s", s->path, strerror(errno));
+		goto fail;
+	}
+	struct ucred cred;
+	socklen_t credlen = sizeof(cred);
+	if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &credlen) < 0) {
+		rc = -errno;
+		seterr(s->err, "getsockopt SO_PEERCRED on %s: %s", s->path, strerror(errno));
+		goto fail;
+	}
+	if (cred.uid != 0 && cred.uid != geteuid() && cred.uid != s->server_uid) {
+		seterr(s->err, "the server now on %s runs as uid %u (pid %d), not root, this process's uid or server_uid: refusing it",
+		       s->path, (unsigned)cred.uid, (int)cred.pid);
+		rc = UR_EUNTRUSTED;
+		goto fail;
+	}
+	struct msg m;
+	int fds[UR_MAX_FDS], nfds = 0;
+	rc = recv_parse(sock, buf, &m, s->timeout_ms, fds, &nfds, s->err);
+	if (rc < 0)
+		goto fail;
+	if (strcmp(m.type, "hello")) {
+		seterr(s->err, "expected a hello, got \"%s\"", m.type);
+		rc = UR_EMALFORMED;
+	} else {
+		rc = validate_hello(&m, s->err);
+	}
+	struct stat a, b;
+	if (rc == 0 && (nfds != 1 || fstat(fds[0], &a) < 0 || fstat(s->backing_fd, &b) < 0 || a.st_dev != b.st_dev ||
+			a.st_ino != b.st_ino || strcmp(m.snapshot_id, s->snapshot_id) || strcmp(m.backing, s->backing) ||
+			m.page_size != s->page_size || m.file_size != s->file_size || m.region_count != s->nregions)) {
+		seterr(s->err, "the server now on %s serves another snapshot or backing file than this session's (restarted?): attach again with ur_connect",
+		       s->path);
+		rc = UR_ESNAPSHOT;
+	}
+	uint64_t count = m.region_count;
+	close_fds(fds, nfds);
+	msg_free(&m);
+	if (rc < 0)
+		goto fail;
+	struct ur_session t;
+	memset(&t, 0, sizeof(t));
+	t.sock = sock;
+	t.timeout_ms = s->timeout_ms;
+	rc = recv_regions(&t, buf, count, s->err);
+	for (size_t i = 0; rc == 0 && i < t.nregions; i++) {
+		const struct ur_region *x = &t.regions[i], *y = &s->regions[i];
+		if (x->offset != y->offset || x->size != y->size || x->length != y->length) {
+			seterr(s->err, "region %zu of the server now on %s is not this session's", i, s->path);
+			rc = UR_ESNAPSHOT;
+		}
+	}
+	for (size_t i = 0; i < t.nregions; i++)
+		free((char *)t.regions[i].name);
+	free(t.regions);
+	if (rc < 0)
+		goto fail;
+	return sock;
+fail:
+	close(sock);
+	return rc;
+}
+
+int ur_attach_mapping(struct ur_session *s, void *addr, size_t len, size_t region, uint64_t offset, int flags)
+{
+	struct ur_mapping m = { .addr = addr, .len = len, .region = region, .offset = offset, .flags = flags };
+	return ur_attach_mappings(s, &m, 1);
+}
+
+int ur_attach_mappings(struct ur_session *s, const struct ur_mapping *maps, size_t n)
+{
+	if (!s)
+		return -EINVAL;
+	if (!maps || n == 0 || n > UR_MAX_REGIONS) {
+		seterr(s->err, "ur_attach_mappings: %zu mappings, want 1..%d", n, UR_MAX_REGIONS);
+		return -EINVAL;
+	}
+	if (s->backing_fd < 0) {
+		seterr(s->err, "ur_attach_mappings: this session has no backing fd");
+		return -EBADF;
+	}
+	uint64_t ps = s->page_size;
+	/* 1. Every range: its region, alignment, bounds, no overlap. */
+	for (size_t i = 0; i < n; i++) {
+		const struct ur_mapping *m = &maps[i];
+		uintptr_t a = (uintptr_t)m->addr;
+		int type = m->flags & MAP_TYPE;
+		if (m->region >= s->nregions || s->regions[m->region].size == 0) {
+			seterr(s->err, "mapping %zu: region %zu: %s (the snapshot has %zu regions)", i, m->region,
+			       m->region >= s->nregions ? "no such region" : "the region is empty", s->nregions);
+			return UR_ENOREGION;
+		}
+		const struct ur_region *r = &s->regions[m->region];
+		if (type != MAP_SHARED && type != MAP_PRIVATE && type != MAP_SHARED_VALIDATE) {
+			seterr(s->err, "mapping %zu: flags %#x are neither MAP_SHARED nor MAP_PRIVATE", i, (unsigned)m->flags);
+			return -EINVAL;
+		}
+		if (a == 0 || a % ps || m->len == 0 || m->len % ps || m->offset % ps || a + m->len < a) {
+			seterr(s->err, "mapping %zu: address %p, %zu bytes at offset %llu: each must be a multiple of the backing's page size %llu (and non-zero)",
+			       i, m->addr, m->len, (unsigned long long)m->offset, (unsigned long long)ps);
+			return UR_EMAPRANGE;
+		}
+		if (m->offset > r->size || m->len > r->size - m->offset) {
+			seterr(s->err, "mapping %zu: %zu bytes at offset %llu go past the end of region %zu \"%s\" (%llu bytes)", i,
+			       m->len, (unsigned long long)m->offset, m->region, r->name, (unsigned long long)r->size);
+			return UR_EMAPRANGE;
+		}
+		for (size_t j = 0; j < i; j++) {
+			uintptr_t b = (uintptr_t)maps[j].addr;
+			if (a < b + maps[j].len && b < a + m->len) {
+				seterr(s->err, "mappings %zu and %zu overlap", j, i);
+				return -EBUSY;
+			}
+		}
+		for (struct ur_link *l = s->links; l; l = l->next)
+			for (size_t j = 0; j < l->n; j++) {
+				uintptr_t b = (uintptr_t)l->maps[j].addr;
+				if (a < b + l->maps[j].len && b < a + m->len) {
+					seterr(s->err, "mapping %zu: [%p, +%zu) is attached already", i, m->addr, m->len);
+					return -EBUSY;
+				}
+			}
+	}
+	/* 2. Each really is a mapping of the backing at that offset. */
+	struct stat st;
+	if (fstat(s->backing_fd, &st) < 0) {
+		seterr(s->err, "fstat backing: %s", strerror(errno));
+		return -errno;
+	}
+	char *pm = read_self_maps();
+	if (!pm) {
+		seterr(s->err, "read /proc/self/maps: %s", strerror(errno));
+		return -errno ? -errno : -ENOMEM;
+	}
+	for (size_t i = 0; i < n; i++) {
+		const struct ur_mapping *m = &maps[i];
+		int rc = check_is_backing(pm, (uintptr_t)m->addr, m->len, s->regions[m->region].offset + m->offset,
+					  (m->flags & MAP_TYPE) != MAP_PRIVATE, st.st_dev, st.st_ino, s->err);
+		if (rc < 0) {
+			char e[UR_ERRLEN];
+			memcpy(e, s->err, sizeof e);
+			e[UR_ERRLEN - 40] = 0;
+			seterr(s->err, "mapping %zu: %s", i, e);
+			free(pm);
+			return rc;
+		}
+	}
+	free(pm);
+
+	/* 3. A connection: the session's own while nothing was attached on it
+	 * (unless the server gave up waiting for the attach), else a new one. */
+	char *buf = malloc(UR_MAX_MSG + 1);
+	struct ur_link *l = calloc(1, sizeof(*l));
+	if (l)
+		l->maps = malloc(n * sizeof(*l->maps));
+	if (!buf || !l || !l->maps) {
+		free(buf);
+		if (l)
+			free(l->maps);
+		free(l);
+		seterr(s->err, "out of memory");
+		return -ENOMEM;
+	}
+	memcpy(l->maps, maps, n * sizeof(*maps));
+	l->n = 0; /* registered so far */
+	l->uffd = -1;
+	l->sock = -1;
+	int primary = 0, rc, sock;
+	if (s->pending) {
+		struct pollfd pf = { .fd = s->sock, .events = POLLIN };
+		if (poll(&pf, 1, 0) != 0) { /* the server's "no attach within" error, or a close */
+			close(s->sock);
+			s->sock = -1;
+			s->pending = 0;
+		}
+	}
+	if (s->pending) {
+		primary = 1;
+		sock = s->sock;
+	} else {
+		sock = link_connect(s, buf);
+		if (sock < 0) {
+			rc = sock;
+			goto fail;
+		}
+		if (s->sock < 0) { /* the session's own connection is gone: this one is it now */
+			primary = 1;
+			s->sock = sock;
+		} else {
+			l->sock = sock;
+		}
+	}
+	s->pending = 0;
+
+	/* 4. A userfaultfd, the ranges registered on it. */
+	struct ur_session t;
+	memset(&t, 0, sizeof(t));
+	t.uffd = -1;
+	rc = uffd_setup(&t, !strcmp(s->backing, "hugetlb"), s->fork_events, s->err);
+	if (rc < 0)
+		goto fail;
+	l->uffd = t.uffd;
+	if (!s->links && s->uffd < 0) { /* a ur_connect session: these are its features */
+		s->features = t.features;
+		s->uffd_flags = t.uffd_flags;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct uffdio_register reg;
+		memset(&reg, 0, sizeof(reg));
+		reg.range.start = (uintptr_t)maps[i].addr;
+		reg.range.len = maps[i].len;
+		reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+		if (ioctl(l->uffd, UFFDIO_REGISTER, &reg) < 0) {
+			rc = -errno;
+			seterr(s->err, "mapping %zu: ioctl UFFDIO_REGISTER [%p, +%zu): %s%s", i, maps[i].addr, maps[i].len,
+			       strerror(errno),
+			       errno == EBUSY ? " (registered on another userfaultfd already)"
+			       : errno == EPERM ? " (a MAP_SHARED mapping of a file this process may not write: map it MAP_PRIVATE)"
+						: "");
+			goto fail;
+		}
+		l->n = i + 1;
+		if ((t.uffd_flags & UR_UFFD_NO_FORK_EVENTS) && madvise(maps[i].addr, maps[i].len, MADV_DONTFORK) < 0) {
+			rc = -errno;
+			seterr(s->err, "mapping %zu: madvise(MADV_DONTFORK) (no fork events): %s", i, strerror(errno));
+			goto fail;
+		}
+	}
+
+	/* 5. attach + the userfaultfd, the mappings, ready. */
+	size_t o = 0;
+	if (jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"attach\",\"version\":%d,\"uffd_features\":%llu,\"mapping_count\":%zu}",
+		  UR_PROTOCOL_VERSION, (unsigned long long)t.features, n) < 0) {
+		rc = UR_ETOOLARGE;
+		goto fail;
+	}
+	rc = send_msg(sock, buf, o, l->uffd);
+	if (rc < 0) {
+		seterr(s->err, "sendmsg attach: %s", strerror(-rc));
+		goto fail;
+	}
+	char one[256];
+	size_t first = 0, k = 0;
+	o = 0;
+	for (size_t i = 0; i <= n; i++) {
+		size_t ol = 0;
+		if (i < n) {
+			const struct ur_mapping *m = &maps[i];
+			jputf(one, sizeof one, &ol,
+			      "{\"region\":%zu,\"base_host_virt_addr\":%llu,\"size\":%llu,\"offset\":%llu,\"page_size\":%llu,\"private\":%s}",
+			      m->region, (unsigned long long)(uintptr_t)m->addr, (unsigned long long)m->len,
+			      (unsigned long long)(s->regions[m->region].offset + m->offset), (unsigned long long)ps,
+			      (m->flags & MAP_TYPE) == MAP_PRIVATE ? "true" : "false");
+		}
+		if (k > 0 && (i == n || o + 1 + ol + 2 > UR_MAX_MSG)) {
+			buf[o++] = ']';
+			buf[o++] = '}';
+			rc = send_msg(sock, buf, o, -1);
+			if (rc < 0) {
+				seterr(s->err, "sendmsg (mappings %zu..): %s", first, strerror(-rc));
+				goto fail;
+			}
+			first += k;
+			k = 0;
+		}
+		if (i == n)
+			break;
+		if (k == 0) {
+			o = 0;
+			jputf(buf, UR_MAX_MSG + 1, &o, "{\"type\":\"mappings\",\"first\":%zu,\"mappings\":[", first);
+		} else {
+			buf[o++] = ',';
+		}
+		memcpy(buf + o, one, ol);
+		o += ol;
+		k++;
+	}
+	struct msg rm;
+	rc = recv_parse(sock, buf, &rm, s->timeout_ms, NULL, NULL, s->err);
+	if (rc < 0)
+		goto fail;
+	if (strcmp(rm.type, "ready")) {
+		seterr(s->err, "expected ready, got \"%s\"", rm.type);
+		msg_free(&rm);
+		rc = UR_EMALFORMED;
+		goto fail;
+	}
+	msg_free(&rm);
+	free(buf);
+	l->next = s->links;
+	s->links = l;
+	return 0;
+
+fail:
+	for (size_t i = 0; i < l->n; i++) {
+		struct uffdio_range rg = { .start = (uintptr_t)maps[i].addr, .len = maps[i].len };
+		ioctl(l->uffd, UFFDIO_UNREGISTER, &rg);
+	}
+	if (l->uffd >= 0)
+		close(l->uffd);
+	if (primary && s->sock >= 0) {
+		close(s->sock); /* the server refuses the attach and closes: the next call connects again */
+		s->sock = -1;
+	} else if (l->sock >= 0) {
+		close(l->sock);
+	}
+	free(l->maps);
+	free(l);
+	free(buf);
 	return rc;
 }
 
@@ -1605,11 +2088,32 @@ unsigned ur_session_reattaches(const struct ur_session *s) { return s->reattache
 
 int ur_poll(struct ur_session *s)
 {
+	if (s->pending)
+		return 0; /* ur_connect, nothing attached yet: the server has nothing to say */
+	if (s->sock < 0) {
+		seterr(s->err, "no connection: the last ur_attach_mappings failed");
+		return UR_ECLOSED;
+	}
 	char *buf = malloc(UR_MAX_MSG + 1);
 	if (!buf)
 		return -ENOMEM;
 	int rc = 0;
-	for (;;) {
+	/* The connections of later ur_attach_mappings calls: an error or close ends that attach. */
+	for (struct ur_link *l = s->links; l && rc == 0; l = l->next) {
+		struct msg m;
+		if (l->sock < 0)
+			continue;
+		int r = recv_parse(l->sock, buf, &m, 0, NULL, NULL, s->err);
+		if (r == -EAGAIN)
+			continue;
+		if (r < 0)
+			rc = r;
+		else if (!strcmp(m.type, "shutdown"))
+			s->shutdown_requested = 1;
+		if (r >= 0)
+			msg_free(&m);
+	}
+	for (; rc == 0;) {
 		struct msg m;
 		int r = recv_parse(s->sock, buf, &m, 0, NULL, NULL, s->err);
 		if (r == -EAGAIN)
@@ -1638,6 +2142,10 @@ int ur_poll(struct ur_session *s)
  * notices; copies its stats to sbuf. */
 static int request(struct ur_session *s, const char *typ, const char *want, char *sbuf, size_t n)
 {
+	if (s->pending || s->sock < 0) {
+		seterr(s->err, "nothing is attached on this session (ur_connect without a successful ur_attach_mappings)");
+		return UR_ECLOSED;
+	}
 	char *buf = malloc(UR_MAX_MSG + 1);
 	if (!buf)
 		return -ENOMEM;
@@ -1695,7 +2203,16 @@ int ur_detach_stats(struct ur_session *s, char *buf, size_t n)
 {
 	if (!s)
 		return -EINVAL;
-	int rc = request(s, "detach", "bye", buf, n);
+	/* Later ur_attach_mappings' connections first (their stats are not reported). */
+	for (struct ur_link *l = s->links; l; l = l->next) {
+		if (l->sock < 0)
+			continue;
+		int keep = s->sock;
+		s->sock = l->sock;
+		request(s, "detach", "bye", NULL, 0);
+		s->sock = keep;
+	}
+	int rc = s->pending ? 0 : request(s, "detach", "bye", buf, n);
 	if (rc < 0)
 		seterr(last_err, "detach: %s", s->err);
 	session_free(s);

@@ -74,6 +74,10 @@ extern "C" {
 #define UR_ETIMEDOUT (-10008) /* the server did not answer within timeout_ms */
 #define UR_EUNTRUSTED (-10009) /* the server runs as a uid this client does not trust */
 #define UR_ESNAPSHOT (-10010) /* re-attaching: the restarted server serves another snapshot or layout */
+#define UR_ENOREGION (-10011) /* ur_attach_mapping: no region of that index, or an empty one */
+#define UR_EMAPRANGE (-10012) /* ur_attach_mapping: the range is not page aligned or not inside its region */
+#define UR_ENOTBACKING (-10013) /* ur_attach_mapping: the range is not (all) a mapping of the session's
+				   backing fd at the region's offset, or not with the flags given */
 
 struct ur_attach_opts {
 	int private_mapping; /* MAP_PRIVATE: writes are copy-on-write, private to this process */
@@ -177,6 +181,79 @@ int ur_detach(struct ur_session *s);
 /* Hangs up without a goodbye (the server frees its side when the socket
  * closes), unmaps and frees s. */
 void ur_close(struct ur_session *s);
+
+/*
+ * Mappings the program makes itself (an unmodified program under the preload
+ * library, a VMM that maps guest RAM where it wants):
+ *
+ *	struct ur_session *s;
+ *	if (ur_connect("/run/snap.sock", NULL, &s) < 0) ... ur_session_error(NULL) ...
+ *	const struct ur_region *r = ur_session_region(s, 0);
+ *	void *a = mmap(want, r->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+ *		       ur_session_backing_fd(s), (off_t)r->offset);
+ *	if (ur_attach_mapping(s, a, r->size, 0, 0, MAP_PRIVATE) < 0) ... ur_session_error(s) ...
+ *	... pages of a fill on first touch ...
+ *
+ * ur_connect does what ur_attach does up to the regions (the server's uid
+ * check, the hello, the backing fd, the regions) and maps nothing. The server
+ * waits at most its handshake timeout (10 s by default) for the first attach;
+ * a later first ur_attach_mapping simply connects again.
+ *
+ * ur_session_backing_fd is the backing file the server sent (O_RDWR, or
+ * O_RDONLY with `load --read-only-targets`: map it MAP_PRIVATE then). It
+ * belongs to the session (closed by ur_detach/ur_close): map it, fstat it,
+ * dup it, but do not close it, read(2) it or write(2) it (that bypasses the
+ * server: pages not filled yet read as zeros). Every session keeps it, also
+ * one made by ur_attach.
+ *
+ * ur_attach_mapping registers [addr, addr+len) with a new userfaultfd (minor
+ * faults) and hands it to the server: the pages fill on first touch from
+ * then on. addr must be where the program mapped the backing fd at file
+ * offset region->offset + offset (MAP_FIXED at an address it chose or not),
+ * with flags MAP_SHARED (every shared mapping sees the same pages, writes
+ * included) or MAP_PRIVATE (copy-on-write: its writes are its own), as the
+ * mmap had them. addr, len and offset are multiples of
+ * ur_session_page_size(s) (2 MiB for a hugetlb backing); offset + len <= the
+ * region's size. Checked before anything is registered or sent:
+ *	UR_ENOREGION   region is not an index < ur_session_nregions, or is empty;
+ *	UR_EMAPRANGE   misaligned, empty, or past the end of the region;
+ *	UR_ENOTBACKING the range is not, all of it, a mapping of the backing fd at
+ *		       that offset with that MAP_SHARED/MAP_PRIVATE (per the kernel's
+ *		       /proc/self/maps), e.g. a hole or another file;
+ *	-EBUSY	       it overlaps a range attached already (or another in the array);
+ *	-EINVAL        flags neither MAP_SHARED nor MAP_PRIVATE; n out of 1..65536.
+ * Then the server's errors as for ur_attach (UR_EREFUSED ...). On any error
+ * nothing stays registered and the session is usable for another call.
+ *
+ * Any number of calls per session (a program may map the same region several
+ * times): each call is one attach. The first call of a ur_connect session
+ * uses its connection; every other call opens one more connection to the
+ * same server (checked like the first: trusted uid, same snapshot, layout
+ * and backing file) that stays open as long as the session. ur_stats
+ * reports the first connection's target; ur_poll watches all of them.
+ * Without fork events (UR_UFFD_NO_FORK_EVENTS) the ranges are made
+ * MADV_DONTFORK, as ur_attach does. Re-attaching to a restarted server
+ * (reattach_timeout_ms) covers only what ur_attach mapped, never these
+ * ranges; a ur_connect session does not re-attach.
+ *
+ * ur_detach/ur_close unregister these ranges but leave them mapped (they
+ * are the program's): after that, a page never filled reads what the
+ * backing holds (zeros), so unmap them or stop touching them first. A range
+ * the program munmaps or mremaps is followed by the server (events).
+ */
+int ur_connect(const char *socket_path, const struct ur_attach_opts *opts, struct ur_session **out);
+int ur_session_backing_fd(const struct ur_session *s);
+
+struct ur_mapping {
+	void *addr; /* where the program mapped the backing */
+	size_t len; /* bytes */
+	size_t region; /* region index */
+	uint64_t offset; /* offset in the region of the byte at addr */
+	int flags; /* MAP_SHARED or MAP_PRIVATE, as mapped */
+};
+int ur_attach_mapping(struct ur_session *s, void *addr, size_t len, size_t region, uint64_t offset, int flags);
+/* n mappings in one attach (one connection, one userfaultfd). */
+int ur_attach_mappings(struct ur_session *s, const struct ur_mapping *m, size_t n);
 
 const char *ur_strerror(int code);
 /* The detailed message of the last failure on s, or of this thread's last
