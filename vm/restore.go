@@ -42,6 +42,11 @@ type RestoreOptions struct {
 	// hold).
 	Command []string
 	Launch  Launcher
+	// RAMFiles, if set, restores without a server: region i's RAM is the
+	// plain file RAMFiles[i] (already holding its bytes), mapped by QEMU
+	// itself; Socket and Launch are not used. This is the non-lazy
+	// baseline.
+	RAMFiles []string
 	// Dir holds the markers and QMP socket (default: a new temporary
 	// directory, removed by Close).
 	Dir string
@@ -83,7 +88,7 @@ func Restore(ctx context.Context, o RestoreOptions) (_ *VM, err error) {
 	if len(o.Command) == 0 {
 		return nil, fmt.Errorf("%w: no QEMU command given (vm restore SNAP -- qemu-system-x86_64 ARGS...)", ErrArgs)
 	}
-	if o.Launch == nil {
+	if o.Launch == nil && o.RAMFiles == nil {
 		return nil, errors.New("vm: Restore needs a Launcher")
 	}
 	f, err := format.Open(o.Snapshot)
@@ -113,8 +118,14 @@ func Restore(ctx context.Context, o RestoreOptions) (_ *VM, err error) {
 	}()
 	var ram []ramRegion
 	var maps []MapSpec
+	if o.RAMFiles != nil && len(o.RAMFiles) != len(regs) {
+		return nil, fmt.Errorf("%w: %d RAM files for %d RAM regions", ErrArgs, len(o.RAMFiles), len(regs))
+	}
 	for i, r := range regs {
 		m := filepath.Join(dir, fmt.Sprintf("ram%d", i))
+		if o.RAMFiles != nil {
+			m = o.RAMFiles[i]
+		}
 		ram = append(ram, ramRegion{ID: r.Name, Size: r.Length, Marker: m})
 		maps = append(maps, MapSpec{Marker: m, Region: fmt.Sprintf("#%d", i)})
 	}
@@ -133,8 +144,10 @@ func Restore(ctx context.Context, o RestoreOptions) (_ *VM, err error) {
 	}
 	cmd.Stderr = se
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := o.Launch(cmd, o.Socket, maps); err != nil {
-		return nil, err
+	if o.RAMFiles == nil {
+		if err := o.Launch(cmd, o.Socket, maps); err != nil {
+			return nil, err
+		}
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("%w: start %s: %v", ErrNotQEMU, o.Command[0], err)
@@ -144,7 +157,11 @@ func Restore(ctx context.Context, o RestoreOptions) (_ *VM, err error) {
 		v.waitErr = cmd.Wait()
 		close(v.exited)
 	}()
-	o.progress("started %s (pid %d), RAM served from %s", filepath.Base(o.Command[0]), cmd.Process.Pid, o.Socket)
+	if o.RAMFiles == nil {
+		o.progress("started %s (pid %d), RAM served from %s", filepath.Base(o.Command[0]), cmd.Process.Pid, o.Socket)
+	} else {
+		o.progress("started %s (pid %d), RAM in %s", filepath.Base(o.Command[0]), cmd.Process.Pid, strings.Join(o.RAMFiles, ", "))
+	}
 
 	tctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()

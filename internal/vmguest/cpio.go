@@ -1,8 +1,8 @@
-// Package guest builds a tiny Linux guest for QEMU tests and the VM demo:
+// Package vmguest builds a tiny Linux guest for QEMU tests and the VM demo:
 // an initramfs (cpio newc, written here) holding a static busybox and an
 // init script that writes a deterministic pattern into guest memory (a file
 // in a tmpfs), runs a counter and answers commands on the serial console.
-package guest
+package vmguest
 
 import (
 	"bytes"
