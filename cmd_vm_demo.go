@@ -75,6 +75,7 @@ type vmPipelineConfig struct {
 	Out     io.Writer
 	Verbose bool
 	Dir     string // default: a new directory in /dev/shm
+	Preload string // the preload library (default: next to this executable)
 }
 
 type vmClone struct {
@@ -249,7 +250,7 @@ func runVMPipeline(ctx context.Context, cfg vmPipelineConfig) (res vmPipelineRes
 		before := srv.Stats().BytesDecoded
 		m := machine(fmt.Sprintf("clone%d", i+1), filepath.Join(dir, "ram-never-used"), false)
 		v, err := vm.Restore(ctx, vm.RestoreOptions{Snapshot: snap, Socket: sock, Private: true, Command: args(m),
-			Launch: vmLauncher("", ""), Stderr: os.Stderr})
+			Launch: vmLauncher(cfg.Preload, ""), Stderr: os.Stderr})
 		if err != nil {
 			return res, fmt.Errorf("clone %d: %w", i+1, err)
 		}
