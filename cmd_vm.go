@@ -52,7 +52,11 @@ x-ignore-shared migration capability, stops the VM, migrates its device
 state only (the RAM stays in its files) to a pipe passed with getfd, then
 compresses each RAM file into the snapshot as a region named after its
 backend, with the device state inside the same file. The VM is left stopped
-unless --resume (it must not run while its RAM is read).`,
+unless --resume (it must not run while its RAM is read).
+
+Examples:
+   uffdrestore vm checkpoint --qmp /tmp/vm.qmp --output vm.snap
+   uffdrestore vm checkpoint --qmp /tmp/vm.qmp --output vm.snap --resume --force`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "qmp", Usage: "QEMU's QMP Unix socket (`PATH`)", Required: true},
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "the snapshot to write (`FILE`)", Required: true},
@@ -125,7 +129,14 @@ after checking its size=. It adds -incoming defer, -S and a QMP socket of its
 own: do not give -incoming or -daemonize.
 
 --private restores a copy-on-write clone: the guest's writes stay in the
-clone. Without it the VM writes into the served RAM: one such VM per server.`,
+clone. Without it the VM writes into the served RAM: one such VM per server.
+
+Examples:
+   uffdrestore vm restore vm.snap -- qemu-system-x86_64 -machine pc -m 512M \
+       -object memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/vm.ram,share=on \
+       -machine memory-backend=mem -kernel vmlinuz -initrd initrd -nographic
+   uffdrestore load vm.snap --socket /run/vm.sock &
+   uffdrestore vm restore vm.snap --socket /run/vm.sock --private -- qemu-system-x86_64 ...`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "socket", Usage: "a running `uffdrestore load SNAP` socket (`PATH`); default: serve in-process"},
 			&cli.BoolFlag{Name: "private", Usage: "a copy-on-write clone (share=off)"},

@@ -23,9 +23,13 @@ func vmDemoCmd() *cli.Command {
 		Name:   "demo",
 		Hidden: true,
 		Usage:  "make vm-demo: boot a busybox guest, checkpoint it, restore it plainly and as N lazy private clones, verify memory",
+		Description: `Needs qemu-system-x86_64, busybox-static and a guest kernel (UFFDRESTORE_VM_KERNEL).
+
+Examples:
+   uffdrestore vm demo --ram 512M --clones 2`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "ram", Value: "512M", Usage: "guest RAM"},
-			&cli.IntFlag{Name: "lines", Value: 4000000, Usage: "guest pattern: seq 1 `N` in a tmpfs"},
+			&cli.IntFlag{Name: "lines", Value: 8000000, Usage: "guest pattern: seq 1 `N` in a tmpfs"},
 			&cli.IntFlag{Name: "clones", Value: 2, Usage: "private clones from one server"},
 			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "server backing"},
 			&cli.BoolFlag{Name: "verbose", Usage: "show the guest's console"},
