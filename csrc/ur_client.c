@@ -1687,14 +1687,8 @@ int ur_attach_mappings(struct ur_session *s, const struct ur_mapping *maps, size
 				return -EBUSY;
 			}
 		}
-		for (struct ur_link *l = s->links; l; l = l->next)
-			for (size_t j = 0; j < l->n; j++) {
-				uintptr_t b = (uintptr_t)l->maps[j].addr;
-				if (a < b + l->maps[j].len && b < a + m->len) {
-					seterr(s->err, "mapping %zu: [%p, +%zu) is attached already", i, m->addr, m->len);
-					return -EBUSY;
-				}
-			}
+		/* A range attached before and still registered: the kernel says
+		 * so (EBUSY); one the program unmapped and mapped again is fine. */
 	}
 	/* 2. Each really is a mapping of the backing at that offset. */
 	struct stat st;

@@ -16,6 +16,10 @@
  *	ftruncate(size + 1) fails with EFBIG.
  *   preload_prog mapbig FILE
  *	mmap st_size + 2 MiB: prints the errno.
+ *   preload_prog fork FILE OUT
+ *	map it shared (untouched), fork twice: child 1 copies the inherited
+ *	mapping to OUT.inherit, child 2 opens and maps FILE itself and copies
+ *	that to OUT.reopen; prints how each ended, then copies its own to OUT.
  * Exit 0 on success; otherwise prints why and exits 1.
  */
 #define _GNU_SOURCE
@@ -27,6 +31,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define ALIGN (2u << 20)
@@ -72,6 +77,31 @@ static unsigned char *map(int fd, size_t size, int shared, int fixed)
 		exit(1);
 	}
 	return a;
+}
+
+static int copy_out(const unsigned char *a, size_t size, const char *path)
+{
+	FILE *out = fopen(path, "w");
+	if (!out)
+		return die("fopen OUT");
+	static unsigned char buf[1 << 16];
+	for (size_t o = 0; o < size; o += sizeof buf) {
+		size_t n = size - o < sizeof buf ? size - o : sizeof buf;
+		memcpy(buf, a + o, n);
+		if (fwrite(buf, 1, n, out) != n)
+			return die("fwrite");
+	}
+	if (fclose(out) != 0)
+		return die("fclose");
+	return 0;
+}
+
+static void report(const char *who, int st)
+{
+	if (WIFEXITED(st))
+		printf("%s: exit %d\n", who, WEXITSTATUS(st));
+	else
+		printf("%s: signal %d\n", who, WTERMSIG(st));
 }
 
 int main(int argc, char **argv)
@@ -147,6 +177,38 @@ int main(int argc, char **argv)
 		}
 		printf("ok ftruncate(size+1): %s\n", strerror(errno));
 		return 0;
+	}
+	if (!strcmp(argv[1], "fork") && argc == 4) {
+		unsigned char *a = map(fd, size, 1, 0);
+		if (a == MAP_FAILED)
+			return die("mmap");
+		char path[4096];
+		fflush(stdout);
+		pid_t c1 = fork();
+		if (c1 == 0) {
+			snprintf(path, sizeof path, "%s.inherit", argv[3]);
+			_exit(copy_out(a, size, path));
+		}
+		pid_t c2 = fork();
+		if (c2 == 0) {
+			size_t sz;
+			int fd2 = open_sized(argv[2], &sz);
+			if (fd2 < 0)
+				_exit(die("open in the child"));
+			unsigned char *b = map(fd2, sz, 0, 1);
+			if (b == MAP_FAILED)
+				_exit(die("mmap in the child"));
+			snprintf(path, sizeof path, "%s.reopen", argv[3]);
+			_exit(copy_out(b, sz, path));
+		}
+		int st;
+		if (c1 < 0 || c2 < 0 || waitpid(c1, &st, 0) != c1)
+			return die("fork/wait");
+		report("inherit", st);
+		if (waitpid(c2, &st, 0) != c2)
+			return die("wait");
+		report("reopen", st);
+		return copy_out(a, size, argv[3]);
 	}
 	if (!strcmp(argv[1], "mapbig")) {
 		void *a = mmap(NULL, size + ALIGN, PROT_READ, MAP_SHARED, fd, 0);
