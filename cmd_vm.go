@@ -176,8 +176,13 @@ func vmLauncher(preloadFlag, serverUID string) vm.Launcher {
 		}
 		var rm []runMarker
 		for _, m := range maps {
-			if _, err := regionIndex(h, m.Region); err != nil {
+			i, err := regionIndex(h, m.Region)
+			if err != nil {
 				return fmt.Errorf("the server on %s: %w (is it serving this snapshot?)", socket, err)
+			}
+			if r := h.Regions[i]; r.Length != m.Length || r.Name != m.Name {
+				return fmt.Errorf("%w: the server on %s serves region %s %q of %d bytes, the snapshot's RAM %q is %d bytes: serve this snapshot (uffdrestore load SNAP)",
+					vm.ErrRAMSize, socket, m.Region, r.Name, r.Length, m.Name, m.Length)
 			}
 			rm = append(rm, runMarker{m.Marker, m.Region})
 		}

@@ -432,6 +432,23 @@ func TestVMRestoreErrors(t *testing.T) {
 	if _, err := rs(snap, append([]string{"/bin/sleep", "60", "--"}, vmArgs("64M")...), 2*time.Second); !errors.Is(err, vm.ErrNotQEMU) {
 		t.Errorf("sleep: %v", err)
 	}
+	// A server of another snapshot (32 MiB of RAM "mem"): refused before
+	// QEMU starts.
+	other := filepath.Join(dir, "other.ram")
+	if err := os.WriteFile(other, make([]byte, 32<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	otherSnap := filepath.Join(dir, "other.snap")
+	if out, err := exec.Command(e.bin, "snapshot", "create", "--from-file", other, "--output", otherSnap).CombinedOutput(); err != nil {
+		t.Fatalf("snapshot create: %v\n%s", err, out)
+	}
+	otherSock := filepath.Join(dir, "other.sock")
+	startCLI2(t, e, "ready:", "load", otherSnap, "--socket", otherSock)
+	_, err = vm.Restore(ctx, vm.RestoreOptions{Snapshot: snap, Socket: otherSock, Private: true, Command: append([]string{e.qemu}, vmArgs("64M")...),
+		Launch: vmLauncher(e.preload, "")})
+	if !errors.Is(err, vm.ErrRAMSize) || !strings.Contains(err.Error(), "serve this snapshot") {
+		t.Errorf("server of another snapshot: %v", err)
+	}
 	// And the guestless VM itself restores and runs.
 	v, err := rs(snap, append([]string{e.qemu}, vmArgs("64M")...), time.Minute)
 	if err != nil {

@@ -20,7 +20,9 @@ import (
 // MapSpec is one marker path the preload answers with a served region.
 type MapSpec struct {
 	Marker string
-	Region string
+	Region string // "#INDEX"
+	Name   string // the region's name in the snapshot (the backend id)
+	Length uint64 // its length in the snapshot: the server's must match
 }
 
 // Launcher prepares cmd to run under the preload library so that opening
@@ -127,7 +129,7 @@ func Restore(ctx context.Context, o RestoreOptions) (_ *VM, err error) {
 			m = o.RAMFiles[i]
 		}
 		ram = append(ram, ramRegion{ID: r.Name, Size: r.Length, Marker: m})
-		maps = append(maps, MapSpec{Marker: m, Region: fmt.Sprintf("#%d", i)})
+		maps = append(maps, MapSpec{Marker: m, Region: fmt.Sprintf("#%d", i), Name: r.Name, Length: r.Length})
 	}
 	v.QMPPath = filepath.Join(dir, "qmp.sock")
 	args, err := rewriteArgs(o.Command[1:], ram, o.Private, v.QMPPath)
