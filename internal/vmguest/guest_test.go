@@ -84,3 +84,12 @@ func TestInitramfsIsNewc(t *testing.T) {
 		t.Errorf("mnt %+v", e)
 	}
 }
+
+func TestIsStatic(t *testing.T) {
+	if isStatic("/bin/sh") {
+		t.Error("/bin/sh (dynamically linked) reported static")
+	}
+	if isStatic("/etc/passwd") {
+		t.Error("a text file reported static")
+	}
+}

@@ -1,6 +1,7 @@
 package vmguest
 
 import (
+	"debug/elf"
 	"fmt"
 	"os"
 	"os/exec"
@@ -35,7 +36,7 @@ func Find() (qemu, kernel, busybox string, err error) {
 		return "", "", "", fmt.Errorf("guest kernel: %w", err)
 	}
 	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
-		if fi, err := os.Stat(p); err == nil && fi.Size() > 1<<20 {
+		if isStatic(p) {
 			busybox = p
 			break
 		}
@@ -73,4 +74,20 @@ func (m Machine) Args() []string {
 		a = append(a, "-qmp", "unix:"+m.QMP+",server=on,wait=off")
 	}
 	return a
+}
+
+// isStatic reports whether p is an ELF executable without a program
+// interpreter (statically linked: it runs in the initramfs alone).
+func isStatic(p string) bool {
+	f, err := elf.Open(p)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	for _, ph := range f.Progs {
+		if ph.Type == elf.PT_INTERP {
+			return false
+		}
+	}
+	return true
 }
