@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -273,5 +272,3 @@ func runVMRestore(c *cli.Context) error {
 	}
 	return nil
 }
-
-var _ = context.Background

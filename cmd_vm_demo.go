@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -373,5 +372,3 @@ func copyFile(src, dst string) error {
 	}
 	return out.Close()
 }
-
-var _ = errors.New

@@ -3,7 +3,6 @@ package vm
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -219,7 +218,7 @@ func ramBackends(ctx context.Context, c *qmp.Client) ([]Backend, error) {
 // saveDeviceState migrates the (stopped) VM's device state, without the
 // shared RAM, into a pipe given to QEMU with getfd, and returns it.
 func saveDeviceState(ctx context.Context, c *qmp.Client, timeout time.Duration) ([]byte, error) {
-	r, w, err := pipe()
+	r, w, err := pipe(true)
 	if err != nil {
 		return nil, err
 	}
@@ -266,5 +265,3 @@ func saveDeviceState(ctx context.Context, c *qmp.Client, timeout time.Duration) 
 		return nil, fmt.Errorf("%w: QEMU did not close the device-state pipe", ErrMigration)
 	}
 }
-
-var _ = errors.Is

@@ -2,10 +2,8 @@ package vm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"time"
 
@@ -98,10 +96,22 @@ func passFD(ctx context.Context, c *qmp.Client, name string, fd int) error {
 	return nil
 }
 
-// pipe returns a pipe's ends, close-on-exec.
-func pipe() (r, w *os.File, err error) {
+// pipe returns a pipe's ends, close-on-exec. The end this process keeps
+// (the read end if keepRead, else the write end) is non-blocking, so Go's
+// poller serves it and closing it ends a pending read or write; the end
+// handed to QEMU stays blocking, as QEMU's fd: migration expects.
+func pipe(keepRead bool) (r, w *os.File, err error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return nil, nil, fmt.Errorf("pipe: %w", err)
+	}
+	keep := p[1]
+	if keepRead {
+		keep = p[0]
+	}
+	if err := unix.SetNonblock(keep, true); err != nil {
+		unix.Close(p[0])
+		unix.Close(p[1])
 		return nil, nil, fmt.Errorf("pipe: %w", err)
 	}
 	return os.NewFile(uintptr(p[0]), "state-r"), os.NewFile(uintptr(p[1]), "state-w"), nil
@@ -117,6 +127,3 @@ func runStatus(ctx context.Context, c *qmp.Client) (string, error) {
 	}
 	return st.Status, nil
 }
-
-var _ = json.Marshal
-var _ io.Reader

@@ -222,7 +222,7 @@ func (v *VM) withStderr(err error) error {
 // loadDeviceState feeds the device state to QEMU's incoming migration
 // through a pipe passed with getfd.
 func loadDeviceState(ctx context.Context, c *qmp.Client, state []byte, timeout time.Duration) error {
-	r, w, err := pipe()
+	r, w, err := pipe(false)
 	if err != nil {
 		return err
 	}

@@ -172,9 +172,10 @@ func (c *Console) Command(ctx context.Context, cmd, arg string) (string, error) 
 	if _, err := fmt.Fprintf(c.c, "%s %s %s\n", id, cmd, arg); err != nil {
 		return "", fmt.Errorf("guest: send %s: %w", cmd, err)
 	}
-	// Resend now and then: a line typed before the guest's read loop
-	// (re)started is lost.
-	tick := time.NewTicker(3 * time.Second)
+	// Resend now and then, in case the line was lost (typed before the
+	// guest's read loop ran); the guest's commands are idempotent and a
+	// late duplicate answer is ignored (its id is old).
+	tick := time.NewTicker(15 * time.Second)
 	defer tick.Stop()
 	for {
 		select {
