@@ -114,9 +114,26 @@ func (f *runFixture) checkDump(t *testing.T, path string, region int) {
 	}
 }
 
+// ownGroup puts cmd (and the children it forks) in a process group of its
+// own that is killed when the test ends, and bounds Wait's wait for output
+// a leftover child holds open: a hung child fails the test, never hangs it.
+func ownGroup(t *testing.T, cmd *exec.Cmd) {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	cmd.WaitDelay = 5 * time.Second
+	t.Cleanup(func() {
+		if cmd.Process != nil {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		}
+	})
+}
+
 func combined(t *testing.T, cmd *exec.Cmd) (string, int) {
 	t.Helper()
 	var out syncBuf
+	ownGroup(t, cmd)
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -158,6 +175,7 @@ func testRunOracle(t *testing.T, f *runFixture) {
 				wg.Add(1)
 				dump := filepath.Join(f.dir, fmt.Sprintf("%s.dump%d", backing, i))
 				cmd := f.run(append(maps, f.prog, "dump", []string{marker, marker2}[i], dump, m[0], m[1])...)
+				ownGroup(t, cmd)
 				go func() {
 					defer wg.Done()
 					var out syncBuf

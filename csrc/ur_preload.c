@@ -19,7 +19,8 @@
  * the region's size; lseek/lseek64 move a position of their own within it;
  * ftruncate to the region's size or less succeeds and does nothing, to more
  * fails (EFBIG); fallocate fails (EOPNOTSUPP); read/write/pread/pwrite fail
- * (EINVAL: they would bypass the server). mmap/mmap64 of it maps the region
+ * (EINVAL: they would bypass the server); dup/dup2/dup3 of it are marker fds
+ * too. mmap/mmap64 of it maps the region
  * (file offset 0 = the region's first byte) with the program's flags
  * (MAP_SHARED or MAP_PRIVATE, MAP_FIXED or not; MAP_POPULATE is dropped) and
  * registers the mapping (ur_attach_mapping): pages fill on first touch.
@@ -55,7 +56,8 @@ struct marker {
 static struct marker markers[UR_PRELOAD_MAXMARKERS];
 static int nmarkers;
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+/* Recursive: the client code calls open/read/fstat, which come back here. */
+static pthread_mutex_t lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static struct ur_session *sess;
 static pid_t sess_pid;
 
@@ -93,6 +95,9 @@ REAL(int, ftruncate64, (int, off64_t))
 REAL(int, fallocate, (int, int, off_t, off_t))
 REAL(int, fallocate64, (int, int, off64_t, off64_t))
 REAL(int, close, (int))
+REAL(int, dup, (int))
+REAL(int, dup2, (int, int))
+REAL(int, dup3, (int, int, int))
 REAL(ssize_t, read, (int, void *, size_t))
 REAL(ssize_t, write, (int, const void *, size_t))
 REAL(ssize_t, pread, (int, void *, size_t, off_t))
@@ -438,7 +443,38 @@ static long fd_marker(int fd)
 /* A thread holding the lock while another forks must not leave the child a locked lock. */
 static void before_fork(void) { pthread_mutex_lock(&lock); }
 static void after_fork(void) { pthread_mutex_unlock(&lock); }
-__attribute__((constructor)) static void preload_init(void) { pthread_atfork(before_fork, after_fork, after_fork); }
+/* The child's thread has another tid than the one that owns the (recursive)
+ * lock, so it cannot unlock it: it makes it anew. */
+static void after_fork_child(void)
+{
+	pthread_mutexattr_t a;
+	pthread_mutexattr_init(&a);
+	pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+	pthread_mutex_init(&lock, &a);
+	pthread_mutexattr_destroy(&a);
+}
+__attribute__((constructor)) static void preload_init(void) { pthread_atfork(before_fork, after_fork, after_fork_child); }
+
+/* An fd a real open returned is no marker (whatever a close we did not
+ * see, such as close_range, left in its entry). */
+static int fresh(int fd)
+{
+	if (fd >= 0 && fd < UR_PRELOAD_MAXFD)
+		atomic_store(&fd_region[fd], 0);
+	return fd;
+}
+
+/* A duplicate of a marker fd is one too (fd_marker checks it on use). */
+static int dup_of(int old, int fd)
+{
+	if (fd >= 0 && fd < UR_PRELOAD_MAXFD) {
+		int r = old >= 0 && old < UR_PRELOAD_MAXFD ? atomic_load(&fd_region[old]) : 0;
+		if (r)
+			fd_pos[fd] = 0;
+		atomic_store(&fd_region[fd], r);
+	}
+	return fd;
+}
 
 static uint64_t region_size(long idx)
 {
@@ -455,7 +491,7 @@ EXPORT int open(const char *path, int flags, ...)
 		va_end(ap);
 	}
 	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? get_open()(path, flags, mode) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get_open()(path, flags, mode)) : open_marker(mi, flags);
 }
 
 EXPORT int open64(const char *path, int flags, ...)
@@ -468,19 +504,19 @@ EXPORT int open64(const char *path, int flags, ...)
 		va_end(ap);
 	}
 	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? get_open64()(path, flags, mode) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get_open64()(path, flags, mode)) : open_marker(mi, flags);
 }
 
 EXPORT int __open_2(const char *path, int flags)
 {
 	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? get___open_2()(path, flags) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get___open_2()(path, flags)) : open_marker(mi, flags);
 }
 
 EXPORT int __open64_2(const char *path, int flags)
 {
 	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? get___open64_2()(path, flags) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get___open64_2()(path, flags)) : open_marker(mi, flags);
 }
 
 EXPORT int openat(int dirfd, const char *path, int flags, ...)
@@ -493,7 +529,7 @@ EXPORT int openat(int dirfd, const char *path, int flags, ...)
 		va_end(ap);
 	}
 	int mi = marker_of(dirfd, path);
-	return mi < 0 ? get_openat()(dirfd, path, flags, mode) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get_openat()(dirfd, path, flags, mode)) : open_marker(mi, flags);
 }
 
 EXPORT int openat64(int dirfd, const char *path, int flags, ...)
@@ -506,19 +542,19 @@ EXPORT int openat64(int dirfd, const char *path, int flags, ...)
 		va_end(ap);
 	}
 	int mi = marker_of(dirfd, path);
-	return mi < 0 ? get_openat64()(dirfd, path, flags, mode) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get_openat64()(dirfd, path, flags, mode)) : open_marker(mi, flags);
 }
 
 EXPORT int __openat_2(int dirfd, const char *path, int flags)
 {
 	int mi = marker_of(dirfd, path);
-	return mi < 0 ? get___openat_2()(dirfd, path, flags) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get___openat_2()(dirfd, path, flags)) : open_marker(mi, flags);
 }
 
 EXPORT int __openat64_2(int dirfd, const char *path, int flags)
 {
 	int mi = marker_of(dirfd, path);
-	return mi < 0 ? get___openat64_2()(dirfd, path, flags) : open_marker(mi, flags);
+	return mi < 0 ? fresh(get___openat64_2()(dirfd, path, flags)) : open_marker(mi, flags);
 }
 
 static FILE *fopen_marker(int mi, const char *mode)
@@ -543,13 +579,23 @@ static FILE *fopen_marker(int mi, const char *mode)
 EXPORT FILE *fopen(const char *path, const char *mode)
 {
 	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? get_fopen()(path, mode) : fopen_marker(mi, mode);
+	if (mi >= 0)
+		return fopen_marker(mi, mode);
+	FILE *f = get_fopen()(path, mode);
+	if (f)
+		fresh(fileno(f));
+	return f;
 }
 
 EXPORT FILE *fopen64(const char *path, const char *mode)
 {
 	int mi = marker_of(AT_FDCWD, path);
-	return mi < 0 ? get_fopen64()(path, mode) : fopen_marker(mi, mode);
+	if (mi >= 0)
+		return fopen_marker(mi, mode);
+	FILE *f = get_fopen64()(path, mode);
+	if (f)
+		fresh(fileno(f));
+	return f;
 }
 
 /* mmap of a marker fd: the region at the file offset, registered. */
@@ -726,6 +772,10 @@ EXPORT int fallocate64(int fd, int mode, off64_t off, off64_t len)
 	}
 	return get_fallocate64()(fd, mode, off, len);
 }
+
+EXPORT int dup(int old) { return dup_of(old, get_dup()(old)); }
+EXPORT int dup2(int old, int fd) { return old == fd ? get_dup2()(old, fd) : dup_of(old, get_dup2()(old, fd)); }
+EXPORT int dup3(int old, int fd, int flags) { return dup_of(old, get_dup3()(old, fd, flags)); }
 
 EXPORT int close(int fd)
 {

@@ -7,8 +7,8 @@
  *   preload_prog dump FILE OUT shared|private fixed|any
  *	open O_RDWR, fstat, lseek(SEEK_END), mmap the whole size (MAP_FIXED at
  *	a 2 MiB aligned address it reserved, or anywhere), copy it to OUT
- *	(through a buffer), then map it a second time (the other of
- *	shared/private) and check both read the same.
+ *	(through a buffer), then map it a second time through a dup of the
+ *	fd (the other of shared/private) and check both read the same.
  *   preload_prog scribble FILE BYTE
  *	map private, write BYTE over every byte, check it reads back.
  *   preload_prog truncate FILE
@@ -131,8 +131,9 @@ int main(int argc, char **argv)
 		}
 		if (fclose(out) != 0)
 			return die("fclose");
-		/* A second mapping of the same file, the other kind, anywhere. */
-		unsigned char *b = map(fd, size, !shared, 0);
+		/* A second mapping of the same file (through a dup of the fd),
+		 * the other kind, anywhere. */
+		unsigned char *b = map(dup(fd), size, !shared, 0);
 		if (b == MAP_FAILED)
 			return die("mmap (second)");
 		if (memcmp(a, b, size) != 0) {
