@@ -139,7 +139,8 @@ Examples:
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "socket", Usage: "a running `uffdrestore load SNAP` socket (`PATH`); default: serve in-process"},
 			&cli.BoolFlag{Name: "private", Usage: "a copy-on-write clone (share=off)"},
-			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "in-process server's backing: auto, shmem, memfd-hugetlb or hugetlbfs"},
+			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "in-process server's backing: auto, shmem, memfd-hugetlb or hugetlbfs (with --hugetlbfs)"},
+			&cli.StringFlag{Name: "hugetlbfs", Usage: "in-process server's hugetlbfs mount (`DIR`) for --backing hugetlbfs"},
 			&cli.StringFlag{Name: "preload", Usage: "the preload library (default: " + preloadName + " next to the uffdrestore binary)"},
 			&cli.StringFlag{Name: "server-uid", Usage: "one more `UID` the --socket server may run as (besides root and this uid)"},
 			&cli.DurationFlag{Name: "timeout", Value: time.Minute, Usage: "bound for QEMU's start and the device-state load"},
@@ -228,15 +229,19 @@ func runVMRestore(c *cli.Context) error {
 			return cli.Exit("vm restore: --backing: "+err.Error(), 2)
 		}
 		sock = filepath.Join(dir, "ram.sock")
-		srv, err = vm.Serve(sig.Graceful, snap, sock, nil, restore.WithBacking(backing))
+		ropts := []restore.Option{restore.WithBacking(backing)}
+		if d := c.String("hugetlbfs"); d != "" {
+			ropts = append(ropts, restore.WithHugetlbfsDir(d))
+		}
+		srv, err = vm.Serve(sig.Graceful, snap, sock, nil, ropts...)
 		if err != nil {
 			return cli.Exit("vm restore: "+err.Error(), 1)
 		}
 		defer srv.Close()
 		l := srv.Stats()
 		progress(fmt.Sprintf("serving %s in-process (backing %s, lazy)", snap, l.Backing))
-	} else if c.IsSet("backing") {
-		return cli.Exit("vm restore: --backing is for the in-process server; the --socket server has its own", 2)
+	} else if c.IsSet("backing") || c.IsSet("hugetlbfs") {
+		return cli.Exit("vm restore: --backing and --hugetlbfs are for the in-process server; the --socket server has its own", 2)
 	}
 	v, err := vm.Restore(sig.Graceful, vm.RestoreOptions{
 		Snapshot: snap, Socket: sock, Private: c.Bool("private"), Command: qemu,

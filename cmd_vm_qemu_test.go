@@ -206,9 +206,12 @@ func TestVMCheckpointRestoreCLI(t *testing.T) {
 		m2.Serial, m2.QMP, m2.MemPath, m2.Share = filepath.Join(dir, "serial-"+name), "", "/nonexistent/replaced", share
 		return m2, append([]string{e.qemu}, m2.Args()...)
 	}
-	// vm restore, in-process server.
+	// vm restore, in-process server on a hugetlbfs file (the clones below
+	// use load's auto backing, a hugetlb memfd; TestVMPipeline shmem).
+	testutil.RequireHugePages(t, 64)
+	mnt := testutil.MountHugetlbfs(t)
 	m1, a1 := qargs("restore", true)
-	rs, rout, rerr := startCLI(t, e, append([]string{"vm", "restore", snap, "--"}, a1...)...)
+	rs, rout, rerr := startCLI(t, e, append([]string{"vm", "restore", snap, "--backing", "hugetlbfs", "--hugetlbfs", mnt, "--"}, a1...)...)
 	waitOutputOrExit(t, rs, rout, rerr, "resumed:", time.Minute)
 	if err := verifyRestored(ctx, m1, nil, "vm restore", want, bootID, ckCnt); err != nil {
 		t.Fatal(err)
@@ -217,7 +220,7 @@ func TestVMCheckpointRestoreCLI(t *testing.T) {
 	if code := waitExit(t, rs, 30*time.Second); code != 0 {
 		t.Fatalf("vm restore exited %d after SIGTERM: %s", code, rerr.String())
 	}
-	if !strings.Contains(rerr.String(), "quitting QEMU") || !strings.Contains(rerr.String(), "decoded") {
+	if !strings.Contains(rerr.String(), "quitting QEMU") || !strings.Contains(rerr.String(), "decoded") || !strings.Contains(rerr.String(), "backing hugetlbfs") {
 		t.Errorf("vm restore stderr: %s", rerr.String())
 	}
 
