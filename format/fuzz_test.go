@@ -38,6 +38,7 @@ func FuzzReader(f *testing.F) {
 		_ = r.Regions()
 		_ = r.Metadata()
 		_ = r.Profiles()
+		_ = r.Attachments()
 		d := r.NewDecoder()
 		defer d.Close()
 		dst := make([]byte, r.ChunkSize())
@@ -112,6 +113,13 @@ func FuzzParseIndex(f *testing.F) {
 		}
 		f.Add(b[r.indexOff : r.indexOff+r.indexLen])
 	}
+	// An index with attachments (section 6).
+	b, _ := attachSnap(f, WriterOptions{}, Attachment{Kind: AttachQEMUDeviceState, Data: []byte("device state")}, Attachment{Kind: "k", Data: nil})
+	r, err := NewReader(bytes.NewReader(b), int64(len(b)))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b[r.indexOff : r.indexOff+r.indexLen])
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ix, err := parseIndex(b, 0, layout{dataStart: HeaderSize, dataEnd: 1 << 20})
 		if err != nil {
@@ -125,7 +133,7 @@ func FuzzParseIndex(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-encoded index does not parse: %v", err)
 		}
-		if len(ix2.chunks) != len(ix.chunks) || len(ix2.regions) != len(ix.regions) {
+		if len(ix2.chunks) != len(ix.chunks) || len(ix2.regions) != len(ix.regions) || len(ix2.attachments) != len(ix.attachments) {
 			t.Fatal("re-encoded index differs")
 		}
 	})

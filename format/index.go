@@ -34,6 +34,8 @@ type index struct {
 	meta      Metadata
 	profiles  []Profile
 	unknown   []rawSection // non-critical sections we do not know, kept verbatim
+
+	attachments []Attachment
 }
 
 type rawSection struct {
@@ -114,6 +116,12 @@ func encodeIndex(ix *index) ([]byte, error) {
 	if len(ix.profiles) > 0 {
 		nsec++
 	}
+	if len(ix.attachments) > 0 {
+		if err := checkAttachments(ix.attachments); err != nil {
+			return nil, err
+		}
+		nsec++
+	}
 	e.u32(uint32(nsec))
 
 	end := e.section(secRegions, secFlagCritical)
@@ -174,6 +182,9 @@ func encodeIndex(ix *index) ([]byte, error) {
 			}
 		}
 		end()
+	}
+	if len(ix.attachments) > 0 {
+		encodeAttachments(e, ix.attachments)
 	}
 	for _, s := range ix.unknown {
 		if s.tag == secAuth {
@@ -322,12 +333,12 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 		return nil, corrupt(ErrTooLarge, "index.section_count", base+20, -1, "%d sections, limit %d", nsec, maxSections)
 	}
 
-	var seen [secProfiles + 1]bool
+	var seen [secAttachments + 1]bool
 	type secRef struct {
 		payload []byte
 		base    int64
 	}
-	var secs [secProfiles + 1]secRef
+	var secs [secAttachments + 1]secRef
 	for i := uint32(0); i < nsec; i++ {
 		at := d.off()
 		tag := d.u16("index.section.tag")
@@ -342,7 +353,7 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			return nil, corrupt(ErrCorrupt, "index.section.flags", at+2, -1, "unknown flag bits %#x", flags)
 		}
 		switch {
-		case tag >= secRegions && tag <= secProfiles:
+		case tag >= secRegions && tag <= secProfiles, tag == secAttachments:
 			if seen[tag] {
 				return nil, corrupt(ErrCorrupt, "index.section.tag", at, -1, "section %d appears twice", tag)
 			}
@@ -527,6 +538,15 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			return nil, err
 		}
 		ix.profiles = ps
+	}
+
+	// Attachments.
+	if seen[secAttachments] {
+		as, err := parseAttachments(secs[secAttachments].payload, secs[secAttachments].base)
+		if err != nil {
+			return nil, err
+		}
+		ix.attachments = as
 	}
 	return ix, nil
 }

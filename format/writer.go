@@ -83,6 +83,8 @@ type Writer struct {
 	chunks    []Chunk
 	profiles  []Profile
 
+	attachments []Attachment
+
 	jobs     chan *job
 	pending  []*job // FIFO, in chunk order
 	free     []*job
@@ -452,7 +454,7 @@ func (w *Writer) Close() error {
 			return err
 		}
 	}
-	ix := &index{chunkSize: w.chunkSize, regions: w.regions, chunks: w.chunks, meta: w.opts.Metadata, profiles: w.profiles}
+	ix := &index{chunkSize: w.chunkSize, regions: w.regions, chunks: w.chunks, meta: w.opts.Metadata, profiles: w.profiles, attachments: w.attachments}
 	ib, err := encodeIndex(ix)
 	if err != nil {
 		return err

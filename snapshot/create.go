@@ -31,6 +31,9 @@ type Options struct {
 	Progress func(done, total uint64)
 	// Warn, if set, receives non-fatal problems (unreadable memory ranges).
 	Warn func(msg string)
+	// Attachments are stored with the memory (SPEC.md section 6), e.g. a
+	// virtual machine's device state.
+	Attachments []format.Attachment
 }
 
 func (o *Options) progress(done, total uint64) {
@@ -63,6 +66,17 @@ func createStream(ctx context.Context, r io.Reader, w io.Writer, opts Options, t
 	if opts.Metadata.Source == "" {
 		opts.Metadata.Source = "stream"
 	}
+	return createRegions(ctx, []streamRegion{{name: name, r: r}}, w, opts, total)
+}
+
+type streamRegion struct {
+	name string
+	r    io.Reader
+}
+
+// createRegions writes one region per source, in order, then the
+// attachments, then the index.
+func createRegions(ctx context.Context, srcs []streamRegion, w io.Writer, opts Options, total uint64) (_ format.WriterStats, err error) {
 	fw, err := format.NewWriter(w, opts.WriterOptions)
 	if err != nil {
 		return format.WriterStats{}, err
@@ -72,37 +86,78 @@ func createStream(ctx context.Context, r io.Reader, w io.Writer, opts Options, t
 			fw.Abort() // no index: a failed snapshot must not look valid
 		}
 	}()
-	if err := fw.BeginRegion(name, 0, format.ProtRead|format.ProtWrite); err != nil {
-		return fw.Stats(), err
-	}
 	buf := make([]byte, copyBufSize)
 	var done uint64
-	for {
-		if err := ctx.Err(); err != nil {
+	for _, src := range srcs {
+		if err := fw.BeginRegion(src.name, 0, format.ProtRead|format.ProtWrite); err != nil {
 			return fw.Stats(), err
 		}
-		n, rerr := io.ReadFull(r, buf)
-		if n > 0 {
-			if _, err := fw.Write(buf[:n]); err != nil {
+		for {
+			if err := ctx.Err(); err != nil {
 				return fw.Stats(), err
 			}
-			done += uint64(n)
-			opts.progress(done, total)
+			n, rerr := io.ReadFull(src.r, buf)
+			if n > 0 {
+				if _, err := fw.Write(buf[:n]); err != nil {
+					return fw.Stats(), err
+				}
+				done += uint64(n)
+				opts.progress(done, total)
+			}
+			if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+				break
+			}
+			if rerr != nil {
+				return fw.Stats(), fmt.Errorf("read input: %w", rerr)
+			}
 		}
-		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
-			break
-		}
-		if rerr != nil {
-			return fw.Stats(), fmt.Errorf("read input: %w", rerr)
+		if err := fw.EndRegion(); err != nil {
+			return fw.Stats(), err
 		}
 	}
-	if err := fw.EndRegion(); err != nil {
-		return fw.Stats(), err
+	for _, a := range opts.Attachments {
+		if err := fw.AddAttachment(a); err != nil {
+			return fw.Stats(), err
+		}
 	}
 	if err := fw.Close(); err != nil {
 		return fw.Stats(), err
 	}
 	return fw.Stats(), nil
+}
+
+// NamedFile is one region of CreateFromFiles: the file at Path, stored as
+// a region called Name.
+type NamedFile struct {
+	Name, Path string
+}
+
+// CreateFromFiles writes a snapshot with one region per file, in order
+// (e.g. each RAM backend file of a virtual machine, named after the
+// backend), plus opts.Attachments.
+func CreateFromFiles(ctx context.Context, files []NamedFile, w io.Writer, opts Options) (format.WriterStats, error) {
+	var srcs []streamRegion
+	var total uint64
+	for _, nf := range files {
+		f, err := os.Open(nf.Path)
+		if err != nil {
+			return format.WriterStats{}, err
+		}
+		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			return format.WriterStats{}, err
+		}
+		if !st.Mode().IsRegular() {
+			return format.WriterStats{}, fmt.Errorf("%s is not a regular file: give memory files", nf.Path)
+		}
+		total += uint64(st.Size())
+		srcs = append(srcs, streamRegion{name: nf.Name, r: f})
+	}
+	if len(srcs) == 0 {
+		return format.WriterStats{}, ErrNoRegions
+	}
+	return createRegions(ctx, srcs, w, opts, total)
 }
 
 // CreateFromFile writes a one-region snapshot of the file at path (a raw

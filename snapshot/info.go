@@ -29,6 +29,9 @@ type InfoReport struct {
 	Regions      []RegionInfo   `json:"regions"`
 	Metadata     MetadataInfo   `json:"metadata"`
 	Profiles     []ProfileInfo  `json:"profiles"`
+	// Attachments are the typed blobs stored with the memory (SPEC.md
+	// section 6), e.g. a QEMU VM's device state.
+	Attachments []AttachmentInfo `json:"attachments"`
 	// ChunkOrder is false when the chunk data was reordered (snapshot
 	// reorder: a working set first).
 	ChunkOrder bool `json:"chunk_order"`
@@ -44,6 +47,13 @@ type RegionInfo struct {
 	Chunks      int    `json:"chunks"`
 	StoredBytes uint64 `json:"stored_bytes"`
 	ZeroChunks  int    `json:"zero_chunks"`
+}
+
+// AttachmentInfo describes one attachment (its data is not in the report).
+type AttachmentInfo struct {
+	Kind  string `json:"kind"`
+	Bytes int    `json:"bytes"`
+	CRC   uint32 `json:"crc32c"`
 }
 
 // MetadataInfo is the snapshot metadata.
@@ -80,6 +90,7 @@ func Info(r *format.Reader) InfoReport {
 		Codecs:       map[string]int{},
 		Regions:      []RegionInfo{},
 		Profiles:     []ProfileInfo{},
+		Attachments:  []AttachmentInfo{},
 	}
 	var zeroBytes uint64
 	for _, rg := range r.Regions() {
@@ -113,6 +124,9 @@ func Info(r *format.Reader) InfoReport {
 	}
 	for _, p := range r.Profiles() {
 		rep.Profiles = append(rep.Profiles, SummarizeProfile(r, p, 0))
+	}
+	for _, a := range r.Attachments() {
+		rep.Attachments = append(rep.Attachments, AttachmentInfo{Kind: a.Kind, Bytes: len(a.Data), CRC: format.Checksum(a.Data)})
 	}
 	rep.ChunkOrder = InChunkOrder(r)
 	return rep
@@ -162,6 +176,9 @@ func (rep InfoReport) WriteText(w io.Writer) error {
 	}
 	for _, p := range rep.Profiles {
 		fmt.Fprintf(&b, "profile:         %s\n", p.Text())
+	}
+	for _, a := range rep.Attachments {
+		fmt.Fprintf(&b, "attachment:      %s, %s (crc32c %08x)\n", printable(a.Kind), HumanBytes(uint64(a.Bytes)), a.CRC)
 	}
 	fmt.Fprintf(&b, "regions:         %d\n", len(rep.Regions))
 	if _, err := io.WriteString(w, b.String()); err != nil {

@@ -390,3 +390,43 @@ func TestVerifyCancelled(t *testing.T) {
 		t.Errorf("errs = %v", errs)
 	}
 }
+
+// CreateFromFiles stores one region per file, named as given, and the
+// attachments; Info reports them.
+func TestCreateFromFilesAttachments(t *testing.T) {
+	dir := t.TempDir()
+	a, b := image(3*format.MinChunkSize+17, 5), image(format.MinChunkSize, 6)
+	pa, pb := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	if err := os.WriteFile(pa, a, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pb, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ds := []byte("device state bytes")
+	var buf bytes.Buffer
+	opts := Options{Attachments: []format.Attachment{{Kind: format.AttachQEMUDeviceState, Data: ds}}}
+	opts.ChunkSize = format.MinChunkSize
+	if _, err := CreateFromFiles(context.Background(), []NamedFile{{"mem0", pa}, {"mem1", pb}}, &buf, opts); err != nil {
+		t.Fatal(err)
+	}
+	r := openBytes(t, buf.Bytes())
+	rs := r.Regions()
+	if len(rs) != 2 || rs[0].Name != "mem0" || rs[1].Name != "mem1" || rs[0].Length != uint64(len(a)) || rs[1].Length != uint64(len(b)) {
+		t.Fatalf("regions %+v", rs)
+	}
+	if got, ok := r.Attachment(format.AttachQEMUDeviceState); !ok || !bytes.Equal(got, ds) {
+		t.Fatalf("device state %q %v", got, ok)
+	}
+	rep := Info(r)
+	if len(rep.Attachments) != 1 || rep.Attachments[0].Kind != format.AttachQEMUDeviceState || rep.Attachments[0].Bytes != len(ds) {
+		t.Fatalf("info attachments %+v", rep.Attachments)
+	}
+	var text bytes.Buffer
+	if err := rep.WriteText(&text); err != nil || !strings.Contains(text.String(), "attachment:      qemu-device-state, 18 B") {
+		t.Fatalf("text %q %v", text.String(), err)
+	}
+	if _, err := CreateFromFiles(context.Background(), []NamedFile{{"d", dir}}, &buf, opts); err == nil {
+		t.Fatal("a directory was accepted as a memory file")
+	}
+}
