@@ -112,28 +112,18 @@ func checkRegion(h *attach.Hello, region string) error {
 // over (UFFDRESTORE_SOCKET_FD): so the check is no target that came and went,
 // which would end a `load --once`.
 func probeServer(path string, serverUID uint32) (*attach.Hello, *os.File, error) {
-	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	c, err := dialServer(path, serverUID)
 	if err != nil {
-		hint := ""
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			hint = ": is the server running? start `uffdrestore load SNAPSHOT --socket " + path + "` first"
-		}
-		return nil, nil, fmt.Errorf("cannot reach the server on %s: %w%s", path, err, hint)
+		return nil, nil, err
 	}
 	defer c.Close()
-	if err := attach.CheckServer(c, path, serverUID); err != nil {
-		return nil, nil, fmt.Errorf("%w (uffdrestore run --server-uid)", err)
-	}
 	raw, err := peekMsg(c, 10*time.Second)
 	if err != nil {
 		return nil, nil, fmt.Errorf("the server on %s: %w", path, err)
 	}
 	var h attach.Hello
 	if err := attach.Decode(raw, attach.TypeHello, &h); err != nil {
-		if errors.Is(err, attach.ErrRefused) && strings.Contains(err.Error(), "may not attach") {
-			return nil, nil, fmt.Errorf("%w: start the server with --allow-uid %d", err, os.Geteuid())
-		}
-		return nil, nil, err
+		return nil, nil, allowUIDHint(err)
 	}
 	if err := h.ValidateHeader(); err != nil {
 		return nil, nil, err
@@ -143,6 +133,32 @@ func probeServer(path string, serverUID uint32) (*attach.Hello, *os.File, error)
 		return nil, nil, err
 	}
 	return &h, f, nil
+}
+
+// dialServer connects to the server on path as the program will (this uid)
+// and checks that it is trusted (root, this uid or serverUID).
+func dialServer(path string, serverUID uint32) (*net.UnixConn, error) {
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		hint := ""
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			hint = ": is the server running? start `uffdrestore load SNAPSHOT --socket " + path + "` first"
+		}
+		return nil, fmt.Errorf("cannot reach the server on %s: %w%s", path, err, hint)
+	}
+	if err := attach.CheckServer(c, path, serverUID); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%w (uffdrestore run --server-uid)", err)
+	}
+	return c, nil
+}
+
+// allowUIDHint adds the fix to a server's refusal of this uid.
+func allowUIDHint(err error) error {
+	if errors.Is(err, attach.ErrRefused) && strings.Contains(err.Error(), "may not attach") {
+		return fmt.Errorf("%w: start the server with --allow-uid %d", err, os.Geteuid())
+	}
+	return err
 }
 
 // peekMsg returns the next message on c without taking it (MSG_PEEK);

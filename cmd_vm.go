@@ -7,12 +7,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/attach"
 	"github.com/uffdrestore/uffdrestore/vm"
 )
 
@@ -170,7 +172,7 @@ func vmLauncher(preloadFlag, serverUID string) vm.Launcher {
 		if err != nil {
 			return err
 		}
-		h, err := probeServer(socket, uid)
+		h, err := serverLayout(socket, uid)
 		if err != nil {
 			return err
 		}
@@ -276,4 +278,63 @@ func runVMRestore(c *cli.Context) error {
 		return cli.Exit(fmt.Sprintf("vm restore: QEMU exited: %v", werr), ee.ExitCode())
 	}
 	return nil
+}
+
+// serverLayout reads the hello and all its regions from the server on path
+// (trusted as dialServer checks) and hangs up without attaching.
+func serverLayout(path string, serverUID uint32) (*attach.Hello, error) {
+	c, err := dialServer(path, serverUID)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	h, fds, err := attach.RecvHello(func() ([]byte, []int, error) { return attach.RecvMsg(c) })
+	attach.CloseFDs(fds)
+	if err != nil {
+		return nil, fmt.Errorf("the server on %s: %w", path, allowUIDHint(err))
+	}
+	return &h, nil
+}
+
+// regionIndex resolves a region (a name, #INDEX, or "" for the only one)
+// against the server's hello.
+func regionIndex(h *attach.Hello, region string) (int, error) {
+	names := func() string {
+		var b []string
+		for i, r := range h.Regions {
+			if len(b) == 20 {
+				b = append(b, "...")
+				break
+			}
+			b = append(b, fmt.Sprintf("#%d %q", i, r.Name))
+		}
+		return strings.Join(b, ", ")
+	}
+	var idx int
+	switch {
+	case region == "":
+		if len(h.Regions) != 1 {
+			return 0, fmt.Errorf("the snapshot has %d regions (%s): name one, PATH=NAME or PATH=#INDEX", len(h.Regions), names())
+		}
+	case strings.HasPrefix(region, "#"):
+		n, err := strconv.Atoi(region[1:])
+		if err != nil || n < 0 || n >= len(h.Regions) {
+			return 0, fmt.Errorf("region %s does not exist: the snapshot has regions #0..#%d", region, len(h.Regions)-1)
+		}
+		idx = n
+	default:
+		found := h.Find(region)
+		if len(found) == 0 {
+			return 0, fmt.Errorf("the snapshot has no region %q (its regions: %s)", region, names())
+		}
+		if len(found) > 1 {
+			return 0, fmt.Errorf("several regions are named %q: name one by index, PATH=#INDEX", region)
+		}
+		idx = found[0]
+	}
+	if h.Regions[idx].Size == 0 {
+		return 0, fmt.Errorf("region #%d %q is empty: nothing to map", idx, h.Regions[idx].Name)
+	}
+	return idx, nil
 }

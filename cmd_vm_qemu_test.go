@@ -97,9 +97,12 @@ func TestVMPipeline(t *testing.T) {
 	if c1.DecodedResume > int64(r.RAM)/4 || c1.DecodedVerify < r.Pattern {
 		t.Errorf("clone 1 decoded %d bytes before resuming and %d checking a %d-byte pattern", c1.DecodedResume, c1.DecodedVerify, r.Pattern)
 	}
-	// One fill: the second clone found the pattern decoded already.
-	if c2.DecodedVerify > r.Pattern/4 {
-		t.Errorf("clone 2 decoded %d bytes checking the pattern clone 1 had filled (pattern %d bytes)", c2.DecodedVerify, r.Pattern)
+	// One fill: the second clone found the pattern decoded already. It may
+	// touch a unit or two the first did not (the guest's own allocations
+	// while it checks differ run to run), never a share of what the first
+	// decoded (without the shared fill it would decode as much).
+	if c2.DecodedVerify > c1.DecodedVerify/4 {
+		t.Errorf("clone 2 decoded %d bytes checking the pattern clone 1 had filled (clone 1: %d bytes, pattern %d bytes)", c2.DecodedVerify, c1.DecodedVerify, r.Pattern)
 	}
 	if r.Stats.BytesDecoded > int64(r.RAM) || r.Stats.Refills != 0 {
 		t.Errorf("server stats %+v", r.Stats)
