@@ -337,8 +337,8 @@ func (v *fakeView) Err() error {
 		return nil
 	}
 }
-func (v *fakeView) Stats() any {
-	return map[string]int64{"faults": v.faults.Load(), "fills": v.b.fills.Load()}
+func (v *fakeView) Stats() restore.Stats {
+	return restore.Stats{FaultsMissing: v.faults.Load(), FilledByFault: v.b.fills.Load()}
 }
 
 func (v *fakeView) Close() error {

@@ -17,18 +17,14 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
 
 // Range is one mapping of the backing file in a target, as the server hands
-// it to the Backend.
-type Range struct {
-	Base    uintptr // where the target mapped it
-	Size    uint64  // bytes, a multiple of the page size
-	Offset  uint64  // backing-file offset mapped at Base
-	Private bool    // MAP_PRIVATE
-}
+// it to the Backend: a view range of the engine (one type, no conversion).
+type Range = engine.ViewRange
 
 // Backend is what the server serves: a loaded snapshot in a backing file
 // (restore.Loader, through FromLoader).
@@ -61,7 +57,7 @@ type Profiler interface {
 type View interface {
 	Done() <-chan struct{}
 	Err() error
-	Stats() any
+	Stats() engine.Stats
 	Close() error
 }
 
@@ -97,8 +93,8 @@ type TargetInfo struct {
 	PID      int32
 	UID      uint32
 	Mappings int
-	Reason   string // why it ended: "detach", "hangup", "shutdown", "error: ..."
-	Stats    any    // the view's last stats
+	Reason   string       // why it ended: "detach", "hangup", "shutdown", "error: ..."
+	Stats    engine.Stats // the view's last stats
 }
 
 // Server accepts targets on a Unix socket and serves each on its own

@@ -192,4 +192,4 @@ type totalsView struct {
 	l *engine.Loader
 }
 
-func (v totalsView) Stats() any { return v.l.Stats() }
+func (v totalsView) Stats() engine.Stats { return v.l.Stats() }

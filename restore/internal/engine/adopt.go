@@ -277,10 +277,5 @@ func PlanLayout(path string, opts ...Option) (Layout, string, error) {
 		size = roundUp(size, max(int64(f.ChunkSize()), hp))
 	}
 	b.size = roundUp(max(size, 1), int64(b.pageSize))
-	lay := Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: f.ChunkSize(), FileSize: uint64(b.size), Snapshot: filepath.Base(path)}
-	for _, r := range f.Regions() {
-		lay.Regions = append(lay.Regions, LayoutRegion{Name: r.Name, Offset: uint64(r.FirstChunk) * uint64(f.ChunkSize()),
-			Size: uint64(roundUp(int64(r.Length), int64(b.pageSize))), Length: r.Length, Addr: r.Addr, Prot: r.Prot})
-	}
-	return lay, SnapshotID(f.Reader), nil
+	return layoutOf(f.Reader, b, filepath.Base(path)), SnapshotID(f.Reader), nil
 }

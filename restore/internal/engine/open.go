@@ -177,17 +177,6 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	return r, nil
 }
 
-func layoutOf(rd *format.Reader, b *backing, name string) Layout {
-	lay := Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: rd.ChunkSize(), FileSize: uint64(b.size), Snapshot: name}
-	for _, reg := range rd.Regions() {
-		lay.Regions = append(lay.Regions, LayoutRegion{
-			Name: reg.Name, Offset: uint64(reg.FirstChunk) * uint64(rd.ChunkSize()),
-			Size: uint64(roundUp(int64(reg.Length), int64(b.pageSize))), Length: reg.Length, Addr: reg.Addr, Prot: reg.Prot,
-		})
-	}
-	return lay
-}
-
 // Bytes returns the whole backing as one slice: every region at its Offset
 // in Layout. It is invalid after Close.
 func (r *Restore) Bytes() []byte { return r.view.Bytes() }

@@ -15,12 +15,13 @@ import (
 )
 
 // ViewRange is one mapping of the backing in a view: Size bytes of the
-// backing at Offset, mapped at Base in the view's address space.
+// backing at Offset, mapped at Base in the view's address space. The attach
+// server hands a target's mappings to its Loader as these (attach.Range).
 type ViewRange struct {
-	Base    uintptr `json:"base_host_virt_addr"`
-	Size    uint64  `json:"size"`
-	Offset  uint64  `json:"offset"`
-	Private bool    `json:"private"`
+	Base    uintptr // where the view maps it
+	Size    uint64  // bytes, a multiple of the page size
+	Offset  uint64  // backing-file offset mapped at Base
+	Private bool    // MAP_PRIVATE
 }
 
 // View is one address space whose faults the engine serves: an attached
