@@ -38,7 +38,7 @@ func (b loaderBackend) Hello() Hello {
 // Close closes the loader (an AdoptBackend closes what it adopted).
 func (b loaderBackend) Close() error { return b.l.Close() }
 
-func (b loaderBackend) BackingFD() int { return b.l.BackingFD() }
+func (b loaderBackend) BackingFile() *uffd.File { return b.l.BackingFile() }
 
 func (b loaderBackend) AttachView(u *uffd.FD, ranges []Range, name string) (View, error) {
 	v, err := b.l.AttachView(u, ranges, name)

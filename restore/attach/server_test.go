@@ -621,7 +621,7 @@ type nullBackend struct{}
 func (nullBackend) Hello() Hello {
 	return Hello{Backing: BackingShmem, PageSize: 4096, ChunkSize: 65536, FileSize: 65536, Regions: []Region{{Name: "r", Size: 4096, Length: 4096}}}
 }
-func (nullBackend) BackingFD() int { return -1 }
+func (nullBackend) BackingFile() *uffd.File { return nil }
 func (nullBackend) AttachView(u *uffd.FD, _ []Range, _ string) (View, error) {
 	u.Close()
 	return nil, errors.New("null backend")

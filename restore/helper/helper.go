@@ -173,7 +173,7 @@ func (b backend) Hello() attach.Hello {
 	}
 }
 
-func (b backend) BackingFD() int { return b.l.BackingFD() }
+func (b backend) BackingFile() *uffd.File { return b.l.BackingFile() }
 
 func (b backend) AttachView(u *uffd.FD, ranges []attach.Range, name string) (attach.View, error) {
 	v, err := attach.FromLoader(b.l).AttachView(u, ranges, name)

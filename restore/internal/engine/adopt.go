@@ -152,7 +152,7 @@ func adoptBacking(fd int, r *format.Reader) (*backing, error) {
 		unix.Close(own)
 		return nil, errors.New("restore: adopt backing: the reopened file is not the one handed over")
 	}
-	b := backingFromFD(own, kind, size, pageSize)
+	b := backingFromFD(uffd.NewFile(own), kind, size, pageSize)
 	b.sealed = kind != BackingHugetlbfs
 	return b, nil
 }
@@ -271,7 +271,7 @@ func PlanLayout(path string, opts ...Option) (Layout, string, error) {
 	if kind == BackingAuto {
 		kind = autoBacking(roundUp(size, max(int64(f.ChunkSize()), hp)))
 	}
-	b := &backing{kind: kind, fd: -1, pageSize: os.Getpagesize()}
+	b := &backing{kind: kind, pageSize: os.Getpagesize()}
 	if kind.hugetlb() {
 		b.pageSize = int(hp)
 		size = roundUp(size, max(int64(f.ChunkSize()), hp))

@@ -230,7 +230,7 @@ func TestBackingSealed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.close()
-	if err := unix.Ftruncate(b.fd, 4096); !errors.Is(err, unix.EPERM) {
+	if err := unix.Ftruncate(b.fd.Fd(), 4096); !errors.Is(err, unix.EPERM) {
 		t.Fatalf("shrinking a sealed backing: %v, want EPERM", err)
 	}
 	if _, err := newBacking(BackingHugetlbfs, 1<<20, t.TempDir()); err == nil || !strings.Contains(err.Error(), "not a hugetlbfs mount") {
@@ -419,7 +419,7 @@ func TestFailedPunchClearsUnit(t *testing.T) {
 		t.Fatalf("%d punches, want 1", punches.Load())
 	}
 	got := make([]byte, chunk)
-	if _, err := unix.Pread(l.BackingFD(), got, 2*chunk); err != nil {
+	if _, err := unix.Pread(l.BackingFile().Fd(), got, 2*chunk); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, make([]byte, chunk)) {

@@ -169,8 +169,9 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 // Layout returns the snapshot's layout in the backing.
 func (l *Loader) Layout() Layout { return l.layout }
 
-// BackingFD is the backing file's descriptor. The loader keeps ownership.
-func (l *Loader) BackingFD() int { return l.b.fd }
+// BackingFile is the backing file. The loader owns it: callers borrow its
+// Fd (to send it, map it) and never Close or Release it.
+func (l *Loader) BackingFile() *uffd.File { return l.b.fd }
 
 // BackingKind is the backing actually in use (auto resolved).
 func (l *Loader) BackingKind() BackingKind { return l.b.kind }

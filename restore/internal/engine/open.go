@@ -144,7 +144,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if r.u, err = uffd.Open(uo, want); err != nil {
 		return nil, fmt.Errorf("restore: open userfaultfd: %w (see `uffdrestore doctor`)", err)
 	}
-	if r.view, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd, 0); err != nil {
+	if r.view, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd.Fd(), 0); err != nil {
 		if errors.Is(err, unix.ENOMEM) && b.kind.hugetlb() {
 			return nil, fmt.Errorf("%w: mapping %d MiB of huge pages: %v", ErrNoHugePages, b.size>>20, err)
 		}
@@ -350,7 +350,7 @@ type helperConfig struct {
 func (r *Restore) startHelper(ctx context.Context, adopt bool) (helperlink.Session, error) {
 	// The helper inherits duplicates (ExtraFiles wants *os.File, whose
 	// finalizer would close the fd); they are closed once it has its copies.
-	backing, err := dupFile(r.b.fd, "backing")
+	backing, err := dupFile(r.b.fd.Fd(), "backing")
 	if err != nil {
 		return nil, err
 	}
@@ -510,7 +510,7 @@ func newHelperLoader(js []byte, snap, backing *os.File) (any, error) {
 		f.Close()
 		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
 	}
-	b := backingFromFD(fd, hc.Backing, hc.Size, hc.PageSize)
+	b := backingFromFD(uffd.NewFile(fd), hc.Backing, hc.Size, hc.PageSize)
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
 	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest
