@@ -224,16 +224,11 @@ func readOnlyBacking(fd int) (*uffd.File, error) {
 			return nil, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fchmod", err))
 		}
 	}
-	ro, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	ro, err := uffd.Reopen(fd, unix.O_RDONLY)
 	if err != nil {
-		return nil, fmt.Errorf("attach: read-only backing: reopen through /proc/self/fd: %w", err)
+		return nil, fmt.Errorf("attach: read-only backing: %w", err)
 	}
-	var st2 unix.Stat_t
-	if err := unix.Fstat(ro, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
-		unix.Close(ro)
-		return nil, errors.New("attach: read-only backing: the reopened file is not the backing")
-	}
-	return uffd.NewFile(ro), nil
+	return ro, nil
 }
 
 // PrepareSocket checks that a server can listen on path (as Listen does:

@@ -1,6 +1,7 @@
 package uffd
 
 import (
+	"fmt"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -61,6 +62,27 @@ func (f *File) Dup() (*File, error) {
 	n, err := unix.FcntlInt(uintptr(f.fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
+	}
+	return NewFile(n), nil
+}
+
+// Reopen opens the file behind fd again, through /proc/self/fd, with flags
+// (O_CLOEXEC added): a new open file description, so another access mode
+// than fd's (a read-only one of a read-write backing, or the reverse). It
+// fails unless what it opened is the file fd is (the same device and
+// inode).
+func Reopen(fd int, flags int) (*File, error) {
+	var st, st2 unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, os.NewSyscallError("fstat", err)
+	}
+	n, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), flags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "reopen", Path: fmt.Sprintf("/proc/self/fd/%d", fd), Err: err}
+	}
+	if err := unix.Fstat(n, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
+		unix.Close(n)
+		return nil, fmt.Errorf("reopen /proc/self/fd/%d: opened another file", fd)
 	}
 	return NewFile(n), nil
 }

@@ -69,3 +69,44 @@ func TestFileOwnership(t *testing.T) {
 		t.Error("a nil *File is not a closed one")
 	}
 }
+
+// TestReopen: Reopen opens the same file with another access mode, as a
+// descriptor of its own; a closed descriptor is an error.
+func TestReopen(t *testing.T) {
+	f, err := MemfdCreate("uffdrestore-reopen", false, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := unix.Pwrite(f.Fd(), []byte("x"), 0); err != nil {
+		t.Fatal(err)
+	}
+	ro, err := Reopen(f.Fd(), unix.O_RDONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	var st1, st2 unix.Stat_t
+	unix.Fstat(f.Fd(), &st1)
+	unix.Fstat(ro.Fd(), &st2)
+	if ro.Fd() == f.Fd() || st1.Ino != st2.Ino {
+		t.Fatalf("Reopen: fd %d inode %d, want a new fd on inode %d", ro.Fd(), st2.Ino, st1.Ino)
+	}
+	if _, err := unix.Pwrite(ro.Fd(), []byte("y"), 0); err != unix.EBADF {
+		t.Errorf("write through the read-only reopen: %v, want EBADF", err)
+	}
+	b := make([]byte, 1)
+	if _, err := unix.Pread(ro.Fd(), b, 0); err != nil || b[0] != 'x' {
+		t.Errorf("read through the reopen: %q, %v", b, err)
+	}
+	if flags, _ := unix.FcntlInt(uintptr(ro.Fd()), unix.F_GETFD, 0); flags&unix.FD_CLOEXEC == 0 {
+		t.Error("the reopened fd is not close-on-exec")
+	}
+	d, _ := f.Dup()
+	dfd := d.Fd()
+	d.Close()
+	if r, err := Reopen(dfd, unix.O_RDONLY); err == nil {
+		r.Close()
+		t.Error("Reopen of a closed fd succeeded")
+	}
+}

@@ -143,16 +143,11 @@ func adoptBacking(fd int, r *format.Reader) (*backing, error) {
 			return nil, fmt.Errorf("%w: it is not sealed against shrinking and growing (seals %#x), as a server's backing is", ErrForeignBacking, seals)
 		}
 	}
-	own, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	own, err := uffd.Reopen(fd, unix.O_RDWR)
 	if err != nil {
-		return nil, fmt.Errorf("restore: adopt backing: reopen it read-write through /proc/self/fd: %w", err)
+		return nil, fmt.Errorf("restore: adopt backing: reopen it read-write: %w", err)
 	}
-	var st2 unix.Stat_t
-	if err := unix.Fstat(own, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
-		unix.Close(own)
-		return nil, errors.New("restore: adopt backing: the reopened file is not the one handed over")
-	}
-	b := backingFromFD(uffd.NewFile(own), kind, size, pageSize)
+	b := backingFromFD(own, kind, size, pageSize)
 	b.sealed = kind != BackingHugetlbfs
 	return b, nil
 }
