@@ -10,7 +10,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -82,7 +82,7 @@ type ClientRegion struct {
 //
 // Touching Data faults into the server, another process, so a goroutine
 // that faults blocks its thread (and its P) only until the server answers:
-// the in-process trap of DESIGN.md does not apply. If the server dies,
+// the in-process trap (package restore's documentation) does not apply. If the server dies,
 // touching a page it never filled waits forever: this process keeps its
 // own copy of the userfaultfd, so it never reads unfilled zeros.
 type Client struct {
@@ -287,14 +287,11 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 // regions): for a name several regions share it fails with an error
 // listing their indexes; use Find and Regions[i] then.
 func (cl *Client) Region(name string) (*ClientRegion, error) {
-	idx := cl.Hello.Find(name)
-	switch {
-	case len(idx) == 0:
-		return nil, fmt.Errorf("%w %q", restore.ErrNoRegion, name)
-	case len(idx) > 1:
-		return nil, &restore.AmbiguousRegionError{Name: name, Indexes: idx}
+	i, err := engine.Layout{Regions: cl.Hello.Regions}.Lookup(name)
+	if err != nil {
+		return nil, err
 	}
-	return &cl.Regions[idx[0]], nil
+	return &cl.Regions[i], nil
 }
 
 // Find returns the indexes (into Regions) of every region named name.

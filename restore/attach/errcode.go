@@ -5,7 +5,7 @@ import (
 	"syscall"
 
 	"github.com/uffdrestore/uffdrestore/format"
-	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 )
 
 // Error codes: the optional "code" member of an error message (and of a
@@ -40,8 +40,8 @@ var errorCodes = []struct {
 	{CodeNotSnapshot, format.ErrNotSnapshot},
 	{CodeVersion, format.ErrVersion},
 	{CodeCorrupt, format.ErrCorrupt},
-	{CodeEmpty, restore.ErrEmptySnapshot},
-	{CodeNoHugePages, restore.ErrNoHugePages},
+	{CodeEmpty, engine.ErrEmptySnapshot},
+	{CodeNoHugePages, engine.ErrNoHugePages},
 	{CodeNoSpace, syscall.ENOSPC},
 	{CodeNoMemory, syscall.ENOMEM},
 	{CodeIO, syscall.EIO},

@@ -1,0 +1,149 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/testutil"
+)
+
+var (
+	sinkMu   sync.Mutex
+	sinkByte byte // keeps the compiler from dropping test loads
+)
+
+func openT(t *testing.T, path string, opts ...Option) *Restore {
+	t.Helper()
+	r, err := Open(context.Background(), path, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// TestOpenGoTouch: Go code in this process touches the lazily restored view
+// from many goroutines at once, reads and writes.
+func TestOpenGoTouch(t *testing.T) {
+	for _, kind := range []BackingKind{BackingMemfdHugetlb, BackingShmem} {
+		for _, mode := range []Mode{ModeLazy, ModePrefetch, ModeEager} {
+			t.Run(fmt.Sprintf("%v/%v", kind, mode), func(t *testing.T) {
+				regions := []testRegion{{"a", 0, testImage(6<<20+123, 11)}, {"b", 0, testImage(2<<20, 12)}}
+				path := writeSnap(t, regions, format.CodecZstd, 256<<10)
+				opts := append(kernelOpts(t, kind, 12<<20), WithMode(mode))
+				r := openT(t, path, opts...)
+				var wg sync.WaitGroup
+				for g := 0; g < 8; g++ {
+					wg.Add(1)
+					go func(g int) {
+						defer wg.Done()
+						rng := rand.New(rand.NewPCG(uint64(g), 1))
+						mem := r.Bytes()
+						var sum byte
+						for i := 0; i < 200; i++ {
+							sum += mem[rng.IntN(len(mem))]
+						}
+						sinkMu.Lock()
+						sinkByte += sum
+						sinkMu.Unlock()
+					}(g)
+				}
+				wg.Wait()
+				for i, reg := range r.Regions() {
+					if !bytes.Equal(reg, regions[i].data) {
+						t.Fatalf("region %d differs from the original", i)
+					}
+				}
+				// Writes land in the shared view.
+				r.Region("b")[0] ^= 0xff
+				if r.Region("b")[0] != regions[1].data[0]^0xff {
+					t.Fatal("write to the view lost")
+				}
+				if err := r.Wait(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+				s, err := r.Stats(context.Background())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if s.UnitsPresent != int64(s.Units) {
+					t.Errorf("after Wait: %d of %d units present", s.UnitsPresent, s.Units)
+				}
+				if mode == ModeLazy && s.FilledByFault == 0 {
+					t.Errorf("lazy restore filled nothing by fault: %+v", s)
+				}
+			})
+		}
+	}
+}
+
+// TestOpenGOMAXPROCS1 runs a lazy restore touched by Go code in a process
+// with GOMAXPROCS=1, where an in-process Go fault handler would deadlock.
+func TestOpenGOMAXPROCS1(t *testing.T) {
+	testutil.RequireRoot(t)
+	if os.Getenv("UFFDRESTORE_GOMAXPROCS_CHILD") == "1" {
+		if runtime.GOMAXPROCS(0) != 1 {
+			t.Fatalf("GOMAXPROCS = %d", runtime.GOMAXPROCS(0))
+		}
+		regions := []testRegion{{"a", 0, testImage(8<<20, 5)}}
+		path := writeSnap(t, regions, format.CodecS2, 2<<20)
+		r := openT(t, path, WithBacking(BackingShmem))
+		var wg sync.WaitGroup
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func() { defer wg.Done(); _ = bytes.Equal(r.Bytes()[:len(regions[0].data)], regions[0].data) }()
+		}
+		wg.Wait()
+		if !bytes.Equal(r.Region("a"), regions[0].data) {
+			t.Fatal("content differs")
+		}
+		runtime.GC()
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestOpenGOMAXPROCS1$", "-test.timeout=60s", "-test.v")
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=1", "UFFDRESTORE_GOMAXPROCS_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS") {
+		t.Fatalf("child with GOMAXPROCS=1 failed: %v\n%s", err, out)
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	for _, mode := range []Mode{ModeLazy, ModeEager} {
+		if _, err := Open(context.Background(), "/nonexistent/x.snap", WithMode(mode)); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%v: missing snapshot: %v, want fs.ErrNotExist", mode, err)
+		}
+		bad := writeSnap(t, []testRegion{{"a", 0, testImage(1<<20, 1)}}, format.CodecZstd, 64<<10)
+		b, _ := os.ReadFile(bad)
+		os.WriteFile(bad, b[:len(b)-10], 0o600)
+		if _, err := Open(context.Background(), bad, WithMode(mode)); !errors.Is(err, format.ErrTruncated) {
+			t.Fatalf("%v: truncated snapshot: %v, want format.ErrTruncated", mode, err)
+		}
+	}
+}
+
+func TestCloseIdempotent(t *testing.T) {
+	testutil.RequireRoot(t)
+	path := writeSnap(t, []testRegion{{"a", 0, testImage(1<<20, 1)}}, format.CodecZstd, 64<<10)
+	r, err := Open(context.Background(), path, WithBacking(BackingShmem))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(); err != os.ErrClosed {
+		t.Fatalf("second Close = %v, want os.ErrClosed", err)
+	}
+}

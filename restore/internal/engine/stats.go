@@ -1,0 +1,205 @@
+package engine
+
+import (
+	"encoding/json"
+	"math/bits"
+	"sync/atomic"
+	"time"
+
+	"github.com/uffdrestore/uffdrestore/remote"
+)
+
+// Stats are a restore's figures. All durations are in nanoseconds in JSON.
+type Stats struct {
+	Mode    string `json:"mode"`
+	Backing string `json:"backing"`
+	Views   int    `json:"views"`
+
+	Chunks          int   `json:"chunks"`            // chunks in the snapshot
+	Units           int   `json:"units"`             // fill units (max of chunk and page size)
+	UnitsPresent    int64 `json:"units_present"`     // units in the page cache now
+	FaultsMinor     int64 `json:"faults_minor"`      // faults on pages in the page cache
+	FaultsMissing   int64 `json:"faults_missing"`    // faults on pages not allocated yet
+	FaultsWaited    int64 `json:"faults_waited"`     // faults that found their unit being filled
+	FilledByFault   int64 `json:"filled_by_fault"`   // units filled because a fault asked
+	FilledByPrefill int64 `json:"filled_by_prefill"` // units filled by eager, prefetch, working set or readahead
+	Readahead       int64 `json:"readahead"`         // of those, units filled ahead of sequential faults
+	SplitParts      int64 `json:"split_parts"`       // chunks of faulted units decoded by another (idle) worker
+	Refills         int64 `json:"refills"`           // units filled again after their pages were punched out
+	ZeroChunks      int64 `json:"zero_chunks"`       // zero chunks met (no decompression)
+	BytesDecoded    int64 `json:"bytes_decoded"`     // uncompressed bytes written into the backing
+	BytesRead       int64 `json:"bytes_read"`        // stored bytes read from the snapshot
+	Continues       int64 `json:"continues"`         // UFFDIO_CONTINUE calls
+	Premapped       int64 `json:"premapped"`         // units mapped into views before any fault
+	Poisoned        int64 `json:"poisoned"`          // units poisoned after a checksum failure
+	Errors          int64 `json:"errors"`
+	Reads           int64 `json:"reads"` // preads of chunk data (coalesced reads count once)
+
+	// Remote is filled for a snapshot read from an HTTP server.
+	Remote *remote.Stats `json:"remote,omitempty"`
+
+	// Restore.Stats of a lazy, prefetch or working-set Open: the helper
+	// process serving the view now, and how many helpers that died it
+	// replaced (the figures above are the current helper's).
+	HelperPID      int `json:"helper_pid,omitempty"`
+	HelperRespawns int `json:"helper_respawns,omitempty"`
+
+	// WorkingSet is filled in working-set mode.
+	WorkingSet *WorkingSetStats `json:"working_set,omitempty"`
+
+	TimeToReady time.Duration `json:"time_to_ready_ns"`
+	FillTime    time.Duration `json:"fill_time_ns,omitempty"` // eager/prefetch: until every unit was present
+
+	// Fault service time, handler side: message read → CONTINUE done.
+	FaultLatency Percentiles `json:"fault_latency"`
+	LastError    string      `json:"last_error,omitempty"`
+}
+
+// JSON returns the stats as indented JSON.
+func (s Stats) JSON() []byte {
+	b, _ := json.MarshalIndent(s, "", "  ")
+	return b
+}
+
+// Percentiles summarises a latency histogram.
+type Percentiles struct {
+	Count int64         `json:"count"`
+	P50   time.Duration `json:"p50_ns"`
+	P90   time.Duration `json:"p90_ns"`
+	P99   time.Duration `json:"p99_ns"`
+	Max   time.Duration `json:"max_ns"`
+}
+
+// histogram is a log-linear latency histogram with about 3% resolution:
+// 32 sub-buckets per power of two, from 1 ns to ~1 minute. Record is
+// lock-free and does not allocate.
+type histogram struct {
+	counts [36 * 32]atomic.Int64
+	max    atomic.Int64
+}
+
+const subBits = 5
+
+func bucketOf(ns int64) int {
+	if ns < 1<<subBits {
+		if ns < 0 {
+			return 0
+		}
+		return int(ns)
+	}
+	exp := bits.Len64(uint64(ns)) - 1 // >= subBits
+	sub := int(ns>>(exp-subBits)) & (1<<subBits - 1)
+	b := (exp-subBits+1)<<subBits | sub
+	if b >= 36*32 {
+		return 36*32 - 1
+	}
+	return b
+}
+
+// bucketLow is the smallest value in bucket b.
+func bucketLow(b int) int64 {
+	if b < 1<<subBits {
+		return int64(b)
+	}
+	exp := b>>subBits + subBits - 1
+	sub := int64(b & (1<<subBits - 1))
+	return (1<<subBits | sub) << (exp - subBits)
+}
+
+func (h *histogram) record(d time.Duration) {
+	ns := int64(d)
+	h.counts[bucketOf(ns)].Add(1)
+	for {
+		m := h.max.Load()
+		if ns <= m || h.max.CompareAndSwap(m, ns) {
+			return
+		}
+	}
+}
+
+func (h *histogram) merge(o *histogram) {
+	for i := range o.counts {
+		if n := o.counts[i].Load(); n != 0 {
+			h.counts[i].Add(n)
+		}
+	}
+	for {
+		m, om := h.max.Load(), o.max.Load()
+		if om <= m || h.max.CompareAndSwap(m, om) {
+			return
+		}
+	}
+}
+
+func (h *histogram) percentiles() Percentiles {
+	var total int64
+	var counts [len(histogram{}.counts)]int64
+	for i := range h.counts {
+		counts[i] = h.counts[i].Load()
+		total += counts[i]
+	}
+	p := Percentiles{Count: total, Max: time.Duration(h.max.Load())}
+	if total == 0 {
+		return p
+	}
+	at := func(q float64) time.Duration {
+		rank := int64(q*float64(total) + 0.5)
+		if rank < 1 {
+			rank = 1
+		}
+		var seen int64
+		for i, c := range counts {
+			seen += c
+			if seen >= rank {
+				v := time.Duration(bucketLow(i))
+				if v > p.Max {
+					v = p.Max
+				}
+				return v
+			}
+		}
+		return p.Max
+	}
+	p.P50, p.P90, p.P99 = at(0.50), at(0.90), at(0.99)
+	return p
+}
+
+// counters are the atomic counters behind Stats.
+type counters struct {
+	faultsMinor, faultsMissing, faultsWaited atomic.Int64
+	filledByFault, filledByPrefill, refills  atomic.Int64
+	zeroChunks, bytesDecoded, bytesRead      atomic.Int64
+	continues, premapped, poisoned, errors   atomic.Int64
+	reads, readahead, splitParts             atomic.Int64
+	wsPrefilled, wsLate, wsMissed            atomic.Int64
+	latency                                  histogram
+}
+
+func (c *counters) fill(s *Stats) {
+	s.FaultsMinor = c.faultsMinor.Load()
+	s.FaultsMissing = c.faultsMissing.Load()
+	s.FaultsWaited = c.faultsWaited.Load()
+	s.FilledByFault = c.filledByFault.Load()
+	s.FilledByPrefill = c.filledByPrefill.Load()
+	s.Refills = c.refills.Load()
+	s.ZeroChunks = c.zeroChunks.Load()
+	s.BytesDecoded = c.bytesDecoded.Load()
+	s.BytesRead = c.bytesRead.Load()
+	s.Continues = c.continues.Load()
+	s.Premapped = c.premapped.Load()
+	s.Poisoned = c.poisoned.Load()
+	s.Errors = c.errors.Load()
+	s.Reads = c.reads.Load()
+	s.Readahead = c.readahead.Load()
+	s.SplitParts = c.splitParts.Load()
+	s.FaultLatency = c.latency.percentiles()
+}
+
+// WorkingSetStats says how well a working-set profile predicted the faults.
+type WorkingSetStats struct {
+	Profile   string `json:"profile"`
+	Units     int    `json:"units"`     // units in the profile
+	Prefilled int64  `json:"prefilled"` // profile units filled before any fault asked: faults avoided
+	Late      int64  `json:"late"`      // profile units a fault needed before the prefetch got there
+	Missed    int64  `json:"missed"`    // units faulted that the profile did not have
+}
