@@ -8,6 +8,7 @@
 #   make demo        build, then restore a generated snapshot lazily and print stats
 #   make test-vm     the QEMU tests (qemu-system-x86, busybox-static, a guest kernel: see .ci/run)
 #   make vm-demo     checkpoint a 512 MiB QEMU guest, restore it plainly and as lazy private clones
+#   make readme-bench  re-run the benchmark commands README.md names and replace their tables
 #   make hugepages   reserve at least HUGEPAGES default-size huge pages (root)
 #
 # Kernel tests skip with a reason when they lack root, huge pages or a kernel
@@ -43,7 +44,7 @@ C_OUTPUTS  := $(if $(CLIENT_SRC),bin/libuffdrestore.a bin/libuffdrestore.so) \
 # every run so new targets are picked up.
 FUZZ_FIND = grep -rlE --include='*_test.go' --exclude-dir=.git --exclude-dir=testdata '^func Fuzz[A-Za-z0-9_]*\(' .
 
-.PHONY: all build bin/uffdrestore test vet fmt-check test-restart-1g test-vm vm-demo lint fuzz bench demo demo-prebuilt hugepages clean
+.PHONY: all build bin/uffdrestore test vet fmt-check test-restart-1g test-vm vm-demo readme-bench lint fuzz bench demo demo-prebuilt hugepages clean
 
 all: build
 
@@ -110,6 +111,12 @@ test-vm: build
 VM_DEMO_CLONES ?= 2
 vm-demo: build
 	bin/uffdrestore vm demo --ram 512M --clones $(VM_DEMO_CLONES)
+
+# Re-runs every `- command: uffdrestore bench ...` named in README.md and
+# puts its --markdown output in place of the block (a quiet machine: several
+# minutes); README_BENCH_ONLY=SUBSTRING runs only the matching ones.
+readme-bench: build
+	$(GO) run ./scripts/readmebench -readme README.md -bin bin/uffdrestore -only "$(README_BENCH_ONLY)"
 
 lint: vet fmt-check
 	@if $(GO) run honnef.co/go/tools/cmd/staticcheck@latest -version >/dev/null 2>&1; then \
