@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -43,8 +44,8 @@ byte, and reports medians with [min-max]:
                           run touches the same order (a stable working set)
 
 Every strategy uses the same clock: t0 = start of restore, ready = memory
-usable, first byte = ready -> the first touch returns, complete = t0 -> the
-access pattern is done. Patterns: sequential and random touch every 4 KiB
+usable, first byte = t0 -> the first touch returns (what a user waits for
+the first byte), complete = t0 -> the access pattern is done. Patterns: sequential and random touch every 4 KiB
 page; sparse:F touches every page of a random fraction F of the 2 MiB blocks.
 Several patterns may be given, comma-separated. Pages are touched from C
 (--threads goroutines) so the touch latency is the toucher's.
@@ -62,6 +63,7 @@ Examples:
    uffdrestore bench --generate 256MiB --out-of-process --modes eager,lazy,prefetch --threads 2
    uffdrestore bench --generate 1GiB --markdown results.md
    uffdrestore bench --generate 4GiB --modes lazy,working-set,eager --pattern sparse:0.2
+   uffdrestore bench --generate 256MiB --modes eager,lazy --pattern sparse:0.2,sequential --backing all
    uffdrestore bench --clear-cache`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "generate", Usage: "benchmark a generated snapshot of `SIZE` (e.g. 1GiB) instead of SNAP"},
@@ -77,7 +79,8 @@ Examples:
 			&cli.StringFlag{Name: "profile-out", Usage: "with working-set: save the recorded working set as a sidecar profile `FILE`"},
 			&cli.BoolFlag{Name: "out-of-process", Usage: "run eager/lazy/prefetch through the example C target"},
 			&cli.StringFlag{Name: "target", Usage: "the example target program (`PATH`; default bin/uffdrestore-target)"},
-			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "restore backing: auto, memfd-hugetlb, hugetlbfs or shmem"},
+			&cli.StringFlag{Name: "backing", Value: "auto", Usage: "restore backing: auto, memfd-hugetlb, hugetlbfs or shmem; a comma-separated list (or all: memfd-hugetlb,hugetlbfs,shmem) runs eager, lazy, prefetch and working-set on each, side by side"},
+			&cli.StringFlag{Name: "hugetlbfs", Usage: "the hugetlbfs mount (`DIR`) of --backing hugetlbfs (default: a writable mount, else, as root, a private one on a temporary directory)"},
 			&cli.IntFlag{Name: "workers", Usage: "decompression workers (default: every CPU)"},
 			&cli.Uint64Flag{Name: "seed", Value: 1, Usage: "seed of the random patterns"},
 			&cli.StringFlag{Name: "json", Usage: "write every run and the summaries as JSON to `FILE`"},
@@ -118,7 +121,7 @@ func runBench(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit(err, 2)
 	}
-	backing, err := restore.ParseBacking(c.String("backing"))
+	backings, err := bench.ParseBackings(c.String("backing"))
 	if err != nil {
 		return cli.Exit(err, 2)
 	}
@@ -177,11 +180,20 @@ func runBench(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	env := &bench.Env{Snap: snap, Image: image, Layout: bench.LayoutOf(f.Reader), Backing: backing, Workers: c.Int("workers")}
+	env := &bench.Env{Snap: snap, Image: image, Layout: bench.LayoutOf(f.Reader), Backing: backings[0], Workers: c.Int("workers")}
 	f.Close()
+	if slices.Contains(backings, restore.BackingHugetlbfs) {
+		dir, unmount, err := bench.HugetlbfsDir(c.String("hugetlbfs"))
+		if err != nil {
+			return cli.Exit(err, 1)
+		}
+		defer unmount()
+		env.HugetlbfsDir = dir
+	}
 
 	cfg := bench.Config{Env: env, Strategies: strategies, Patterns: patterns, Threads: c.Int("threads"), Runs: c.Int("runs"),
-		NoWarmup: c.Bool("no-warmup"), OutOfProcess: c.Bool("out-of-process"), Seed: c.Uint64("seed"), Log: logf, Cold: c.Bool("cold"), ProfileOut: c.String("profile-out")}
+		NoWarmup: c.Bool("no-warmup"), OutOfProcess: c.Bool("out-of-process"), Seed: c.Uint64("seed"), Log: logf, Cold: c.Bool("cold"), ProfileOut: c.String("profile-out"),
+		Backings: backings}
 	if cfg.OutOfProcess {
 		cfg.Target = c.String("target")
 		if cfg.Target == "" {
