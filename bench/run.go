@@ -71,16 +71,16 @@ type Config struct {
 	Env          *Env
 	Strategies   []Strategy
 	Patterns     []Pattern
-	Threads      int    // touching threads (default 1)
-	Runs         int    // timed runs of every case (default 5)
-	NoWarmup     bool   // skip the untimed warm-up pass
-	OutOfProcess bool   // eager/lazy/prefetch through Target over the attach protocol
+	Threads      int  // touching threads (default 1)
+	Runs         int  // timed runs of every case (default 5)
+	NoWarmup     bool // skip the untimed warm-up pass
+	OutOfProcess bool // eager/lazy/prefetch through Target over the attach protocol
 	// Backings, when more than one, runs every restore strategy (eager,
 	// lazy, prefetch, working-set) on each of them (a --backing matrix);
 	// the others run once. Empty or one: Env.Backing.
 	Backings []restore.BackingKind
-	Target       string // bin/uffdrestore-target
-	Seed         uint64
+	Target   string // bin/uffdrestore-target
+	Seed     uint64
 	// Cold drops the snapshot file (and the raw image) from the page cache
 	// before every run, as a restore from disk after a reboot would find it.
 	Cold bool

@@ -28,7 +28,7 @@ type Env struct {
 	Backing restore.BackingKind // for eager, lazy, prefetch and working-set
 	// HugetlbfsDir is the hugetlbfs mount of a hugetlbfs backing.
 	HugetlbfsDir string
-	Workers int                 // decoding workers (0: every CPU)
+	Workers      int // decoding workers (0: every CPU)
 	// Profile is the working set the working-set strategy replays: recorded
 	// by Run, per pattern, from an untimed lazy run of the same workload.
 	Profile *format.Profile
