@@ -10,7 +10,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
@@ -290,9 +290,9 @@ func (cl *Client) Region(name string) (*ClientRegion, error) {
 	idx := cl.Hello.Find(name)
 	switch {
 	case len(idx) == 0:
-		return nil, fmt.Errorf("%w %q", restore.ErrNoRegion, name)
+		return nil, fmt.Errorf("%w %q", engine.ErrNoRegion, name)
 	case len(idx) > 1:
-		return nil, &restore.AmbiguousRegionError{Name: name, Indexes: idx}
+		return nil, &engine.AmbiguousRegionError{Name: name, Indexes: idx}
 	}
 	return &cl.Regions[idx[0]], nil
 }

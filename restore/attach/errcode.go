@@ -5,7 +5,7 @@ import (
 	"syscall"
 
 	"github.com/uffdrestore/uffdrestore/format"
-	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 )
 
 // Error codes: the optional "code" member of an error message (and of a
@@ -20,8 +20,8 @@ const (
 	CodeTruncated   = "truncated"        // the snapshot file is cut short (format.ErrTruncated)
 	CodeNotSnapshot = "not-snapshot"     // the file is not a snapshot (format.ErrNotSnapshot)
 	CodeVersion     = "snapshot-version" // a snapshot format version this side cannot read (format.ErrVersion)
-	CodeEmpty       = "empty-snapshot"   // the snapshot holds no memory (restore.ErrEmptySnapshot)
-	CodeNoHugePages = "no-huge-pages"    // the huge page pool is too small (restore.ErrNoHugePages)
+	CodeEmpty       = "empty-snapshot"   // the snapshot holds no memory (engine.ErrEmptySnapshot)
+	CodeNoHugePages = "no-huge-pages"    // the huge page pool is too small (engine.ErrNoHugePages)
 	CodeNoSpace     = "no-space"         // ENOSPC
 	CodeNoMemory    = "no-memory"        // ENOMEM
 	CodeIO          = "io"               // EIO
@@ -40,8 +40,8 @@ var errorCodes = []struct {
 	{CodeNotSnapshot, format.ErrNotSnapshot},
 	{CodeVersion, format.ErrVersion},
 	{CodeCorrupt, format.ErrCorrupt},
-	{CodeEmpty, restore.ErrEmptySnapshot},
-	{CodeNoHugePages, restore.ErrNoHugePages},
+	{CodeEmpty, engine.ErrEmptySnapshot},
+	{CodeNoHugePages, engine.ErrNoHugePages},
 	{CodeNoSpace, syscall.ENOSPC},
 	{CodeNoMemory, syscall.ENOMEM},
 	{CodeIO, syscall.EIO},

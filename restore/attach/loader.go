@@ -1,24 +1,24 @@
 package attach
 
 import (
-	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
 
 // FromLoader serves a restore.Loader: its layout is the hello, its backing
 // file is the fd the hello carries, and each attached target becomes one of
 // its views.
-func FromLoader(l *restore.Loader) Backend {
-	return loaderBackend{l, HelloOf(l.Layout(), restore.SnapshotID(l.Reader()))}
+func FromLoader(l *engine.Loader) Backend {
+	return loaderBackend{l, HelloOf(l.Layout(), engine.SnapshotID(l.Reader()))}
 }
 
 type loaderBackend struct {
-	l *restore.Loader
+	l *engine.Loader
 	h Hello
 }
 
 // HelloOf is the hello of a layout; id is the snapshot's restore.SnapshotID.
-func HelloOf(lay restore.Layout, id string) Hello {
+func HelloOf(lay engine.Layout, id string) Hello {
 	h := Hello{
 		Backing: lay.Backing, PageSize: uint64(lay.PageSize), ChunkSize: uint64(lay.ChunkSize),
 		FileSize: lay.FileSize, Snapshot: lay.Snapshot, SnapshotID: id,
@@ -41,9 +41,9 @@ func (b loaderBackend) Close() error { return b.l.Close() }
 func (b loaderBackend) BackingFD() int { return b.l.BackingFD() }
 
 func (b loaderBackend) AttachView(u *uffd.FD, ranges []Range, name string) (View, error) {
-	rr := make([]restore.ViewRange, len(ranges))
+	rr := make([]engine.ViewRange, len(ranges))
 	for i, r := range ranges {
-		rr[i] = restore.ViewRange{Base: r.Base, Size: r.Size, Offset: r.Offset, Private: r.Private}
+		rr[i] = engine.ViewRange{Base: r.Base, Size: r.Size, Offset: r.Offset, Private: r.Private}
 	}
 	v, err := b.l.AttachView(u, rr, name)
 	if err != nil {
@@ -52,6 +52,6 @@ func (b loaderBackend) AttachView(u *uffd.FD, ranges []Range, name string) (View
 	return loaderView{v}, nil
 }
 
-type loaderView struct{ *restore.View }
+type loaderView struct{ *engine.View }
 
 func (v loaderView) Stats() any { return v.View.Stats() }

@@ -8,12 +8,14 @@
 package doctor
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
 	"strings"
 
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
+	"golang.org/x/sys/unix"
 )
 
 // Status is the verdict on one item.
@@ -245,7 +247,7 @@ func (c *checker) userfaultfd() {
 
 	it := Item{Section: "userfaultfd", Name: "userfaultfd access"}
 	switch {
-	case c.r.UffdErr != nil && strings.Contains(c.r.UffdErr.Error(), "function not implemented"):
+	case errors.Is(c.r.UffdErr, unix.ENOSYS):
 		it.Status = Fail
 		it.Detail = "userfaultfd(2) is not implemented: " + c.r.UffdErr.Error()
 		it.Fix = []string{"use a kernel built with CONFIG_USERFAULTFD=y (Debian's is)", fmt.Sprintf("upgrade to Linux >= %s", minLinuxShmem)}

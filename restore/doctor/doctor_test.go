@@ -267,6 +267,18 @@ func TestNoUserfaultfdInKernel(t *testing.T) {
 	}
 }
 
+// TestUffdErrByErrno: doctor judges userfaultfd(2)'s failure by its errno,
+// not by its text: an EPERM whose message happens to say "function not
+// implemented" (a seccomp profile's note) is a permission problem, not a
+// kernel without userfaultfd.
+func TestUffdErrByErrno(t *testing.T) {
+	r := healthy()
+	r.UffdErr = &os.PathError{Op: "userfaultfd (seccomp: function not implemented for this container)", Path: "/dev/userfaultfd", Err: unix.EPERM}
+	if f := fixes(Check(r)); strings.Contains(f, "CONFIG_USERFAULTFD") {
+		t.Errorf("an EPERM judged as a kernel without userfaultfd:\n%s", f)
+	}
+}
+
 func TestNilAndEmptyReport(t *testing.T) {
 	for _, r := range []*uffd.Report{nil, {}} {
 		res := Check(r)

@@ -44,8 +44,8 @@ import (
 	"strings"
 
 	"github.com/uffdrestore/uffdrestore/format"
-	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/attach"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/internal/helperlink"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
@@ -83,7 +83,7 @@ func run(js string) int {
 	}
 	var ec envConfig
 	if err := json.Unmarshal([]byte(js), &ec); err != nil {
-		return fail(fmt.Errorf("%s is not a helper configuration (%v): this process was not started by restore.Open", envName, err))
+		return fail(fmt.Errorf("%s is not a helper configuration (%v): this process was not started by engine.Open", envName, err))
 	}
 	// UFFDRESTORE_HELPER_TRACE=FILE writes a Go execution trace of the
 	// helper (go tool trace), for looking into where a restore waits.
@@ -129,7 +129,7 @@ func run(js string) int {
 		c.Close()
 		return fail(err)
 	}
-	l := lv.(*restore.Loader)
+	l := lv.(*engine.Loader)
 	defer l.Close()
 	// A session that ends with an error (a fault it could not answer, a
 	// parent that broke the protocol) is logged; the parent got the error
@@ -161,7 +161,7 @@ func parentGone(reason string) bool {
 // describes the backing as one region (the parent maps it whole, and knows
 // the snapshot's regions from its index), a view's stats are the Loader's
 // totals (it has no other view), and it answers wait and profile.
-type backend struct{ l *restore.Loader }
+type backend struct{ l *engine.Loader }
 
 func (b backend) Hello() attach.Hello {
 	lay := b.l.Layout()
@@ -189,7 +189,7 @@ func (b backend) Profile() (format.Profile, error) { return b.l.Profile() }
 
 type totalsView struct {
 	attach.View
-	l *restore.Loader
+	l *engine.Loader
 }
 
 func (v totalsView) Stats() any { return v.l.Stats() }

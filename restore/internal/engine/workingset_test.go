@@ -1,11 +1,14 @@
-package restore
+package engine
 
 import (
 	"bytes"
 	"context"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -302,5 +305,84 @@ func TestStoreProfile(t *testing.T) {
 	}
 	if got := ReplaceProfile([]format.Profile{a, b, a}, a2); len(got) != 2 || len(got[0].Entries) != 2 || got[1].Name != "b" {
 		t.Fatalf("ReplaceProfile with a repeated name: %+v", got)
+	}
+}
+
+// mergeRef is MergeProfiles by its definition, pair by pair: a chunk's
+// score is the sum over the profiles of its rank there (the last entry for
+// it), or that profile's length when it is missing; its time is its
+// earliest first touch in any profile.
+func mergeRef(name string, ps ...format.Profile) format.Profile {
+	var chunks []uint32
+	seen := map[uint32]bool{}
+	for _, p := range ps {
+		for _, e := range p.Entries {
+			if !seen[e.Chunk] {
+				seen[e.Chunk] = true
+				chunks = append(chunks, e.Chunk)
+			}
+		}
+	}
+	score := map[uint32]int{}
+	first := map[uint32]uint64{}
+	for _, c := range chunks {
+		first[c] = ^uint64(0)
+		for _, p := range ps {
+			r, ok := 0, false
+			for _, e := range p.Entries {
+				if e.Chunk == c {
+					r, ok = int(e.Rank), true
+					first[c] = min(first[c], e.TimeNS)
+				}
+			}
+			if !ok {
+				r = len(p.Entries)
+			}
+			score[c] += r
+		}
+	}
+	slices.SortFunc(chunks, func(a, b uint32) int {
+		if score[a] != score[b] {
+			return score[a] - score[b]
+		}
+		return int(a) - int(b)
+	})
+	out := format.Profile{Name: name}
+	for i, c := range chunks {
+		out.Entries = append(out.Entries, format.ProfileEntry{Chunk: c, Rank: uint32(i), TimeNS: first[c]})
+	}
+	return out
+}
+
+// randProfile is n entries over chunks [0, span), some chunks twice.
+func randProfile(rng *rand.Rand, n, span int) format.Profile {
+	p := format.Profile{Name: "r"}
+	for i := 0; i < n; i++ {
+		p.Entries = append(p.Entries, format.ProfileEntry{Chunk: uint32(rng.IntN(span)), Rank: uint32(i), TimeNS: uint64(rng.IntN(1000))})
+	}
+	return p
+}
+
+func TestMergeProfilesMatchesDefinition(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 200; i++ {
+		var ps []format.Profile
+		for k := rng.IntN(4); k >= 0; k-- {
+			ps = append(ps, randProfile(rng, rng.IntN(40), 1+rng.IntN(60)))
+		}
+		got, want := MergeProfiles("m", ps...), mergeRef("m", ps...)
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("case %d: MergeProfiles(%+v)\n= %+v\nwant %+v", i, ps, got, want)
+		}
+	}
+}
+
+// BenchmarkMergeProfiles merges two 16k-entry profiles (the quadratic
+// merge took 0.68 s).
+func BenchmarkMergeProfiles(b *testing.B) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	a, c := randProfile(rng, 16384, 32768), randProfile(rng, 16384, 32768)
+	for b.Loop() {
+		MergeProfiles("m", a, c)
 	}
 }

@@ -1,6 +1,7 @@
-package restore
+package engine
 
 import (
+	"cmp"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"hash/crc64"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -248,46 +250,41 @@ var (
 // touched, ordered by its average first-touch rank (a chunk missing from a
 // run counts as touched last in that run).
 func MergeProfiles(name string, ps ...format.Profile) format.Profile {
+	// A chunk's score is the sum of its ranks, counting a profile's length
+	// where it is missing: every chunk starts at the sum of the lengths,
+	// and each profile's entries replace their length by their rank. One
+	// pass over the entries (the last entry of a chunk in a profile gives
+	// its rank there; its first touch is its earliest anywhere).
 	type acc struct {
-		sum   float64
+		score int64 // the score less the sum of the lengths
 		first uint64
+		seen  int    // 1 + the index of the last profile that had the chunk
+		last  uint32 // its rank there
 	}
 	m := map[uint32]*acc{}
-	for _, p := range ps {
+	var chunks []uint32
+	for i, p := range ps {
+		n := int64(len(p.Entries))
 		for _, e := range p.Entries {
-			if m[e.Chunk] == nil {
-				m[e.Chunk] = &acc{first: e.TimeNS}
+			a := m[e.Chunk]
+			if a == nil {
+				a = &acc{first: e.TimeNS}
+				m[e.Chunk] = a
+				chunks = append(chunks, e.Chunk)
 			}
+			a.first = min(a.first, e.TimeNS)
+			if a.seen == i+1 {
+				a.score -= int64(a.last) - n // a later entry of the chunk replaces the earlier
+			}
+			a.score += int64(e.Rank) - n
+			a.seen, a.last = i+1, e.Rank
 		}
 	}
-	for _, p := range ps {
-		rank := map[uint32]uint32{}
-		for _, e := range p.Entries {
-			rank[e.Chunk] = e.Rank
+	slices.SortFunc(chunks, func(x, y uint32) int {
+		if c := cmp.Compare(m[x].score, m[y].score); c != 0 {
+			return c
 		}
-		for c, a := range m {
-			if r, ok := rank[c]; ok {
-				a.sum += float64(r)
-			} else {
-				a.sum += float64(len(p.Entries))
-			}
-			for _, e := range p.Entries {
-				if e.Chunk == c && e.TimeNS < a.first {
-					a.first = e.TimeNS
-				}
-			}
-		}
-	}
-	chunks := make([]uint32, 0, len(m))
-	for c := range m {
-		chunks = append(chunks, c)
-	}
-	sort.Slice(chunks, func(i, j int) bool {
-		a, b := m[chunks[i]], m[chunks[j]]
-		if a.sum != b.sum {
-			return a.sum < b.sum
-		}
-		return chunks[i] < chunks[j]
+		return cmp.Compare(x, y)
 	})
 	out := format.Profile{Name: name}
 	for i, c := range chunks {
