@@ -1,8 +1,11 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"slices"
@@ -87,6 +90,9 @@ Examples:
 			&cli.StringFlag{Name: "svg", Usage: "write a chart (times, latency CDF) as SVG to `FILE`"},
 			&cli.StringFlag{Name: "markdown", Usage: "write the summary as a Markdown table to `FILE` (- for stdout)"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no per-run progress lines"},
+			&cli.BoolFlag{Name: "check-targets", Usage: "measure every row of the performance targets (issue 13) on generated snapshots, each as a ratio of two interleaved sides, and print it with its target (met / NOT MET); --runs, --workers, --target, --hugetlbfs, --json, --markdown apply"},
+			&cli.StringFlag{Name: "readme", Usage: "with --check-targets: replace the targets table in `FILE` (README.md) with this run's"},
+			&cli.StringFlag{Name: "sizes", Value: "issue", Usage: "with --check-targets: issue (the issue's sizes, up to 4 GiB) or small (a quick check of the machinery)"},
 			&cli.BoolFlag{Name: "clear-cache", Usage: "remove this user's cache of generated snapshots and images, and exit"},
 			forceFlag(),
 		},
@@ -100,6 +106,14 @@ func runBench(c *cli.Context) error {
 	if c.Args().Len() > 1 {
 		return cli.Exit("bench: one snapshot at most (see --help)", 2)
 	}
+	errw := c.App.ErrWriter
+	if errw == nil {
+		errw = os.Stderr
+	}
+	logf := func(format string, args ...any) { fmt.Fprintf(errw, format+"\n", args...) }
+	if c.Bool("quiet") {
+		logf = nil
+	}
 	if c.Bool("clear-cache") {
 		dir, n, err := benchcache.Clear()
 		if err != nil {
@@ -107,6 +121,9 @@ func runBench(c *cli.Context) error {
 		}
 		fmt.Fprintf(c.App.Writer, "removed the benchmark cache %s (%s)\n", dir, snapshot.HumanBytes(uint64(n)))
 		return nil
+	}
+	if c.Bool("check-targets") {
+		return runCheckTargets(ctx, c, logf)
 	}
 	snap := c.Args().First()
 	gen := c.String("generate")
@@ -127,14 +144,6 @@ func runBench(c *cli.Context) error {
 	}
 	if c.Int("threads") < 1 || c.Int("runs") < 1 {
 		return cli.Exit("bench: --threads and --runs must be at least 1", 2)
-	}
-	errw := c.App.ErrWriter
-	if errw == nil {
-		errw = os.Stderr
-	}
-	logf := func(format string, args ...any) { fmt.Fprintf(errw, format+"\n", args...) }
-	if c.Bool("quiet") {
-		logf = nil
 	}
 
 	var outs []outputCheck
@@ -253,4 +262,86 @@ func benchCommandLine(c *cli.Context) string {
 		parts = append(parts, "--"+name, fmt.Sprint(c.Value(name)))
 	}
 	return strings.Join(parts, " ")
+}
+
+// runCheckTargets is bench --check-targets: every row of the performance
+// targets, measured on generated snapshots, printed with its target.
+func runCheckTargets(ctx context.Context, c *cli.Context, logf func(string, ...any)) error {
+	if c.Args().Len() > 0 || c.IsSet("generate") {
+		return cli.Exit("bench: --check-targets generates its own snapshots: give no SNAP or --generate", 2)
+	}
+	if c.Int("runs") < 1 {
+		return cli.Exit("bench: --runs must be at least 1", 2)
+	}
+	var sizes bench.TargetSizes
+	switch c.String("sizes") {
+	case "issue":
+		sizes = bench.IssueSizes
+	case "small":
+		sizes = bench.SmallSizes
+	default:
+		return cli.Exit(fmt.Sprintf("bench: --sizes %q: want issue or small", c.String("sizes")), 2)
+	}
+	var outs []outputCheck
+	for _, fl := range []string{"json", "markdown"} {
+		if p := c.String(fl); p != "" && p != "-" {
+			outs = append(outs, outputCheck{flag: "--" + fl, path: p})
+		}
+	}
+	if err := checkOutputs("bench", c.Bool("force"), outs...); err != nil {
+		return err
+	}
+	if p := c.String("readme"); p != "" {
+		if b, err := os.ReadFile(p); err != nil {
+			return cli.Exit("bench: --readme: "+err.Error(), 1)
+		} else if !strings.Contains(string(b), bench.ReadmeBegin) || !strings.Contains(string(b), bench.ReadmeEnd) {
+			return cli.Exit(fmt.Sprintf("bench: --readme %s has no %s ... %s block to replace", p, bench.ReadmeBegin, bench.ReadmeEnd), 2)
+		}
+	}
+	cacheDir, err := bench.CacheDir()
+	if err != nil {
+		return cli.Exit("bench: "+err.Error(), 1)
+	}
+	cfg := bench.TargetsConfig{CacheDir: cacheDir, Sizes: sizes, Runs: c.Int("runs"), Workers: c.Int("workers"), Log: logf}
+	cfg.Target = c.String("target")
+	if cfg.Target == "" {
+		cfg.Target = bench.FindTarget()
+	}
+	if dir, unmount, err := bench.HugetlbfsDir(c.String("hugetlbfs")); err == nil {
+		defer unmount()
+		cfg.HugetlbfsDir = dir
+	} else if logf != nil {
+		logf("%v: the hugetlbfs column is left out", err)
+	}
+	tr, runErr := bench.RunTargets(ctx, cfg)
+	if tr == nil {
+		return runErr
+	}
+	tr.Command = benchCommandLine(c)
+	errs := []error{runErr}
+	if p := c.String("json"); p != "" {
+		errs = append(errs, atomicfile.WriteFile(p, 0o644, func(w io.Writer) error {
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			return enc.Encode(tr)
+		}))
+	}
+	if runErr == nil {
+		if p := c.String("readme"); p != "" {
+			errs = append(errs, tr.UpdateReadme(p))
+		}
+		if p := c.String("markdown"); p == "-" {
+			errs = append(errs, tr.WriteMarkdown(c.App.Writer))
+		} else {
+			if p != "" {
+				errs = append(errs, atomicfile.WriteFile(p, 0o644, tr.WriteMarkdown))
+			}
+			w := c.App.Writer
+			if w == nil {
+				w = os.Stdout
+			}
+			errs = append(errs, tr.WriteTable(w))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -230,3 +230,69 @@ func TestBenchCLIBackingMatrix(t *testing.T) {
 		}
 	}
 }
+
+// TestBenchCLICheckTargets: --check-targets measures every row of the
+// performance targets (at small sizes here), each next to its target with
+// a status, writes them as JSON, and replaces the README block it is given
+// (and only that block).
+func TestBenchCLICheckTargets(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireHugePages(t, 64)
+	target := benchTarget(t)
+	t.Setenv("TMPDIR", t.TempDir())
+	dir := t.TempDir()
+	js, readme := filepath.Join(dir, "t.json"), filepath.Join(dir, "README.md")
+	before, after := "# title\n\ntext before\n", "\ntext after\n"
+	if err := os.WriteFile(readme, []byte(before+bench.ReadmeBegin+"\nold table\n"+bench.ReadmeEnd+after), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runSnapCLI(t, "bench", "--check-targets", "--sizes", "small", "--runs", "1", "--target", target,
+		"--json", js, "--readme", readme)
+	if code != 0 {
+		t.Fatalf("bench exit %d\n%s\n%s", code, out, errOut)
+	}
+	b, err := os.ReadFile(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tr bench.TargetsReport
+	if err := json.Unmarshal(b, &tr); err != nil {
+		t.Fatal(err)
+	}
+	wantRows := []string{"shmem / hugetlb memfd", "median time to touch", "first byte readable", "Open returns",
+		"full sequential touch / eager", "sparse:0.1 / eager", "single-core decode", "decode-only", "working set / lazy", "zstd -d -T0"}
+	if len(tr.Rows) != len(wantRows) {
+		t.Errorf("%d rows, want %d:\n%s", len(tr.Rows), len(wantRows), out)
+	}
+	for i, w := range wantRows {
+		if i >= len(tr.Rows) {
+			break
+		}
+		r := tr.Rows[i]
+		if !strings.Contains(r.What, w) || r.Target == "" {
+			t.Errorf("row %d is %q (target %q), want one about %q", i, r.What, r.Target, w)
+		}
+		if r.Error == "" && (r.Value <= 0 || r.Measured == "") {
+			t.Errorf("row %q: value %v, measured %q", r.What, r.Value, r.Measured)
+		}
+		if r.Error != "" && !(w == "zstd -d -T0") {
+			t.Errorf("row %q not measured: %s", r.What, r.Error)
+		}
+		if !strings.Contains(out, r.What) {
+			t.Errorf("the table lacks the row %q:\n%s", r.What, out)
+		}
+	}
+	if len(tr.Reports) == 0 {
+		t.Error("the JSON keeps none of the interleaved benchmarks the rows come from")
+	}
+	got, err := os.ReadFile(readme)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(got)
+	if !strings.HasPrefix(s, before+bench.ReadmeBegin+"\n") || !strings.HasSuffix(s, bench.ReadmeEnd+after) ||
+		strings.Contains(s, "old table") || !strings.Contains(s, "| what | measured | target | status |") ||
+		!strings.Contains(s, "--check-targets") {
+		t.Errorf("README after --readme:\n%s", s)
+	}
+}
