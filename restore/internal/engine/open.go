@@ -28,6 +28,7 @@ type Restore struct {
 	cfg    config
 	layout Layout
 	ready  time.Duration
+	start  time.Time // Open's start
 
 	b    *backing
 	view *uffd.Mapping
@@ -65,7 +66,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 		if err != nil {
 			return nil, err
 		}
-		r := &Restore{cfg: cfg, layout: l.Layout(), eager: l, b: l.b}
+		r := &Restore{cfg: cfg, layout: l.Layout(), eager: l, b: l.b, start: t0}
 		r.view = l.e.alias
 		r.ready = time.Since(t0)
 		return r, nil
@@ -121,7 +122,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if err != nil {
 		return nil, err
 	}
-	r := &Restore{cfg: cfg, b: b}
+	r := &Restore{cfg: cfg, b: b, start: t0}
 	defer func() {
 		if err != nil {
 			r.release()
@@ -241,7 +242,7 @@ func (r *Restore) Backing() BackingKind { return r.b.kind }
 func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 	if r.eager != nil {
 		s := r.eager.Stats()
-		s.TimeToReady = r.ready
+		s.TimeToReady, s.TimeToFirstByte = r.ready, r.ready
 		return s, nil
 	}
 	var raw json.RawMessage
@@ -257,6 +258,9 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 		return Stats{}, fmt.Errorf("restore: stats from the fault-handler helper: %w", err)
 	}
 	s.TimeToReady = r.ready
+	if !s.FirstFaultAt.IsZero() {
+		s.TimeToFirstByte = max(r.ready, s.FirstFaultAt.Sub(r.start))
+	}
 	s.HelperPID, s.HelperRespawns = pid, respawns
 	return s, nil
 }
