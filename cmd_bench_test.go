@@ -259,7 +259,7 @@ func TestBenchCLICheckTargets(t *testing.T) {
 	if err := json.Unmarshal(b, &tr); err != nil {
 		t.Fatal(err)
 	}
-	wantRows := []string{"shmem / hugetlb memfd", "median time to touch", "first byte readable", "Open returns",
+	wantRows := []string{"shmem / hugetlb memfd", "median time to touch", "first byte readable (", "helper prestarted", "Open returns",
 		"full sequential touch / eager", "sparse:0.1 / eager", "single-core decode", "decode-only", "working set / lazy", "zstd -d -T0"}
 	if len(tr.Rows) != len(wantRows) {
 		t.Errorf("%d rows, want %d:\n%s", len(tr.Rows), len(wantRows), out)
