@@ -60,6 +60,12 @@ user in $XDG_CACHE_HOME/uffdrestore/bench (else ~/.cache/uffdrestore/bench,
 else $TMPDIR/uffdrestore-bench-UID; UFFDRESTORE_BENCH_CACHE overrides it);
 --clear-cache removes it. Needs root (userfaultfd, huge pages).
 
+--check-targets measures every row of the performance targets (issue 13),
+each a ratio of two sides run interleaved (medians), on snapshots it
+generates (up to 4 GiB), and prints each next to its target, met or NOT MET;
+--readme FILE replaces the targets table between the markers
+<!-- bench-targets:begin --> and <!-- bench-targets:end --> in FILE.
+
 Examples:
    uffdrestore bench --generate 1GiB --content realistic --pattern sparse:0.1,sequential
    uffdrestore bench image.snap --modes eager,lazy,uffd-copy --runs 7 --json out.json --svg out.svg
@@ -67,6 +73,7 @@ Examples:
    uffdrestore bench --generate 1GiB --markdown results.md
    uffdrestore bench --generate 4GiB --modes lazy,working-set,eager --pattern sparse:0.2
    uffdrestore bench --generate 256MiB --modes eager,lazy --pattern sparse:0.2,sequential --backing all
+   uffdrestore bench --check-targets --runs 5 --readme README.md
    uffdrestore bench --clear-cache`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "generate", Usage: "benchmark a generated snapshot of `SIZE` (e.g. 1GiB) instead of SNAP"},
