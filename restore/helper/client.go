@@ -430,6 +430,8 @@ func (s *session) Profile(ctx context.Context) (format.Profile, error) {
 
 func (s *session) Pid() int { return s.cmd.Process.Pid }
 
+func (s *session) Ready() <-chan struct{} { return s.ready }
+
 // Close hangs up (the helper's session ends, and it exits) and reaps the
 // helper, killing it after 5 s.
 func (s *session) Close() error {

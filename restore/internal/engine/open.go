@@ -80,6 +80,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	// here; it gets its job (the configuration, snapshot and backing) at
 	// the end.
 	spawned := takePrestarted(cfg.helperExe())
+	tookPrestarted := spawned != nil
 	var spawnErr error
 	spawnDone := make(chan struct{})
 	go func() {
@@ -195,7 +196,14 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	r.helper.mu.Lock()
 	r.helper.cur, err = r.startHelper(ctx, false, spawned)
 	spawned = nil // startHelper owns it
+	var ready <-chan struct{}
+	if err == nil {
+		ready = r.helper.cur.Ready()
+	}
 	r.helper.mu.Unlock()
+	if tookPrestarted {
+		replenish(cfg.helperExe(), ready)
+	}
 	if err != nil {
 		return nil, err
 	}

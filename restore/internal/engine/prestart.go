@@ -2,6 +2,7 @@ package engine
 
 import (
 	"sync"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/restore/internal/helperlink"
 )
@@ -61,8 +62,10 @@ func StopPrestartedHelper() {
 	}
 }
 
-// takePrestarted returns the prestarted helper for exe, if there is one,
-// and starts its successor in the background.
+// takePrestarted returns the prestarted helper for exe, if there is one.
+// The caller starts its successor with replenish once the helper it took
+// serves (so that the successor's start does not compete for the CPUs with
+// that helper's start).
 func takePrestarted(exe string) helperlink.Spawned {
 	prestart.mu.Lock()
 	defer prestart.mu.Unlock()
@@ -71,7 +74,23 @@ func takePrestarted(exe string) helperlink.Spawned {
 	}
 	sp := prestart.spare
 	prestart.spare, prestart.pid = nil, 0
+	return sp
+}
+
+// replenish starts the successor of a prestarted helper taken for exe, in
+// the background, once ready is closed (or after a few seconds).
+func replenish(exe string, ready <-chan struct{}) {
 	go func() {
+		select {
+		case <-ready:
+		case <-time.After(5 * time.Second):
+		}
+		prestart.mu.Lock()
+		wanted := prestart.on && prestart.exe == exe && prestart.spare == nil
+		prestart.mu.Unlock()
+		if !wanted {
+			return
+		}
 		next, err := helperlink.Spawn(exe)
 		if err != nil {
 			return // the next Open starts its own
@@ -84,7 +103,6 @@ func takePrestarted(exe string) helperlink.Spawned {
 		}
 		prestart.spare, prestart.pid = next, spawnedPid(next)
 	}()
-	return sp
 }
 
 func spawnedPid(sp helperlink.Spawned) int {

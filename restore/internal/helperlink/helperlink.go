@@ -62,6 +62,9 @@ type Session interface {
 	Profile(ctx context.Context) (format.Profile, error)
 	// Pid is the helper process's id.
 	Pid() int
+	// Ready is closed once the handshake ended (the helper serves the
+	// view, or failed).
+	Ready() <-chan struct{}
 	// Close hangs up and waits for the helper to exit.
 	Close() error
 }
