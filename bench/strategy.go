@@ -70,7 +70,7 @@ type Instance interface {
 	HelperPID() int
 	// Settle makes every region page readable from Go code: a strategy
 	// whose fault handler is a goroutine of this process has the pages
-	// touched from C first (see DESIGN.md, "The in-process trap").
+	// touched from C first (see restore/doc.go, "The in-process trap").
 	Settle()
 	Close() error
 }

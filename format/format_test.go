@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 )
 
 var update = flag.Bool("update", false, "rewrite golden and broken files in ../testdata")
@@ -89,28 +91,8 @@ func readAll(snap []byte) ([][]byte, error) {
 	return out, nil
 }
 
-// testImage returns n bytes that look like memory: text, small integers,
-// zero runs and some noise.
-func testImage(n int, seed uint64) []byte {
-	rng := rand.New(rand.NewPCG(seed, 1))
-	b := make([]byte, 0, n)
-	words := []string{"alpha ", "beta ", "gamma ", "delta ", "/usr/lib/python3 ", "__init__ "}
-	for len(b) < n {
-		switch rng.IntN(4) {
-		case 0:
-			b = append(b, words[rng.IntN(len(words))]...)
-		case 1:
-			b = le.AppendUint64(b, uint64(rng.IntN(1000)))
-		case 2:
-			b = append(b, make([]byte, rng.IntN(300))...)
-		default:
-			for k := 0; k < 8; k++ {
-				b = append(b, byte(rng.Uint32()))
-			}
-		}
-	}
-	return b[:n]
-}
+// testImage is the test image of n bytes for seed (memgen.Image).
+func testImage(n int, seed uint64) []byte { return memgen.Image(n, seed) }
 
 var codecs = []Codec{CodecZstd, CodecS2, CodecRaw}
 

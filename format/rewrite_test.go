@@ -12,13 +12,19 @@ import (
 	"testing"
 )
 
-// rewriteSnap is a snapshot of 3 regions, 64 KiB chunks, with zero chunks,
-// short last chunks and one profile.
+// rewriteSnap is a snapshot of 3 regions, 64 KiB chunks, with zero chunks
+// (10 and 11, region "zeros": the others all hold data), short last chunks
+// and one profile.
 func rewriteSnap(t testing.TB, codec Codec) ([]byte, []testRegion) {
 	regions := []testRegion{
 		{name: "heap", addr: 0x7f0000000000, prot: ProtRead | ProtWrite, data: testImage(9*MinChunkSize+4097, 7)},
 		{name: "zeros", prot: ProtRead, data: make([]byte, 2*MinChunkSize)},
 		{name: "stack", addr: 0x7ffd00000000, prot: ProtRead | ProtWrite, data: testImage(3*MinChunkSize, 8)},
+	}
+	for _, rg := range []testRegion{regions[0], regions[2]} {
+		for off := 0; off < len(rg.data); off += MinChunkSize {
+			rg.data[off] = 0xa5 // no zero chunk here
+		}
 	}
 	opts := WriterOptions{ChunkSize: MinChunkSize, Codec: codec, Workers: 2,
 		Metadata: Metadata{Source: "rewrite test", Extra: map[string]string{"k": "v"}}}

@@ -1,6 +1,20 @@
 // Package restore loads uffdrestore snapshots into memory and fills pages
 // lazily with userfaultfd minor faults.
 //
+// # Layout
+//
+// This package is the public API and only that: its types are aliases of
+// those of restore/internal/engine, which does the work, in the order of
+// the data path:
+//
+//	snapshot file → format.Reader → fillers → alias → UFFDIO_CONTINUE → view
+//	format/         (index, CRCs)   engine.go  backing.go  restore/uffd   view.go
+//
+// restore/attach (the attach protocol, PROTOCOL.md: its server serves a
+// Loader's views to other processes) and restore/helper (the helper
+// process below: a Loader and an attach server) use the engine directly;
+// restore/uffd is the one gateway to the kernel.
+//
 // # Data path
 //
 // A snapshot is loaded into a backing file: a hugetlb memfd, a file in a
@@ -44,6 +58,9 @@
 // chunks the helpers took). A 2 MiB chunk cannot be split.
 //
 // # Choices, and the measurements behind them (2 vCPU VM, kernel 6.18)
+//
+// The benchmarks named here are the engine's: go test -run '^$' -bench
+// NAME ./restore/internal/engine/.
 //
 // MISSING|MINOR, no pre-allocation. Registering MINOR alone needs every page
 // in the page cache before the first touch (fallocate of 4 GiB: 0.25–0.46 s),

@@ -102,7 +102,7 @@ type Loader = engine.Loader
 // mode it returns once every chunk is in the backing; in prefetch mode the
 // fill runs on in the background; in lazy mode nothing is filled until a
 // view faults.
-func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err error) {
+func NewLoader(ctx context.Context, path string, opts ...Option) (*Loader, error) {
 	return engine.NewLoader(ctx, path, opts...)
 }
 
@@ -117,7 +117,7 @@ type Restore = engine.Restore
 // Open restores the snapshot at path into this process. It returns as soon
 // as the view is usable: in lazy mode (the default) nothing has been read
 // yet; the first touch of each unit fills it.
-func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err error) {
+func Open(ctx context.Context, path string, opts ...Option) (*Restore, error) {
 	return engine.Open(ctx, path, opts...)
 }
 

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 )
 
 const childEnv = "UFFDRESTORE_SNAPSHOT_TEST_CHILD"
@@ -92,24 +92,8 @@ func childMain() {
 	io.Copy(io.Discard, os.Stdin)
 }
 
-func image(n int, seed uint64) []byte {
-	rng := rand.New(rand.NewPCG(seed, 2))
-	b := make([]byte, n)
-	for i := 0; i < n; {
-		run := min(n-i, 1+rng.IntN(5000))
-		switch rng.IntN(3) {
-		case 0: // zeros
-		case 1:
-			for k := 0; k < run; k++ {
-				b[i+k] = byte(rng.IntN(16))
-			}
-		default:
-			copy(b[i:i+run], bytes.Repeat([]byte("memory image "), run/13+1))
-		}
-		i += run
-	}
-	return b
-}
+// image is the test image of n bytes for seed (memgen.Image).
+func image(n int, seed uint64) []byte { return memgen.Image(n, seed) }
 
 func openBytes(t testing.TB, snap []byte) *format.Reader {
 	t.Helper()

@@ -100,3 +100,29 @@ func (r *Reader) Read(p []byte) (int, error) {
 	r.N -= int64(n)
 	return n, nil
 }
+
+// Image returns n bytes of test content for seed: the generator's pages
+// (Fill, from a page that depends on seed) with runs of zeros laid over
+// them, from 16 bytes to 4 MiB long and about a quarter of the image in
+// all, so that a snapshot of it has zero chunks, short zero runs inside
+// chunks, and compressible and incompressible chunks at every chunk size.
+// From 8 MiB on, bytes [4 MiB, 6 MiB) are zero: a whole zero unit of 2 MiB
+// pages. The same n and seed give the same bytes.
+func Image(n int, seed uint64) []byte {
+	b := make([]byte, n)
+	Fill(b, int64(seed%(1<<20))<<20)
+	rng := rand.New(rand.NewPCG(seed, 0x7a65726f))
+	length := func() int { return 1 + rng.IntN(16<<rng.IntN(19)) }
+	for off := 0; off < n; {
+		off += 3 * length()
+		run := length()
+		if off < n {
+			clear(b[off:min(off+run, n)])
+		}
+		off += run
+	}
+	if n >= 8<<20 {
+		clear(b[4<<20 : 6<<20])
+	}
+	return b
+}

@@ -45,3 +45,42 @@ func TestCompressesLikeMemory(t *testing.T) {
 	}
 	t.Logf("zstd ratio %.1fx", ratio)
 }
+
+// TestImage: Image is deterministic, differs by seed, zeroes [4 MiB, 6 MiB)
+// from 8 MiB on, and has whole zero 64 KiB chunks as well as chunks that
+// are neither zero nor incompressible.
+func TestImage(t *testing.T) {
+	a, b := Image(16<<20, 1), Image(16<<20, 1)
+	if !bytes.Equal(a, b) {
+		t.Fatal("Image(n, seed) is not deterministic")
+	}
+	if bytes.Equal(a[:1<<20], Image(1<<20, 2)) {
+		t.Fatal("Image ignores the seed")
+	}
+	if !allZero(a[4<<20 : 6<<20]) {
+		t.Fatal("Image(16 MiB) is not zero in [4 MiB, 6 MiB)")
+	}
+	for seed := uint64(1); seed <= 4; seed++ {
+		img := Image(4<<20, seed)
+		zero, other := 0, 0
+		for off := 0; off < len(img); off += 64 << 10 {
+			if allZero(img[off : off+64<<10]) {
+				zero++
+			} else {
+				other++
+			}
+		}
+		if zero == 0 || other == 0 {
+			t.Errorf("seed %d: %d zero and %d other 64 KiB chunks in 4 MiB: want both", seed, zero, other)
+		}
+	}
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -16,7 +16,7 @@ import (
 // the server's.
 var ErrNotThisBacking = errors.New("attach: the target's backing file is not this server's")
 
-// Adopter is a Backend that may have no backing yet (BackingFD < 0): the
+// Adopter is a Backend that may have no backing yet (BackingFile nil): the
 // first re-attaching target hands its backing over, and Adopt makes it the
 // server's (PROTOCOL.md §5.1).
 type Adopter interface {
@@ -58,12 +58,12 @@ func (a *AdoptBackend) Hello() Hello {
 	return h
 }
 
-// BackingFD is the adopted backing, -1 before.
-func (a *AdoptBackend) BackingFD() int {
+// BackingFile is the adopted backing, nil before.
+func (a *AdoptBackend) BackingFile() *uffd.File {
 	if b := a.Backend(); b != nil {
-		return b.BackingFD()
+		return b.BackingFile()
 	}
-	return -1
+	return nil
 }
 
 // AttachView serves a view on the adopted backend.

@@ -82,7 +82,7 @@ type ClientRegion struct {
 //
 // Touching Data faults into the server, another process, so a goroutine
 // that faults blocks its thread (and its P) only until the server answers:
-// the in-process trap of DESIGN.md does not apply. If the server dies,
+// the in-process trap (package restore's documentation) does not apply. If the server dies,
 // touching a page it never filled waits forever: this process keeps its
 // own copy of the userfaultfd, so it never reads unfilled zeros.
 type Client struct {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 	"github.com/uffdrestore/uffdrestore/restore"
 )
@@ -25,29 +25,8 @@ type snapRegion struct {
 	data []byte
 }
 
-// memImage makes n bytes that look like memory: zero runs (whole zero
-// chunks among them), text-like runs and random runs.
-func memImage(n int, seed uint64) []byte {
-	rng := rand.New(rand.NewPCG(seed, 7))
-	b := make([]byte, n)
-	for off := 0; off < n; {
-		run := min(n-off, 1+rng.IntN(3<<20))
-		switch rng.IntN(3) {
-		case 0:
-		case 1:
-			for i := 0; i < run; i++ {
-				b[off+i] = byte(rng.Uint32())
-			}
-		default:
-			w := []byte("uffdrestore attach protocol test data 0123456789 ")
-			for i := 0; i < run; i++ {
-				b[off+i] = w[(i+off)%len(w)] ^ byte(i>>13)
-			}
-		}
-		off += run
-	}
-	return b
-}
+// memImage is the test image of n bytes for seed (memgen.Image).
+func memImage(n int, seed uint64) []byte { return memgen.Image(n, seed) }
 
 func testRegions() []snapRegion {
 	return []snapRegion{

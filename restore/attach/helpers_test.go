@@ -128,7 +128,7 @@ func requireUffd(t testing.TB, hugetlb bool) {
 // per view answering with UFFDIO_CONTINUE. It lets the protocol tests run
 // without the engine; the engine tests in engine_test.go use the real one.
 type fakeBackend struct {
-	fd        int
+	fd        *uffd.File
 	alias     *uffd.Mapping
 	hello     Hello
 	image     []byte // the file's intended bytes (regions at their offsets)
@@ -185,22 +185,22 @@ func newFakeBackend(t testing.TB, hugetlb bool, specs []regionSpec) *fakeBackend
 			clear(b.image[r.Offset+page : r.Offset+2*page])
 		}
 	}
-	fd, err := uffd.MemfdCreate("uffdrestore-attach-fake", hugetlb, 0)
+	f, err := uffd.MemfdCreate("uffdrestore-attach-fake", hugetlb, 0)
 	if err != nil {
 		t.Fatalf("memfd: %v", err)
 	}
-	if err := uffd.Ftruncate(fd, int64(off)); err != nil {
-		unix.Close(fd)
+	if err := uffd.Ftruncate(f.Fd(), int64(off)); err != nil {
+		f.Close()
 		t.Fatal(err)
 	}
-	if err := uffd.AddSeals(fd, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
-		unix.Close(fd)
+	if err := uffd.AddSeals(f.Fd(), unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+		f.Close()
 		t.Fatal(err)
 	}
-	b.fd = fd
-	b.alias, err = uffd.Mmap(0, int(off), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+	b.fd = f
+	b.alias, err = uffd.Mmap(0, int(off), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, f.Fd(), 0)
 	if err != nil {
-		unix.Close(fd)
+		f.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(b.close)
@@ -218,7 +218,7 @@ func (b *fakeBackend) close() {
 		v.Close()
 	}
 	b.alias.Close()
-	unix.Close(b.fd)
+	b.fd.Close()
 }
 
 // want returns the bytes a --dump of every region must produce.
@@ -230,8 +230,8 @@ func (b *fakeBackend) want() []byte {
 	return out
 }
 
-func (b *fakeBackend) Hello() Hello   { return b.hello }
-func (b *fakeBackend) BackingFD() int { return b.fd }
+func (b *fakeBackend) Hello() Hello            { return b.hello }
+func (b *fakeBackend) BackingFile() *uffd.File { return b.fd }
 
 func (b *fakeBackend) liveViews() int {
 	b.mu.Lock()
@@ -337,8 +337,8 @@ func (v *fakeView) Err() error {
 		return nil
 	}
 }
-func (v *fakeView) Stats() any {
-	return map[string]int64{"faults": v.faults.Load(), "fills": v.b.fills.Load()}
+func (v *fakeView) Stats() restore.Stats {
+	return restore.Stats{FaultsMissing: v.faults.Load(), FilledByFault: v.b.fills.Load()}
 }
 
 func (v *fakeView) Close() error {

@@ -1,6 +1,8 @@
 package attach
 
 import (
+	"slices"
+
 	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 )
@@ -23,9 +25,7 @@ func HelloOf(lay engine.Layout, id string) Hello {
 		Backing: lay.Backing, PageSize: uint64(lay.PageSize), ChunkSize: uint64(lay.ChunkSize),
 		FileSize: lay.FileSize, Snapshot: lay.Snapshot, SnapshotID: id,
 	}
-	for _, r := range lay.Regions {
-		h.Regions = append(h.Regions, Region{Name: r.Name, Offset: r.Offset, Size: r.Size, Length: r.Length, Addr: r.Addr, Prot: r.Prot})
-	}
+	h.Regions = slices.Clone(lay.Regions)
 	return h
 }
 
@@ -38,14 +38,10 @@ func (b loaderBackend) Hello() Hello {
 // Close closes the loader (an AdoptBackend closes what it adopted).
 func (b loaderBackend) Close() error { return b.l.Close() }
 
-func (b loaderBackend) BackingFD() int { return b.l.BackingFD() }
+func (b loaderBackend) BackingFile() *uffd.File { return b.l.BackingFile() }
 
 func (b loaderBackend) AttachView(u *uffd.FD, ranges []Range, name string) (View, error) {
-	rr := make([]engine.ViewRange, len(ranges))
-	for i, r := range ranges {
-		rr[i] = engine.ViewRange{Base: r.Base, Size: r.Size, Offset: r.Offset, Private: r.Private}
-	}
-	v, err := b.l.AttachView(u, rr, name)
+	v, err := b.l.AttachView(u, ranges, name)
 	if err != nil {
 		return nil, err
 	}
@@ -54,4 +50,4 @@ func (b loaderBackend) AttachView(u *uffd.FD, ranges []Range, name string) (View
 
 type loaderView struct{ *engine.View }
 
-func (v loaderView) Stats() any { return v.View.Stats() }
+func (v loaderView) Stats() engine.Stats { return v.View.Stats() }

@@ -40,6 +40,8 @@ import (
 	"slices"
 	"strconv"
 	"unicode/utf8"
+
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 )
 
 // Version is the protocol version this package speaks. Version 2 carries
@@ -153,15 +155,9 @@ func (e *RefusedError) Is(target error) bool {
 	return target == ErrRefused || codeIs(e.Code, target)
 }
 
-// Region is one snapshot region as the hello describes it.
-type Region struct {
-	Name   string `json:"name"`
-	Offset uint64 `json:"offset"` // offset in the backing file, page aligned
-	Size   uint64 `json:"size"`   // bytes mapped: Length rounded up to page_size
-	Length uint64 `json:"length"` // the region's true length in bytes
-	Addr   uint64 `json:"addr"`   // original virtual address, 0 if unknown
-	Prot   uint32 `json:"prot"`   // PROT_READ=1 | PROT_WRITE=2 | PROT_EXEC=4
-}
+// Region is one snapshot region as the hello describes it: the loader's
+// layout region, sent as is (one type, no conversion).
+type Region = engine.LayoutRegion
 
 // Hello is the server's first message, sent with the backing file's fd.
 // Its regions travel in the "regions" messages that follow it (SendHello,

@@ -203,8 +203,8 @@ func TestCheckLayout(t *testing.T) {
 
 type layoutBackend struct{ h Hello }
 
-func (b layoutBackend) Hello() Hello { return b.h }
-func (layoutBackend) BackingFD() int { return -1 }
+func (b layoutBackend) Hello() Hello          { return b.h }
+func (layoutBackend) BackingFile() *uffd.File { return nil }
 func (layoutBackend) AttachView(u *uffd.FD, _ []Range, _ string) (View, error) {
 	u.Close()
 	return nil, errors.New("not served")

@@ -17,18 +17,14 @@ import (
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/restore/internal/engine"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
 )
 
 // Range is one mapping of the backing file in a target, as the server hands
-// it to the Backend.
-type Range struct {
-	Base    uintptr // where the target mapped it
-	Size    uint64  // bytes, a multiple of the page size
-	Offset  uint64  // backing-file offset mapped at Base
-	Private bool    // MAP_PRIVATE
-}
+// it to the Backend: a view range of the engine (one type, no conversion).
+type Range = engine.ViewRange
 
 // Backend is what the server serves: a loaded snapshot in a backing file
 // (restore.Loader, through FromLoader).
@@ -36,8 +32,9 @@ type Backend interface {
 	// Hello returns the layout the hello carries (Type and Version are
 	// filled in by the server).
 	Hello() Hello
-	// BackingFD is the backing file; the server sends it, never closes it.
-	BackingFD() int
+	// BackingFile is the backing file (nil: none yet); the Backend owns
+	// it: the server sends its Fd, never closes it.
+	BackingFile() *uffd.File
 	// AttachView starts serving faults on u for ranges. It takes ownership
 	// of u, also when it fails.
 	AttachView(u *uffd.FD, ranges []Range, name string) (View, error)
@@ -61,7 +58,7 @@ type Profiler interface {
 type View interface {
 	Done() <-chan struct{}
 	Err() error
-	Stats() any
+	Stats() engine.Stats
 	Close() error
 }
 
@@ -97,8 +94,8 @@ type TargetInfo struct {
 	PID      int32
 	UID      uint32
 	Mappings int
-	Reason   string // why it ended: "detach", "hangup", "shutdown", "error: ..."
-	Stats    any    // the view's last stats
+	Reason   string       // why it ended: "detach", "hangup", "shutdown", "error: ..."
+	Stats    engine.Stats // the view's last stats
 }
 
 // Server accepts targets on a Unix socket and serves each on its own
@@ -107,7 +104,7 @@ type Server struct {
 	path    string
 	dev     uint64 // the socket file we bound (removeSocket removes only it)
 	ino     uint64
-	rofd    int // ReadOnlyTargets: an O_RDONLY fd of the backing, else -1
+	rofd    *uffd.File // ReadOnlyTargets: an O_RDONLY fd of the backing, else nil
 	ln      *net.UnixListener
 	b       Backend
 	o       Options
@@ -154,14 +151,14 @@ func Listen(path string, b Backend, o Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	var rofd = -1
-	if o.ReadOnlyTargets && b.BackingFD() < 0 {
+	var rofd *uffd.File
+	if o.ReadOnlyTargets && b.BackingFile().Fd() < 0 {
 		ln.Close()
 		removeIfSame(path, dev, ino)
 		return nil, errors.New("attach: read-only targets need a backing at start; an adopting server has none until a target hands it back (use --read-only-targets without --adopt)")
 	}
 	if o.ReadOnlyTargets {
-		if rofd, err = readOnlyBacking(b.BackingFD()); err != nil {
+		if rofd, err = readOnlyBacking(b.BackingFile().Fd()); err != nil {
 			ln.Close()
 			removeIfSame(path, dev, ino)
 			return nil, err
@@ -193,7 +190,7 @@ func ServeConn(c *net.UnixConn, b Backend, o Options) TargetInfo {
 		o.Logf = func(string, ...any) {}
 	}
 	s := &Server{
-		b: b, o: o, rofd: -1,
+		b: b, o: o,
 		allowed:  append([]uint32{uint32(os.Getuid()), 0}, o.AllowUIDs...),
 		conns:    map[*conn]struct{}{},
 		stopping: make(chan struct{}),
@@ -217,24 +214,19 @@ func ServeConn(c *net.UnixConn, b Backend, o Options) TargetInfo {
 // /proc/self/fd, so it is the same open file description's inode) and
 // takes group and other permissions off it: any process holding an fd of a
 // memfd (mode 0777) could otherwise reopen it O_RDWR through /proc.
-func readOnlyBacking(fd int) (int, error) {
+func readOnlyBacking(fd int) (*uffd.File, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return -1, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fstat", err))
+		return nil, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fstat", err))
 	}
 	if st.Mode&0o077 != 0 {
 		if err := unix.Fchmod(fd, st.Mode&0o700); err != nil {
-			return -1, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fchmod", err))
+			return nil, fmt.Errorf("attach: read-only backing: %w", os.NewSyscallError("fchmod", err))
 		}
 	}
-	ro, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	ro, err := uffd.Reopen(fd, unix.O_RDONLY)
 	if err != nil {
-		return -1, fmt.Errorf("attach: read-only backing: reopen through /proc/self/fd: %w", err)
-	}
-	var st2 unix.Stat_t
-	if err := unix.Fstat(ro, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
-		unix.Close(ro)
-		return -1, errors.New("attach: read-only backing: the reopened file is not the backing")
+		return nil, fmt.Errorf("attach: read-only backing: %w", err)
 	}
 	return ro, nil
 }
@@ -402,10 +394,7 @@ func (s *Server) Close() error {
 // and closes the read-only backing fd.
 func (s *Server) removeSocket() {
 	removeIfSame(s.path, s.dev, s.ino)
-	if s.rofd >= 0 {
-		unix.Close(s.rofd)
-		s.rofd = -1
-	}
+	s.rofd.Close()
 }
 
 func removeIfSame(path string, dev, ino uint64) {
@@ -612,10 +601,10 @@ func (cn *conn) handshake() (View, error) {
 	h := s.b.Hello()
 	h.Type, h.Version, h.RegionCount = TypeHello, Version, len(h.Regions)
 	h.Reattach = true
-	backingFD := s.b.BackingFD()
+	backingFD := s.b.BackingFile().Fd()
 	h.Adopting = backingFD < 0
-	if s.rofd >= 0 {
-		backingFD = s.rofd
+	if s.rofd != nil {
+		backingFD = s.rofd.Fd()
 	}
 	if err := SendHello(cn.send, h, backingFD); err != nil {
 		return nil, err
@@ -723,7 +712,7 @@ func (cn *conn) checkReattach(backing int) error {
 			return err
 		}
 	}
-	own := cn.s.b.BackingFD()
+	own := cn.s.b.BackingFile().Fd()
 	if own < 0 {
 		return errors.New("reattach: this server has no backing")
 	}

@@ -98,7 +98,7 @@ func TestCTargets(t *testing.T) {
 						if r.Backing != backingName(hugetlb) || r.Regions != len(b.hello.Regions) || r.Private != private {
 							t.Errorf("target %d: result %+v", i, r)
 						}
-						if len(r.Stats) == 0 || !bytes.Contains(r.Stats, []byte(`"faults"`)) {
+						if len(r.Stats) == 0 || !bytes.Contains(r.Stats, []byte(`"faults_missing"`)) {
 							t.Errorf("target %d: stats %s", i, r.Stats)
 						}
 						got, err := os.ReadFile(filepath.Join(dir, fmt.Sprint(i)))
@@ -173,7 +173,7 @@ func TestGoClient(t *testing.T) {
 				t.Fatalf("regions differ from the image at %d", firstDiff(got, b.want()))
 			}
 			st, err := cl.Stats()
-			if err != nil || !bytes.Contains(st, []byte(`"faults"`)) {
+			if err != nil || !bytes.Contains(st, []byte(`"faults_missing"`)) {
 				t.Fatalf("Stats = %s, %v", st, err)
 			}
 			if _, err := cl.Detach(); err != nil {
@@ -621,7 +621,7 @@ type nullBackend struct{}
 func (nullBackend) Hello() Hello {
 	return Hello{Backing: BackingShmem, PageSize: 4096, ChunkSize: 65536, FileSize: 65536, Regions: []Region{{Name: "r", Size: 4096, Length: 4096}}}
 }
-func (nullBackend) BackingFD() int { return -1 }
+func (nullBackend) BackingFile() *uffd.File { return nil }
 func (nullBackend) AttachView(u *uffd.FD, _ []Range, _ string) (View, error) {
 	u.Close()
 	return nil, errors.New("null backend")

@@ -504,21 +504,27 @@ func (c *checker) backings() {
 	hugeOK := c.hasFeature(uffd.FeatureMinorHugetlbfs, "minor faults on hugetlbfs")
 	pagesOK := def.Available() > 0
 
+	// Both huge-page backings need userfaultfd, minor faults on hugetlbfs
+	// and free huge pages: why b lacks them, with the fixes added to b.
+	hugeNeeds := func(b *Backing) []string {
+		var why []string
+		switch {
+		case c.r.UffdErr != nil:
+			why = append(why, "userfaultfd not available")
+			b.Fix = append(b.Fix, uffdFix()...)
+		case !hugeOK:
+			why = append(why, "no minor faults on hugetlbfs (Linux >= "+minLinuxHugetlbfs+")")
+			b.Fix = append(b.Fix, "upgrade to Linux >= "+minLinuxHugetlbfs)
+		}
+		if !pagesOK {
+			why = append(why, fmt.Sprintf("no free %s huge pages", sizeName(def.PageSize)))
+			b.Fix = append(b.Fix, hugeFix(suggestedPages(def)))
+		}
+		return why
+	}
 	// memfd-hugetlb: free huge pages + MINOR_HUGETLBFS.
 	mh := Backing{Name: BackingMemfdHugetlb, PageSize: def.PageSize, Limits: limits}
-	var why []string
-	switch {
-	case c.r.UffdErr != nil:
-		why = append(why, "userfaultfd not available")
-		mh.Fix = append(mh.Fix, uffdFix()...)
-	case !hugeOK:
-		why = append(why, "no minor faults on hugetlbfs (Linux >= "+minLinuxHugetlbfs+")")
-		mh.Fix = append(mh.Fix, "upgrade to Linux >= "+minLinuxHugetlbfs)
-	}
-	if !pagesOK {
-		why = append(why, fmt.Sprintf("no free %s huge pages", sizeName(def.PageSize)))
-		mh.Fix = append(mh.Fix, hugeFix(suggestedPages(def)))
-	}
+	why := hugeNeeds(&mh)
 	if len(why) == 0 && c.r.MinorHugetlbMemfd != nil {
 		why = append(why, "registering a hugetlb memfd view failed: "+c.r.MinorHugetlbMemfd.Error())
 	}
@@ -531,19 +537,7 @@ func (c *checker) backings() {
 
 	// hugetlbfs: the same plus a writable mount.
 	hf := Backing{Name: BackingHugetlbfs, PageSize: def.PageSize, Limits: limits}
-	why = nil
-	switch {
-	case c.r.UffdErr != nil:
-		why = append(why, "userfaultfd not available")
-		hf.Fix = append(hf.Fix, uffdFix()...)
-	case !hugeOK:
-		why = append(why, "no minor faults on hugetlbfs (Linux >= "+minLinuxHugetlbfs+")")
-		hf.Fix = append(hf.Fix, "upgrade to Linux >= "+minLinuxHugetlbfs)
-	}
-	if !pagesOK {
-		why = append(why, fmt.Sprintf("no free %s huge pages", sizeName(def.PageSize)))
-		hf.Fix = append(hf.Fix, hugeFix(suggestedPages(def)))
-	}
+	why = hugeNeeds(&hf)
 	m, mountOK := c.usableMount()
 	if !mountOK {
 		why = append(why, fmt.Sprintf("no writable hugetlbfs mount with %s pages", sizeName(def.PageSize)))

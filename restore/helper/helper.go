@@ -200,7 +200,7 @@ func (b backend) Hello() attach.Hello {
 	}
 }
 
-func (b backend) BackingFD() int { return b.l.BackingFD() }
+func (b backend) BackingFile() *uffd.File { return b.l.BackingFile() }
 
 func (b backend) AttachView(u *uffd.FD, ranges []attach.Range, name string) (attach.View, error) {
 	v, err := attach.FromLoader(b.l).AttachView(u, ranges, name)
@@ -219,4 +219,4 @@ type totalsView struct {
 	l *engine.Loader
 }
 
-func (v totalsView) Stats() any { return v.l.Stats() }
+func (v totalsView) Stats() engine.Stats { return v.l.Stats() }

@@ -16,8 +16,8 @@ import (
 
 // MemfdCreate creates a memfd. With hugetlb it is backed by huge pages of
 // 1<<pageShift bytes (0: the default huge page size). The fd is close-on-exec
-// and allows sealing.
-func MemfdCreate(name string, hugetlb bool, pageShift int) (int, error) {
+// and allows sealing; the caller owns it.
+func MemfdCreate(name string, hugetlb bool, pageShift int) (*File, error) {
 	cname := C.CString(name)
 	defer C.free(unsafe.Pointer(cname))
 	h := C.int(0)
@@ -26,9 +26,9 @@ func MemfdCreate(name string, hugetlb bool, pageShift int) (int, error) {
 	}
 	rc := C.ur_memfd_create(cname, C.uint(unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING), h, C.int(pageShift))
 	if rc < 0 {
-		return -1, errno("memfd_create", rc)
+		return nil, errno("memfd_create", rc)
 	}
-	return int(rc), nil
+	return NewFile(int(rc)), nil
 }
 
 // Fallocate allocates (or with unix.FALLOC_FL_PUNCH_HOLE|KEEP_SIZE frees)

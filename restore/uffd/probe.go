@@ -178,15 +178,15 @@ func probeMinor(hugetlb bool, o OpenOptions) (err error) {
 		return err
 	}
 	defer u.Close()
-	fd, err := MemfdCreate("uffdrestore-probe", hugetlb, 0)
+	f, err := MemfdCreate("uffdrestore-probe", hugetlb, 0)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
-	if err := Ftruncate(fd, page); err != nil {
+	defer f.Close()
+	if err := Ftruncate(f.Fd(), page); err != nil {
 		return err
 	}
-	m, err := Mmap(0, int(page), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+	m, err := Mmap(0, int(page), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, f.Fd(), 0)
 	if err != nil {
 		return err
 	}

@@ -176,10 +176,14 @@ func backing(t *testing.T, k backingKind, pages int) (int, int) {
 		page = int(DefaultHugePageSize())
 	case hugetlbMemfd:
 		testutil.RequireHugePages(t, int64(pages))
-		fd, err = MemfdCreate("uffdrestore-test", true, 0)
+		var f *File
+		f, err = MemfdCreate("uffdrestore-test", true, 0)
+		fd = f.Release()
 		page = int(DefaultHugePageSize())
 	case shmemMemfd:
-		fd, err = MemfdCreate("uffdrestore-test", false, 0)
+		var f *File
+		f, err = MemfdCreate("uffdrestore-test", false, 0)
+		fd = f.Release()
 	}
 	if err != nil {
 		t.Fatal(err)
@@ -461,10 +465,12 @@ func poisonChild() {
 	if err != nil {
 		die(err)
 	}
-	fd, err := MemfdCreate("uffdrestore-poison", true, 0)
+	f, err := MemfdCreate("uffdrestore-poison", true, 0)
 	if err != nil {
 		die(err)
 	}
+	defer f.Close()
+	fd := f.Fd()
 	page := int(DefaultHugePageSize())
 	if err := Ftruncate(fd, int64(page)); err != nil {
 		die(err)
@@ -539,11 +545,12 @@ func TestFeaturesEnabled(t *testing.T) {
 func TestNoHugePagesFree(t *testing.T) {
 	testutil.RequireRoot(t)
 	free := testutil.FreeHugePages()
-	fd, err := MemfdCreate("uffdrestore-toobig", true, 0)
+	f, err := MemfdCreate("uffdrestore-toobig", true, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(fd)
+	defer f.Close()
+	fd := f.Fd()
 	page := DefaultHugePageSize()
 	size := (free + 1 + 16) * page
 	if err := Ftruncate(fd, size); err != nil {
@@ -652,16 +659,16 @@ func TestUserModeOnlyFallback(t *testing.T) {
 		res.fallErr = err
 		if err == nil {
 			res.via = u.Via()
-			fd, _ := MemfdCreate("uffdrestore-umo", false, 0)
-			Ftruncate(fd, 1<<16)
-			m, merr := Mmap(0, 1<<16, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, fd, 0)
+			f, _ := MemfdCreate("uffdrestore-umo", false, 0)
+			Ftruncate(f.Fd(), 1<<16)
+			m, merr := Mmap(0, 1<<16, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, f.Fd(), 0)
 			if merr == nil {
 				_, res.regErr = u.Register(m.Addr(), 1<<16, ModeMinor)
 				m.Close()
 			} else {
 				res.regErr = merr
 			}
-			unix.Close(fd)
+			f.Close()
 			u.Close()
 		}
 		ch <- res

@@ -143,14 +143,9 @@ func adoptBacking(fd int, r *format.Reader) (*backing, error) {
 			return nil, fmt.Errorf("%w: it is not sealed against shrinking and growing (seals %#x), as a server's backing is", ErrForeignBacking, seals)
 		}
 	}
-	own, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	own, err := uffd.Reopen(fd, unix.O_RDWR)
 	if err != nil {
-		return nil, fmt.Errorf("restore: adopt backing: reopen it read-write through /proc/self/fd: %w", err)
-	}
-	var st2 unix.Stat_t
-	if err := unix.Fstat(own, &st2); err != nil || st2.Dev != st.Dev || st2.Ino != st.Ino {
-		unix.Close(own)
-		return nil, errors.New("restore: adopt backing: the reopened file is not the one handed over")
+		return nil, fmt.Errorf("restore: adopt backing: reopen it read-write: %w", err)
 	}
 	b := backingFromFD(own, kind, size, pageSize)
 	b.sealed = kind != BackingHugetlbfs
@@ -271,16 +266,11 @@ func PlanLayout(path string, opts ...Option) (Layout, string, error) {
 	if kind == BackingAuto {
 		kind = autoBacking(roundUp(size, max(int64(f.ChunkSize()), hp)))
 	}
-	b := &backing{kind: kind, fd: -1, pageSize: os.Getpagesize()}
+	b := &backing{kind: kind, pageSize: os.Getpagesize()}
 	if kind.hugetlb() {
 		b.pageSize = int(hp)
 		size = roundUp(size, max(int64(f.ChunkSize()), hp))
 	}
 	b.size = roundUp(max(size, 1), int64(b.pageSize))
-	lay := Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: f.ChunkSize(), FileSize: uint64(b.size), Snapshot: filepath.Base(path)}
-	for _, r := range f.Regions() {
-		lay.Regions = append(lay.Regions, LayoutRegion{Name: r.Name, Offset: uint64(r.FirstChunk) * uint64(f.ChunkSize()),
-			Size: uint64(roundUp(int64(r.Length), int64(b.pageSize))), Length: r.Length, Addr: r.Addr, Prot: r.Prot})
-	}
-	return lay, SnapshotID(f.Reader), nil
+	return layoutOf(f.Reader, b, filepath.Base(path)), SnapshotID(f.Reader), nil
 }

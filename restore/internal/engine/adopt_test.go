@@ -32,7 +32,7 @@ func TestAdoptLoaderKeepsPresentUnits(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer l.Close()
-			fd := l.BackingFD()
+			fd := l.BackingFile().Fd()
 			unit := int64(max(l.e.unitSize, 1))
 			ps := int64(l.e.b.pageSize)
 			mem := l.e.alias.Bytes()
@@ -105,10 +105,11 @@ func TestAdoptLoaderKeepsPresentUnits(t *testing.T) {
 func TestAdoptLoaderRefusesForeignBacking(t *testing.T) {
 	snap := writeSnap(t, []testRegion{{name: "data", data: testImage(1<<20, 3)}}, format.CodecZstd, 64<<10)
 	mk := func(size int64, seal bool) int {
-		fd, err := uffd.MemfdCreate("foreign", false, 0)
+		f, err := uffd.MemfdCreate("foreign", false, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
+		fd := f.Release() // closed below
 		if err := uffd.Ftruncate(fd, size); err != nil {
 			t.Fatal(err)
 		}
@@ -156,7 +157,7 @@ func TestAdoptLoaderFillJournal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fd, err := unix.FcntlInt(uintptr(l.BackingFD()), unix.F_DUPFD_CLOEXEC, 0)
+	fd, err := unix.FcntlInt(uintptr(l.BackingFile().Fd()), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,7 +64,7 @@ func (k BackingKind) hugetlb() bool { return k == BackingHugetlbfs || k == Backi
 // backing is the file a restore is loaded into.
 type backing struct {
 	kind     BackingKind
-	fd       int
+	fd       *uffd.File
 	size     int64
 	pageSize int
 	sealed   bool
@@ -135,7 +135,7 @@ func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, 
 	if kind == BackingAuto {
 		kind = autoBacking(size)
 	}
-	b := &backing{kind: kind, fd: -1, pageSize: os.Getpagesize()}
+	b := &backing{kind: kind, pageSize: os.Getpagesize()}
 	if kind.hugetlb() {
 		b.pageSize = int(uffd.DefaultHugePageSize())
 		if err := checkPool(size); err != nil {
@@ -144,8 +144,8 @@ func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, 
 	}
 	b.size = roundUp(max(size, 1), int64(b.pageSize))
 	defer func() {
-		if err != nil && b.fd >= 0 {
-			unix.Close(b.fd)
+		if err != nil {
+			b.fd.Close()
 		}
 	}()
 	switch kind {
@@ -171,10 +171,11 @@ func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, 
 		var rnd [8]byte
 		rand.Read(rnd[:])
 		p := filepath.Join(hugetlbfsDir, "uffdrestore-backing-"+hex.EncodeToString(rnd[:]))
-		b.fd, err = unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+		fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
 		if err != nil {
 			return nil, fmt.Errorf("restore: create backing in %s: %w (check the mount's uid/gid/mode options)", hugetlbfsDir, err)
 		}
+		b.fd = uffd.NewFile(fd)
 		// Unlinked at once: the pages go back to the pool when the last
 		// mapping and fd close, even if this process dies.
 		unix.Unlink(p)
@@ -189,11 +190,11 @@ func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, 
 	default:
 		return nil, fmt.Errorf("restore: unknown backing kind %d", kind)
 	}
-	if err := uffd.Ftruncate(b.fd, b.size); err != nil {
+	if err := uffd.Ftruncate(b.fd.Fd(), b.size); err != nil {
 		return nil, fmt.Errorf("restore: size backing to %d bytes: %w", b.size, err)
 	}
 	if kind != BackingHugetlbfs {
-		if err := uffd.AddSeals(b.fd, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		if err := uffd.AddSeals(b.fd.Fd(), unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
 			return nil, fmt.Errorf("restore: seal backing: %w", err)
 		}
 		b.sealed = true
@@ -201,20 +202,13 @@ func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, 
 	return b, nil
 }
 
-// backingFromFD wraps an existing backing fd (the in-process helper gets
+// backingFromFD wraps an existing backing file (the in-process helper gets
 // the parent's). It takes ownership of fd.
-func backingFromFD(fd int, kind BackingKind, size int64, pageSize int) *backing {
+func backingFromFD(fd *uffd.File, kind BackingKind, size int64, pageSize int) *backing {
 	return &backing{kind: kind, fd: fd, size: size, pageSize: pageSize}
 }
 
-func (b *backing) close() error {
-	if b.fd < 0 {
-		return os.ErrClosed
-	}
-	err := unix.Close(b.fd)
-	b.fd = -1
-	return err
-}
+func (b *backing) close() error { return b.fd.Close() }
 
 // layoutName is the protocol's name for the backing's page type.
 func (b *backing) layoutName() string {

@@ -293,7 +293,7 @@ func benchView(b *testing.B, l *Loader) (*uffd.Mapping, *View) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, err := uffd.Mmap(0, int(lay.FileSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, l.BackingFD(), 0)
+	m, err := uffd.Mmap(0, int(lay.FileSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, l.BackingFile().Fd(), 0)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -314,11 +314,12 @@ func idealFault(b *testing.B, l *Loader, units int) []time.Duration {
 	defer dec.Close()
 	buf := make([]byte, l.e.unitSize)
 	hugetlb := l.b.kind.hugetlb()
-	fd, err := uffd.MemfdCreate("uffdrestore-bench-ideal", hugetlb, 0)
+	f, err := uffd.MemfdCreate("uffdrestore-bench-ideal", hugetlb, 0)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer unix.Close(fd)
+	defer f.Close()
+	fd := f.Fd()
 	uffd.Ftruncate(fd, int64(l.e.unitSize))
 	var out []time.Duration
 	for u := 0; u < units && u < 64; u++ {

@@ -125,7 +125,7 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 		close(e.allPresent)
 	}
 	if b.size > 0 {
-		e.alias, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd, 0)
+		e.alias, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd.Fd(), 0)
 		if err != nil {
 			if errors.Is(err, unix.ENOMEM) && b.kind.hugetlb() {
 				return nil, fmt.Errorf("%w: mapping %d MiB of huge pages failed (another process took them?): %v; "+
@@ -355,7 +355,7 @@ func (e *engine) unitChunks(u uint32) (c0, c1 int, whole bool) {
 // allocUnit allocates the (zeroed) pages of a unit that decoding does not
 // write in full, so CONTINUE finds every page in the page cache.
 func (e *engine) allocUnit(u uint32) error {
-	if err := uffd.Fallocate(e.b.fd, 0, int64(u)*int64(e.unitSize), int64(e.unitSize)); err != nil {
+	if err := uffd.Fallocate(e.b.fd.Fd(), 0, int64(u)*int64(e.unitSize), int64(e.unitSize)); err != nil {
 		return fmt.Errorf("restore: allocate unit %d: %w", u, err)
 	}
 	return nil
@@ -397,7 +397,7 @@ func (e *engine) writeUnit(u uint32, buf []byte) error {
 // writeRange writes buf into the backing at off.
 func (e *engine) writeRange(off int64, buf []byte) error {
 	for len(buf) > 0 {
-		n, err := unix.Pwrite(e.b.fd, buf, off)
+		n, err := unix.Pwrite(e.b.fd.Fd(), buf, off)
 		if err == unix.EINTR {
 			continue
 		}
@@ -929,7 +929,7 @@ func (e *engine) punch(u uint32) error {
 	if h := e.hooks; h != nil && h.punch != nil {
 		return h.punch(u)
 	}
-	return uffd.Fallocate(e.b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	return uffd.Fallocate(e.b.fd.Fd(), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 }
 
 // unitError is why unit u was poisoned.

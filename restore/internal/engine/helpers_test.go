@@ -1,10 +1,10 @@
 package engine
 
 import (
-	"math/rand/v2"
 	"testing"
 
 	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/memgen"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
 )
 
@@ -14,33 +14,8 @@ type testRegion struct {
 	data []byte
 }
 
-// testImage makes n bytes that look like memory: runs of zeros (whole zero
-// chunks included), text-like compressible runs and random runs.
-func testImage(n int, seed uint64) []byte {
-	rng := rand.New(rand.NewPCG(seed, 99))
-	b := make([]byte, n)
-	for off := 0; off < n; {
-		run := min(n-off, 1+rng.IntN(192<<10))
-		switch rng.IntN(4) {
-		case 0: // zeros
-		case 1:
-			for i := 0; i < run; i++ {
-				b[off+i] = byte(rng.Uint32())
-			}
-		default:
-			word := []byte("the quick brown fox jumps over the lazy dog 0123456789 ")
-			for i := 0; i < run; i++ {
-				b[off+i] = word[(i+off/7)%len(word)] ^ byte(i>>12)
-			}
-		}
-		off += run
-	}
-	// A guaranteed all-zero 2 MiB stretch if there is room.
-	if n >= 8<<20 {
-		clear(b[4<<20 : 6<<20])
-	}
-	return b
-}
+// testImage is the test image of n bytes for seed (memgen.Image).
+func testImage(n int, seed uint64) []byte { return memgen.Image(n, seed) }
 
 // writeSnap writes a snapshot of regions and returns its path.
 func writeSnap(t testing.TB, regions []testRegion, codec format.Codec, chunk int) string {

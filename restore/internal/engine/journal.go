@@ -102,7 +102,7 @@ func (e *engine) journalRecover() (punched, refills int, err error) {
 	for u := range j.w {
 		switch atomic.LoadUint32(&j.w[u]) {
 		case jFill:
-			if err := uffd.Fallocate(e.b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(u)*int64(e.unitSize), int64(e.unitSize)); err != nil {
+			if err := uffd.Fallocate(e.b.fd.Fd(), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(u)*int64(e.unitSize), int64(e.unitSize)); err != nil {
 				return punched, refills, fmt.Errorf("restore: adopt: punch unit %d, which the dead server was filling: %w", u, err)
 			}
 			punched++

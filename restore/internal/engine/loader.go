@@ -24,14 +24,15 @@ type Layout struct {
 	Regions   []LayoutRegion `json:"regions"`
 }
 
-// LayoutRegion is one region of the snapshot in the backing file.
+// LayoutRegion is one region of the snapshot in the backing file. It is
+// also what the attach protocol's hello carries (attach.Region).
 type LayoutRegion struct {
 	Name   string `json:"name"`
-	Offset uint64 `json:"offset"` // in the backing file
-	Size   uint64 `json:"size"`   // Length rounded up to the page size
-	Length uint64 `json:"length"` // the region's true length
+	Offset uint64 `json:"offset"` // offset in the backing file, page aligned
+	Size   uint64 `json:"size"`   // bytes mapped: Length rounded up to the page size
+	Length uint64 `json:"length"` // the region's true length in bytes
 	Addr   uint64 `json:"addr"`   // original virtual address, 0 if unknown
-	Prot   uint32 `json:"prot"`
+	Prot   uint32 `json:"prot"`   // PROT_READ=1 | PROT_WRITE=2 | PROT_EXEC=4
 }
 
 // Loader holds a snapshot loaded into a backing file and serves the faults
@@ -141,14 +142,7 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 		}
 	}
 	l := &Loader{f: f, b: b, e: e}
-	l.layout = Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: f.ChunkSize(), FileSize: uint64(b.size), Snapshot: name}
-	for _, r := range f.Regions() {
-		off := uint64(r.FirstChunk) * uint64(f.ChunkSize())
-		l.layout.Regions = append(l.layout.Regions, LayoutRegion{
-			Name: r.Name, Offset: off, Size: uint64(roundUp(int64(r.Length), int64(b.pageSize))),
-			Length: r.Length, Addr: r.Addr, Prot: r.Prot,
-		})
-	}
+	l.layout = layoutOf(f.Reader, b, name)
 	switch cfg.mode {
 	case ModeEager:
 		e.extendPrefetch()
@@ -176,8 +170,9 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 // Layout returns the snapshot's layout in the backing.
 func (l *Loader) Layout() Layout { return l.layout }
 
-// BackingFD is the backing file's descriptor. The loader keeps ownership.
-func (l *Loader) BackingFD() int { return l.b.fd }
+// BackingFile is the backing file. The loader owns it: callers borrow its
+// Fd (to send it, map it) and never Close or Release it.
+func (l *Loader) BackingFile() *uffd.File { return l.b.fd }
 
 // BackingKind is the backing actually in use (auto resolved).
 func (l *Loader) BackingKind() BackingKind { return l.b.kind }

@@ -41,7 +41,7 @@ func attachLocal(t *testing.T, l *Loader, private bool) (*uffd.Mapping, *View) {
 	if private {
 		flags = unix.MAP_PRIVATE | unix.MAP_NORESERVE
 	}
-	m, err := uffd.Mmap(0, int(lay.FileSize), unix.PROT_READ|unix.PROT_WRITE, flags, l.BackingFD(), 0)
+	m, err := uffd.Mmap(0, int(lay.FileSize), unix.PROT_READ|unix.PROT_WRITE, flags, l.BackingFile().Fd(), 0)
 	if err != nil {
 		u.Close()
 		t.Fatal(err)

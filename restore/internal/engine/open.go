@@ -166,7 +166,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if r.u, err = uffd.Open(uo, want); err != nil {
 		return nil, fmt.Errorf("restore: open userfaultfd: %w (see `uffdrestore doctor`)", err)
 	}
-	if r.view, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd, 0); err != nil {
+	if r.view, err = uffd.Mmap(0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED, b.fd.Fd(), 0); err != nil {
 		if errors.Is(err, unix.ENOMEM) && b.kind.hugetlb() {
 			return nil, fmt.Errorf("%w: mapping %d MiB of huge pages: %v", ErrNoHugePages, b.size>>20, err)
 		}
@@ -209,17 +209,6 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	}
 	r.ready = time.Since(t0)
 	return r, nil
-}
-
-func layoutOf(rd *format.Reader, b *backing, name string) Layout {
-	lay := Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: rd.ChunkSize(), FileSize: uint64(b.size), Snapshot: name}
-	for _, reg := range rd.Regions() {
-		lay.Regions = append(lay.Regions, LayoutRegion{
-			Name: reg.Name, Offset: uint64(reg.FirstChunk) * uint64(rd.ChunkSize()),
-			Size: uint64(roundUp(int64(reg.Length), int64(b.pageSize))), Length: reg.Length, Addr: reg.Addr, Prot: reg.Prot,
-		})
-	}
-	return lay
 }
 
 // Bytes returns the whole backing as one slice: every region at its Offset
@@ -408,7 +397,7 @@ func (c *config) helperExe() string {
 func (r *Restore) startHelper(ctx context.Context, adopt bool, spawned helperlink.Spawned) (helperlink.Session, error) {
 	// The helper gets duplicates (an *os.File's finalizer would close the
 	// fd); they are closed once it has its copies.
-	backing, err := dupFile(r.b.fd, "backing")
+	backing, err := dupFile(r.b.fd.Fd(), "backing")
 	if err != nil {
 		if spawned != nil {
 			spawned.Abandon()
@@ -570,7 +559,7 @@ func newHelperLoader(js []byte, snap, backing *os.File) (any, error) {
 		f.Close()
 		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
 	}
-	b := backingFromFD(fd, hc.Backing, hc.Size, hc.PageSize)
+	b := backingFromFD(uffd.NewFile(fd), hc.Backing, hc.Size, hc.PageSize)
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
 	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest

@@ -3,7 +3,9 @@ package engine
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -119,14 +121,16 @@ func TestOpenGOMAXPROCS1(t *testing.T) {
 }
 
 func TestOpenErrors(t *testing.T) {
-	if _, err := Open(context.Background(), "/nonexistent/x.snap"); err == nil || !strings.Contains(err.Error(), "no such file") {
-		t.Fatalf("missing snapshot: %v", err)
-	}
-	bad := writeSnap(t, []testRegion{{"a", 0, testImage(1<<20, 1)}}, format.CodecZstd, 64<<10)
-	b, _ := os.ReadFile(bad)
-	os.WriteFile(bad, b[:len(b)-10], 0o600)
-	if _, err := Open(context.Background(), bad); err == nil {
-		t.Fatal("truncated snapshot opened")
+	for _, mode := range []Mode{ModeLazy, ModeEager} {
+		if _, err := Open(context.Background(), "/nonexistent/x.snap", WithMode(mode)); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%v: missing snapshot: %v, want fs.ErrNotExist", mode, err)
+		}
+		bad := writeSnap(t, []testRegion{{"a", 0, testImage(1<<20, 1)}}, format.CodecZstd, 64<<10)
+		b, _ := os.ReadFile(bad)
+		os.WriteFile(bad, b[:len(b)-10], 0o600)
+		if _, err := Open(context.Background(), bad, WithMode(mode)); !errors.Is(err, format.ErrTruncated) {
+			t.Fatalf("%v: truncated snapshot: %v, want format.ErrTruncated", mode, err)
+		}
 	}
 }
 

@@ -39,7 +39,8 @@ func (m Mode) String() string {
 	return "lazy"
 }
 
-// ParseMode parses lazy, eager and prefetch.
+// ParseMode parses lazy (or the empty string), eager, prefetch and
+// working-set (or workingset, ws).
 func ParseMode(s string) (Mode, error) {
 	switch s {
 	case "", "lazy":

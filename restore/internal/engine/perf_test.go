@@ -58,7 +58,17 @@ func TestShmemFillTakesNoPageFaults(t *testing.T) {
 				t.Fatalf("unit %d already claimed", u)
 			}
 		}
-		// Warm the decoder and the buffer on unit 0.
+		// Warm the decoder on every chunk (its buffers grow to what the
+		// largest needs: faults that are not the fill's), and the fill's
+		// buffer on unit 0.
+		scratch := make([]byte, e.chunkSize)
+		for c := 0; c < e.r.NumChunks(); c++ {
+			if e.r.Chunk(c).Codec != format.CodecZero {
+				if err := w.dec.DecodeChunk(c, scratch); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
 		if err := e.fillUnit(w, 0, false); err != nil {
 			t.Fatal(err)
 		}

@@ -4,7 +4,25 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/uffdrestore/uffdrestore/format"
 )
+
+// layoutOf places the snapshot's regions in backing b. A format.Region
+// (the file's: its first chunk and true length) and a LayoutRegion (the
+// backing's: a byte offset and a page-rounded size, what a view maps and
+// the attach hello sends) are two types because the file format knows
+// nothing of backings and pages; this is the one conversion between them.
+func layoutOf(rd *format.Reader, b *backing, name string) Layout {
+	lay := Layout{Backing: b.layoutName(), PageSize: b.pageSize, ChunkSize: rd.ChunkSize(), FileSize: uint64(b.size), Snapshot: name}
+	for _, reg := range rd.Regions() {
+		lay.Regions = append(lay.Regions, LayoutRegion{
+			Name: reg.Name, Offset: uint64(reg.FirstChunk) * uint64(rd.ChunkSize()),
+			Size: uint64(roundUp(int64(reg.Length), int64(b.pageSize))), Length: reg.Length, Addr: reg.Addr, Prot: reg.Prot,
+		})
+	}
+	return lay
+}
 
 // Region identity. A snapshot's regions are identified by their index in
 // snapshot order; names need not be unique (a snapshot of a process has

@@ -1,9 +1,10 @@
-// Package helperlink connects restore.Open to the fault-handler helper that
-// package restore/helper provides, without an import cycle: restore/attach
-// (the protocol the two speak) imports restore (for its Loader), so restore
-// cannot import the protocol. restore/helper imports both and, when a
-// program opts in by importing it, installs its side here from its init;
-// restore installs the Loader constructor the helper process needs.
+// Package helperlink connects restore.Open (restore/internal/engine) to the
+// fault-handler helper that package restore/helper provides, without an
+// import cycle: restore/attach (the protocol the two speak) imports the
+// engine (for its Loader), so the engine cannot import the protocol.
+// restore/helper imports both and, when a program opts in by importing it,
+// installs its side here from its init; the engine installs the Loader
+// constructor the helper process needs.
 package helperlink
 
 import (
