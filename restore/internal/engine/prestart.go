@@ -77,14 +77,22 @@ func takePrestarted(exe string) helperlink.Spawned {
 	return sp
 }
 
+// replenishDelay is how long after the taken helper serves its successor
+// starts: a process start takes both CPUs of a small VM for 10+ ms, which
+// the taken helper's first fills need (measured: started at once, it moved
+// a prestarted first byte from ~12 to ~30 ms).
+const replenishDelay = 100 * time.Millisecond
+
 // replenish starts the successor of a prestarted helper taken for exe, in
-// the background, once ready is closed (or after a few seconds).
+// the background, replenishDelay after ready is closed (or after a few
+// seconds).
 func replenish(exe string, ready <-chan struct{}) {
 	go func() {
 		select {
 		case <-ready:
 		case <-time.After(5 * time.Second):
 		}
+		time.Sleep(replenishDelay)
 		prestart.mu.Lock()
 		wanted := prestart.on && prestart.exe == exe && prestart.spare == nil
 		prestart.mu.Unlock()
