@@ -38,15 +38,18 @@ type TargetSizes struct {
 	FirstLarge int64
 	Full       int64 // lazy/eager, eager/decode-only, eager/zstd CLI
 	WorkingSet int64 // working set/lazy
+	// FirstRuns multiplies --runs for the first-byte rows (cheap runs:
+	// more of them make a steadier median).
+	FirstRuns int
 }
 
 // IssueSizes are the issue's sizes (its 1.1 GiB heap is 1 GiB here).
 var IssueSizes = TargetSizes{Fault: 256 << 20, Targets: 128 << 20, NTargets: 32, FirstSmall: 256 << 20, FirstLarge: 4 << 30,
-	Full: 1 << 30, WorkingSet: 512 << 20}
+	Full: 1 << 30, WorkingSet: 512 << 20, FirstRuns: 3}
 
 // SmallSizes check the machinery in seconds (the figures mean little).
-var SmallSizes = TargetSizes{Fault: 16 << 20, Targets: 8 << 20, NTargets: 3, FirstSmall: 8 << 20, FirstLarge: 32 << 20,
-	Full: 32 << 20, WorkingSet: 16 << 20}
+var SmallSizes = TargetSizes{Fault: 8 << 20, Targets: 4 << 20, NTargets: 2, FirstSmall: 4 << 20, FirstLarge: 16 << 20,
+	Full: 16 << 20, WorkingSet: 8 << 20, FirstRuns: 1}
 
 // TargetsConfig is a run of every target row.
 type TargetsConfig struct {
@@ -329,7 +332,7 @@ func targetFirstByte(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport)
 	n := len(sizes)
 	open := make([][]float64, 2*n)
 	first := make([][]float64, 2*n)
-	runs := 3 * cfg.Runs // cheap: many more runs for a steadier median
+	runs := max(1, cfg.Sizes.FirstRuns) * cfg.Runs
 	for _, sl := range Schedule(2*n, runs, true) {
 		o, f, err := firstByteOnce(ctx, envs[sl.Case%n], sl.Case >= n)
 		if err != nil {
