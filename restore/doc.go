@@ -127,11 +127,16 @@
 // (Stats.TimeToFirstByte; `uffdrestore bench` reports it from the start of
 // Open). On a 2-vCPU VM a process start alone costs milliseconds (fork,
 // exec and exit of a C program: 3+ ms; of a Go program: 7+ ms), so a cold
-// first byte costs 15-25 ms there. PrestartHelper starts a helper ahead
+// first byte costs about 22 ms there. PrestartHelper starts a helper ahead
 // and keeps one ready for the next Open (which takes it and starts the
 // next one in the background): a program that restores again and again,
 // or that can call it before it knows what to restore, waits for no
-// process start. Serving the first faults in this process until the helper
+// process start. Measured (256 MiB, 2 MiB chunks, hugetlb memfd, load
+// 1.6-1.8, 3 interleaved rounds of 15 Opens, p50): cold 21.7-22.7 ms
+// (21.8-21.9 before the helper started at Open's beginning: no gain on 2
+// vCPUs), prestarted 11.2-12.1 ms; what is left is Open (1.5 ms), the
+// helper's Loader and handshake (about 4 ms) and the first unit's fill in a
+// fresh process (slower than the 2 ms of a later one). Serving the first faults in this process until the helper
 // is up was measured against and rejected: handing over needs this process
 // to stop filling, which needs a P that a goroutine blocked in a fault may
 // hold (the trap above), so a fill that stalled could land after the
