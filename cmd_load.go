@@ -185,7 +185,7 @@ func runLoad(c *cli.Context) error {
 	if c.Bool("prefetch-rest") {
 		opts = append(opts, restore.WithPrefetchRest(true))
 	}
-	if err := loadCheckAttachable(snap); err != nil {
+	if err := loadCheckAttachable(snap, opts); err != nil {
 		return cli.Exit("load: "+err.Error(), 1)
 	}
 	// The fill journal beside the socket (for a restart: PROTOCOL.md §5.1)

@@ -287,14 +287,11 @@ func Dial(path string, o ClientOptions) (_ *Client, err error) {
 // regions): for a name several regions share it fails with an error
 // listing their indexes; use Find and Regions[i] then.
 func (cl *Client) Region(name string) (*ClientRegion, error) {
-	idx := cl.Hello.Find(name)
-	switch {
-	case len(idx) == 0:
-		return nil, fmt.Errorf("%w %q", engine.ErrNoRegion, name)
-	case len(idx) > 1:
-		return nil, &engine.AmbiguousRegionError{Name: name, Indexes: idx}
+	i, err := engine.Layout{Regions: cl.Hello.Regions}.Lookup(name)
+	if err != nil {
+		return nil, err
 	}
-	return &cl.Regions[idx[0]], nil
+	return &cl.Regions[i], nil
 }
 
 // Find returns the indexes (into Regions) of every region named name.

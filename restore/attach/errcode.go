@@ -20,8 +20,8 @@ const (
 	CodeTruncated   = "truncated"        // the snapshot file is cut short (format.ErrTruncated)
 	CodeNotSnapshot = "not-snapshot"     // the file is not a snapshot (format.ErrNotSnapshot)
 	CodeVersion     = "snapshot-version" // a snapshot format version this side cannot read (format.ErrVersion)
-	CodeEmpty       = "empty-snapshot"   // the snapshot holds no memory (engine.ErrEmptySnapshot)
-	CodeNoHugePages = "no-huge-pages"    // the huge page pool is too small (engine.ErrNoHugePages)
+	CodeEmpty       = "empty-snapshot"   // the snapshot holds no memory (restore.ErrEmptySnapshot)
+	CodeNoHugePages = "no-huge-pages"    // the huge page pool is too small (restore.ErrNoHugePages)
 	CodeNoSpace     = "no-space"         // ENOSPC
 	CodeNoMemory    = "no-memory"        // ENOMEM
 	CodeIO          = "io"               // EIO

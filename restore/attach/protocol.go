@@ -473,15 +473,7 @@ func (h *Hello) Validate() error {
 // Names need not be unique (a process snapshot has many "anon" regions
 // and a library mapped several times under one path): a region's identity
 // is its index.
-func (h *Hello) Find(name string) []int {
-	var idx []int
-	for i, r := range h.Regions {
-		if r.Name == name {
-			idx = append(idx, i)
-		}
-	}
-	return idx
-}
+func (h *Hello) Find(name string) []int { return engine.Layout{Regions: h.Regions}.Find(name) }
 
 // ValidateHeader checks the attach message itself, before its mappings
 // arrive: version and the announced mapping count.

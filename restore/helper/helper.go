@@ -88,7 +88,7 @@ func run(js string) int {
 	}
 	var ec envConfig
 	if err := json.Unmarshal([]byte(js), &ec); err != nil {
-		return fail(fmt.Errorf("%s is not a helper configuration (%v): this process was not started by engine.Open", envName, err))
+		return fail(fmt.Errorf("%s is not a helper configuration (%v): this process was not started by restore.Open", envName, err))
 	}
 	// UFFDRESTORE_HELPER_TRACE=FILE writes a Go execution trace of the
 	// helper (go tool trace), for looking into where a restore waits.
