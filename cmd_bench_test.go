@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"encoding/xml"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -161,11 +163,136 @@ func TestBenchCLIErrors(t *testing.T) {
 		{"bench", "--generate", "1M", "--modes", "lazy,mmap"},
 		{"bench", "--generate", "1M", "--runs", "0"},
 		{"bench", "--generate", "1M", "--backing", "nvme"},
+		{"bench", "--generate", "1M", "--backing", "shmem,nvme"},
 		{"bench", "a.snap", "b.snap"},
 	} {
 		code, _, errOut := runSnapCLI(t, args...)
 		if code != 2 || errOut == "" {
 			t.Errorf("%v: exit %d, stderr %q; want a usage error (2)", args, code, errOut)
 		}
+	}
+}
+
+// TestBenchCLIBackingMatrix: --backing all runs every restore strategy on
+// a hugetlb memfd, a hugetlbfs file (on a mount of the bench's own) and
+// shmem, side by side, and reports per backing the time to first byte as
+// a user waits for it (t0 -> the first touch returned, never before ready)
+// and the fault percentiles; the other strategies run once.
+func TestBenchCLIBackingMatrix(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireHugePages(t, 40)
+	t.Setenv("TMPDIR", t.TempDir())
+	js := filepath.Join(t.TempDir(), "b.json")
+	code, out, errOut := runSnapCLI(t, "bench", "--generate", "16MiB", "--runs", "1", "--pattern", "sparse:0.5",
+		"--modes", "eager,lazy,raw-read", "--backing", "all", "--json", js)
+	if code != 0 {
+		t.Fatalf("bench exit %d\n%s\n%s", code, out, errOut)
+	}
+	b, err := os.ReadFile(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep bench.Report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bench.CaseSummary{}
+	for _, s := range rep.Summary {
+		got[s.Name()] = s
+	}
+	want := []string{"raw-read"}
+	for _, k := range []string{"memfd-hugetlb", "hugetlbfs", "shmem"} {
+		want = append(want, "eager ["+k+"]", "lazy ["+k+"]")
+	}
+	if len(got) != len(want) {
+		t.Errorf("cases %v, want %v", slices.Collect(maps.Keys(got)), want)
+	}
+	for _, name := range want {
+		s, ok := got[name]
+		if !ok {
+			t.Errorf("no summary for %s:\n%s", name, out)
+			continue
+		}
+		if !strings.Contains(out, name) {
+			t.Errorf("the table has no row %q:\n%s", name, out)
+		}
+		m := func(k string) float64 { return s.Metrics[k].Median }
+		if m(bench.MFirstByte) < m(bench.MReady) || m(bench.MFirstByte) <= 0 {
+			t.Errorf("%s: first byte %v ms before ready %v ms: not what a user waits for", name, m(bench.MFirstByte), m(bench.MReady))
+		}
+		if strings.HasPrefix(name, "lazy") && (m(bench.MFaults) == 0 || m(bench.MFaultP50) <= 0 || m(bench.MFaultP99) < m(bench.MFaultP50)) {
+			t.Errorf("%s: faults %v, p50 %v us, p99 %v us", name, m(bench.MFaults), m(bench.MFaultP50), m(bench.MFaultP99))
+		}
+	}
+	for _, r := range rep.Runs {
+		if r.Metrics[bench.MVerifiedOK] != 1 {
+			t.Errorf("%s [%s] run %d: memory not verified", r.Strategy, r.Backing, r.Run)
+		}
+	}
+}
+
+// TestBenchCLICheckTargets: --check-targets measures every row of the
+// performance targets (at small sizes here), each next to its target with
+// a status, writes them as JSON, and replaces the README block it is given
+// (and only that block).
+func TestBenchCLICheckTargets(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireHugePages(t, 64)
+	target := benchTarget(t)
+	t.Setenv("TMPDIR", t.TempDir())
+	dir := t.TempDir()
+	js, readme := filepath.Join(dir, "t.json"), filepath.Join(dir, "README.md")
+	before, after := "# title\n\ntext before\n", "\ntext after\n"
+	if err := os.WriteFile(readme, []byte(before+bench.ReadmeBegin+"\nold table\n"+bench.ReadmeEnd+after), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runSnapCLI(t, "bench", "--check-targets", "--sizes", "small", "--runs", "1", "--target", target,
+		"--json", js, "--readme", readme)
+	if code != 0 {
+		t.Fatalf("bench exit %d\n%s\n%s", code, out, errOut)
+	}
+	b, err := os.ReadFile(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tr bench.TargetsReport
+	if err := json.Unmarshal(b, &tr); err != nil {
+		t.Fatal(err)
+	}
+	wantRows := []string{"shmem / hugetlb memfd", "median time to touch", "first byte readable (", "helper prestarted", "Open returns",
+		"full sequential touch / eager", "sparse:0.1 / eager", "single-core decode", "decode-only", "working set / lazy", "zstd -d -T0"}
+	if len(tr.Rows) != len(wantRows) {
+		t.Errorf("%d rows, want %d:\n%s", len(tr.Rows), len(wantRows), out)
+	}
+	for i, w := range wantRows {
+		if i >= len(tr.Rows) {
+			break
+		}
+		r := tr.Rows[i]
+		if !strings.Contains(r.What, w) || r.Target == "" {
+			t.Errorf("row %d is %q (target %q), want one about %q", i, r.What, r.Target, w)
+		}
+		if r.Error == "" && (r.Value <= 0 || r.Measured == "") {
+			t.Errorf("row %q: value %v, measured %q", r.What, r.Value, r.Measured)
+		}
+		if r.Error != "" && !(w == "zstd -d -T0") {
+			t.Errorf("row %q not measured: %s", r.What, r.Error)
+		}
+		if !strings.Contains(out, r.What) {
+			t.Errorf("the table lacks the row %q:\n%s", r.What, out)
+		}
+	}
+	if len(tr.Reports) == 0 {
+		t.Error("the JSON keeps none of the interleaved benchmarks the rows come from")
+	}
+	got, err := os.ReadFile(readme)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(got)
+	if !strings.HasPrefix(s, before+bench.ReadmeBegin+"\n") || !strings.HasSuffix(s, bench.ReadmeEnd+after) ||
+		strings.Contains(s, "old table") || !strings.Contains(s, "| what | measured | target | status |") ||
+		!strings.Contains(s, "--check-targets") {
+		t.Errorf("README after --readme:\n%s", s)
 	}
 }

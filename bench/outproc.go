@@ -93,7 +93,7 @@ func runOutOfProcess(ctx context.Context, env *Env, mode string, p Pattern, thre
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 
 	t0 := time.Now()
-	l, err := restore.NewLoader(ctx, env.Snap, restore.WithMode(md), restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers), restore.ForTargets())
+	l, err := restore.NewLoader(ctx, env.Snap, env.restoreOptions(restore.WithMode(md), restore.ForTargets())...)
 	if err != nil {
 		return fail(err)
 	}
@@ -122,7 +122,8 @@ func runOutOfProcess(ctx context.Context, env *Env, mode string, p Pattern, thre
 	m := res.Metrics
 	startMS := ms(started)
 	m[MReady] = startMS + out.ReadyMS
-	m[MFirstByte] = max(0, out.FirstByteMS-out.ReadyMS)
+	m[MFirstByte] = startMS + out.FirstByteMS
+	m[MFirstTouch] = max(0, out.FirstByteMS-out.ReadyMS)
 	m[MComplete] = min(ms(wall), startMS+out.ReadyMS+out.TouchMS)
 	m[MLoaded] = startMS
 	m[MTouches] = float64(out.Pages)

@@ -25,6 +25,7 @@ type SnapshotInfo struct {
 type CaseSummary struct {
 	Strategy     string            `json:"strategy"`
 	Pattern      string            `json:"pattern"`
+	Backing      string            `json:"backing,omitempty"`
 	OutOfProcess bool              `json:"out_of_process,omitempty"`
 	Metrics      map[string]Spread `json:"metrics"`
 	// TouchCDF is the touch latency CDF of the run with the median
@@ -32,12 +33,17 @@ type CaseSummary struct {
 	TouchCDF []CDFPoint `json:"touch_cdf,omitempty"`
 }
 
-// Name is the strategy, marked when it ran out of process.
+// Name is the strategy, marked when it ran out of process, with its
+// backing in a --backing matrix.
 func (c CaseSummary) Name() string {
+	n := c.Strategy
 	if c.OutOfProcess {
-		return c.Strategy + " (oop)"
+		n += " (oop)"
 	}
-	return c.Strategy
+	if c.Backing != "" {
+		n += " [" + c.Backing + "]"
+	}
+	return n
 }
 
 // Report is a benchmark's result: where it ran, every run, and the
@@ -57,10 +63,10 @@ type Report struct {
 func (r *Report) summarize(cases []Case) {
 	r.Summary = nil
 	for _, c := range cases {
-		cs := CaseSummary{Strategy: c.Strategy.Name, Pattern: c.Pattern.String(), OutOfProcess: c.OutOfProcess, Metrics: map[string]Spread{}}
+		cs := CaseSummary{Strategy: c.Strategy.Name, Pattern: c.Pattern.String(), Backing: c.backingName(), OutOfProcess: c.OutOfProcess, Metrics: map[string]Spread{}}
 		var runs []RunResult
 		for _, run := range r.Runs {
-			if run.Run >= 0 && run.Error == "" && run.Strategy == cs.Strategy && run.Pattern == cs.Pattern && run.OutOfProcess == cs.OutOfProcess {
+			if run.Run >= 0 && run.Error == "" && run.Strategy == cs.Strategy && run.Pattern == cs.Pattern && run.Backing == cs.Backing && run.OutOfProcess == cs.OutOfProcess {
 				runs = append(runs, run)
 			}
 		}
@@ -167,10 +173,11 @@ func pair(c CaseSummary, a, b string) string {
 	return fmtNum(medianOf(c, a)) + " / " + fmtNum(medianOf(c, b))
 }
 
-// baseline returns the eager case of the same pattern, if any.
+// baseline returns the eager case of the same pattern (and backing, in a
+// matrix; the first eager for a strategy without one), if any.
 func (r *Report) baseline(c CaseSummary) (CaseSummary, bool) {
 	for _, o := range r.Summary {
-		if o.Strategy == "eager" && o.Pattern == c.Pattern && o.OutOfProcess == c.OutOfProcess {
+		if o.Strategy == "eager" && o.Pattern == c.Pattern && o.OutOfProcess == c.OutOfProcess && (o.Backing == c.Backing || c.Backing == "") {
 			return o, true
 		}
 	}
@@ -181,7 +188,7 @@ var columns = []column{
 	{"pattern", false, func(_ *Report, c CaseSummary) string { return c.Pattern }},
 	{"strategy", false, func(_ *Report, c CaseSummary) string { return c.Name() }},
 	{"ready ms", true, func(_ *Report, c CaseSummary) string { return spreadCell(c.Metrics[MReady]) }},
-	{"1st byte ms", true, func(_ *Report, c CaseSummary) string { return fmtNum(medianOf(c, MFirstByte)) }},
+	{"1st byte ms", true, func(_ *Report, c CaseSummary) string { return spreadCell(c.Metrics[MFirstByte]) }},
 	{"complete ms", true, func(_ *Report, c CaseSummary) string { return spreadCell(c.Metrics[MComplete]) }},
 	{"vs eager", true, func(r *Report, c CaseSummary) string {
 		if b, ok := r.baseline(c); ok && medianOf(b, MComplete) > 0 {
@@ -261,7 +268,8 @@ func (r *Report) WriteTable(w io.Writer) error {
 }
 
 const legend = `
-ready: start of restore -> memory usable; 1st byte: ready -> first touch returned; complete: start -> access
+ready: start of restore -> memory usable; 1st byte: start of restore -> first touch returned (what a user
+waits for the first byte: ready plus the first touch, which in lazy modes waits for the helper); complete: start -> access
 pattern done; vs eager: complete time over eager's; faults: userfaultfd faults served (fault p50/p99: handler
 service time); touch: latency of each page touch as the toucher saw it; CPU: user+system of this process, its
 helper and target processes; peak: VmHWM of restorer (+ helper) + huge pages taken.

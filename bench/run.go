@@ -22,7 +22,8 @@ import (
 // where a metric does not apply, e.g. fault latency without faults).
 const (
 	MReady      = "ready_ms"       // t0 "start restore" → "memory usable"
-	MFirstByte  = "first_byte_ms"  // ready → the first touch returned
+	MFirstByte  = "first_byte_ms"  // t0 → the first touch returned: what a user waits for the first byte
+	MFirstTouch = "first_touch_ms" // ready → the first touch returned
 	MComplete   = "complete_ms"    // t0 → the access pattern is done
 	MLoaded     = "loaded_ms"      // t0 → the restorer is ready to serve (out of process: loader + socket; in process: = ready)
 	MTouches    = "touches"        // pages touched
@@ -49,7 +50,7 @@ const (
 )
 
 // Metrics lists every metric name in table order.
-var Metrics = []string{MReady, MFirstByte, MComplete, MLoaded, MTouches, MFaults, MFaultP50, MFaultP90, MFaultP99, MFaultMax,
+var Metrics = []string{MReady, MFirstByte, MFirstTouch, MComplete, MLoaded, MTouches, MFaults, MFaultP50, MFaultP90, MFaultP99, MFaultMax,
 	MTouchP50, MTouchP90, MTouchP99, MTouchMax, MDecoded, MCPU, MCPUUser, MCPUSys, MHelperCPU, MMinflt,
 	MRSSPeak, MHelperRSS, MHugetlb, MMemPeak, MVerifiedOK}
 
@@ -57,6 +58,7 @@ var Metrics = []string{MReady, MFirstByte, MComplete, MLoaded, MTouches, MFaults
 type RunResult struct {
 	Strategy     string             `json:"strategy"`
 	Pattern      string             `json:"pattern"`
+	Backing      string             `json:"backing,omitempty"` // a --backing matrix's backing
 	OutOfProcess bool               `json:"out_of_process,omitempty"`
 	Run          int                `json:"run"` // -1: warm-up (not in the summary)
 	Metrics      map[string]float64 `json:"metrics"`
@@ -69,12 +71,16 @@ type Config struct {
 	Env          *Env
 	Strategies   []Strategy
 	Patterns     []Pattern
-	Threads      int    // touching threads (default 1)
-	Runs         int    // timed runs of every case (default 5)
-	NoWarmup     bool   // skip the untimed warm-up pass
-	OutOfProcess bool   // eager/lazy/prefetch through Target over the attach protocol
-	Target       string // bin/uffdrestore-target
-	Seed         uint64
+	Threads      int  // touching threads (default 1)
+	Runs         int  // timed runs of every case (default 5)
+	NoWarmup     bool // skip the untimed warm-up pass
+	OutOfProcess bool // eager/lazy/prefetch through Target over the attach protocol
+	// Backings, when more than one, runs every restore strategy (eager,
+	// lazy, prefetch, working-set) on each of them (a --backing matrix);
+	// the others run once. Empty or one: Env.Backing.
+	Backings []restore.BackingKind
+	Target   string // bin/uffdrestore-target
+	Seed     uint64
 	// Cold drops the snapshot file (and the raw image) from the page cache
 	// before every run, as a restore from disk after a reboot would find it.
 	Cold bool
@@ -86,36 +92,64 @@ type Config struct {
 	Log func(format string, args ...any)
 }
 
-// Case is one strategy under one pattern.
+// Case is one strategy under one pattern (on one backing of a matrix).
 type Case struct {
 	Strategy     Strategy
 	Pattern      Pattern
 	OutOfProcess bool
+	// Backing is set in a --backing matrix, for the strategies that
+	// restore into a backing.
+	Backing    restore.BackingKind
+	HasBacking bool
 }
 
-// Name is "strategy" or "strategy (oop)".
+// Name is "strategy", "strategy (out-of-process)", with " [backing]" in a
+// matrix.
 func (c Case) Name() string {
+	n := c.Strategy.Name
 	if c.OutOfProcess {
-		return c.Strategy.Name + " (out-of-process)"
+		n += " (out-of-process)"
 	}
-	return c.Strategy.Name
+	if c.HasBacking {
+		n += " [" + c.Backing.String() + "]"
+	}
+	return n
 }
+
+func (c Case) backingName() string {
+	if c.HasBacking {
+		return c.Backing.String()
+	}
+	return ""
+}
+
+// usesBacking reports whether strategy name restores into a restore
+// backing (and so runs once per backing of a matrix).
+func usesBacking(name string) bool { return IsRestoreMode(name) || name == "working-set" }
 
 // Cases returns the cases of cfg, pattern-major, and notes on what was
 // left out.
 func (cfg *Config) Cases() ([]Case, []string) {
 	var out []Case
 	var notes []string
+	matrix := len(cfg.Backings) > 1
 	for _, p := range cfg.Patterns {
 		for _, s := range cfg.Strategies {
+			c := Case{Strategy: s, Pattern: p, OutOfProcess: cfg.OutOfProcess}
 			if cfg.OutOfProcess && !IsRestoreMode(s.Name) {
 				if p == cfg.Patterns[0] {
 					notes = append(notes, fmt.Sprintf("%s has no out-of-process form: run in-process", s.Name))
 				}
-				out = append(out, Case{Strategy: s, Pattern: p})
+				c.OutOfProcess = false
+			}
+			if !matrix || !usesBacking(s.Name) {
+				out = append(out, c)
 				continue
 			}
-			out = append(out, Case{Strategy: s, Pattern: p, OutOfProcess: cfg.OutOfProcess})
+			for _, b := range cfg.Backings {
+				c.Backing, c.HasBacking = b, true
+				out = append(out, c)
+			}
 		}
 	}
 	return out, notes
@@ -179,10 +213,14 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			return rep, err
 		}
 		c := cases[sl.Case]
+		env := *cfg.Env
+		if c.HasBacking {
+			env.Backing = c.Backing
+		}
 		seed := cfg.Seed + uint64(sl.Run+1)*1000003
 		if stable {
 			seed = cfg.Seed + 1000003
-			cfg.Env.Profile = profiles[c.Pattern.String()]
+			env.Profile = profiles[c.Pattern.String()]
 		}
 		if cfg.Cold {
 			if err := DropFromPageCache(cfg.Env.Snap, cfg.Env.Image); err != nil {
@@ -191,11 +229,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 		var r RunResult
 		if c.OutOfProcess {
-			r = runOutOfProcess(ctx, cfg.Env, c.Strategy.Name, c.Pattern, cfg.Threads, cfg.Target, seed)
+			r = runOutOfProcess(ctx, &env, c.Strategy.Name, c.Pattern, cfg.Threads, cfg.Target, seed)
 		} else {
-			r = runInProcess(ctx, cfg.Env, c.Strategy, c.Pattern.Order(pages, seed), cfg.Threads, nil)
+			r = runInProcess(ctx, &env, c.Strategy, c.Pattern.Order(pages, seed), cfg.Threads, nil)
 		}
-		r.Strategy, r.Pattern, r.OutOfProcess, r.Run = c.Strategy.Name, c.Pattern.String(), c.OutOfProcess, sl.Run
+		r.Strategy, r.Pattern, r.Backing, r.OutOfProcess, r.Run = c.Strategy.Name, c.Pattern.String(), c.backingName(), c.OutOfProcess, sl.Run
 		what := fmt.Sprintf("run %d", sl.Run+1)
 		if sl.Warmup() {
 			what = "warm-up"
@@ -247,7 +285,7 @@ func DropFromPageCache(paths ...string) error {
 // recordProfile runs the workload once on a lazy restore that records its
 // first-touch order.
 func recordProfile(ctx context.Context, env *Env, order []uint32, threads int) (*format.Profile, error) {
-	r, err := restore.Open(ctx, env.Snap, restore.WithRecord("bench"), restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers))
+	r, err := restore.Open(ctx, env.Snap, env.restoreOptions(restore.WithRecord("bench"))...)
 	if err != nil {
 		return nil, err
 	}
@@ -331,7 +369,8 @@ func runInProcess(ctx context.Context, env *Env, s Strategy, order []uint32, thr
 
 	m := res.Metrics
 	m[MReady] = ms(ready)
-	m[MFirstByte] = ms(firstByte)
+	m[MFirstByte] = ms(ready + firstByte)
+	m[MFirstTouch] = ms(firstByte)
 	m[MComplete] = ms(complete)
 	m[MLoaded] = ms(ready)
 	m[MTouches] = float64(len(order))

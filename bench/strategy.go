@@ -25,11 +25,23 @@ type Env struct {
 	Snap    string              // the snapshot
 	Image   string              // its raw image in Layout form (raw-read reads it; verification compares with it)
 	Layout  Layout              // where the bytes are
-	Backing restore.BackingKind // for eager, lazy and prefetch
-	Workers int                 // decoding workers (0: every CPU)
+	Backing restore.BackingKind // for eager, lazy, prefetch and working-set
+	// HugetlbfsDir is the hugetlbfs mount of a hugetlbfs backing.
+	HugetlbfsDir string
+	Workers      int // decoding workers (0: every CPU)
 	// Profile is the working set the working-set strategy replays: recorded
 	// by Run, per pattern, from an untimed lazy run of the same workload.
 	Profile *format.Profile
+}
+
+// restoreOptions are the options every restore.Open and NewLoader of the
+// bench takes: the backing and the workers.
+func (e *Env) restoreOptions(more ...restore.Option) []restore.Option {
+	opts := []restore.Option{restore.WithBacking(e.Backing), restore.WithWorkers(e.Workers)}
+	if e.HugetlbfsDir != "" {
+		opts = append(opts, restore.WithHugetlbfsDir(e.HugetlbfsDir))
+	}
+	return append(opts, more...)
 }
 
 func (e *Env) workers() int {
@@ -125,8 +137,7 @@ func startWorkingSet(ctx context.Context, env *Env) (Instance, error) {
 	if env.Profile == nil {
 		return nil, errors.New("working-set: no profile recorded")
 	}
-	r, err := restore.Open(ctx, env.Snap, restore.WithProfile(restore.ProfileSource{Profile: env.Profile}),
-		restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers))
+	r, err := restore.Open(ctx, env.Snap, env.restoreOptions(restore.WithProfile(restore.ProfileSource{Profile: env.Profile}))...)
 	if err != nil {
 		return nil, err
 	}
@@ -140,7 +151,7 @@ type restoreInst struct {
 
 func startRestore(mode restore.Mode) func(context.Context, *Env) (Instance, error) {
 	return func(ctx context.Context, env *Env) (Instance, error) {
-		r, err := restore.Open(ctx, env.Snap, restore.WithMode(mode), restore.WithBacking(env.Backing), restore.WithWorkers(env.Workers))
+		r, err := restore.Open(ctx, env.Snap, env.restoreOptions(restore.WithMode(mode))...)
 		if err != nil {
 			return nil, err
 		}

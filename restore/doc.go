@@ -114,12 +114,33 @@
 // re-executed (/proc/self/exe, or WithHelper) as "uffdrestore-helper",
 // running a Loader on the backing Open created, served by an attach server
 // (restore/attach, the protocol of PROTOCOL.md) on one end of a socketpair.
-// Open is the attach client on the other end: it creates the backing, maps
-// and registers the view, starts the helper (which inherits the snapshot,
-// the backing and its socket; its environment says which descriptor is
-// which) and sends its attach with the view's userfaultfd at once, then
-// returns: the first fault waits for the helper to come up, and nothing in
-// this process is needed to serve it. Stats, Wait and Profile wait for the
+// Open is the attach client on the other end: it starts the helper process
+// first, on a thread of its own (its exec and Go runtime start overlap
+// Open's work), creates the backing, maps and registers the view, and
+// hands the helper its job over the socket (its configuration, the
+// snapshot and the backing) and the attach with the view's userfaultfd,
+// then returns: the first fault waits for the helper to come up, and
+// nothing in this process is needed to serve it.
+//
+// First byte. What a user waits for the first byte of a lazy restore is
+// Open plus the helper's start plus the first unit's fill
+// (Stats.TimeToFirstByte; `uffdrestore bench` reports it from the start of
+// Open). On a 2-vCPU VM a process start alone costs milliseconds (fork,
+// exec and exit of a C program: 3+ ms; of a Go program: 7+ ms), so a cold
+// first byte costs about 22 ms there. PrestartHelper starts a helper ahead
+// and keeps one ready for the next Open (which takes it and starts the
+// next one in the background): a program that restores again and again,
+// or that can call it before it knows what to restore, waits for no
+// process start. Measured (256 MiB, 2 MiB chunks, hugetlb memfd, load
+// 1.6-1.8, 3 interleaved rounds of 15 Opens, p50): cold 21.7-22.7 ms
+// (21.8-21.9 before the helper started at Open's beginning: no gain on 2
+// vCPUs), prestarted 11.2-12.1 ms; what is left is Open (1.5 ms), the
+// helper's Loader and handshake (about 4 ms) and the first unit's fill in a
+// fresh process (slower than the 2 ms of a later one). Serving the first faults in this process until the helper
+// is up was measured against and rejected: handing over needs this process
+// to stop filling, which needs a P that a goroutine blocked in a fault may
+// hold (the trap above), so a fill that stalled could land after the
+// helper took over and overwrite what the program wrote. Stats, Wait and Profile wait for the
 // protocol's ready first. Any goroutine, with any GOMAXPROCS, may then touch
 // the view. Errors keep their kind across the process boundary (the error
 // message's "code"): Wait's error for a corrupt chunk matches

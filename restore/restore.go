@@ -226,6 +226,23 @@ func WithPremap(on bool) Option {
 	return engine.WithPremap(on)
 }
 
+// PrestartHelper starts a fault-handler helper process now and keeps it
+// for the next lazy, prefetch or working-set Open of this program with the
+// same helper executable (WithHelper among opts, else this program), which
+// then hands it its job instead of starting a process: that Open's first
+// byte does not wait for a process to start (its exec and Go runtime
+// start, 10+ ms on a 2-vCPU VM, most of a cold first byte). Each Open that
+// takes it starts the next one in the background, so a program that
+// restores again and again keeps one ready (one idle process);
+// StopPrestartedHelper ends that. The helper runs with the environment the
+// program had when it was started. It returns ErrNoHelper in a program
+// without the helper (see the package documentation).
+func PrestartHelper(opts ...Option) error { return engine.PrestartHelper(opts...) }
+
+// StopPrestartedHelper stops the helper PrestartHelper keeps ready, and
+// the replacing of it.
+func StopPrestartedHelper() { engine.StopPrestartedHelper() }
+
 // WithHelper sets the executable that runs the fault handler of an
 // in-process restore (default: this program itself, /proc/self/exe). It
 // must import restore/helper (see the package documentation); it is run

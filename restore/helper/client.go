@@ -60,17 +60,27 @@ type attachReply struct {
 	err error
 }
 
-// start runs the helper (req.Exe as argv0, inheriting the socket, the
-// snapshot and the backing, whose fd numbers its environment names) and
-// attaches req's view to it in the background.
-func start(ctx context.Context, req helperlink.Request) (helperlink.Session, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	var bst unix.Stat_t
-	if err := unix.Fstat(int(req.Backing.Fd()), &bst); err != nil {
-		return nil, fmt.Errorf("restore: backing: %w", os.NewSyscallError("fstat", err))
-	}
+// spawned is a helper process started ahead of its request (Spawn): its
+// exec and Go runtime start overlap the caller's own work. It waits on its
+// socket for a job message (its configuration, the snapshot and the
+// backing), then serves as a helper started with them would.
+type spawned struct {
+	cmd       *exec.Cmd
+	mine      *os.File // this side of the socketpair
+	abandoned sync.Once
+}
+
+// jobMsg is the first message to a spawned helper; the snapshot and the
+// backing come with it (in that order).
+type jobMsg struct {
+	Type   string    `json:"type"` // "helper-job"
+	Config envConfig `json:"config"`
+}
+
+const typeJob = "helper-job"
+
+// spawn starts exe as a helper that waits for its job on fd 3.
+func spawn(exe string) (helperlink.Spawned, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", os.NewSyscallError("socketpair", err))
@@ -78,10 +88,94 @@ func start(ctx context.Context, req helperlink.Request) (helperlink.Session, err
 	theirs := os.NewFile(uintptr(fds[1]), "uffdrestore-helper-socket")
 	defer theirs.Close()
 	mine := os.NewFile(uintptr(fds[0]), "uffdrestore-helper-socket")
-	defer mine.Close()
-	// The attach goes first, ahead of the hello (it waits in the socket):
-	// this side created the backing, so it knows what it maps, and the
-	// helper must be able to serve the view without this process
+	js, err := json.Marshal(envConfig{Socket: 3, Job: true})
+	if err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("restore: helper configuration: %w", err)
+	}
+	cmd := exec.Command(exe)
+	cmd.Args = []string{argv0}
+	env := []string{envName + "=" + string(js)}
+	for _, kv := range os.Environ() {
+		// The helper sizes its own runtime: the caller's GOMAXPROCS (1 in a
+		// test, say) must not starve the fillers.
+		if !strings.HasPrefix(kv, "GOMAXPROCS=") && !strings.HasPrefix(kv, envName+"=") {
+			env = append(env, kv)
+		}
+	}
+	cmd.Env = env
+	cmd.ExtraFiles = []*os.File{theirs}
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("restore: start the fault-handler helper %s: %w", exe, err)
+	}
+	return &spawned{cmd: cmd, mine: mine}, nil
+}
+
+// Pid is the process's id.
+func (sp *spawned) Pid() int { return sp.cmd.Process.Pid }
+
+// Abandon hangs up (the helper, waiting for its job, exits) and reaps it
+// in the background.
+func (sp *spawned) Abandon() {
+	sp.abandoned.Do(func() {
+		sp.mine.Close()
+		sp.cmd.Process.Kill()
+		go sp.cmd.Wait()
+	})
+}
+
+// start hands req to a helper (req.Spawned, else one started now): the
+// job (configuration, snapshot, backing), then the attach of req's view;
+// the handshake runs on in the background.
+func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, err error) {
+	sp, _ := req.Spawned.(*spawned)
+	if req.Spawned != nil && sp == nil {
+		req.Spawned.Abandon()
+	}
+	if err := ctx.Err(); err != nil {
+		if sp != nil {
+			sp.Abandon()
+		}
+		return nil, err
+	}
+	if sp == nil {
+		s, err := spawn(req.Exe)
+		if err != nil {
+			return nil, err
+		}
+		sp = s.(*spawned)
+	}
+	defer func() {
+		if err != nil {
+			sp.Abandon()
+		}
+	}()
+	var bst unix.Stat_t
+	if err := unix.Fstat(int(req.Backing.Fd()), &bst); err != nil {
+		return nil, fmt.Errorf("restore: backing: %w", os.NewSyscallError("fstat", err))
+	}
+	send := func(v any, fds ...int) error { return attach.SendMsgFD(int(sp.mine.Fd()), v, fds...) }
+	job := jobMsg{Type: typeJob, Config: envConfig{Workers: req.Workers, Loader: req.Config}}
+	err = send(job, int(req.Snapshot.Fd()), int(req.Backing.Fd()))
+	if err != nil && req.Spawned != nil && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)) {
+		// A helper started ahead that died meanwhile (killed while it
+		// waited): a new one.
+		sp.Abandon()
+		ns, serr := spawn(req.Exe)
+		if serr != nil {
+			return nil, serr // (the deferred Abandon of the dead one does nothing more)
+		}
+		sp = ns.(*spawned)
+		err = send(job, int(req.Snapshot.Fd()), int(req.Backing.Fd()))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: sending its job: %w", ErrHelper, err)
+	}
+	// The attach follows the job, ahead of the hello (it waits in the
+	// socket): this side created the backing, so it knows what it maps,
+	// and the helper must be able to serve the view without this process
 	// (PROTOCOL.md §3.2: a goroutine that touches the view holds its P,
 	// possibly the only one, until the fault is served, so nothing in this
 	// process may be needed for that). The hello is still read and
@@ -97,39 +191,15 @@ func start(ctx context.Context, req helperlink.Request) (helperlink.Session, err
 		a.Type = attach.TypeReattach
 		extraFDs = []int{int(req.Backing.Fd())}
 	}
-	err = attach.SendAttach(func(v any, fds ...int) error { return attach.SendMsgFD(int(mine.Fd()), v, fds...) }, a, req.Uffd, extraFDs...)
-	if err != nil {
+	if err = attach.SendAttach(send, a, req.Uffd, extraFDs...); err != nil {
 		return nil, fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
 	}
-	// ExtraFiles[i] is the child's fd 3+i: the environment says which is which.
-	extra := []*os.File{theirs, req.Snapshot, req.Backing}
-	js, err := json.Marshal(envConfig{Socket: 3, Snapshot: 4, Backing: 5, Workers: req.Workers, Loader: req.Config})
+	fc, err := net.FileConn(sp.mine)
 	if err != nil {
-		return nil, fmt.Errorf("restore: helper configuration: %w", err)
-	}
-	cmd := exec.Command(req.Exe)
-	cmd.Args = []string{argv0}
-	env := []string{envName + "=" + string(js)}
-	for _, kv := range os.Environ() {
-		// The helper sizes its own runtime: the caller's GOMAXPROCS (1 in a
-		// test, say) must not starve the fillers.
-		if !strings.HasPrefix(kv, "GOMAXPROCS=") && !strings.HasPrefix(kv, envName+"=") {
-			env = append(env, kv)
-		}
-	}
-	cmd.Env = env
-	cmd.ExtraFiles = extra
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("restore: start the fault-handler helper %s: %w", req.Exe, err)
-	}
-	fc, err := net.FileConn(mine)
-	if err != nil {
-		cmd.Process.Kill()
-		cmd.Wait()
 		return nil, fmt.Errorf("restore: start the fault-handler helper: %w", err)
 	}
-	s := &session{cmd: cmd, c: fc.(*net.UnixConn), ready: make(chan struct{}), done: make(chan struct{}), exited: make(chan struct{}),
+	sp.mine.Close()
+	s := &session{cmd: sp.cmd, c: fc.(*net.UnixConn), ready: make(chan struct{}), done: make(chan struct{}), exited: make(chan struct{}),
 		pending: map[string][]chan attachReply{}, onGone: req.OnGone}
 	go s.run(req, bst.Dev, bst.Ino)
 	return s, nil
@@ -359,6 +429,8 @@ func (s *session) Profile(ctx context.Context) (format.Profile, error) {
 }
 
 func (s *session) Pid() int { return s.cmd.Process.Pid }
+
+func (s *session) Ready() <-chan struct{} { return s.ready }
 
 // Close hangs up (the helper's session ends, and it exits) and reaps the
 // helper, killing it after 5 s.

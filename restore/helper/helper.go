@@ -36,6 +36,7 @@ package helper
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -60,15 +61,19 @@ const (
 // envConfig is what the helper learns from its environment: which of its
 // descriptors are what, and its Loader's configuration.
 type envConfig struct {
-	Socket   int             `json:"socket"`   // the attach socket (a socketpair end)
-	Snapshot int             `json:"snapshot"` // the snapshot file
-	Backing  int             `json:"backing"`  // the backing file
-	Workers  int             `json:"workers"`
-	Loader   json.RawMessage `json:"loader"`
+	Socket   int             `json:"socket"`             // the attach socket (a socketpair end)
+	Snapshot int             `json:"snapshot,omitempty"` // the snapshot file
+	Backing  int             `json:"backing,omitempty"`  // the backing file
+	Workers  int             `json:"workers,omitempty"`
+	Loader   json.RawMessage `json:"loader,omitempty"`
+	// Job: the rest (and the snapshot and backing) come in the socket's
+	// first message, a jobMsg: the helper was started ahead (Spawn).
+	Job bool `json:"job,omitempty"`
 }
 
 func init() {
 	helperlink.Start = start
+	helperlink.Spawn = spawn
 	if js, ok := os.LookupEnv(envName); ok && len(os.Args) > 0 && os.Args[0] == argv0 {
 		os.Exit(run(js))
 	}
@@ -94,16 +99,6 @@ func run(js string) int {
 			}
 		}
 	}
-	// One more P than filler workers: a fault loop that wakes up must not
-	// wait for a P while every P decodes a chunk (Go preempts those only
-	// every 10 ms). Measured with a trace of the helper: without it, fault
-	// loops and fillers spent 260 ms runnable without a P in a 320 ms
-	// working-set restore.
-	workers := ec.Workers
-	if workers <= 0 {
-		workers = runtime.NumCPU()
-	}
-	runtime.GOMAXPROCS(workers + 1)
 	sf := os.NewFile(uintptr(ec.Socket), "uffdrestore-helper-socket")
 	if sf == nil {
 		return fail(fmt.Errorf("socket fd %d is not open", ec.Socket))
@@ -118,6 +113,38 @@ func run(js string) int {
 		fc.Close()
 		return fail(fmt.Errorf("socket fd %d is not a Unix socket", ec.Socket))
 	}
+	if ec.Job {
+		// Started ahead: the job is the first message.
+		raw, fds, err := attach.RecvMsg(c)
+		if errors.Is(err, attach.ErrClosed) {
+			return 0 // abandoned before its job: nothing to do
+		}
+		var job jobMsg
+		if err == nil {
+			if err = json.Unmarshal(raw, &job); err == nil && job.Type != typeJob {
+				err = fmt.Errorf("a %q message, want %q", job.Type, typeJob)
+			}
+		}
+		if err == nil && len(fds) != 2 {
+			err = fmt.Errorf("%d file descriptors came with the job, want 2 (snapshot, backing)", len(fds))
+		}
+		if err != nil {
+			attach.CloseFDs(fds)
+			c.Close()
+			return fail(fmt.Errorf("receiving its job: %w", err))
+		}
+		ec.Workers, ec.Loader, ec.Snapshot, ec.Backing = job.Config.Workers, job.Config.Loader, fds[0], fds[1]
+	}
+	// One more P than filler workers: a fault loop that wakes up must not
+	// wait for a P while every P decodes a chunk (Go preempts those only
+	// every 10 ms). Measured with a trace of the helper: without it, fault
+	// loops and fillers spent 260 ms runnable without a P in a 320 ms
+	// working-set restore.
+	workers := ec.Workers
+	if workers <= 0 {
+		workers = runtime.NumCPU()
+	}
+	runtime.GOMAXPROCS(workers + 1)
 	snap := os.NewFile(uintptr(ec.Snapshot), "snapshot")
 	backing := os.NewFile(uintptr(ec.Backing), "backing")
 	lv, err := helperlink.NewLoader(ec.Loader, snap, backing)

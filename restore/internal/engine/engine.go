@@ -80,6 +80,9 @@ type engine struct {
 	stop    chan struct{}
 	workers sync.WaitGroup
 	epoch   time.Time
+	// firstFault is when (Unix ns, wall clock: a parent process compares
+	// it with its own Open's start) the first fault was answered; 0: none yet.
+	firstFault atomic.Int64
 }
 
 type waitShard struct {
@@ -870,6 +873,12 @@ func (e *engine) request(v *View, u uint32, addr uintptr, t0 int64) {
 // never dropped in silence.
 func (e *engine) answer(v *View, u uint32, addr uintptr, t0 int64, st uint32) {
 	var err error
+	if e.firstFault.Load() == 0 && st != stPoisoned {
+		// Before the CONTINUE that wakes the faulting thread: a Stats
+		// call it makes next sees it. (A CONTINUE that fails and is
+		// answered again later leaves it a little early.)
+		e.firstFault.CompareAndSwap(0, time.Now().UnixNano())
+	}
 	if st == stPoisoned {
 		err = v.poison(u, addr)
 	} else if err = v.continueUnit(u, addr); errors.Is(err, errRefill) {
@@ -1013,6 +1022,9 @@ func (e *engine) stats() Stats {
 	total.fill(&s)
 	s.UnitsPresent = e.present.Load()
 	s.FillTime = time.Duration(e.fillTime.Load())
+	if t := e.firstFault.Load(); t != 0 {
+		s.FirstFaultAt = time.Unix(0, t)
+	}
 	if e.ws != nil {
 		s.WorkingSet = &WorkingSetStats{Profile: e.ws.name, Units: e.ws.units, Prefilled: total.wsPrefilled.Load(),
 			Late: total.wsLate.Load(), Missed: total.wsMissed.Load()}

@@ -44,6 +44,7 @@ type Loader struct {
 	e         *engine
 	layout    Layout
 	ready     time.Duration
+	start     time.Time // NewLoader's start (zero for a helper's or an adopting loader)
 	closeOnce sync.Once
 	closed    bool
 	mu        sync.Mutex
@@ -105,7 +106,7 @@ func NewLoader(ctx context.Context, path string, opts ...Option) (_ *Loader, err
 	if err != nil {
 		return nil, err
 	}
-	l.ready = time.Since(t0)
+	l.ready, l.start = time.Since(t0), t0
 	return l, nil
 }
 
@@ -231,6 +232,11 @@ func (l *Loader) Err() error { return l.e.err() }
 func (l *Loader) Stats() Stats {
 	s := l.e.stats()
 	s.TimeToReady = l.ready
+	if l.e.cfg.mode == ModeEager {
+		s.TimeToFirstByte = l.ready
+	} else if !s.FirstFaultAt.IsZero() && !l.start.IsZero() {
+		s.TimeToFirstByte = s.FirstFaultAt.Sub(l.start)
+	}
 	if rem := l.f.Remote(); rem != nil {
 		rs := rem.Stats()
 		s.Remote = &rs

@@ -28,6 +28,7 @@ type Restore struct {
 	cfg    config
 	layout Layout
 	ready  time.Duration
+	start  time.Time // Open's start
 
 	b    *backing
 	view *uffd.Mapping
@@ -65,7 +66,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 		if err != nil {
 			return nil, err
 		}
-		r := &Restore{cfg: cfg, layout: l.Layout(), eager: l, b: l.b}
+		r := &Restore{cfg: cfg, layout: l.Layout(), eager: l, b: l.b, start: t0}
 		r.view = l.e.alias
 		r.ready = time.Since(t0)
 		return r, nil
@@ -73,6 +74,27 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if helperlink.Start == nil {
 		return nil, fmt.Errorf("%w (%v mode serves faults from a helper process)", ErrNoHelper, cfg.mode)
 	}
+	// The helper process first, on its own thread (fork and exec block
+	// the thread that starts it): its exec and Go runtime start (most of
+	// the first byte's wait; on a 2-vCPU VM, 10+ ms) overlap what Open does
+	// here; it gets its job (the configuration, snapshot and backing) at
+	// the end.
+	spawned := takePrestarted(cfg.helperExe())
+	tookPrestarted := spawned != nil
+	var spawnErr error
+	spawnDone := make(chan struct{})
+	go func() {
+		defer close(spawnDone)
+		if spawned == nil && helperlink.Spawn != nil {
+			spawned, spawnErr = helperlink.Spawn(cfg.helperExe())
+		}
+	}()
+	defer func() {
+		<-spawnDone
+		if spawned != nil {
+			spawned.Abandon()
+		}
+	}()
 	var (
 		rd       *format.Reader
 		f        *os.File // a local snapshot, handed to the helper
@@ -121,7 +143,7 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	if err != nil {
 		return nil, err
 	}
-	r := &Restore{cfg: cfg, b: b}
+	r := &Restore{cfg: cfg, b: b, start: t0}
 	defer func() {
 		if err != nil {
 			r.release()
@@ -167,9 +189,21 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	r.helper = &helperSet{r: r, changed: make(chan struct{})}
 	// Under the lock: a helper that dies at once is replaced only once
 	// it is the current one.
+	<-spawnDone
+	if spawnErr != nil {
+		return nil, spawnErr
+	}
 	r.helper.mu.Lock()
-	r.helper.cur, err = r.startHelper(ctx, false)
+	r.helper.cur, err = r.startHelper(ctx, false, spawned)
+	spawned = nil // startHelper owns it
+	var ready <-chan struct{}
+	if err == nil {
+		ready = r.helper.cur.Ready()
+	}
 	r.helper.mu.Unlock()
+	if tookPrestarted {
+		replenish(cfg.helperExe(), ready)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -230,7 +264,7 @@ func (r *Restore) Backing() BackingKind { return r.b.kind }
 func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 	if r.eager != nil {
 		s := r.eager.Stats()
-		s.TimeToReady = r.ready
+		s.TimeToReady, s.TimeToFirstByte = r.ready, r.ready
 		return s, nil
 	}
 	var raw json.RawMessage
@@ -246,6 +280,9 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 		return Stats{}, fmt.Errorf("restore: stats from the fault-handler helper: %w", err)
 	}
 	s.TimeToReady = r.ready
+	if !s.FirstFaultAt.IsZero() {
+		s.TimeToFirstByte = max(r.ready, s.FirstFaultAt.Sub(r.start))
+	}
 	s.HelperPID, s.HelperRespawns = pid, respawns
 	return s, nil
 }
@@ -347,11 +384,24 @@ type helperConfig struct {
 	Adopt   bool   `json:"adopt,omitempty"`
 }
 
-func (r *Restore) startHelper(ctx context.Context, adopt bool) (helperlink.Session, error) {
-	// The helper inherits duplicates (ExtraFiles wants *os.File, whose
-	// finalizer would close the fd); they are closed once it has its copies.
+// helperExe is the executable run as the helper.
+func (c *config) helperExe() string {
+	if c.helperPath != "" {
+		return c.helperPath
+	}
+	return "/proc/self/exe"
+}
+
+// startHelper starts a helper (or hands the job to spawned, a helper
+// started ahead, which it owns from here on).
+func (r *Restore) startHelper(ctx context.Context, adopt bool, spawned helperlink.Spawned) (helperlink.Session, error) {
+	// The helper gets duplicates (an *os.File's finalizer would close the
+	// fd); they are closed once it has its copies.
 	backing, err := dupFile(r.b.fd.Fd(), "backing")
 	if err != nil {
+		if spawned != nil {
+			spawned.Abandon()
+		}
 		return nil, err
 	}
 	defer backing.Close()
@@ -362,14 +412,13 @@ func (r *Restore) startHelper(ctx context.Context, adopt bool) (helperlink.Sessi
 	hc.Remote.Validator = r.remoteValidator
 	js, err := json.Marshal(hc)
 	if err != nil {
+		if spawned != nil {
+			spawned.Abandon()
+		}
 		return nil, fmt.Errorf("restore: helper configuration: %w", err)
 	}
-	exe := r.cfg.helperPath
-	if exe == "" {
-		exe = "/proc/self/exe"
-	}
 	return helperlink.Start(ctx, helperlink.Request{
-		Exe: exe, Config: js, Workers: r.cfg.workers, Snapshot: r.snap, Backing: backing,
+		Exe: r.cfg.helperExe(), Config: js, Spawned: spawned, Workers: r.cfg.workers, Snapshot: r.snap, Backing: backing,
 		Uffd: r.u.Fd(), Features: uint64(r.u.Features()), ViewAddr: r.view.Addr(), ViewSize: uint64(r.b.size), PageSize: uint64(r.b.pageSize),
 		Reattach: adopt, OnGone: r.helper.gone,
 	})
@@ -456,7 +505,7 @@ func (h *helperSet) gone(s helperlink.Session, cause error) {
 		return
 	}
 	h.respawns++
-	ns, err := h.r.startHelper(context.Background(), true)
+	ns, err := h.r.startHelper(context.Background(), true, nil)
 	if err != nil {
 		h.cur = nil
 		h.dead = fmt.Errorf("%w (%w) and a new one could not be started: %w; threads touching unfilled pages of the view stay blocked: Close the restore and Open it again", ErrHelperDied, cause, err)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
@@ -145,5 +146,52 @@ func TestCloseIdempotent(t *testing.T) {
 	}
 	if err := r.Close(); err != os.ErrClosed {
 		t.Fatalf("second Close = %v, want os.ErrClosed", err)
+	}
+}
+
+// TestStatsTimeToFirstByte: Stats says how long a user waited for the
+// first byte: from Open's start to the first fault answered (after the
+// helper came up), never before Open returned and never after the touch
+// returned; eager: the time to ready. Before any fault: 0.
+func TestStatsTimeToFirstByte(t *testing.T) {
+	for _, mode := range []Mode{ModeLazy, ModeEager} {
+		t.Run(mode.String(), func(t *testing.T) {
+			regions := []testRegion{{"a", 0, testImage(4<<20, 21)}}
+			path := writeSnap(t, regions, format.CodecZstd, 2<<20)
+			opts := append(kernelOpts(t, BackingShmem, 4<<20), WithMode(mode))
+			t0 := time.Now()
+			r := openT(t, path, opts...)
+			if mode == ModeLazy {
+				s, err := r.Stats(context.Background())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if s.TimeToFirstByte != 0 || !s.FirstFaultAt.IsZero() {
+					t.Errorf("before any touch: first byte %v at %v, want none", s.TimeToFirstByte, s.FirstFaultAt)
+				}
+				t0 = time.Now()
+				r2, err := Open(context.Background(), path, opts...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { r2.Close() })
+				r = r2
+			}
+			b := r.Bytes()[0] // the first touch, from Go (the helper serves it)
+			felt := time.Since(t0)
+			if b != regions[0].data[0] {
+				t.Fatalf("first byte %#x, want %#x", b, regions[0].data[0])
+			}
+			s, err := r.Stats(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.TimeToFirstByte < s.TimeToReady || s.TimeToFirstByte > felt || s.TimeToFirstByte <= 0 {
+				t.Errorf("time to first byte %v: want between the time to ready %v and the touch's return %v", s.TimeToFirstByte, s.TimeToReady, felt)
+			}
+			if mode == ModeEager && s.TimeToFirstByte != s.TimeToReady {
+				t.Errorf("eager: first byte %v, ready %v", s.TimeToFirstByte, s.TimeToReady)
+			}
+		})
 	}
 }

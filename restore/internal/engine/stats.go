@@ -48,7 +48,16 @@ type Stats struct {
 	WorkingSet *WorkingSetStats `json:"working_set,omitempty"`
 
 	TimeToReady time.Duration `json:"time_to_ready_ns"`
-	FillTime    time.Duration `json:"fill_time_ns,omitempty"` // eager/prefetch: until every unit was present
+	// TimeToFirstByte is what a user waits for the first byte: from the
+	// start of Open (NewLoader) to the first fault answered, when the first
+	// touch came at once; a lazy Open returns before its helper serves, so
+	// this is TimeToReady plus the helper's start and the first fill. Eager:
+	// TimeToReady. 0 while no fault has been answered (a touch of a unit
+	// filled already needs none).
+	TimeToFirstByte time.Duration `json:"time_to_first_byte_ns,omitempty"`
+	// FirstFaultAt is when the first fault was answered (wall clock).
+	FirstFaultAt time.Time     `json:"first_fault_at,omitzero"`
+	FillTime     time.Duration `json:"fill_time_ns,omitempty"` // eager/prefetch: until every unit was present
 
 	// Fault service time, handler side: message read → CONTINUE done.
 	FaultLatency Percentiles `json:"fault_latency"`

@@ -35,7 +35,23 @@ type Request struct {
 	// OnGone, if set, is called (on its own goroutine) when the helper
 	// went away unasked: its socket closed before Close.
 	OnGone func(Session, error)
+	// Spawned, if set, is a helper process Spawn started ahead (its exec
+	// and Go runtime start overlapping the caller's own work): Start hands
+	// it this request instead of starting one. Start owns it, also on error.
+	Spawned Spawned
 }
+
+// Spawned is a helper process started by Spawn, waiting for its request.
+type Spawned interface {
+	// Abandon stops and reaps the process (a Spawned never handed to
+	// Start).
+	Abandon()
+}
+
+// Spawn starts a helper process (exe, as Request.Exe) that waits for its
+// request; installed by restore/helper, nil when the program did not
+// import it.
+var Spawn func(exe string) (Spawned, error)
 
 // ErrGone is wrapped by a Session's errors once its helper went away.
 var ErrGone = errors.New("the helper process went away")
@@ -47,6 +63,9 @@ type Session interface {
 	Profile(ctx context.Context) (format.Profile, error)
 	// Pid is the helper process's id.
 	Pid() int
+	// Ready is closed once the handshake ended (the helper serves the
+	// view, or failed).
+	Ready() <-chan struct{}
 	// Close hangs up and waits for the helper to exit.
 	Close() error
 }

@@ -1,0 +1,793 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/uffdrestore/uffdrestore/format"
+	"github.com/uffdrestore/uffdrestore/internal/atomicfile"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
+	"github.com/uffdrestore/uffdrestore/restore"
+	"github.com/uffdrestore/uffdrestore/restore/attach"
+)
+
+// The performance targets (issue 13): every row of its table measured in
+// one run, each as a ratio of two figures measured side by side in
+// interleaved runs (medians), next to its target.
+
+// TargetSizes are the snapshot sizes the target rows use.
+type TargetSizes struct {
+	Fault      int64 // fault p50 per backing; first touch split (256 KiB chunks)
+	Targets    int64 // what each of the concurrent targets touches
+	NTargets   int   // how many targets
+	FirstSmall int64 // first byte, small and large
+	FirstLarge int64
+	Full       int64 // lazy/eager, eager/decode-only, eager/zstd CLI
+	WorkingSet int64 // working set/lazy
+	// FirstRuns multiplies --runs for the first-byte rows (cheap runs:
+	// more of them make a steadier median).
+	FirstRuns int
+}
+
+// IssueSizes are the issue's sizes (its 1.1 GiB heap is 1 GiB here).
+var IssueSizes = TargetSizes{Fault: 256 << 20, Targets: 128 << 20, NTargets: 32, FirstSmall: 256 << 20, FirstLarge: 4 << 30,
+	Full: 1 << 30, WorkingSet: 512 << 20, FirstRuns: 3}
+
+// SmallSizes check the machinery in seconds (the figures mean little).
+var SmallSizes = TargetSizes{Fault: 8 << 20, Targets: 4 << 20, NTargets: 2, FirstSmall: 4 << 20, FirstLarge: 16 << 20,
+	Full: 16 << 20, WorkingSet: 8 << 20, FirstRuns: 1}
+
+// TargetsConfig is a run of every target row.
+type TargetsConfig struct {
+	CacheDir string // generated snapshots (Generate)
+	Sizes    TargetSizes
+	Runs     int    // timed runs per side (after one untimed warm-up)
+	Workers  int    // 0: every CPU
+	Target   string // the example C target, for the concurrent-targets row ("" skips it)
+	// HugetlbfsDir is the mount for the hugetlbfs column of the fault row
+	// ("": that column is left out).
+	HugetlbfsDir string
+	Log          func(format string, args ...any)
+}
+
+// TargetRow is one row of the issue's table, measured.
+type TargetRow struct {
+	What     string  `json:"what"`
+	Measured string  `json:"measured"` // the figures, as "a / b"
+	Value    float64 `json:"value"`    // what the target judges
+	Target   string  `json:"target"`
+	Met      bool    `json:"met"`
+	How      string  `json:"how"`             // what ran
+	Error    string  `json:"error,omitempty"` // not measured: why
+}
+
+// TargetsReport is the result of RunTargets.
+type TargetsReport struct {
+	Command string      `json:"command,omitempty"`
+	Machine Machine     `json:"machine"`
+	Runs    int         `json:"runs"`
+	Rows    []TargetRow `json:"rows"`
+	// Reports are the interleaved benchmarks the rows come from.
+	Reports []*Report `json:"reports"`
+}
+
+// RunTargets measures every row. A row that cannot be measured here (no
+// zstd CLI, no example target) says why and is not met; an error of the
+// machinery (a run whose memory is wrong) ends the run.
+func RunTargets(ctx context.Context, cfg TargetsConfig) (*TargetsReport, error) {
+	if cfg.Runs <= 0 {
+		cfg.Runs = 5
+	}
+	if cfg.Log == nil {
+		cfg.Log = func(string, ...any) {}
+	}
+	tr := &TargetsReport{Machine: ThisMachine(), Runs: cfg.Runs}
+	steps := []func(context.Context, *TargetsConfig, *TargetsReport) error{
+		targetFaultBackings, targetManyTargets, targetFirstByte, targetLazyVsEager,
+		targetSplitFirstTouch, targetEagerVsDecode, targetWorkingSet, targetZstdCLI,
+	}
+	for _, step := range steps {
+		if err := ctx.Err(); err != nil {
+			return tr, err
+		}
+		if err := step(ctx, &cfg, tr); err != nil {
+			return tr, err
+		}
+	}
+	tr.Machine = ThisMachine() // the load average after the runs
+	return tr, nil
+}
+
+func (cfg *TargetsConfig) env(ctx context.Context, size int64, chunk int) (*Env, error) {
+	snap, image, err := Generate(ctx, cfg.CacheDir, size, "realistic", format.CodecZstd, chunk)
+	if err != nil {
+		return nil, err
+	}
+	f, err := format.Open(snap)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return &Env{Snap: snap, Image: image, Layout: LayoutOf(f.Reader), Workers: cfg.Workers, HugetlbfsDir: cfg.HugetlbfsDir}, nil
+}
+
+func (cfg *TargetsConfig) run(ctx context.Context, tr *TargetsReport, env *Env, modes string, patterns string, backings []restore.BackingKind) (*Report, error) {
+	st, err := ParseStrategies(modes)
+	if err != nil {
+		return nil, err
+	}
+	ps, err := ParsePatterns(patterns)
+	if err != nil {
+		return nil, err
+	}
+	rep, err := Run(ctx, Config{Env: env, Strategies: st, Patterns: ps, Runs: cfg.Runs, Seed: 1, Log: cfg.Log, Backings: backings})
+	if rep != nil {
+		if f, err := os.Stat(env.Snap); err == nil {
+			rep.Command = fmt.Sprintf("(--check-targets) %s, %s, --backing %s on %s", modes, patterns, backingList(backings), f.Name())
+		}
+		tr.Reports = append(tr.Reports, rep)
+	}
+	return rep, err
+}
+
+func backingList(bs []restore.BackingKind) string {
+	if len(bs) == 0 {
+		return "auto"
+	}
+	var s []string
+	for _, b := range bs {
+		s = append(s, b.String())
+	}
+	return strings.Join(s, ",")
+}
+
+// summary finds the case of strategy, pattern (and backing, "" for none)
+// in rep.
+func summary(rep *Report, strategy, pattern, backing string) (CaseSummary, bool) {
+	for _, s := range rep.Summary {
+		if s.Strategy == strategy && s.Pattern == pattern && s.Backing == backing {
+			return s, true
+		}
+	}
+	return CaseSummary{}, false
+}
+
+func med(c CaseSummary, k string) float64 { return c.Metrics[k].Median }
+
+func ratioRow(what, target string, value float64, met bool, measured, how string) TargetRow {
+	return TargetRow{What: what, Target: target, Value: value, Met: met, Measured: measured, How: how}
+}
+
+func notMeasured(what, target, how string, err error) TargetRow {
+	return TargetRow{What: what, Target: target, How: how, Error: err.Error()}
+}
+
+func mibName(n int64) string {
+	if n >= 1<<30 && n%(1<<30) == 0 {
+		return fmt.Sprintf("%d GiB", n>>30)
+	}
+	return fmt.Sprintf("%d MiB", n>>20)
+}
+
+// Row 1: a 2 MiB unit's fault on shmem against a hugetlb memfd (and a
+// hugetlbfs file), lazy, faults on absent units in random order.
+func targetFaultBackings(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	const what, target = "2 MiB-chunk fault p50, shmem / hugetlb memfd", "≤ 2x"
+	env, err := cfg.env(ctx, cfg.Sizes.Fault, 2<<20)
+	if err != nil {
+		return err
+	}
+	backings := []restore.BackingKind{restore.BackingMemfdHugetlb, restore.BackingShmem}
+	if cfg.HugetlbfsDir != "" {
+		backings = []restore.BackingKind{restore.BackingMemfdHugetlb, restore.BackingHugetlbfs, restore.BackingShmem}
+	}
+	rep, err := cfg.run(ctx, tr, env, "lazy", "sparse:0.2", backings)
+	if err != nil {
+		return err
+	}
+	mem, ok1 := summary(rep, "lazy", "sparse:0.2", restore.BackingMemfdHugetlb.String())
+	sh, ok2 := summary(rep, "lazy", "sparse:0.2", restore.BackingShmem.String())
+	if !ok1 || !ok2 || med(mem, MFaultP50) <= 0 {
+		return fmt.Errorf("bench: fault row: no lazy faults measured")
+	}
+	var per []string
+	for _, b := range backings {
+		if s, ok := summary(rep, "lazy", "sparse:0.2", b.String()); ok {
+			per = append(per, fmt.Sprintf("%s %s/%s", b, fmtNum(med(s, MFaultP50)/1e3), fmtNum(med(s, MFaultP99)/1e3)))
+		}
+	}
+	v := med(sh, MFaultP50) / med(mem, MFaultP50)
+	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v <= 2,
+		fmt.Sprintf("%.2fx (fault p50/p99 ms: %s)", v, strings.Join(per, ", ")),
+		fmt.Sprintf("lazy, %s, 2 MiB chunks, sparse:0.2 (first touches of absent units, random order)", mibName(cfg.Sizes.Fault))))
+	return nil
+}
+
+// Row 2: many targets (separate C processes attached to one loader) each
+// touching the whole snapshot, shmem against a hugetlb memfd.
+func targetManyTargets(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	what := fmt.Sprintf("%d targets, median time to touch %s: shmem / memfd", cfg.Sizes.NTargets, mibName(cfg.Sizes.Targets))
+	const target = "≤ 2x"
+	how := fmt.Sprintf("%d example targets (bin/uffdrestore-target) attached at once to one lazy loader, each touching every page", cfg.Sizes.NTargets)
+	if cfg.Target == "" {
+		tr.Rows = append(tr.Rows, notMeasured(what, target, how, errors.New("no example target: run `make build` or pass --target")))
+		return nil
+	}
+	env, err := cfg.env(ctx, cfg.Sizes.Targets, 2<<20)
+	if err != nil {
+		return err
+	}
+	backings := []restore.BackingKind{restore.BackingMemfdHugetlb, restore.BackingShmem}
+	times := map[restore.BackingKind][]float64{}
+	for _, sl := range Schedule(len(backings), cfg.Runs, true) {
+		b := backings[sl.Case]
+		e := *env
+		e.Backing = b
+		t, err := runManyTargets(ctx, &e, cfg.Target, cfg.Sizes.NTargets)
+		if err != nil {
+			return fmt.Errorf("bench: %d targets on %s: %w", cfg.Sizes.NTargets, b, err)
+		}
+		cfg.Log("%-26s %-14s run %d  median touch %.1f ms", fmt.Sprintf("%d targets", cfg.Sizes.NTargets), b, sl.Run+1, t)
+		if !sl.Warmup() {
+			times[b] = append(times[b], t)
+		}
+	}
+	m, s := Median(times[restore.BackingMemfdHugetlb]), Median(times[restore.BackingShmem])
+	v := s / m
+	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v <= 2, fmt.Sprintf("%.2fx (%s / %s ms)", v, fmtNum(s), fmtNum(m)), how))
+	return nil
+}
+
+// runManyTargets serves one lazy loader to n targets started at once,
+// each touching every page sequentially, and returns the median over the
+// targets of their attach + touch time (ms). Every target checks nothing;
+// one more dumps the memory, which is compared with the image.
+func runManyTargets(ctx context.Context, env *Env, target string, n int) (float64, error) {
+	dir, err := os.MkdirTemp("", "uffdrestore-bench-targets")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "sock")
+	l, err := restore.NewLoader(ctx, env.Snap, env.restoreOptions(restore.WithMode(restore.ModeLazy), restore.ForTargets())...)
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	srv, err := attach.Listen(sock, attach.FromLoader(l), attach.Options{})
+	if err != nil {
+		return 0, err
+	}
+	defer srv.Close()
+	times := make([]float64, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var stdout, stderr bytes.Buffer
+			cmd := exec.CommandContext(ctx, target, "--socket", sock, "--pattern", "sequential", "--threads", "1", "--seed", strconv.Itoa(i+1))
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			if err := cmd.Run(); err != nil {
+				errs[i] = fmt.Errorf("%s: %w: %s", target, err, bytes.TrimSpace(stderr.Bytes()))
+				return
+			}
+			var out targetOutput
+			if err := json.Unmarshal(bytes.TrimSpace(stdout.Bytes()), &out); err != nil {
+				errs[i] = fmt.Errorf("parse %s output %q: %w", target, stdout.String(), err)
+				return
+			}
+			times[i] = out.ReadyMS + out.TouchMS
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return 0, err
+	}
+	dump := filepath.Join(dir, "dump")
+	var stderr bytes.Buffer
+	vc := exec.CommandContext(ctx, target, "--socket", sock, "--dump", dump)
+	vc.Stderr = &stderr
+	if err := vc.Run(); err != nil {
+		return 0, fmt.Errorf("verify: %s --dump: %w: %s", target, err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	if err := verifyDump(env.Image, env.Layout, dump); err != nil {
+		return 0, err
+	}
+	return Median(times), nil
+}
+
+// Row 3: the first byte of an in-process lazy restore as a user waits for
+// it: restore.Open's start -> the first touch (from C) returned, at two
+// sizes, interleaved; and Open's own time (time to ready), which must stay
+// flat.
+func targetFirstByte(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	what := fmt.Sprintf("in-process lazy first byte readable (%s; %s)", mibName(cfg.Sizes.FirstSmall), mibName(cfg.Sizes.FirstLarge))
+	sizes := []int64{cfg.Sizes.FirstSmall, cfg.Sizes.FirstLarge}
+	var envs []*Env
+	for _, sz := range sizes {
+		env, err := cfg.env(ctx, sz, 2<<20)
+		if err != nil {
+			return err
+		}
+		envs = append(envs, env)
+	}
+	// Cases: each size cold (the helper process starts in Open), then each
+	// with a helper started ahead (restore.PrestartHelper).
+	n := len(sizes)
+	open := make([][]float64, 2*n)
+	first := make([][]float64, 2*n)
+	runs := max(1, cfg.Sizes.FirstRuns) * cfg.Runs
+	for _, sl := range Schedule(2*n, runs, true) {
+		o, f, err := firstByteOnce(ctx, envs[sl.Case%n], sl.Case >= n)
+		if err != nil {
+			return fmt.Errorf("bench: first byte, %s: %w", mibName(sizes[sl.Case%n]), err)
+		}
+		if !sl.Warmup() {
+			open[sl.Case] = append(open[sl.Case], o)
+			first[sl.Case] = append(first[sl.Case], f)
+		}
+	}
+	for _, pre := range []bool{false, true} {
+		k := 0
+		w, how := what+", cold", fmt.Sprintf("restore.Open (lazy, default backing; its helper process starts in Open) -> the first 4 KiB page touched from C returned; %d interleaved runs per size", runs)
+		if pre {
+			k = n
+			w, how = what+", helper prestarted", "the same, after restore.PrestartHelper (a helper process started ahead, as a program that restores again and again keeps one)"
+		}
+		fs, fl := Median(first[k]), Median(first[k+1])
+		flat := fl / fs
+		tr.Rows = append(tr.Rows, ratioRow(w, "≤ 5 ms, flat in size (large ≤ 1.25x small)", max(fs, fl), max(fs, fl) <= 5 && flat <= 1.25,
+			fmt.Sprintf("%s; %s ms (%.2fx)", fmtNum(fs), fmtNum(fl), flat), how))
+	}
+	opS, opL := Median(open[0]), Median(open[1])
+	v := opL / opS
+	tr.Rows = append(tr.Rows, ratioRow(fmt.Sprintf("in-process lazy Open returns (%s; %s)", mibName(cfg.Sizes.FirstSmall), mibName(cfg.Sizes.FirstLarge)),
+		"flat in size (large ≤ 1.5x small)", v, v <= 1.5, fmt.Sprintf("%s; %s ms (%.2fx)", fmtNum(opS), fmtNum(opL), v), "the cold runs above: time to ready"))
+	return nil
+}
+
+// firstByteOnce opens the snapshot lazily, touches its first page from C
+// and checks that page against the image; it returns Open's time and the
+// time to the first byte (ms, both from Open's start). prestarted: with a
+// helper started ahead (untimed, and given time to start).
+func firstByteOnce(ctx context.Context, env *Env, prestarted bool) (openMS, firstMS float64, err error) {
+	if prestarted {
+		if err := restore.PrestartHelper(env.restoreOptions()...); err != nil {
+			return 0, 0, err
+		}
+		defer restore.StopPrestartedHelper()
+		time.Sleep(100 * time.Millisecond)
+	}
+	runtime.GC()
+	t0 := time.Now()
+	r, err := restore.Open(ctx, env.Snap, env.restoreOptions(restore.WithMode(restore.ModeLazy))...)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer r.Close()
+	opened := time.Since(t0)
+	b := r.Bytes()
+	off := env.Layout.Regions[0].Offset
+	touch.Touch(uintptr(unsafe.Pointer(unsafe.SliceData(b)))+uintptr(off), 4096, 4096, false, nil, nil)
+	first := time.Since(t0)
+	want := make([]byte, 4096)
+	f, err := os.Open(env.Image)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(want, off); err != nil && !errors.Is(err, io.EOF) {
+		return 0, 0, err
+	}
+	if !bytes.Equal(b[off:off+4096], want) {
+		return 0, 0, errors.New("verify: the first page differs from the image")
+	}
+	return ms(opened), ms(first), r.Close()
+}
+
+// Row 4: lazy, full sequential touch against eager; and sparse:0.1.
+func targetLazyVsEager(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	env, err := cfg.env(ctx, cfg.Sizes.Full, 2<<20)
+	if err != nil {
+		return err
+	}
+	rep, err := cfg.run(ctx, tr, env, "eager,lazy", "sequential,sparse:0.1", nil)
+	if err != nil {
+		return err
+	}
+	how := fmt.Sprintf("complete time (restore start -> pattern done), %s, 2 MiB chunks, default backing", mibName(cfg.Sizes.Full))
+	for _, p := range []struct {
+		pat, what, target string
+		limit             float64
+	}{
+		{"sequential", "lazy, full sequential touch / eager", "≤ 1.25x", 1.25},
+		{"sparse:0.1", "lazy, sparse:0.1 / eager (no regression)", "≤ 0.3x", 0.3},
+	} {
+		e, ok1 := summary(rep, "eager", p.pat, "")
+		l, ok2 := summary(rep, "lazy", p.pat, "")
+		if !ok1 || !ok2 {
+			return fmt.Errorf("bench: lazy/eager row: %s not measured", p.pat)
+		}
+		v := med(l, MComplete) / med(e, MComplete)
+		tr.Rows = append(tr.Rows, ratioRow(p.what, p.target, v, v <= p.limit,
+			fmt.Sprintf("%.2fx (%s / %s ms)", v, fmtNum(med(l, MComplete)), fmtNum(med(e, MComplete))), how))
+	}
+	return nil
+}
+
+// Row 5: the fault on an absent 2 MiB unit of a snapshot with 256 KiB
+// chunks (its parts decoded on every idle core) against decoding those
+// parts on one core into a warm buffer.
+func targetSplitFirstTouch(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	const what, target = "first touch of an absent 2 MiB unit / single-core decode of it", "≤ 0.6x"
+	env, err := cfg.env(ctx, cfg.Sizes.Fault, 256<<10)
+	if err != nil {
+		return err
+	}
+	var dec []float64
+	d, err := decodeUnitsOneCore(env.Snap, 2<<20, 64)
+	if err != nil {
+		return err
+	}
+	dec = append(dec, d...)
+	rep, err := cfg.run(ctx, tr, env, "lazy", "sparse:0.2", []restore.BackingKind{restore.BackingMemfdHugetlb})
+	if err != nil {
+		return err
+	}
+	if d, err = decodeUnitsOneCore(env.Snap, 2<<20, 64); err != nil {
+		return err
+	}
+	dec = append(dec, d...)
+	l, ok := summary(rep, "lazy", "sparse:0.2", "")
+	if !ok || med(l, MFaultP50) <= 0 {
+		return errors.New("bench: split row: no lazy faults measured")
+	}
+	f, dm := med(l, MFaultP50)/1e3, Median(dec)
+	v := f / dm
+	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v <= 0.6, fmt.Sprintf("%.2fx (%s / %s ms, p50)", v, fmtNum(f), fmtNum(dm)),
+		fmt.Sprintf("lazy fault p50, %s, 256 KiB chunks on a hugetlb memfd, sparse:0.2 / its 8 chunks decoded one after another on one core (before and after)", mibName(cfg.Sizes.Fault))))
+	return nil
+}
+
+// decodeUnitsOneCore decodes the chunks of up to n units of unit bytes, a
+// unit at a time, on this goroutine into one warm buffer, and returns the
+// time of each unit (ms).
+func decodeUnitsOneCore(snap string, unit, n int) ([]float64, error) {
+	f, err := format.Open(snap)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	d := f.NewDecoder()
+	defer d.Close()
+	cs := f.ChunkSize()
+	per := max(1, unit/cs)
+	buf := make([]byte, unit)
+	var out []float64
+	units := f.NumChunks() / per
+	step := max(1, units/n)
+	// One untimed unit: the decoder's tables and the buffer warm.
+	for u := 0; u < units && len(out) < n; u += step {
+		t := time.Now()
+		for i := u * per; i < (u+1)*per && i < f.NumChunks(); i++ {
+			c := f.Chunk(i)
+			if c.Codec == format.CodecZero {
+				continue
+			}
+			if err := d.DecodeChunk(i, buf[(i-u*per)*cs:][:c.RawLen]); err != nil {
+				return nil, err
+			}
+		}
+		if u > 0 {
+			out = append(out, ms(time.Since(t)))
+		}
+	}
+	return out, nil
+}
+
+// Row 6: eager against decoding the same chunks into warm buffers on every
+// core (the decoder's own ceiling), interleaved.
+func targetEagerVsDecode(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	const what, target = "eager / decode-only of the same chunks on all workers (throughput)", "≥ 0.85"
+	env, err := cfg.env(ctx, cfg.Sizes.Full, 2<<20)
+	if err != nil {
+		return err
+	}
+	var eager, dec []float64
+	for _, sl := range Schedule(2, cfg.Runs, true) {
+		var t float64
+		if sl.Case == 0 {
+			runtime.GC()
+			t0 := time.Now()
+			r, err := restore.Open(ctx, env.Snap, env.restoreOptions(restore.WithMode(restore.ModeEager))...)
+			if err != nil {
+				return err
+			}
+			t = ms(time.Since(t0))
+			if sl.Run == 0 {
+				if err := VerifyMemory(env.Image, env.Layout, r.Bytes()); err != nil {
+					r.Close()
+					return err
+				}
+			}
+			if err := r.Close(); err != nil {
+				return err
+			}
+		} else if t, err = decodeOnly(env); err != nil {
+			return err
+		}
+		if !sl.Warmup() {
+			if sl.Case == 0 {
+				eager = append(eager, t)
+			} else {
+				dec = append(dec, t)
+			}
+		}
+	}
+	e, d := Median(eager), Median(dec)
+	v := d / e
+	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v >= 0.85, fmt.Sprintf("%.2f (%s MB/s / %s MB/s)", v,
+		fmtNum(float64(env.Layout.RawBytes)/1e3/e), fmtNum(float64(env.Layout.RawBytes)/1e3/d)),
+		fmt.Sprintf("restore.Open eager (time to ready), %s, default backing / every chunk decoded into a per-worker warm buffer, %d workers", mibName(cfg.Sizes.Full), env.workers())))
+	return nil
+}
+
+// decodeOnly decodes every chunk of env's snapshot on every worker into
+// per-worker buffers allocated (and touched) before the clock starts; it
+// returns the time (ms).
+func decodeOnly(env *Env) (float64, error) {
+	f, err := format.Open(env.Snap)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	w := env.workers()
+	bufs := make([][]byte, w)
+	decs := make([]*format.Decoder, w)
+	for i := range bufs {
+		bufs[i] = make([]byte, f.ChunkSize())
+		for j := range bufs[i] {
+			bufs[i][j] = 1
+		}
+		decs[i] = f.NewDecoder()
+		defer decs[i].Close()
+	}
+	t0 := time.Now()
+	err = parallel(f.NumChunks(), w, func(wk, i int) error {
+		c := f.Chunk(i)
+		if c.Codec == format.CodecZero {
+			return nil
+		}
+		return decs[wk].DecodeChunk(i, bufs[wk][:c.RawLen])
+	})
+	return ms(time.Since(t0)), err
+}
+
+// Row 7: a stable working set replayed against lazy.
+func targetWorkingSet(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	const what, target = "working set / lazy, sparse:0.2 (speed-up)", "≥ 1.5x"
+	env, err := cfg.env(ctx, cfg.Sizes.WorkingSet, 2<<20)
+	if err != nil {
+		return err
+	}
+	rep, err := cfg.run(ctx, tr, env, "lazy,working-set", "sparse:0.2", nil)
+	if err != nil {
+		return err
+	}
+	l, ok1 := summary(rep, "lazy", "sparse:0.2", "")
+	w, ok2 := summary(rep, "working-set", "sparse:0.2", "")
+	if !ok1 || !ok2 {
+		return errors.New("bench: working-set row: not measured")
+	}
+	v := med(l, MComplete) / med(w, MComplete)
+	tr.Rows = append(tr.Rows, ratioRow(what+", "+mibName(cfg.Sizes.WorkingSet), target, v, v >= 1.5,
+		fmt.Sprintf("%.2fx (%s / %s ms)", v, fmtNum(med(l, MComplete)), fmtNum(med(w, MComplete))),
+		"complete time, the same random order every run (the profile recorded by an untimed lazy run)"))
+	return nil
+}
+
+// Row 8: eager (restore + touch every page) against the zstd CLI
+// decompressing the same image into tmpfs with every thread, then reading
+// it back into memory.
+func targetZstdCLI(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
+	const what, target = "eager vs `zstd -d -T0` into tmpfs + read back (speed-up)", "≥ 2x"
+	how := fmt.Sprintf("eager complete, sequential touch / zstd -d -T0 of the raw image (compressed by zstd -3 -T0) into /dev/shm, then read(2) into memory, %s", mibName(cfg.Sizes.Full))
+	zstd, err := exec.LookPath("zstd")
+	if err != nil {
+		tr.Rows = append(tr.Rows, notMeasured(what, target, how, errors.New("no zstd CLI (apt-get install zstd)")))
+		return nil
+	}
+	env, err := cfg.env(ctx, cfg.Sizes.Full, 2<<20)
+	if err != nil {
+		return err
+	}
+	zst := strings.TrimSuffix(env.Image, ".raw") + ".raw.zst"
+	if _, err := os.Stat(zst); err != nil {
+		af, err := atomicfile.Create(zst, 0o644)
+		if err != nil {
+			return err
+		}
+		var stderr bytes.Buffer
+		c := exec.CommandContext(ctx, zstd, "-3", "-T0", "-q", "-c", env.Image)
+		c.Stdout, c.Stderr = af, &stderr
+		if err := c.Run(); err != nil {
+			af.Abort()
+			return fmt.Errorf("bench: zstd -3 -T0 %s: %w: %s", env.Image, err, bytes.TrimSpace(stderr.Bytes()))
+		}
+		if err := af.Commit(); err != nil {
+			return err
+		}
+	}
+	st, err := ParseStrategies("eager")
+	if err != nil {
+		return err
+	}
+	seq, _ := ParsePatterns("sequential")
+	var eager, cli []float64
+	for _, sl := range Schedule(2, cfg.Runs, true) {
+		var t float64
+		if sl.Case == 0 {
+			r := runInProcess(ctx, env, st[0], seq[0].Order(env.Layout.Pages(), 1), 1, nil)
+			if r.Error != "" {
+				return fmt.Errorf("bench: eager: %s", r.Error)
+			}
+			t = r.Metrics[MComplete]
+		} else if t, err = zstdReadBack(ctx, zstd, zst, env); err != nil {
+			return err
+		}
+		if !sl.Warmup() {
+			if sl.Case == 0 {
+				eager = append(eager, t)
+			} else {
+				cli = append(cli, t)
+			}
+		}
+	}
+	e, z := Median(eager), Median(cli)
+	v := z / e
+	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v >= 2, fmt.Sprintf("%.2fx (%s / %s ms)", v, fmtNum(z), fmtNum(e)), how))
+	return nil
+}
+
+// zstdReadBack runs zstd -d -T0 of zst into /dev/shm and reads the result
+// into anonymous memory on every CPU; it returns the time (ms) and checks
+// the bytes read equal the image.
+func zstdReadBack(ctx context.Context, zstd, zst string, env *Env) (float64, error) {
+	out := filepath.Join("/dev/shm", fmt.Sprintf("uffdrestore-bench-%d.raw", os.Getpid()))
+	defer os.Remove(out)
+	runtime.GC()
+	t0 := time.Now()
+	if b, err := exec.CommandContext(ctx, zstd, "-d", "-T0", "-q", "-f", zst, "-o", out).CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("bench: zstd -d: %w: %s", err, b)
+	}
+	e := *env
+	e.Image = out
+	inst, err := startRawRead(ctx, &e)
+	if err != nil {
+		return 0, err
+	}
+	defer inst.Close()
+	t := ms(time.Since(t0))
+	return t, VerifyMemory(env.Image, env.Layout, inst.Bytes())
+}
+
+// Met counts the rows met.
+func (tr *TargetsReport) Met() (met, rows int) {
+	for _, r := range tr.Rows {
+		if r.Met {
+			met++
+		}
+	}
+	return met, len(tr.Rows)
+}
+
+func (r TargetRow) status() string {
+	switch {
+	case r.Error != "":
+		return "not measured: " + r.Error
+	case r.Met:
+		return "met"
+	}
+	return "NOT MET"
+}
+
+// WriteMarkdown writes the rows as a Markdown table, with the command and
+// machine above it.
+func (tr *TargetsReport) WriteMarkdown(w io.Writer) error {
+	var b strings.Builder
+	if tr.Command != "" {
+		fmt.Fprintf(&b, "- command: `%s`\n", tr.Command)
+	}
+	fmt.Fprintf(&b, "- machine: %s\n", tr.Machine)
+	met, n := tr.Met()
+	fmt.Fprintf(&b, "- %d timed runs per side, interleaved, after one untimed warm-up; medians; %d of %d targets met\n\n", tr.Runs, met, n)
+	b.WriteString("| what | measured | target | status | how |\n|---|---:|---|---|---|\n")
+	for _, r := range tr.Rows {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", r.What, r.Measured, r.Target, r.status(), r.How)
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// WriteTable writes the rows aligned, for a terminal.
+func (tr *TargetsReport) WriteTable(w io.Writer) error {
+	var b strings.Builder
+	if tr.Command != "" {
+		b.WriteString("command: " + tr.Command + "\n")
+	}
+	b.WriteString("machine: " + tr.Machine.String() + "\n")
+	met, n := tr.Met()
+	fmt.Fprintf(&b, "%d timed runs per side, interleaved, after one untimed warm-up; medians; %d of %d targets met\n\n", tr.Runs, met, n)
+	rows := [][]string{{"what", "measured", "target", "status"}}
+	for _, r := range tr.Rows {
+		rows = append(rows, []string{r.What, r.Measured, r.Target, r.status()})
+	}
+	width := make([]int, 4)
+	for _, row := range rows {
+		for i, c := range row {
+			width[i] = max(width[i], len([]rune(c)))
+		}
+	}
+	for _, row := range rows {
+		for i, c := range row {
+			if i > 0 {
+				b.WriteString("  ")
+			}
+			b.WriteString(c)
+			if i < len(row)-1 {
+				b.WriteString(strings.Repeat(" ", width[i]-len([]rune(c))))
+			}
+		}
+		b.WriteString("\n")
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// The README block the targets table is kept in.
+const (
+	ReadmeBegin = "<!-- bench-targets:begin -->"
+	ReadmeEnd   = "<!-- bench-targets:end -->"
+)
+
+// UpdateReadme replaces what is between ReadmeBegin and ReadmeEnd in the
+// file at path with the Markdown table (atomically).
+func (tr *TargetsReport) UpdateReadme(path string) error {
+	old, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	pre, rest, ok1 := bytes.Cut(old, []byte(ReadmeBegin))
+	_, post, ok2 := bytes.Cut(rest, []byte(ReadmeEnd))
+	if !ok1 || !ok2 {
+		return fmt.Errorf("bench: %s has no %s ... %s block to replace", path, ReadmeBegin, ReadmeEnd)
+	}
+	var md bytes.Buffer
+	if err := tr.WriteMarkdown(&md); err != nil {
+		return err
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(path, st.Mode().Perm(), func(w io.Writer) error {
+		_, err := w.Write(slices.Concat(pre, []byte(ReadmeBegin+"\n"), md.Bytes(), []byte(ReadmeEnd), post))
+		return err
+	})
+}
