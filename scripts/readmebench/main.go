@@ -66,7 +66,8 @@ func hasArg(args []string, name string) bool {
 	return false
 }
 
-// withMarkdown returns args with --markdown (and --quiet) set to file.
+// withMarkdown returns args with --markdown set to file, and --quiet and
+// --force.
 func withMarkdown(args []string, file string) []string {
 	var out []string
 	for i := 0; i < len(args); i++ {
@@ -79,8 +80,10 @@ func withMarkdown(args []string, file string) []string {
 		}
 	}
 	out = append(out, "--markdown", file)
-	if !hasArg(out, "--quiet") {
-		out = append(out, "--quiet")
+	for _, f := range []string{"--quiet", "--force"} { // --force: replace the --svg/--json it names
+		if !hasArg(out, f) {
+			out = append(out, f)
+		}
 	}
 	return out
 }

@@ -36,10 +36,10 @@ func TestBlocksAndSplice(t *testing.T) {
 	if len(bs) != 2 || bs[0].start != 1 || bs[0].end != 8 || bs[1].start != 16 || bs[1].end != 19 {
 		t.Fatalf("blocks %+v", bs)
 	}
-	if got := withMarkdown(bs[0].args, "/x.md"); !reflect.DeepEqual(got, []string{"--generate", "1GiB", "--runs", "5", "--quiet", "--markdown", "/x.md"}) {
+	if got := withMarkdown(bs[0].args, "/x.md"); !reflect.DeepEqual(got, []string{"--generate", "1GiB", "--runs", "5", "--quiet", "--markdown", "/x.md", "--force"}) {
 		t.Errorf("withMarkdown: %q", got)
 	}
-	if got := withMarkdown(bs[1].args, "/y.md"); !reflect.DeepEqual(got, []string{"--generate", "4GiB", "--runs", "3", "--markdown", "/y.md", "--quiet"}) {
+	if got := withMarkdown(bs[1].args, "/y.md"); !reflect.DeepEqual(got, []string{"--generate", "4GiB", "--runs", "3", "--markdown", "/y.md", "--quiet", "--force"}) {
 		t.Errorf("withMarkdown: %q", got)
 	}
 	out := strings.Join(splice(lines, bs, [][]string{{"NEW1"}, {"NEW2a", "NEW2b"}}), "\n")
