@@ -66,9 +66,10 @@
 // in the page cache before the first touch (fallocate of 4 GiB: 0.25–0.46 s),
 // which makes time to ready grow with the snapshot. With MISSING as well, a
 // never-touched page raises a missing fault, the filler's write into the
-// alias allocates it, and CONTINUE maps it. Lazy Open measured 1.46 ms for
-// 256 MiB and 1.52 ms for 4 GiB (BenchmarkTimeToReady, medians of 3x20);
-// most of it is starting the helper process.
+// alias allocates it, and CONTINUE maps it. Lazy Open measured 2.5 ms for
+// 256 MiB (BenchmarkTimeToReady, 3 runs), and 3.2 ms for 256 MiB against
+// 2.7 ms for 4 GiB side by side (`uffdrestore bench --check-targets`): flat
+// in size.
 //
 // Huge pages are reserved, not allocated, up front: the alias is a
 // MAP_SHARED hugetlb mapping, which reserves the whole file's pages at mmap
@@ -78,30 +79,35 @@
 // Premap. A unit filled without a fault (eager, prefetch, another view's
 // fault) is CONTINUEd into every view at once, and a view that attaches
 // later gets every present unit mapped at attach, so its first touch costs
-// no fault at all (BenchmarkSecondViewPremapped: 0 faults, touch p50
-// 0.03 µs, p99 0.53 µs); with premap off (WithPremap(false)) a touch of a present
-// unit costs one CONTINUE round trip: p50 10–14 µs, p99 75–200 µs on this VM
-// (BenchmarkFaultLatency, present-p50/p99, quiet machine).
+// no fault at all (BenchmarkSecondViewPremapped: 0 faults; touch p50
+// 7.3 µs, p99 82 µs on a VM whose first touch of a 4 KiB page mapping costs
+// 6–7 µs, 0.03 / 0.53 µs on an earlier VM of the same kind where it was
+// cheap); with premap off (WithPremap(false)) a touch of a present unit
+// costs one CONTINUE round trip: p50 29–35 µs, p99 150–260 µs on the first
+// VM, 10–14 / 75–200 µs on the second (BenchmarkFaultLatency,
+// present-p50/p99, quiet machine).
 //
-// First-touch latency of an absent 2 MiB unit was 1.08–1.29x the ideal
+// First-touch latency of an absent 2 MiB unit was 0.93–1.18x the ideal
 // measured in the same run (decoding that chunk into a warm buffer plus
-// allocating and zeroing one huge page): s2 2.36 ms against 2.19 ms, zstd
-// 3.88 ms against 3.02 ms. The fault round trip is small next to a 2 MiB
+// allocating and zeroing one huge page; BenchmarkFaultLatency first/ideal):
+// s2 1.86 ms against 1.87 ms, zstd 2.04 ms against 1.74 ms. The fault round trip is small next to a 2 MiB
 // decode; what is left is mostly decoding into cold memory.
 //
 // No spinning. A fault loop sleeps in poll(2) as soon as the uffd is empty.
 // Busy-polling 50 µs, or even 1 ms, after each batch left the present-unit
-// p50 where it was (11–14 µs) and did not lower the p99: the cost is waking
+// p50 about where it was (29–32 µs against 34–35 µs) and did not lower the
+// p99 (176–256 µs against 151–218 µs): the cost is waking
 // the faulting thread's vCPU, which the handler cannot speed up, and on two
 // vCPUs a spinning handler takes a core from the fillers. WithSpin sets a
 // spin for machines where it pays.
 //
-// Eager throughput (BenchmarkEager, 2 GiB of heap-like content, zstd,
-// 2 MiB chunks, medians of 3x3): 709 MB/s with one worker, 1153 MB/s with
-// two (1.63x), against 487 MB/s for `zstd -d -T0` into tmpfs and reading the
-// file back (BenchmarkBaselineZstdCLI): 2.4x faster. The restorer's own
-// memory for an eager fill of a 4 GiB snapshot peaked at 9–11 MiB of
-// anonymous RSS (BenchmarkLoaderRSS): one decoder and read buffer per worker.
+// Eager throughput (BenchmarkEager, memory-like content, zstd, 2 MiB
+// chunks, 3 runs, idle machine): 846 MB/s with one worker, 1737 MB/s with
+// two (2.05x), against 771 MB/s for `zstd -d -T0` into tmpfs and reading the
+// file back (BenchmarkBaselineZstdCLI): 2.25x faster. The restorer's own
+// memory for an eager fill of a 256 MiB snapshot peaked at 6.3 MiB of
+// anonymous RSS (BenchmarkLoaderRSS; 9–11 MiB for 4 GiB in an earlier run):
+// one decoder and read buffer per worker.
 //
 // # The in-process trap, and the helper process
 //
