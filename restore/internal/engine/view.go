@@ -501,14 +501,10 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 		calls, err := v.u.ContinueRange(start, n, ps)
 		v.c.continues.Add(int64(calls))
 		if err != nil {
+			if e := v.continueFailed(err); e != nil {
+				return e
+			}
 			switch {
-			case errors.Is(err, unix.EFAULT):
-				return errRefill
-			case errors.Is(err, unix.EAGAIN):
-				return errRetry
-			case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
-				v.stop(nil) // the target's address space is gone
-				return errGone
 			case errors.Is(err, unix.ENOENT):
 				// Part of the range is no longer one registered
 				// mapping (unmapped under us, or the target changed
@@ -543,19 +539,12 @@ func (v *View) continueUnit(u uint32, addr uintptr) error {
 	return firstErr
 }
 
-// continuePage maps the page at faulting address addr (in unit u) and
-// wakes its thread.
-func (v *View) continuePage(u uint32, addr uintptr) error {
-	ps := uintptr(v.e.b.pageSize)
-	pg := addr &^ (ps - 1)
-	out, err := v.u.Continue(pg, ps, false)
-	v.c.continues.Add(1)
+// continueFailed classifies a failed CONTINUE the same way for a range and
+// a page: the page cache lost the page (EFAULT: fill again), the kernel
+// asks to retry (EAGAIN), or the target's address space is gone (ESRCH,
+// ENOSPC: the view stops). Any other error is the caller's (nil).
+func (v *View) continueFailed(err error) error {
 	switch {
-	case err == nil && out == uffd.AlreadyMapped:
-		if err := v.u.Wake(pg, ps); err != nil {
-			return fmt.Errorf("wake the fault at %#x: %w", addr, err)
-		}
-	case err == nil:
 	case errors.Is(err, unix.EFAULT):
 		return errRefill
 	case errors.Is(err, unix.EAGAIN):
@@ -563,6 +552,28 @@ func (v *View) continuePage(u uint32, addr uintptr) error {
 	case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOSPC):
 		v.stop(nil) // the target's address space is gone
 		return errGone
+	}
+	return nil
+}
+
+// continuePage maps the page at faulting address addr (in unit u) and
+// wakes its thread.
+func (v *View) continuePage(u uint32, addr uintptr) error {
+	ps := uintptr(v.e.b.pageSize)
+	pg := addr &^ (ps - 1)
+	out, err := v.u.Continue(pg, ps, false)
+	v.c.continues.Add(1)
+	if err != nil {
+		if e := v.continueFailed(err); e != nil {
+			return e
+		}
+	}
+	switch {
+	case err == nil && out == uffd.AlreadyMapped:
+		if err := v.u.Wake(pg, ps); err != nil {
+			return fmt.Errorf("wake the fault at %#x: %w", addr, err)
+		}
+	case err == nil:
 	case errors.Is(err, unix.ENOENT):
 		// Unmapped under us: the woken thread faults again on
 		// whatever is there now (SIGSEGV if nothing).
