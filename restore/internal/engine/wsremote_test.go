@@ -137,7 +137,9 @@ func TestWorkingSetRemoteFaultFirst(t *testing.T) {
 	for i := uint32(0); i < 4; i++ {
 		p.Entries = append(p.Entries, format.ProfileEntry{Chunk: 8 + 40*i, Rank: i})
 	}
-	const slow = 500 * time.Millisecond
+	// Slow enough that a fault stuck behind one of them is told from one
+	// that took the reader's retries (100 + 200 ms back-off) on a loaded machine.
+	const slow = 1500 * time.Millisecond
 	fs := http.FileServer(http.Dir(filepath.Dir(path)))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var a int64
