@@ -140,9 +140,16 @@
 // process start. Measured (256 MiB, 2 MiB chunks, hugetlb memfd, load
 // 1.6-1.8, 3 interleaved rounds of 15 Opens, p50): cold 21.7-22.7 ms
 // (21.8-21.9 before the helper started at Open's beginning: no gain on 2
-// vCPUs), prestarted 11.2-12.1 ms; what is left is Open (1.5 ms), the
-// helper's Loader and handshake (about 4 ms) and the first unit's fill in a
-// fresh process (slower than the 2 ms of a later one). Serving the first faults in this process until the helper
+// vCPUs), prestarted 11.2-12.1 ms. A prestarted helper now makes its zstd
+// decoders and stored-bytes buffers while it waits (format.Prewarm): the
+// first decode in a fresh process took 6.2 ms against 1.9 ms for a later
+// one, and the prestarted first byte went to 8.1-8.4 ms (p50, same set-up,
+// idle machine; `uffdrestore bench --check-targets`: 7.9 ms for 256 MiB).
+// What is left is Open (1.1-1.9 ms), the helper's Loader and handshake
+// (about 4 ms) and the first unit's fill (about 3 ms: the huge page's
+// allocation and a decoder's first frame). A helper started by its Open
+// does not prewarm (its job is already waiting: the same work only
+// competed with the restore, 22 -> 30 ms). Serving the first faults in this process until the helper
 // is up was measured against and rejected: handing over needs this process
 // to stop filling, which needs a P that a goroutine blocked in a fault may
 // hold (the trap above), so a fill that stalled could land after the
