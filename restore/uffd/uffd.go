@@ -207,6 +207,7 @@ type FD struct {
 }
 
 func openRaw(o OpenOptions) (int, Via, error) {
+	opened.Add(1)
 	flags := C.int(unix.O_CLOEXEC)
 	if o.NonBlock {
 		flags |= C.int(unix.O_NONBLOCK)
@@ -238,8 +239,41 @@ func openRaw(o OpenOptions) (int, Via, error) {
 
 // Supported opens a userfaultfd, asks the kernel which features and ioctls it
 // offers (UFFDIO_API with no features), and closes it again: a userfaultfd
-// accepts UFFDIO_API only once, so probing and enabling need two fds.
+// accepts UFFDIO_API only once, so probing and enabling need two fds. The
+// answer is the kernel's and does not change while the process runs: it is
+// kept, per way of opening, so that later probes (and Opens) open no
+// userfaultfd for it. A failed probe is not kept.
 func Supported(o OpenOptions) (Features, uint64, error) {
+	key := probeKey{o.UserModeOnly, o.Via, o.FallbackUserModeOnly}
+	if v, ok := probes.Load(key); ok {
+		p := v.(probeResult)
+		return p.feat, p.ioctls, nil
+	}
+	feat, ioctls, err := probe(o)
+	if err == nil {
+		probes.Store(key, probeResult{feat, ioctls})
+	}
+	return feat, ioctls, err
+}
+
+type probeKey struct {
+	userModeOnly bool
+	via          Via
+	fallback     bool
+}
+
+type probeResult struct {
+	feat   Features
+	ioctls uint64
+}
+
+// probes holds Supported's answers.
+var probes sync.Map
+
+// opened counts the userfaultfds this process opened (tests).
+var opened atomic.Int64
+
+func probe(o OpenOptions) (Features, uint64, error) {
 	fd, _, err := openRaw(o)
 	if err != nil {
 		return 0, 0, err

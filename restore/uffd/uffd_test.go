@@ -717,3 +717,30 @@ func TestFaultPathDoesNotAllocate(t *testing.T) {
 		t.Fatalf("%v allocations per CONTINUE + read", n)
 	}
 }
+
+// TestSupportedProbedOnce: the kernel's features are probed once per way of
+// opening; a later probe opens no userfaultfd and an Open opens exactly one
+// (a lazy restore.Open used to open three or four).
+func TestSupportedProbedOnce(t *testing.T) {
+	o := OpenOptions{NonBlock: true, FallbackUserModeOnly: true}
+	f0, i0, err := Supported(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := opened.Load()
+	f1, i1, err := Supported(o)
+	if err != nil || f1 != f0 || i1 != i0 {
+		t.Fatalf("second probe: %v, %#x/%#x against %#x/%#x", err, f1, i1, f0, i0)
+	}
+	if d := opened.Load() - n; d != 0 {
+		t.Errorf("a second probe opened %d userfaultfds", d)
+	}
+	u, err := Open(o, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Close()
+	if d := opened.Load() - n; d != 1 {
+		t.Errorf("Open after a probe opened %d userfaultfds, want 1", d)
+	}
+}
