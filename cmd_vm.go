@@ -178,8 +178,13 @@ func vmLauncher(preloadFlag, serverUID string) vm.Launcher {
 		}
 		var rm []runMarker
 		for _, m := range maps {
-			i, err := regionIndex(h, m.Region)
-			if err != nil {
+			// vm.Restore names regions by index (#N).
+			n, ok := strings.CutPrefix(m.Region, "#")
+			i, err := strconv.Atoi(n)
+			if !ok || err != nil {
+				return fmt.Errorf("vm restore: region %q is not #INDEX", m.Region)
+			}
+			if err := checkRegion(h, m.Region); err != nil {
 				return fmt.Errorf("the server on %s: %w (is it serving this snapshot?)", socket, err)
 			}
 			if r := h.Regions[i]; r.Length != m.Length || r.Name != m.Name {
@@ -295,46 +300,4 @@ func serverLayout(path string, serverUID uint32) (*attach.Hello, error) {
 		return nil, fmt.Errorf("the server on %s: %w", path, allowUIDHint(err))
 	}
 	return &h, nil
-}
-
-// regionIndex resolves a region (a name, #INDEX, or "" for the only one)
-// against the server's hello.
-func regionIndex(h *attach.Hello, region string) (int, error) {
-	names := func() string {
-		var b []string
-		for i, r := range h.Regions {
-			if len(b) == 20 {
-				b = append(b, "...")
-				break
-			}
-			b = append(b, fmt.Sprintf("#%d %q", i, r.Name))
-		}
-		return strings.Join(b, ", ")
-	}
-	var idx int
-	switch {
-	case region == "":
-		if len(h.Regions) != 1 {
-			return 0, fmt.Errorf("the snapshot has %d regions (%s): name one, PATH=NAME or PATH=#INDEX", len(h.Regions), names())
-		}
-	case strings.HasPrefix(region, "#"):
-		n, err := strconv.Atoi(region[1:])
-		if err != nil || n < 0 || n >= len(h.Regions) {
-			return 0, fmt.Errorf("region %s does not exist: the snapshot has regions #0..#%d", region, len(h.Regions)-1)
-		}
-		idx = n
-	default:
-		found := h.Find(region)
-		if len(found) == 0 {
-			return 0, fmt.Errorf("the snapshot has no region %q (its regions: %s)", region, names())
-		}
-		if len(found) > 1 {
-			return 0, fmt.Errorf("several regions are named %q: name one by index, PATH=#INDEX", region)
-		}
-		idx = found[0]
-	}
-	if h.Regions[idx].Size == 0 {
-		return 0, fmt.Errorf("region #%d %q is empty: nothing to map", idx, h.Regions[idx].Name)
-	}
-	return idx, nil
 }

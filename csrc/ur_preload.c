@@ -450,13 +450,12 @@ static long fd_marker(int fd)
 	int r = atomic_load(&fd_region[fd]);
 	if (r == 0)
 		return -1;
+	/* Also in a forked child (an inherited session: same server, same
+	 * layout), the fd is a marker while it is still the backing. */
 	struct stat a, b;
 	pthread_mutex_lock(&lock);
-	int ok = sess && sess_pid == getpid() && get_fstat()(fd, &a) == 0 &&
-		 get_fstat()(ur_session_backing_fd(sess), &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
-	if (sess && sess_pid != getpid()) /* inherited: same server, same layout */
-		ok = get_fstat()(fd, &a) == 0 && get_fstat()(ur_session_backing_fd(sess), &b) == 0 &&
-		     a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+	int ok = sess && get_fstat()(fd, &a) == 0 && get_fstat()(ur_session_backing_fd(sess), &b) == 0 &&
+		 a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 	pthread_mutex_unlock(&lock);
 	if (!ok) {
 		atomic_store(&fd_region[fd], 0);
