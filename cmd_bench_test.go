@@ -281,6 +281,12 @@ func TestBenchCLICheckTargets(t *testing.T) {
 		if !strings.Contains(out, r.What) {
 			t.Errorf("the table lacks the row %q:\n%s", r.What, out)
 		}
+		// The first-byte rows say where the wait went, step by step.
+		if w == "first byte readable (" || w == "helper prestarted" {
+			if !strings.Contains(r.Measured, "where the") || !strings.Contains(r.Measured, "answers it") || strings.Contains(r.Measured, "no trace") {
+				t.Errorf("row %q: no first-byte steps in %q", r.What, r.Measured)
+			}
+		}
 	}
 	if len(tr.Reports) == 0 {
 		t.Error("the JSON keeps none of the interleaved benchmarks the rows come from")

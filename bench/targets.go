@@ -332,15 +332,17 @@ func targetFirstByte(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport)
 	n := len(sizes)
 	open := make([][]float64, 2*n)
 	first := make([][]float64, 2*n)
+	traces := make([][]*restore.FirstByteTrace, 2*n)
 	runs := max(1, cfg.Sizes.FirstRuns) * cfg.Runs
 	for _, sl := range Schedule(2*n, runs, true) {
-		o, f, err := firstByteOnce(ctx, envs[sl.Case%n], sl.Case >= n)
+		o, f, tr, err := firstByteOnce(ctx, envs[sl.Case%n], sl.Case >= n)
 		if err != nil {
 			return fmt.Errorf("bench: first byte, %s: %w", mibName(sizes[sl.Case%n]), err)
 		}
 		if !sl.Warmup() {
 			open[sl.Case] = append(open[sl.Case], o)
 			first[sl.Case] = append(first[sl.Case], f)
+			traces[sl.Case] = append(traces[sl.Case], tr)
 		}
 	}
 	for _, pre := range []bool{false, true} {
@@ -353,7 +355,7 @@ func targetFirstByte(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport)
 		fs, fl := Median(first[k]), Median(first[k+1])
 		flat := fl / fs
 		tr.Rows = append(tr.Rows, ratioRow(w, "≤ 5 ms, flat in size (large ≤ 1.25x small)", max(fs, fl), max(fs, fl) <= 5 && flat <= 1.25,
-			fmt.Sprintf("%s; %s ms (%.2fx)", fmtNum(fs), fmtNum(fl), flat), how))
+			fmt.Sprintf("%s; %s ms (%.2fx); where the %s wait went: %s", fmtNum(fs), fmtNum(fl), flat, mibName(sizes[0]), firstByteSteps(traces[k])), how))
 	}
 	opS, opL := Median(open[0]), Median(open[1])
 	v := opL / opS
@@ -362,14 +364,54 @@ func targetFirstByte(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport)
 	return nil
 }
 
+// firstByteSteps is the median of each step of traces (Stats.FirstByte),
+// as the time each took.
+func firstByteSteps(traces []*restore.FirstByteTrace) string {
+	steps := []struct {
+		name string
+		at   func(*restore.FirstByteTrace) time.Duration
+	}{
+		{"Open", func(t *restore.FirstByteTrace) time.Duration { return t.Ready }},
+		{"helper up with its loader (index, backing, fillers)", func(t *restore.FirstByteTrace) time.Duration { return t.Loader }},
+		{"attaches the view", func(t *restore.FirstByteTrace) time.Duration { return t.Serving }},
+		{"reads the fault", func(t *restore.FirstByteTrace) time.Duration { return t.FaultRead }},
+		{"hands it to a filler", func(t *restore.FirstByteTrace) time.Duration { return t.FillStart }},
+		{"reads, decompresses and checks its 2 MiB", func(t *restore.FirstByteTrace) time.Duration { return t.Filled }},
+		{"answers it", func(t *restore.FirstByteTrace) time.Duration { return t.Answered }},
+	}
+	var out []string
+	prev := make([]float64, 0, len(traces))
+	for _, t := range traces {
+		if t == nil {
+			return "(no trace)"
+		}
+		prev = append(prev, 0)
+	}
+	for i, s := range steps {
+		d := make([]float64, len(traces))
+		for j, t := range traces {
+			at := ms(s.at(t))
+			if i == 0 {
+				d[j] = at
+			} else {
+				d[j] = max(0, at-prev[j])
+			}
+			prev[j] = max(prev[j], at)
+		}
+		out = append(out, fmt.Sprintf("%s %s", s.name, fmtNum(Median(d))))
+	}
+	return strings.Join(out, ", ") + " ms (medians)"
+}
+
 // firstByteOnce opens the snapshot lazily, touches its first page from C
 // and checks that page against the image; it returns Open's time and the
-// time to the first byte (ms, both from Open's start). prestarted: with a
-// helper started ahead (untimed, and given time to start).
-func firstByteOnce(ctx context.Context, env *Env, prestarted bool) (openMS, firstMS float64, err error) {
+// time to the first byte (ms, both from Open's start), and where that wait
+// went. prestarted: with a helper started ahead (untimed, and given time
+// to start).
+func firstByteOnce(ctx context.Context, env *Env, prestarted bool) (openMS, firstMS float64, fb *restore.FirstByteTrace, err error) {
 	if prestarted {
 		if err := restore.PrestartHelper(env.restoreOptions()...); err != nil {
-			return 0, 0, err
+			return 0, 0, nil, err
 		}
 		defer restore.StopPrestartedHelper()
 		time.Sleep(100 * time.Millisecond)
@@ -378,7 +420,7 @@ func firstByteOnce(ctx context.Context, env *Env, prestarted bool) (openMS, firs
 	t0 := time.Now()
 	r, err := restore.Open(ctx, env.Snap, env.restoreOptions(restore.WithMode(restore.ModeLazy))...)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
 	}
 	defer r.Close()
 	opened := time.Since(t0)
@@ -389,16 +431,20 @@ func firstByteOnce(ctx context.Context, env *Env, prestarted bool) (openMS, firs
 	want := make([]byte, 4096)
 	f, err := os.Open(env.Image)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
 	}
 	defer f.Close()
 	if _, err := f.ReadAt(want, off); err != nil && !errors.Is(err, io.EOF) {
-		return 0, 0, err
+		return 0, 0, nil, err
 	}
 	if !bytes.Equal(b[off:off+4096], want) {
-		return 0, 0, errors.New("verify: the first page differs from the image")
+		return 0, 0, nil, errors.New("verify: the first page differs from the image")
 	}
-	return ms(opened), ms(first), r.Close()
+	st, err := r.Stats(ctx)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	return ms(opened), ms(first), st.FirstByte, r.Close()
 }
 
 // Row 4: lazy, full sequential touch against eager; and sparse:0.1.

@@ -284,6 +284,10 @@ type Stats = engine.Stats
 // Percentiles summarises a latency histogram.
 type Percentiles = engine.Percentiles
 
+// FirstByteTrace cuts a lazy restore's time to the first byte at each step
+// of the fault handler's start and of the first fault (Stats.FirstByte).
+type FirstByteTrace = engine.FirstByteTrace
+
 // WorkingSetStats says how well a working-set profile predicted the faults.
 type WorkingSetStats = engine.WorkingSetStats
 

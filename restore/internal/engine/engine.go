@@ -83,6 +83,11 @@ type engine struct {
 	// firstFault is when (Unix ns, wall clock: a parent process compares
 	// it with its own Open's start) the first fault was answered; 0: none yet.
 	firstFault atomic.Int64
+	// Where the first byte's wait went (Unix ns, wall clock, 0: not yet;
+	// see FirstByteTrace): the first view's fault loop running, the first
+	// fault read, and the fill of the unit it asked for begun and done.
+	createdAt, servingAt, firstReadAt, firstFillAt, firstFilledAt atomic.Int64
+	firstFillUnit                                                 atomic.Int64 // that unit + 1
 }
 
 type waitShard struct {
@@ -100,6 +105,7 @@ type waiter struct {
 
 func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) {
 	e := &engine{r: r, b: b, cfg: cfg, chunkSize: r.ChunkSize(), epoch: time.Now(), unitErr: map[uint32]error{}}
+	e.createdAt.Store(e.epoch.UnixNano())
 	e.poisonOff = !poisonAvailable()
 	e.unitSize = max(e.chunkSize, b.pageSize)
 	if e.unitSize%e.chunkSize != 0 || e.unitSize%b.pageSize != 0 {
@@ -695,10 +701,17 @@ extend:
 // resolves every fault waiting on it. done is a reusable scratch slice.
 func (e *engine) fill(w *workerState, u uint32, byFault bool) {
 	var err error
+	first := byFault && e.firstFillUnit.Load() == 0 && e.firstFillUnit.CompareAndSwap(0, int64(u)+1)
+	if first {
+		e.firstFillAt.Store(time.Now().UnixNano())
+	}
 	if e.partial[u].Swap(false) {
 		err = e.refillUnit(w, u)
 	} else {
 		err = e.fillUnit(w, u, byFault)
+	}
+	if first {
+		e.firstFilledAt.Store(time.Now().UnixNano())
 	}
 	e.publish(w, u, err, byFault)
 }
@@ -1025,6 +1038,8 @@ func (e *engine) stats() Stats {
 	if t := e.firstFault.Load(); t != 0 {
 		s.FirstFaultAt = time.Unix(0, t)
 	}
+	s.FirstByteMarks = []int64{e.createdAt.Load(), e.servingAt.Load(), e.firstReadAt.Load(),
+		e.firstFillAt.Load(), e.firstFilledAt.Load(), e.firstFault.Load()}
 	if e.ws != nil {
 		s.WorkingSet = &WorkingSetStats{Profile: e.ws.name, Units: e.ws.units, Prefilled: total.wsPrefilled.Load(),
 			Late: total.wsLate.Load(), Missed: total.wsMissed.Load()}

@@ -236,6 +236,7 @@ func (l *Loader) Stats() Stats {
 		s.TimeToFirstByte = l.ready
 	} else if !s.FirstFaultAt.IsZero() && !l.start.IsZero() {
 		s.TimeToFirstByte = s.FirstFaultAt.Sub(l.start)
+		s.FirstByte = firstByteTrace(l.start, l.ready, s.FirstByteMarks)
 	}
 	if rem := l.f.Remote(); rem != nil {
 		rs := rem.Stats()

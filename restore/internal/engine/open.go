@@ -282,6 +282,7 @@ func (r *Restore) Stats(ctx context.Context) (Stats, error) {
 	s.TimeToReady = r.ready
 	if !s.FirstFaultAt.IsZero() {
 		s.TimeToFirstByte = max(r.ready, s.FirstFaultAt.Sub(r.start))
+		s.FirstByte = firstByteTrace(r.start, r.ready, s.FirstByteMarks)
 	}
 	s.HelperPID, s.HelperRespawns = pid, respawns
 	return s, nil

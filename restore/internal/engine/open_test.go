@@ -192,6 +192,27 @@ func TestStatsTimeToFirstByte(t *testing.T) {
 			if mode == ModeEager && s.TimeToFirstByte != s.TimeToReady {
 				t.Errorf("eager: first byte %v, ready %v", s.TimeToFirstByte, s.TimeToReady)
 			}
+			// Where the wait went: each step of the helper's start and of
+			// the first fault, in order, ending at the answer.
+			fb := s.FirstByte
+			if mode == ModeEager {
+				if fb != nil {
+					t.Errorf("eager: a first-byte trace %+v, want none (nothing waits)", fb)
+				}
+				return
+			}
+			if fb == nil {
+				t.Fatalf("lazy: no first-byte trace in %s", s.JSON())
+			}
+			steps := []time.Duration{fb.Loader, fb.Serving, fb.FaultRead, fb.FillStart, fb.Filled, fb.Answered}
+			for i := 1; i < len(steps); i++ {
+				if steps[i] < steps[i-1] || steps[i-1] <= 0 {
+					t.Errorf("first-byte steps out of order at %d: %+v", i, fb)
+				}
+			}
+			if fb.Ready != s.TimeToReady || fb.Answered > s.TimeToFirstByte {
+				t.Errorf("first-byte trace %+v: want Ready %v and Answered at most %v", fb, s.TimeToReady, s.TimeToFirstByte)
+			}
 		})
 	}
 }

@@ -56,12 +56,52 @@ type Stats struct {
 	// filled already needs none).
 	TimeToFirstByte time.Duration `json:"time_to_first_byte_ns,omitempty"`
 	// FirstFaultAt is when the first fault was answered (wall clock).
-	FirstFaultAt time.Time     `json:"first_fault_at,omitzero"`
-	FillTime     time.Duration `json:"fill_time_ns,omitempty"` // eager/prefetch: until every unit was present
+	FirstFaultAt time.Time `json:"first_fault_at,omitzero"`
+	// FirstByte is where the wait for the first byte went: TimeToFirstByte
+	// cut at the steps of the fault handler's start and of the first fault
+	// (nil before the first fault is answered).
+	FirstByte *FirstByteTrace `json:"first_byte,omitempty"`
+	// FirstByteMarks are FirstByte's steps as wall-clock Unix ns (0: not
+	// reached), in FirstByteTrace's order from Loader on: how a helper
+	// process hands them to its parent, which knows when Open started.
+	FirstByteMarks []int64 `json:"first_byte_marks,omitempty"`
+
+	FillTime time.Duration `json:"fill_time_ns,omitempty"` // eager/prefetch: until every unit was present
 
 	// Fault service time, handler side: message read → CONTINUE done.
 	FaultLatency Percentiles `json:"fault_latency"`
 	LastError    string      `json:"last_error,omitempty"`
+}
+
+// FirstByteTrace cuts the time to the first byte of a lazy restore at each
+// step, every figure from the start of Open (NewLoader in process), so each
+// step's cost is the difference to the one before. With a helper process,
+// Ready comes first and the helper's steps overlap nothing after it.
+type FirstByteTrace struct {
+	Ready     time.Duration `json:"ready_ns"`      // Open returned (TimeToReady)
+	Loader    time.Duration `json:"loader_ns"`     // the fault handler's loader built: its index parsed, the backing mapped, the fillers started (a helper: after it got its job)
+	Serving   time.Duration `json:"serving_ns"`    // its first view's fault loop running
+	FaultRead time.Duration `json:"fault_read_ns"` // the first fault read from the userfaultfd
+	FillStart time.Duration `json:"fill_start_ns"` // a filler began that fault's unit
+	Filled    time.Duration `json:"filled_ns"`     // the unit in the backing: its chunks read, decompressed, checked
+	Answered  time.Duration `json:"answered_ns"`   // the fault answered (UFFDIO_CONTINUE): TimeToFirstByte
+}
+
+// firstByteTrace makes the trace of marks (FirstByteMarks) against start,
+// or nil when a step is missing (no fault answered yet, or the first fault
+// found its unit filled by another path).
+func firstByteTrace(start time.Time, ready time.Duration, marks []int64) *FirstByteTrace {
+	if start.IsZero() || len(marks) != 6 {
+		return nil
+	}
+	var d [6]time.Duration
+	for i, m := range marks {
+		if m == 0 {
+			return nil
+		}
+		d[i] = max(0, time.Unix(0, m).Sub(start))
+	}
+	return &FirstByteTrace{Ready: ready, Loader: d[0], Serving: d[1], FaultRead: d[2], FillStart: d[3], Filled: d[4], Answered: d[5]}
 }
 
 // JSON returns the stats as indented JSON.

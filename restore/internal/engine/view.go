@@ -216,6 +216,7 @@ func (v *View) loop() {
 	}()
 	buf := uffd.NewMsgBuf(64)
 	msgs := make([]uffd.Msg, 64)
+	v.e.servingAt.CompareAndSwap(0, time.Now().UnixNano())
 	spin := int64(v.e.cfg.spin)
 	var idleSince int64 = -1
 	for !v.dead.Load() {
@@ -275,6 +276,9 @@ func (v *View) loop() {
 func (v *View) handle(m *uffd.Msg, t0 int64) {
 	switch m.Event {
 	case uffd.EventPagefault:
+		if v.e.firstReadAt.Load() == 0 {
+			v.e.firstReadAt.CompareAndSwap(0, time.Now().UnixNano())
+		}
 		if m.Flags&uffd.PFMinor != 0 {
 			v.c.faultsMinor.Add(1)
 		} else {
