@@ -70,7 +70,7 @@ func TestManyTargetsRowHasFloor(t *testing.T) {
 	}
 	r := tr.Rows[0]
 	re := regexp.MustCompile(`^([0-9.]+)x \(([0-9.]+) / ([0-9.]+) ms\); floor, no userfaultfd: [0-9.]+x \([0-9.]+ / [0-9.]+ ms\); ` +
-		`uffdrestore / floor: shmem [0-9.]+x, memfd [0-9.]+x$`)
+		`uffdrestore / floor: shmem [0-9.]+x, memfd [0-9.]+x; floor shmem / uffdrestore memfd [0-9.]+x$`)
 	if r.Error != "" || !re.MatchString(r.Measured) {
 		t.Errorf("measured %q (error %q), want the restore's figures then the floor's", r.Measured, r.Error)
 	}
