@@ -23,6 +23,7 @@ import (
 	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/attach"
+	"golang.org/x/sys/unix"
 )
 
 // The performance targets (issue 13): every row of its table measured in
@@ -218,11 +219,23 @@ func targetFaultBackings(ctx context.Context, cfg *TargetsConfig, tr *TargetsRep
 }
 
 // Row 2: many targets (separate C processes attached to one loader) each
-// touching the whole snapshot, shmem against a hugetlb memfd.
+// touching the whole snapshot, shmem against a hugetlb memfd. Side by side
+// (interleaved), the floor: as many processes of the same target with
+// --map-file, each mapping an already filled memfd of the same size
+// MAP_SHARED (no loader, no userfaultfd) and touching every page the same
+// way, on shmem and on a hugetlb memfd. Its ratio shows how much of
+// shmem / memfd the platform's per-page mapping cost is, ours / floor what
+// the restore adds on each backing, and floor shmem / our memfd what
+// shmem / memfd would be if the restore cost nothing on shmem beyond the
+// kernel mapping its pages.
 func targetManyTargets(ctx context.Context, cfg *TargetsConfig, tr *TargetsReport) error {
 	what := fmt.Sprintf("%d targets, median time to touch %s: shmem / memfd", cfg.Sizes.NTargets, mibName(cfg.Sizes.Targets))
 	const target = "≤ 2x"
-	how := fmt.Sprintf("%d example targets (bin/uffdrestore-target) attached at once to one lazy loader, each touching every page", cfg.Sizes.NTargets)
+	how := fmt.Sprintf("%d example targets (bin/uffdrestore-target) attached at once to one lazy loader, each touching every page; "+
+		"floor: %d uffdrestore-target --map-file processes started at once, each mapping an already filled shmem / hugetlb memfd "+
+		"of the same size MAP_SHARED (no loader, no userfaultfd; the kernel's fault-around applies, which a userfaultfd minor "+
+		"registration turns off) and touching every page, checksums checked; the 4 cases interleaved; floor shmem / uffdrestore memfd "+
+		"is what shmem / memfd would be if the restore cost nothing on shmem beyond the kernel mapping its pages", cfg.Sizes.NTargets, cfg.Sizes.NTargets)
 	if cfg.Target == "" {
 		tr.Rows = append(tr.Rows, notMeasured(what, target, how, errors.New("no example target: run `make build` or pass --target")))
 		return nil
@@ -232,24 +245,156 @@ func targetManyTargets(ctx context.Context, cfg *TargetsConfig, tr *TargetsRepor
 		return err
 	}
 	backings := []restore.BackingKind{restore.BackingMemfdHugetlb, restore.BackingShmem}
-	times := map[restore.BackingKind][]float64{}
-	for _, sl := range Schedule(len(backings), cfg.Runs, true) {
-		b := backings[sl.Case]
-		e := *env
-		e.Backing = b
-		t, err := runManyTargets(ctx, &e, cfg.Target, cfg.Sizes.NTargets)
-		if err != nil {
-			return fmt.Errorf("bench: %d targets on %s: %w", cfg.Sizes.NTargets, b, err)
+	var floors []*floorFile
+	defer func() {
+		for _, f := range floors {
+			f.Close()
 		}
-		cfg.Log("%-26s %-14s run %d  median touch %.1f ms", fmt.Sprintf("%d targets", cfg.Sizes.NTargets), b, sl.Run+1, t)
+	}()
+	for _, b := range backings {
+		f, err := newFloorFile(env, b == restore.BackingMemfdHugetlb)
+		if err != nil {
+			return fmt.Errorf("bench: %d targets, the floor on %s: %w", cfg.Sizes.NTargets, b, err)
+		}
+		floors = append(floors, f)
+	}
+	// Cases: uffdrestore on each backing, then the floor on each.
+	nb := len(backings)
+	times := make([][]float64, 2*nb)
+	for _, sl := range Schedule(2*nb, cfg.Runs, true) {
+		b := backings[sl.Case%nb]
+		var t float64
+		var err error
+		name := b.String()
+		if sl.Case < nb {
+			e := *env
+			e.Backing = b
+			t, err = runManyTargets(ctx, &e, cfg.Target, cfg.Sizes.NTargets)
+		} else {
+			name = "floor " + name
+			t, err = floors[sl.Case%nb].run(ctx, cfg.Target, cfg.Sizes.NTargets)
+		}
+		if err != nil {
+			return fmt.Errorf("bench: %d targets on %s: %w", cfg.Sizes.NTargets, name, err)
+		}
+		cfg.Log("%-26s %-20s run %d  median touch %.1f ms", fmt.Sprintf("%d targets", cfg.Sizes.NTargets), name, sl.Run+1, t)
 		if !sl.Warmup() {
-			times[b] = append(times[b], t)
+			times[sl.Case] = append(times[sl.Case], t)
 		}
 	}
-	m, s := Median(times[restore.BackingMemfdHugetlb]), Median(times[restore.BackingShmem])
+	m, s := Median(times[0]), Median(times[1])
+	fm, fs := Median(times[nb]), Median(times[nb+1])
 	v := s / m
-	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v <= 2, fmt.Sprintf("%.2fx (%s / %s ms)", v, fmtNum(s), fmtNum(m)), how))
+	tr.Rows = append(tr.Rows, ratioRow(what, target, v, v <= 2,
+		fmt.Sprintf("%.2fx (%s / %s ms); floor, no userfaultfd: %.2fx (%s / %s ms); uffdrestore / floor: shmem %.2fx, memfd %.2fx; "+
+			"floor shmem / uffdrestore memfd %.2fx",
+			v, fmtNum(s), fmtNum(m), fs/fm, fmtNum(fs), fmtNum(fm), s/fs, m/fm, fs/m), how))
 	return nil
+}
+
+// floorFile is a memfd (shmem or hugetlb) holding the snapshot's regions
+// one after the other, every page of it in memory: what the floor's
+// processes map.
+type floorFile struct {
+	f        *os.File
+	pageSize int64
+	pages    int64
+	checksum uint64 // what uffdrestore-target --map-file prints after a sequential touch on one thread
+}
+
+// newFloorFile creates and fills the floor's memfd for env's image.
+func newFloorFile(env *Env, hugetlb bool) (*floorFile, error) {
+	flags, ps := unix.MFD_CLOEXEC, int64(os.Getpagesize())
+	if hugetlb {
+		flags, ps = flags|unix.MFD_HUGETLB, 2<<20
+	}
+	size := (env.Layout.RawBytes + (2<<20 - 1)) &^ (2<<20 - 1)
+	if size == 0 {
+		return nil, errors.New("the snapshot has no bytes")
+	}
+	fd, err := unix.MemfdCreate("uffdrestore-bench-floor", flags)
+	if err != nil {
+		return nil, fmt.Errorf("memfd_create: %w", err)
+	}
+	ff := &floorFile{f: os.NewFile(uintptr(fd), "floor-memfd"), pageSize: ps, pages: size / ps}
+	if err := ff.fill(env, size); err != nil {
+		ff.Close()
+		return nil, err
+	}
+	return ff, nil
+}
+
+func (ff *floorFile) fill(env *Env, size int64) error {
+	if err := unix.Ftruncate(int(ff.f.Fd()), size); err != nil {
+		return fmt.Errorf("ftruncate the floor's memfd to %d bytes: %w", size, err)
+	}
+	m, err := unix.Mmap(int(ff.f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		return fmt.Errorf("mmap the floor's memfd (%d bytes; with hugetlb: free huge pages?): %w", size, err)
+	}
+	defer unix.Munmap(m)
+	img, err := os.Open(env.Image)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	var pos int64
+	for _, r := range env.Layout.Regions {
+		if _, err := img.ReadAt(m[pos:pos+r.Length], r.Offset); err != nil {
+			return fmt.Errorf("fill the floor's memfd from %s: %w", env.Image, err)
+		}
+		pos += r.Length
+	}
+	clear(m[pos:])
+	for off := int64(0); off < size; off += ff.pageSize {
+		ff.checksum = ff.checksum*31 + uint64(m[off])
+	}
+	return nil
+}
+
+func (ff *floorFile) Close() error { return ff.f.Close() }
+
+// run starts n processes of target --map-file at once on the floor's
+// memfd, each touching every page sequentially, checks each touched every
+// page (its page count and checksum), and returns the median over them of
+// their start -> touch done time (ms).
+func (ff *floorFile) run(ctx context.Context, target string, n int) (float64, error) {
+	times := make([]float64, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var stdout, stderr bytes.Buffer
+			cmd := exec.CommandContext(ctx, target, "--map-file", "/proc/self/fd/3", "--pattern", "sequential", "--threads", "1")
+			cmd.ExtraFiles = []*os.File{ff.f}
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			if err := cmd.Run(); err != nil {
+				errs[i] = fmt.Errorf("%s --map-file: %w: %s", target, err, bytes.TrimSpace(stderr.Bytes()))
+				return
+			}
+			var out struct {
+				targetOutput
+				Checksum uint64 `json:"checksum"`
+			}
+			if err := json.Unmarshal(bytes.TrimSpace(stdout.Bytes()), &out); err != nil {
+				errs[i] = fmt.Errorf("parse %s --map-file output %q: %w", target, stdout.String(), err)
+				return
+			}
+			if out.Pages != ff.pages || out.PageSize != ff.pageSize || out.Checksum != ff.checksum {
+				errs[i] = fmt.Errorf("%s --map-file touched %d pages of %d bytes (checksum %d), want %d of %d (checksum %d)",
+					target, out.Pages, out.PageSize, out.Checksum, ff.pages, ff.pageSize, ff.checksum)
+				return
+			}
+			times[i] = out.ReadyMS + out.TouchMS
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return 0, err
+	}
+	return Median(times), nil
 }
 
 // runManyTargets serves one lazy loader to n targets started at once,

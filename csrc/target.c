@@ -7,6 +7,7 @@
  *       [--write] [--dump FILE] [--wait] [--hold] [--stats]
  *       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]
  *       [--delay-us N] [--reattach-timeout-ms MS] [--write-xor B]
+ *   uffdrestore-target --map-file PATH [--pattern ..] [--threads N] [--seed N] [--write] [--write-xor B]
  *
  * It attaches (ur_attach), touches one byte of every page of every region
  * (pages covering each region's length) in the order asked for, prints one
@@ -85,6 +86,14 @@
  *   --pause-before-dump  waits for a line on stdin after the touch, before
  *                 the dump (stderr says "touched").
  * The JSON line then has an "events" object saying what was done.
+ *
+ * --map-file PATH (instead of --socket) is the floor to compare a restore
+ * with: no server, no userfaultfd. It maps the whole file at PATH (a shmem
+ * or hugetlbfs file whose pages are already in memory, e.g. a memfd as
+ * /proc/PID/fd/N) MAP_SHARED and touches one byte of every page of it the
+ * same way (page_size: the hugetlbfs block size, else the base page size),
+ * printing the same JSON line with "backing":"hugetlb|shmem|file" and
+ * "uffd":"none" (ready_ms: the file mapped).
  */
 #define _GNU_SOURCE
 #include "ur_client.h"
@@ -100,11 +109,20 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 static const char *prog = "uffdrestore-target";
+
+#ifndef HUGETLBFS_MAGIC
+#define HUGETLBFS_MAGIC 0x958458f6
+#endif
+#ifndef TMPFS_MAGIC
+#define TMPFS_MAGIC 0x01021994
+#endif
 
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 static void die(const char *fmt, ...)
@@ -189,6 +207,152 @@ static double pct_us(const uint64_t *sorted, uint64_t n, unsigned p)
 	if (rank == 0)
 		rank = 1;
 	return (double)sorted[rank - 1] / 1000.0;
+}
+
+/* How the pages are touched (the options both modes share). */
+struct touch_opts {
+	int random_order;
+	double fraction;
+	uint64_t seed;
+	long threads;
+	int write;
+	unsigned char xor_;
+	long delay_us;
+};
+
+/* What touch_pages did: ntouch pages on threads threads between t0 and t1,
+ * the first touch done at first (0: none), their checksum; lat (ntouch
+ * entries) sorted. */
+struct touch_result {
+	uint64_t ntouch, first, sum, t0, t1;
+	long threads;
+};
+
+/* Touches pages in the order o asks for (order and lat: npages entries
+ * each), on o->threads threads. */
+static void touch_pages(const struct page *pages, uint64_t npages, uint64_t *order, uint64_t *lat,
+			const struct touch_opts *o, struct touch_result *res)
+{
+	for (uint64_t i = 0; i < npages; i++)
+		order[i] = i;
+	uint64_t ntouch = npages;
+	long threads = o->threads;
+	if (o->random_order) {
+		uint64_t st = o->seed;
+		for (uint64_t i = npages; i > 1; i--) {
+			uint64_t j = splitmix(&st) % i;
+			uint64_t t = order[i - 1];
+			order[i - 1] = order[j];
+			order[j] = t;
+		}
+		double want = o->fraction * (double)npages;
+		ntouch = (uint64_t)want;
+		if ((double)ntouch < want)
+			ntouch++;
+		if (ntouch > npages)
+			ntouch = npages;
+	}
+	if ((uint64_t)threads > ntouch && ntouch > 0)
+		threads = (long)ntouch;
+
+	struct worker *w = calloc((size_t)threads, sizeof(*w));
+	if (!w)
+		die("out of memory");
+	res->t0 = now_ns();
+	for (long t = 0; t < threads; t++) {
+		w[t].pages = pages;
+		w[t].order = order;
+		w[t].lat = lat;
+		w[t].from = ntouch * (uint64_t)t / (uint64_t)threads;
+		w[t].to = ntouch * (uint64_t)(t + 1) / (uint64_t)threads;
+		w[t].write = o->write;
+		w[t].delay_us = o->delay_us;
+		w[t].xor_ = o->xor_;
+		if (t == 0)
+			continue;
+		int e = pthread_create(&w[t].th, NULL, touch, &w[t]);
+		if (e)
+			die("pthread_create: %s", strerror(e));
+	}
+	touch(&w[0]);
+	uint64_t first = 0, sum = 0;
+	for (long t = 0; t < threads; t++) {
+		if (t > 0)
+			pthread_join(w[t].th, NULL);
+		if (w[t].from < w[t].to && (first == 0 || w[t].first_done < first))
+			first = w[t].first_done;
+		sum = sum * 1000003 + w[t].sum;
+	}
+	res->t1 = now_ns();
+	free(w);
+	qsort(lat, ntouch, sizeof(*lat), cmp_u64);
+	res->ntouch = ntouch;
+	res->threads = threads;
+	res->first = first;
+	res->sum = sum;
+}
+
+static const char *pattern_name(const struct touch_opts *o)
+{
+	return o->random_order ? (o->fraction < 1 ? "fraction" : "random") : "sequential";
+}
+
+/* --map-file: maps the file at path MAP_SHARED and touches every page of
+ * it, without a server or a userfaultfd (the floor a restore is compared
+ * with). */
+static int map_file_main(const char *path, const struct touch_opts *o, uint64_t t_start)
+{
+	int fd = open(path, (o->write ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+	if (fd < 0)
+		die("--map-file: open %s: %s", path, strerror(errno));
+	struct stat st;
+	struct statfs sf;
+	if (fstat(fd, &st) < 0 || fstatfs(fd, &sf) < 0)
+		die("--map-file: stat %s: %s", path, strerror(errno));
+	if (!S_ISREG(st.st_mode) || st.st_size <= 0)
+		die("--map-file: %s is not a non-empty regular file (give a shmem, memfd or hugetlbfs file)", path);
+	const char *backing = "file";
+	uint64_t ps = (uint64_t)sysconf(_SC_PAGESIZE);
+	if ((unsigned long)sf.f_type == HUGETLBFS_MAGIC) {
+		backing = "hugetlb";
+		ps = (uint64_t)sf.f_bsize;
+	} else if ((unsigned long)sf.f_type == TMPFS_MAGIC) {
+		backing = "shmem";
+	}
+	uint64_t bytes = (uint64_t)st.st_size;
+	if (bytes % ps)
+		die("--map-file: %s is %llu bytes, not a multiple of its page size %llu", path, (unsigned long long)bytes,
+		    (unsigned long long)ps);
+	unsigned char *m = mmap(NULL, bytes, PROT_READ | (o->write ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
+	if (m == MAP_FAILED)
+		die("--map-file: mmap %s (%llu bytes): %s", path, (unsigned long long)bytes, strerror(errno));
+	close(fd);
+	uint64_t t_ready = now_ns();
+	uint64_t npages = bytes / ps;
+	struct page *pages = calloc(npages, sizeof(*pages));
+	uint64_t *order = calloc(npages, sizeof(*order));
+	uint64_t *lat = calloc(npages, sizeof(*lat));
+	if (!pages || !order || !lat)
+		die("out of memory for %llu pages", (unsigned long long)npages);
+	for (uint64_t i = 0; i < npages; i++)
+		pages[i].addr = m + i * ps;
+	struct touch_result r;
+	touch_pages(pages, npages, order, lat, o, &r);
+	printf("{\"ready_ms\":%.3f,\"first_byte_ms\":%.3f,\"touch_ms\":%.3f,\"pages\":%llu,\"page_size\":%llu,"
+	       "\"threads\":%ld,\"pattern\":\"%s\",\"private\":false,"
+	       "\"lat_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
+	       "\"checksum\":%llu,\"regions\":1,\"bytes\":%llu,\"backing\":\"%s\",\"uffd\":\"none\"}\n",
+	       (double)(t_ready - t_start) / 1e6, r.first ? (double)(r.first - t_start) / 1e6 : 0.0,
+	       (double)(r.t1 - r.t0) / 1e6, (unsigned long long)r.ntouch, (unsigned long long)ps, r.threads,
+	       pattern_name(o), pct_us(lat, r.ntouch, 50), pct_us(lat, r.ntouch, 90), pct_us(lat, r.ntouch, 99),
+	       r.ntouch ? (double)lat[r.ntouch - 1] / 1000.0 : 0.0, (unsigned long long)r.sum,
+	       (unsigned long long)bytes, backing);
+	fflush(stdout);
+	munmap(m, bytes);
+	free(pages);
+	free(order);
+	free(lat);
+	return 0;
 }
 
 /* A region's bytes as the target sees them now: up to 3 segments, in
@@ -648,15 +812,17 @@ static void usage(int status)
 		"       [--threads N] [--seed N] [--write] [--dump FILE] [--wait] [--hold] [--stats]\n"
 		"       [--unmap-part] [--mremap] [--remove] [--fork] [--churn] [--pause-before-dump]\n"
 		"       [--delay-us N] [--reattach-timeout-ms MS] [--write-xor B]\n"
+		"   or: %s --map-file PATH [--pattern ..] [--threads N] [--seed N] [--write] [--write-xor B]\n"
+		"       (no server, no userfaultfd: touches a shmem/hugetlbfs file mapped MAP_SHARED)\n"
 		"Example: %s --socket /run/snap.sock --pattern random --threads 2 --dump out.raw\n",
-		prog, prog);
+		prog, prog, prog);
 	exit(status);
 }
 
 int main(int argc, char **argv)
 {
 	uint64_t t_start = now_ns();
-	const char *sock = NULL, *pattern = "sequential", *dump_path = NULL;
+	const char *sock = NULL, *pattern = "sequential", *dump_path = NULL, *map_file = NULL;
 	struct ur_attach_opts opts;
 	memset(&opts, 0, sizeof(opts));
 	long threads = 1;
@@ -680,6 +846,9 @@ int main(int argc, char **argv)
 		if (!strcmp(a, "--socket")) {
 			NEEDV();
 			sock = v;
+		} else if (!strcmp(a, "--map-file")) {
+			NEEDV();
+			map_file = v;
 		} else if (!strcmp(a, "--server-uid")) {
 			NEEDV();
 			char *e;
@@ -760,7 +929,11 @@ int main(int argc, char **argv)
 			usage(2);
 		}
 	}
-	if (!sock)
+	if (map_file && (sock || dump_path || do_hold || do_wait || do_stats || do_unmap || do_mremap_ || do_remove_ ||
+			 do_fork_ || do_churn || do_pause || opts.private_mapping || opts.readonly || opts.at_original_addr))
+		die("--map-file maps a file without a server: it takes only --pattern, --threads, --seed, --write, "
+		    "--write-xor and --delay-us");
+	if (!sock && !map_file)
 		usage(2);
 	if (do_unmap && do_mremap_)
 		die("--unmap-part and --mremap both act on the same part: choose one");
@@ -776,6 +949,10 @@ int main(int argc, char **argv)
 	} else {
 		die("--pattern: %s is not sequential, random or fraction:F", pattern);
 	}
+	struct touch_opts to = { .random_order = random_order, .fraction = fraction, .seed = seed, .threads = threads,
+				 .write = do_write, .xor_ = write_xor, .delay_us = delay_us };
+	if (map_file)
+		return map_file_main(map_file, &to, t_start);
 	if (do_hold) {
 		/* Blocked before the threads start, so signalfd sees SIGTERM. */
 		sigset_t set;
@@ -825,30 +1002,6 @@ int main(int argc, char **argv)
 	}
 	if (do_fork_)
 		do_fork(s, pages, npages, dump_path, opts.private_mapping);
-	for (uint64_t i = 0; i < npages; i++)
-		order[i] = i;
-	uint64_t ntouch = npages;
-	if (random_order) {
-		uint64_t st = seed;
-		for (uint64_t i = npages; i > 1; i--) {
-			uint64_t j = splitmix(&st) % i;
-			uint64_t t = order[i - 1];
-			order[i - 1] = order[j];
-			order[j] = t;
-		}
-		double want = fraction * (double)npages;
-		ntouch = (uint64_t)want;
-		if ((double)ntouch < want)
-			ntouch++;
-		if (ntouch > npages)
-			ntouch = npages;
-	}
-	if ((uint64_t)threads > ntouch && ntouch > 0)
-		threads = (long)ntouch;
-
-	struct worker *w = calloc((size_t)threads, sizeof(*w));
-	if (!w)
-		die("out of memory");
 	struct churn ch;
 	memset(&ch, 0, sizeof(ch));
 	if (do_churn && npages) {
@@ -858,38 +1011,14 @@ int main(int argc, char **argv)
 		if (e)
 			die("pthread_create: %s", strerror(e));
 	}
-	uint64_t t_touch0 = now_ns();
-	for (long t = 0; t < threads; t++) {
-		w[t].pages = pages;
-		w[t].order = order;
-		w[t].lat = lat;
-		w[t].from = ntouch * (uint64_t)t / (uint64_t)threads;
-		w[t].to = ntouch * (uint64_t)(t + 1) / (uint64_t)threads;
-		w[t].write = do_write;
-		w[t].delay_us = delay_us;
-		w[t].xor_ = write_xor;
-		if (t == 0)
-			continue;
-		int e = pthread_create(&w[t].th, NULL, touch, &w[t]);
-		if (e)
-			die("pthread_create: %s", strerror(e));
-	}
-	touch(&w[0]);
-	uint64_t first = 0, sum = 0;
-	for (long t = 0; t < threads; t++) {
-		if (t > 0)
-			pthread_join(w[t].th, NULL);
-		if (w[t].from < w[t].to && (first == 0 || w[t].first_done < first))
-			first = w[t].first_done;
-		sum = sum * 1000003 + w[t].sum;
-	}
-	uint64_t t_touch1 = now_ns();
+	struct touch_result tr;
+	touch_pages(pages, npages, order, lat, &to, &tr);
+	uint64_t ntouch = tr.ntouch;
 	if (do_churn && npages) {
 		__atomic_store_n(&ch.stop, 1, __ATOMIC_RELEASE);
 		pthread_join(ch.th, NULL);
 		add_event("\"churn\":%llu", (unsigned long long)ch.n);
 	}
-	qsort(lat, ntouch, sizeof(*lat), cmp_u64);
 
 	if (do_pause) {
 		fprintf(stderr, "%s: touched\n", prog);
@@ -910,12 +1039,11 @@ int main(int argc, char **argv)
 	       "\"lat_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
 	       "\"checksum\":%llu,\"regions\":%zu,\"bytes\":%llu,\"backing\":\"%s\","
 	       "\"uffd\":\"%s\",\"fork_events\":%s,\"reattaches\":%u%s%s%s%s%s}\n",
-	       (double)(t_ready - t_start) / 1e6, first ? (double)(first - t_start) / 1e6 : 0.0,
-	       (double)(t_touch1 - t_touch0) / 1e6, (unsigned long long)ntouch, (unsigned long long)ps,
-	       threads, random_order ? (fraction < 1 ? "fraction" : "random") : "sequential",
-	       opts.private_mapping ? "true" : "false",
+	       (double)(t_ready - t_start) / 1e6, tr.first ? (double)(tr.first - t_start) / 1e6 : 0.0,
+	       (double)(tr.t1 - tr.t0) / 1e6, (unsigned long long)ntouch, (unsigned long long)ps, tr.threads,
+	       pattern_name(&to), opts.private_mapping ? "true" : "false",
 	       pct_us(lat, ntouch, 50), pct_us(lat, ntouch, 90), pct_us(lat, ntouch, 99),
-	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)sum,
+	       ntouch ? (double)lat[ntouch - 1] / 1000.0 : 0.0, (unsigned long long)tr.sum,
 	       ur_session_nregions(s), (unsigned long long)bytes, ur_session_backing(s), uffd_via(s),
 	       ur_session_uffd_flags(s) & UR_UFFD_NO_FORK_EVENTS ? "false" : "true", ur_session_reattaches(s),
 	       do_stats ? ",\"stats\":" : "", do_stats ? stats : "", events_len ? ",\"events\":{" : "",
@@ -932,7 +1060,6 @@ int main(int argc, char **argv)
 	free(pages);
 	free(order);
 	free(lat);
-	free(w);
 	rc = ur_detach(s);
 	if (rc < 0)
 		die("detach: %s: %s", ur_strerror(rc), ur_session_error(NULL));
