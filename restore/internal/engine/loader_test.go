@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/uffdrestore/uffdrestore/format"
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
@@ -112,5 +115,69 @@ func TestLoaderLazyRoundTrip(t *testing.T) {
 				})
 			}
 		}
+	}
+}
+
+// threadCount is this process's number of threads.
+func threadCount(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Threads:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Threads: line in /proc/self/status")
+	return 0
+}
+
+// TestIdleViewsHoldNoThreads: a view's fault loop waits for faults parked
+// in Go's poller, holding no OS thread (and no P in a system call, which
+// the runtime's monitor would keep taking back every 20 µs, preempting the
+// fillers): 48 idle views add a handful of threads, not 48; each still
+// serves its faults, and Close wakes every one out of its wait.
+func TestIdleViewsHoldNoThreads(t *testing.T) {
+	regions := []testRegion{{"a", 0, testImage(2<<20, 41)}}
+	path := writeSnap(t, regions, format.CodecZstd, 2<<20)
+	l, err := NewLoader(context.Background(), path, kernelOpts(t, BackingShmem, 2<<20)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const n = 48
+	maps := make([]*uffd.Mapping, n)
+	views := make([]*View, n)
+	before := threadCount(t)
+	for i := range n {
+		maps[i], views[i] = attachLocal(t, l, i%2 == 1)
+	}
+	time.Sleep(50 * time.Millisecond) // every loop has reached its wait
+	if grown := threadCount(t) - before; grown > 8 {
+		t.Errorf("%d idle views added %d threads: their fault loops hold threads while they wait", n, grown)
+	}
+	for i, m := range maps {
+		touch.Touch(m.Addr()+uintptr(i)*4096, 4096, 4096, false, nil, nil)
+		if got, want := m.Bytes()[i*4096], regions[0].data[i*4096]; got != want {
+			t.Fatalf("view %d: byte %#x, want %#x", i, got, want)
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		for _, v := range views {
+			v.Close()
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("closing idle views did not wake their fault loops")
 	}
 }

@@ -80,7 +80,7 @@ func defaultConfig() config {
 }
 
 // DefaultSpin is how long a fault loop busy-polls for the next fault before
-// it sleeps in poll(2): none. Measured here (BenchmarkFaultLatency, a present
+// it waits in the poller: none. Measured here (BenchmarkFaultLatency, a present
 // unit's fault in a second view), spinning 50 µs or even 1 ms left the p50
 // (11–14 µs) unchanged and did not lower the p99: what a fault costs is
 // mostly waking the faulting thread, not the handler; and on two vCPUs a
