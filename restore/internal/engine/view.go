@@ -47,8 +47,8 @@ type View struct {
 	// allocates nothing), skipping the read its first call would do.
 	waitFn    func(uintptr) bool
 	waitFirst bool
-	c      counters
-	dead   atomic.Bool
+	c         counters
+	dead      atomic.Bool
 	// mapped has a bit per unit this view has fully mapped: a fault there
 	// (a thread that raced the CONTINUE, or a page a target zapped) needs
 	// one single-page CONTINUE, not a walk of the unit. Cleared on remove,
