@@ -44,7 +44,7 @@ type View struct {
 	prc    syscall.RawConn
 	kicked atomic.Bool
 	// waitFn is the poller callback of wait (made once: the fault path
-	// allocates nothing), skipping the read its first call would do.
+	// allocates nothing).
 	waitFn    func(uintptr) bool
 	waitFirst bool
 	c         counters
@@ -126,11 +126,15 @@ func (e *engine) newView(u *uffd.FD, ranges []ViewRange, name string) (*View, er
 	v := &View{e: e, name: name, u: u, pf: pf, prc: prc, done: make(chan struct{}), loopDone: make(chan struct{}),
 		mapped: make([]atomic.Uint64, (e.nUnits+63)/64)}
 	v.waitFn = func(uintptr) bool {
-		if v.waitFirst { // the loop's read found nothing: wait for an edge
-			v.waitFirst = false
-			return false
+		if !v.waitFirst {
+			return true // the poller saw an edge
 		}
-		return true
+		// The poller forgets every edge before its first call (it
+		// expects this call to read), so one that came after the loop's
+		// last read would be lost: look at the level instead of reading.
+		v.waitFirst = false
+		ready, _, hup, err := uffd.Poll(v.u.Fd(), -1, 0)
+		return ready || hup || err != nil
 	}
 	s := append([]ViewRange(nil), ranges...)
 	sort.Slice(s, func(i, j int) bool { return s[i].Base < s[j].Base })
