@@ -281,6 +281,10 @@ func TestBenchCLICheckTargets(t *testing.T) {
 		if !strings.Contains(out, r.What) {
 			t.Errorf("the table lacks the row %q:\n%s", r.What, out)
 		}
+		// The split row measures its floor beside it.
+		if w == "single-core decode" && !strings.Contains(r.Measured, "floor on 2 cores: a fresh huge page's first write") {
+			t.Errorf("row %q: no floor in %q", r.What, r.Measured)
+		}
 		// The first-byte rows say where the wait went, step by step.
 		if w == "first byte readable (" || w == "helper prestarted" {
 			if !strings.Contains(r.Measured, "where the") || !strings.Contains(r.Measured, "answers it") || strings.Contains(r.Measured, "no trace") {
