@@ -99,7 +99,7 @@
 // every 20 µs, and so wakes at that rate; on two vCPUs each of its wakeups
 // preempted a filler: about 10,000 context switches in a 1 GiB sequential
 // lazy restore, whose fills ran 40% slower than with no toucher; parked in
-// the poller, lazy sequential went from 1.5x eager to 1.13x).
+// the poller, lazy sequential went from 1.5x eager to 1.02-1.13x).
 // Busy-polling 50 µs, or even 1 ms, after each batch left the present-unit
 // p50 about where it was (29–32 µs against 34–35 µs) and did not lower the
 // p99 (176–256 µs against 151–218 µs): the cost is waking
