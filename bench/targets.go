@@ -673,28 +673,29 @@ func targetSplitFirstTouch(ctx context.Context, cfg *TargetsConfig, tr *TargetsR
 
 // hugePageFirstTouch returns n times (ms) of the first write to a fresh
 // 2 MiB page of a hugetlb memfd: the page allocated and zeroed by the
-// kernel, as the first part decoded into an absent unit pays.
+// kernel, as the first part decoded into an absent unit pays. The n pages
+// are distinct and all held until the end (a page freed and taken again
+// would come back from the pool's free list warm in the cache).
 func hugePageFirstTouch(n int) ([]float64, error) {
-	const size = 2 << 20
-	var out []float64
-	for range n {
-		fd, err := unix.MemfdCreate("uffdrestore-bench-zero", unix.MFD_CLOEXEC|unix.MFD_HUGETLB)
-		if err != nil {
-			return nil, fmt.Errorf("bench: hugetlb memfd: %w", err)
-		}
-		if err := unix.Ftruncate(fd, size); err != nil {
-			unix.Close(fd)
-			return nil, fmt.Errorf("bench: hugetlb memfd: %w", err)
-		}
-		m, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		unix.Close(fd)
-		if err != nil {
-			return nil, fmt.Errorf("bench: map a huge page: %w", err)
-		}
+	const page = 2 << 20
+	fd, err := unix.MemfdCreate("uffdrestore-bench-zero", unix.MFD_CLOEXEC|unix.MFD_HUGETLB)
+	if err != nil {
+		return nil, fmt.Errorf("bench: hugetlb memfd: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, int64(n)*page); err != nil {
+		return nil, fmt.Errorf("bench: hugetlb memfd of %d pages: %w", n, err)
+	}
+	m, err := unix.Mmap(fd, 0, n*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("bench: map %d huge pages: %w", n, err)
+	}
+	defer unix.Munmap(m)
+	out := make([]float64, 0, n)
+	for i := range n {
 		t := time.Now()
-		m[0] = 1
+		m[i*page] = 1
 		out = append(out, ms(time.Since(t)))
-		unix.Munmap(m)
 	}
 	return out, nil
 }

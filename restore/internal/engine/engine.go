@@ -87,7 +87,7 @@ type engine struct {
 	// see FirstByteTrace): the first view's fault loop running, the first
 	// fault read, and the fill of the unit it asked for begun and done.
 	createdAt, servingAt, firstReadAt, firstFillAt, firstFilledAt atomic.Int64
-	firstFillUnit                                                 atomic.Int64 // that unit + 1
+	firstFaultUnit                                                atomic.Int64 // the first fault's unit + 1
 }
 
 type waitShard struct {
@@ -105,7 +105,6 @@ type waiter struct {
 
 func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) {
 	e := &engine{r: r, b: b, cfg: cfg, chunkSize: r.ChunkSize(), epoch: time.Now(), unitErr: map[uint32]error{}}
-	e.createdAt.Store(e.epoch.UnixNano())
 	e.poisonOff = !poisonAvailable()
 	e.unitSize = max(e.chunkSize, b.pageSize)
 	if e.unitSize%e.chunkSize != 0 || e.unitSize%b.pageSize != 0 {
@@ -162,6 +161,7 @@ func newEngine(r *format.Reader, b *backing, cfg config) (_ *engine, err error) 
 		e.workers.Add(1)
 		go e.worker()
 	}
+	e.createdAt.Store(time.Now().UnixNano())
 	return e, nil
 }
 
@@ -523,11 +523,24 @@ func (e *engine) splitDecode(w *workerState, c0, c1 int, dst []byte, buffered bo
 	j.c0, j.dst, j.buffered, j.err = c0, dst, buffered, nil
 	j.left.Store(int32(n))
 	j.state.Store(uint64(gen)<<32 | uint64(n)<<16)
+	offered := false
 	for i := 0; i < min(n, e.nWorkers)-1; i++ {
 		select {
 		case e.splitq <- splitReq{j, gen}:
+			offered = true
 		default:
 		}
+	}
+	if offered {
+		// A worker woken by the offer waits in this P's run queue behind
+		// this goroutine, which a decode does not yield for 10 ms: another
+		// P takes it only if one is free, and one held by a thread blocked
+		// in a fault of a local view (a cgo call) is not, until the
+		// runtime's monitor takes it back (up to 10 ms when the process is
+		// quiet). Yield once, so the helper starts at once here and this
+		// goroutine goes to whichever P frees first. (TestSplitFirstTouch:
+		// no part helped in about one run in four without it.)
+		runtime.Gosched()
 	}
 	if !e.runParts(w.dec, j, gen, false) {
 		<-j.done // a helper is decoding the last part
@@ -708,10 +721,10 @@ extend:
 // resolves every fault waiting on it. done is a reusable scratch slice.
 func (e *engine) fill(w *workerState, u uint32, byFault bool) {
 	var err error
-	first := byFault && e.firstFillUnit.Load() == 0 && e.firstFillUnit.CompareAndSwap(0, int64(u)+1)
-	if first {
-		e.firstFillAt.Store(time.Now().UnixNano())
-	}
+	// The first fault's own fill (a fault on a unit another path fills
+	// leaves the trace without one: see firstByteTrace).
+	first := byFault && e.firstFaultUnit.Load() == int64(u)+1 && e.firstFillAt.Load() == 0 &&
+		e.firstFillAt.CompareAndSwap(0, time.Now().UnixNano())
 	if e.partial[u].Swap(false) {
 		err = e.refillUnit(w, u)
 	} else {

@@ -82,14 +82,15 @@ type FirstByteTrace struct {
 	Loader    time.Duration `json:"loader_ns"`     // the fault handler's loader built: its index parsed, the backing mapped, the fillers started (a helper: after it got its job)
 	Serving   time.Duration `json:"serving_ns"`    // its first view's fault loop running
 	FaultRead time.Duration `json:"fault_read_ns"` // the first fault read from the userfaultfd
-	FillStart time.Duration `json:"fill_start_ns"` // a filler began that fault's unit
+	FillStart time.Duration `json:"fill_start_ns"` // a filler began that fault's unit (the first fault's own fill)
 	Filled    time.Duration `json:"filled_ns"`     // the unit in the backing: its chunks read, decompressed, checked
 	Answered  time.Duration `json:"answered_ns"`   // the fault answered (UFFDIO_CONTINUE): TimeToFirstByte
 }
 
 // firstByteTrace makes the trace of marks (FirstByteMarks) against start,
-// or nil when a step is missing (no fault answered yet, or the first fault
-// found its unit filled by another path).
+// or nil when a step is missing or out of order (no fault answered yet; the
+// first fault found its unit filled by another path, prefetch or a working
+// set; or another unit's fault was answered first).
 func firstByteTrace(start time.Time, ready time.Duration, marks []int64) *FirstByteTrace {
 	if start.IsZero() || len(marks) != 6 {
 		return nil
@@ -100,6 +101,11 @@ func firstByteTrace(start time.Time, ready time.Duration, marks []int64) *FirstB
 			return nil
 		}
 		d[i] = max(0, time.Unix(0, m).Sub(start))
+	}
+	for i := 1; i < len(d); i++ {
+		if d[i] < d[i-1] {
+			return nil
+		}
 	}
 	return &FirstByteTrace{Ready: ready, Loader: d[0], Serving: d[1], FaultRead: d[2], FillStart: d[3], Filled: d[4], Answered: d[5]}
 }

@@ -41,3 +41,32 @@ func TestHistogramPercentiles(t *testing.T) {
 		t.Fatal("empty histogram has a count")
 	}
 }
+
+// TestFirstByteTraceOrder: a trace is made only from marks in order, each
+// step from the start; a missing or out-of-order mark (another unit's fault
+// answered before the first fault's own fill) gives none.
+func TestFirstByteTraceOrder(t *testing.T) {
+	start := time.Unix(100, 0)
+	at := func(ms ...int64) []int64 {
+		var out []int64
+		for _, m := range ms {
+			out = append(out, start.Add(time.Duration(m)*time.Millisecond).UnixNano())
+		}
+		return out
+	}
+	fb := firstByteTrace(start, time.Millisecond, at(2, 3, 4, 5, 7, 8))
+	if fb == nil || fb.Ready != time.Millisecond || fb.Loader != 2*time.Millisecond || fb.FillStart != 5*time.Millisecond || fb.Answered != 8*time.Millisecond {
+		t.Fatalf("trace %+v", fb)
+	}
+	if fb := firstByteTrace(start, 0, at(2, 3, 4, 5, 9, 8)); fb != nil {
+		t.Errorf("answered before filled: trace %+v, want none", fb)
+	}
+	missing := at(2, 3, 4, 5, 7, 8)
+	missing[3] = 0
+	if fb := firstByteTrace(start, 0, missing); fb != nil {
+		t.Errorf("no fill mark: trace %+v, want none", fb)
+	}
+	if fb := firstByteTrace(time.Time{}, 0, at(2, 3, 4, 5, 7, 8)); fb != nil {
+		t.Errorf("no start: trace %+v, want none", fb)
+	}
+}

@@ -318,9 +318,6 @@ func (v *View) loop() {
 func (v *View) handle(m *uffd.Msg, t0 int64) {
 	switch m.Event {
 	case uffd.EventPagefault:
-		if v.e.firstReadAt.Load() == 0 {
-			v.e.firstReadAt.CompareAndSwap(0, time.Now().UnixNano())
-		}
 		if m.Flags&uffd.PFMinor != 0 {
 			v.c.faultsMinor.Add(1)
 		} else {
@@ -336,6 +333,9 @@ func (v *View) handle(m *uffd.Msg, t0 int64) {
 			v.e.rec.note(int(off / uint64(v.e.chunkSize)))
 		}
 		u := uint32(off / uint64(v.e.unitSize))
+		if v.e.firstReadAt.Load() == 0 && v.e.firstReadAt.CompareAndSwap(0, time.Now().UnixNano()) {
+			v.e.firstFaultUnit.Store(int64(u) + 1)
+		}
 		v.e.request(v, u, addr, t0)
 		v.readahead(u)
 	case uffd.EventRemap:
@@ -396,8 +396,10 @@ func (v *View) readahead(u uint32) {
 		return // another page or thread of the same unit
 	}
 	// In order: the next unit, or any unit further on up to the window's
-	// end (the units between were mapped ahead, so they took no fault).
-	seq := ra.started && (u == ra.last+1 || (ra.win > 0 && u > ra.last && u <= ra.end))
+	// end (the units between were mapped ahead, so they took no fault), or
+	// one inside the latest window (threads whose faults arrive out of
+	// order).
+	seq := ra.started && (u == ra.last+1 || (ra.win > 0 && u <= ra.end && (u > ra.last || u >= ra.start)))
 	ra.last, ra.started = u, true
 	if !seq {
 		if ra.win > 0 {
@@ -508,6 +510,11 @@ func (v *View) wait() (hup bool, err error) {
 		return false, nil
 	}
 	if err != nil {
+		// The poller refuses a file it saw an error on (EPOLLERR): a
+		// hangup, if poll(2) says so, ends the view as one.
+		if _, _, hup, perr := uffd.Poll(v.u.Fd(), -1, 0); perr == nil && hup {
+			return true, nil
+		}
 		return false, err
 	}
 	// Readable, or an error the poller reports as readable too: poll(2)
