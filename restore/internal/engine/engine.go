@@ -523,24 +523,11 @@ func (e *engine) splitDecode(w *workerState, c0, c1 int, dst []byte, buffered bo
 	j.c0, j.dst, j.buffered, j.err = c0, dst, buffered, nil
 	j.left.Store(int32(n))
 	j.state.Store(uint64(gen)<<32 | uint64(n)<<16)
-	offered := false
 	for i := 0; i < min(n, e.nWorkers)-1; i++ {
 		select {
 		case e.splitq <- splitReq{j, gen}:
-			offered = true
 		default:
 		}
-	}
-	if offered {
-		// A worker woken by the offer waits in this P's run queue behind
-		// this goroutine, which a decode does not yield for 10 ms: another
-		// P takes it only if one is free, and one held by a thread blocked
-		// in a fault of a local view (a cgo call) is not, until the
-		// runtime's monitor takes it back (up to 10 ms when the process is
-		// quiet). Yield once, so the helper starts at once here and this
-		// goroutine goes to whichever P frees first. (TestSplitFirstTouch:
-		// no part helped in about one run in four without it.)
-		runtime.Gosched()
 	}
 	if !e.runParts(w.dec, j, gen, false) {
 		<-j.done // a helper is decoding the last part
