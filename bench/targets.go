@@ -359,6 +359,30 @@ func (ff *floorFile) Close() error { return ff.f.Close() }
 // page (its page count and checksum), and returns the median over them of
 // their start -> touch done time (ms).
 func (ff *floorFile) run(ctx context.Context, target string, n int) (float64, error) {
+	return startTargets(ctx, n, func(int) *exec.Cmd {
+		cmd := exec.CommandContext(ctx, target, "--map-file", "/proc/self/fd/3", "--pattern", "sequential", "--threads", "1")
+		cmd.ExtraFiles = []*os.File{ff.f}
+		return cmd
+	}, func(stdout []byte) (float64, error) {
+		var out struct {
+			targetOutput
+			Checksum uint64 `json:"checksum"`
+		}
+		if err := json.Unmarshal(stdout, &out); err != nil {
+			return 0, err
+		}
+		if out.Pages != ff.pages || out.PageSize != ff.pageSize || out.Checksum != ff.checksum {
+			return 0, fmt.Errorf("touched %d pages of %d bytes (checksum %d), want %d of %d (checksum %d)",
+				out.Pages, out.PageSize, out.Checksum, ff.pages, ff.pageSize, ff.checksum)
+		}
+		return out.ReadyMS + out.TouchMS, nil
+	})
+}
+
+// startTargets runs the n commands cmd(i) makes at once and returns the
+// median of the times (ms) parse reads from their outputs; a command that
+// fails or whose output parse refuses fails the whole run.
+func startTargets(ctx context.Context, n int, cmd func(i int) *exec.Cmd, parse func(stdout []byte) (float64, error)) (float64, error) {
 	times := make([]float64, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
@@ -367,27 +391,18 @@ func (ff *floorFile) run(ctx context.Context, target string, n int) (float64, er
 		go func() {
 			defer wg.Done()
 			var stdout, stderr bytes.Buffer
-			cmd := exec.CommandContext(ctx, target, "--map-file", "/proc/self/fd/3", "--pattern", "sequential", "--threads", "1")
-			cmd.ExtraFiles = []*os.File{ff.f}
-			cmd.Stdout, cmd.Stderr = &stdout, &stderr
-			if err := cmd.Run(); err != nil {
-				errs[i] = fmt.Errorf("%s --map-file: %w: %s", target, err, bytes.TrimSpace(stderr.Bytes()))
+			c := cmd(i)
+			c.Stdout, c.Stderr = &stdout, &stderr
+			if err := c.Run(); err != nil {
+				errs[i] = fmt.Errorf("%s: %w: %s", strings.Join(c.Args, " "), err, bytes.TrimSpace(stderr.Bytes()))
 				return
 			}
-			var out struct {
-				targetOutput
-				Checksum uint64 `json:"checksum"`
-			}
-			if err := json.Unmarshal(bytes.TrimSpace(stdout.Bytes()), &out); err != nil {
-				errs[i] = fmt.Errorf("parse %s --map-file output %q: %w", target, stdout.String(), err)
+			t, err := parse(bytes.TrimSpace(stdout.Bytes()))
+			if err != nil {
+				errs[i] = fmt.Errorf("%s: output %q: %w", strings.Join(c.Args, " "), stdout.String(), err)
 				return
 			}
-			if out.Pages != ff.pages || out.PageSize != ff.pageSize || out.Checksum != ff.checksum {
-				errs[i] = fmt.Errorf("%s --map-file touched %d pages of %d bytes (checksum %d), want %d of %d (checksum %d)",
-					target, out.Pages, out.PageSize, out.Checksum, ff.pages, ff.pageSize, ff.checksum)
-				return
-			}
-			times[i] = out.ReadyMS + out.TouchMS
+			times[i] = t
 		}()
 	}
 	wg.Wait()
@@ -418,30 +433,16 @@ func runManyTargets(ctx context.Context, env *Env, target string, n int) (float6
 		return 0, err
 	}
 	defer srv.Close()
-	times := make([]float64, n)
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var stdout, stderr bytes.Buffer
-			cmd := exec.CommandContext(ctx, target, "--socket", sock, "--pattern", "sequential", "--threads", "1", "--seed", strconv.Itoa(i+1))
-			cmd.Stdout, cmd.Stderr = &stdout, &stderr
-			if err := cmd.Run(); err != nil {
-				errs[i] = fmt.Errorf("%s: %w: %s", target, err, bytes.TrimSpace(stderr.Bytes()))
-				return
-			}
-			var out targetOutput
-			if err := json.Unmarshal(bytes.TrimSpace(stdout.Bytes()), &out); err != nil {
-				errs[i] = fmt.Errorf("parse %s output %q: %w", target, stdout.String(), err)
-				return
-			}
-			times[i] = out.ReadyMS + out.TouchMS
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	med, err := startTargets(ctx, n, func(i int) *exec.Cmd {
+		return exec.CommandContext(ctx, target, "--socket", sock, "--pattern", "sequential", "--threads", "1", "--seed", strconv.Itoa(i+1))
+	}, func(stdout []byte) (float64, error) {
+		var out targetOutput
+		if err := json.Unmarshal(stdout, &out); err != nil {
+			return 0, err
+		}
+		return out.ReadyMS + out.TouchMS, nil
+	})
+	if err != nil {
 		return 0, err
 	}
 	dump := filepath.Join(dir, "dump")
@@ -454,7 +455,7 @@ func runManyTargets(ctx context.Context, env *Env, target string, n int) (float6
 	if err := verifyDump(env.Image, env.Layout, dump); err != nil {
 		return 0, err
 	}
-	return Median(times), nil
+	return med, nil
 }
 
 // Row 3: the first byte of an in-process lazy restore as a user waits for
