@@ -27,6 +27,7 @@ func TestStatsScope(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer idle.Close()
+	touchFromC(reader)
 	var sum byte
 	for _, b := range reader.Regions[0].Data {
 		sum += b

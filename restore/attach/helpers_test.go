@@ -18,8 +18,10 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/uffdrestore/uffdrestore/internal/testutil"
+	"github.com/uffdrestore/uffdrestore/internal/touch"
 	"github.com/uffdrestore/uffdrestore/restore"
 	"github.com/uffdrestore/uffdrestore/restore/uffd"
 	"golang.org/x/sys/unix"
@@ -599,4 +601,17 @@ func helperAdopt(snap string, kind restore.BackingKind) (Backend, error) {
 		}
 		return FromLoader(l), nil
 	}), nil
+}
+
+// touchFromC touches every page of the client's regions from C before Go
+// code reads them: a goroutine waiting in a fault in Go code (a copy) holds
+// its P and cannot be stopped, so a garbage collection in this process,
+// whose server must answer that fault, would wait for it forever.
+func touchFromC(cl *Client) {
+	ps := int(cl.Hello.PageSize)
+	for _, r := range cl.Regions {
+		if len(r.Data) > 0 {
+			touch.Touch(uintptr(unsafe.Pointer(&r.Data[0])), len(r.Data), ps, false, nil, nil)
+		}
+	}
 }

@@ -423,6 +423,7 @@ func TestReadOnlyTargets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	touchFromC(cl)
 	var got []byte
 	for _, r := range cl.Regions {
 		got = append(got, r.Data...)
