@@ -44,9 +44,12 @@ type View struct {
 	prc    syscall.RawConn
 	kicked atomic.Bool
 	// waitFn is the poller callback of wait (made once: the fault path
-	// allocates nothing).
+	// allocates nothing); waitHup and waitErr are what its first call's
+	// poll(2) found.
 	waitFn    func(uintptr) bool
 	waitFirst bool
+	waitHup   bool
+	waitErr   error
 	c         counters
 	dead      atomic.Bool
 	// mapped has a bit per unit this view has fully mapped: a fault there
@@ -134,6 +137,7 @@ func (e *engine) newView(u *uffd.FD, ranges []ViewRange, name string) (*View, er
 		// last read would be lost: look at the level instead of reading.
 		v.waitFirst = false
 		ready, _, hup, err := uffd.Poll(v.u.Fd(), -1, 0)
+		v.waitHup, v.waitErr = hup, err
 		return ready || hup || err != nil
 	}
 	s := append([]ViewRange(nil), ranges...)
@@ -384,9 +388,10 @@ type raState struct {
 // readahead follows the view's faults (fault loop only). Faults on
 // raStartRun consecutive units start a window of units after the last; a fault on
 // the latest window's first absent unit (left unmapped for that: the
-// marker) or past it doubles the window and queues the next one after it;
-// a fault anywhere else ends readahead, and the queued units not yet
-// claimed are dropped.
+// marker) or past it doubles the window and queues the next one after it.
+// Faults that skip forward up to the window's end (over units mapped
+// ahead) or land inside the latest window stay in order; a fault anywhere
+// else ends readahead, and the queued units not yet claimed are dropped.
 func (v *View) readahead(u uint32) {
 	ra, e := &v.ra, v.e
 	if h := e.hooks; h != nil && h.noReadahead {
@@ -493,7 +498,9 @@ func (v *View) deferFault(u uint32, addr uintptr, t0 int64) {
 // wait parks the fault loop until its uffd is readable or kick is called
 // (fault loop only; the uffd was found empty). hup: the uffd reports an
 // error or hangup (poll(2) says so, e.g. a target made the shared file
-// description blocking), which ends the view.
+// description blocking), which ends the view. One poll(2) per wait: a
+// hangup that comes while the loop is parked wakes it as readable, its
+// read finds nothing, and the next wait's poll(2) sees the hangup.
 func (v *View) wait() (hup bool, err error) {
 	// The deadline is cleared before the flag is read: a kick after this
 	// point sets a new one, so none is lost.
@@ -503,7 +510,7 @@ func (v *View) wait() (hup bool, err error) {
 	if v.kicked.Swap(false) || v.dead.Load() {
 		return false, nil
 	}
-	v.waitFirst = true
+	v.waitFirst, v.waitHup, v.waitErr = true, false, nil
 	err = v.prc.Read(v.waitFn)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		v.kicked.Store(false)
@@ -517,10 +524,7 @@ func (v *View) wait() (hup bool, err error) {
 		}
 		return false, err
 	}
-	// Readable, or an error the poller reports as readable too: poll(2)
-	// tells them apart without reading.
-	_, _, hup, err = uffd.Poll(v.u.Fd(), -1, 0)
-	return hup, err
+	return v.waitHup, v.waitErr
 }
 
 // kick wakes the fault loop out of its wait.
