@@ -126,6 +126,9 @@ func (sp *spawned) Abandon() {
 	})
 }
 
+// testAfterJob, when set (tests), runs between the job and the attach.
+var testAfterJob func(pid int)
+
 // start hands req to a helper (req.Spawned, else one started now): the
 // job (configuration, snapshot, backing), then the attach of req's view;
 // the handshake runs on in the background.
@@ -156,23 +159,7 @@ func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, e
 	if err := unix.Fstat(int(req.Backing.Fd()), &bst); err != nil {
 		return nil, fmt.Errorf("restore: backing: %w", os.NewSyscallError("fstat", err))
 	}
-	send := func(v any, fds ...int) error { return attach.SendMsgFD(int(sp.mine.Fd()), v, fds...) }
 	job := jobMsg{Type: typeJob, Config: envConfig{Workers: req.Workers, Loader: req.Config}}
-	err = send(job, int(req.Snapshot.Fd()), int(req.Backing.Fd()))
-	if err != nil && req.Spawned != nil && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)) {
-		// A helper started ahead that died meanwhile (killed while it
-		// waited): a new one.
-		sp.Abandon()
-		ns, serr := spawn(req.Exe)
-		if serr != nil {
-			return nil, serr // (the deferred Abandon of the dead one does nothing more)
-		}
-		sp = ns.(*spawned)
-		err = send(job, int(req.Snapshot.Fd()), int(req.Backing.Fd()))
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%w: sending its job: %w", ErrHelper, err)
-	}
 	// The attach follows the job, ahead of the hello (it waits in the
 	// socket): this side created the backing, so it knows what it maps,
 	// and the helper must be able to serve the view without this process
@@ -191,8 +178,35 @@ func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, e
 		a.Type = attach.TypeReattach
 		extraFDs = []int{int(req.Backing.Fd())}
 	}
-	if err = attach.SendAttach(send, a, req.Uffd, extraFDs...); err != nil {
-		return nil, fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
+	deliver := func(sp *spawned) error {
+		send := func(v any, fds ...int) error { return attach.SendMsgFD(int(sp.mine.Fd()), v, fds...) }
+		if err := send(job, int(req.Snapshot.Fd()), int(req.Backing.Fd())); err != nil {
+			return fmt.Errorf("%w: sending its job: %w", ErrHelper, err)
+		}
+		if testAfterJob != nil {
+			testAfterJob(sp.cmd.Process.Pid)
+		}
+		if err := attach.SendAttach(send, a, req.Uffd, extraFDs...); err != nil {
+			return fmt.Errorf("%w: sending the attach: %w", ErrHelper, err)
+		}
+		return nil
+	}
+	err = deliver(sp)
+	if err != nil && req.Spawned != nil && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)) {
+		// A helper started ahead that died meanwhile (killed while it
+		// waited; its socket may close between the job and the attach, as
+		// a SIGKILL's exit runs after kill returns): a new one. What the
+		// dead one was sent needs no undoing: it never held the uffd.
+		sp.Abandon()
+		ns, serr := spawn(req.Exe)
+		if serr != nil {
+			return nil, serr // (the deferred Abandon of the dead one does nothing more)
+		}
+		sp = ns.(*spawned)
+		err = deliver(sp)
+	}
+	if err != nil {
+		return nil, err
 	}
 	fc, err := net.FileConn(sp.mine)
 	if err != nil {

@@ -1,11 +1,13 @@
 package helper
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -195,5 +197,59 @@ func TestSilentHelper(t *testing.T) {
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("Wait on context.Background() with a silent helper hangs")
+	}
+}
+
+// TestPrestartedDiesBeforeAttach: a prestarted helper that dies after its
+// job was queued in its socket but before the attach was (a SIGKILL sent
+// while it waited: the process exits after kill returns) is replaced by a
+// new one, and the Open serves the right bytes, instead of failing with a
+// reset connection.
+func TestPrestartedDiesBeforeAttach(t *testing.T) {
+	testutil.RequireRoot(t)
+	data := image(4 << 20)
+	path := testutil.WriteSnapshot(t, []testutil.Region{{Name: "a", Data: data}}, format.CodecZstd, 1<<20)
+	opts := []restore.Option{restore.WithBacking(restore.BackingShmem)}
+	t.Cleanup(restore.StopPrestartedHelper)
+	if err := restore.PrestartHelper(opts...); err != nil {
+		t.Fatal(err)
+	}
+	killed := 0
+	testAfterJob = func(pid int) {
+		if killed != 0 {
+			return
+		}
+		killed = pid
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Error(err)
+			return
+		}
+		// Until it exited (a zombie: its socket is closed).
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+			if err != nil || strings.Contains(string(b), ") Z ") {
+				return
+			}
+		}
+		t.Error("the killed helper did not exit in 10 s")
+	}
+	t.Cleanup(func() { testAfterJob = nil })
+	r, err := restore.Open(context.Background(), path, opts...)
+	if err != nil {
+		t.Fatalf("Open with a prestarted helper that died before its attach: %v", err)
+	}
+	defer r.Close()
+	if killed == 0 {
+		t.Fatal("the hook did not run: the Open took no prestarted helper")
+	}
+	if !bytes.Equal(r.Bytes()[:len(data)], data) {
+		t.Fatal("the view differs from the image")
+	}
+	s, err := r.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.HelperPID == killed || s.HelperPID == 0 {
+		t.Errorf("the view is served by helper %d; the killed one was %d", s.HelperPID, killed)
 	}
 }
