@@ -18,6 +18,15 @@ func TestPrewarm(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The frame each prewarmed decoder decodes once is a chunk.
+	zd, err := newZstdDecoder(chunk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := zd.DecodeAll(warmFrame(chunk), make([]byte, 0, chunk)); err != nil || len(out) != chunk {
+		t.Fatalf("the warm-up frame decodes to %d bytes (%v), want %d", len(out), err, chunk)
+	}
+	zd.Close()
 	pool := func() (int, int) {
 		warm.Lock()
 		defer warm.Unlock()
