@@ -168,7 +168,7 @@
 // starts a new one on the same backing and userfaultfd, which adopts the
 // backing as AdoptLoader does (units present are kept, never refilled: the
 // program may have written them; units the dead helper was filling, per a
-// fill journal in a private temporary directory, are punched and filled
+// fill journal that Open keeps in a memfd and hands each helper, are punched and filled
 // again) and re-attaches the view, waking every thread waiting in it; Wait
 // and Stats carry on with it (Stats.HelperRespawns counts them). After
 // MaxHelperRespawns, or when a new helper cannot be started, Wait, Stats and

@@ -180,7 +180,11 @@ func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, e
 	}
 	deliver := func(sp *spawned) error {
 		send := func(v any, fds ...int) error { return attach.SendMsgFD(int(sp.mine.Fd()), v, fds...) }
-		if err := send(job, int(req.Snapshot.Fd()), int(req.Backing.Fd())); err != nil {
+		fds := []int{int(req.Snapshot.Fd()), int(req.Backing.Fd())}
+		if req.Journal != nil {
+			fds = append(fds, int(req.Journal.Fd()))
+		}
+		if err := send(job, fds...); err != nil {
 			return fmt.Errorf("%w: sending its job: %w", ErrHelper, err)
 		}
 		if testAfterJob != nil {

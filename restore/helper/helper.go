@@ -115,6 +115,7 @@ func run(js string) int {
 		fc.Close()
 		return fail(fmt.Errorf("socket fd %d is not a Unix socket", ec.Socket))
 	}
+	var journal *os.File // the fill journal, when the job brings one
 	if ec.Job {
 		// Started ahead: the job is the first message.
 		// A helper whose job is not there yet was started ahead of its
@@ -137,8 +138,8 @@ func run(js string) int {
 				err = fmt.Errorf("a %q message, want %q", job.Type, typeJob)
 			}
 		}
-		if err == nil && len(fds) != 2 {
-			err = fmt.Errorf("%d file descriptors came with the job, want 2 (snapshot, backing)", len(fds))
+		if err == nil && len(fds) != 2 && len(fds) != 3 {
+			err = fmt.Errorf("%d file descriptors came with the job, want 2 or 3 (snapshot, backing, fill journal)", len(fds))
 		}
 		if err != nil {
 			attach.CloseFDs(fds)
@@ -146,6 +147,9 @@ func run(js string) int {
 			return fail(fmt.Errorf("receiving its job: %w", err))
 		}
 		ec.Workers, ec.Loader, ec.Snapshot, ec.Backing = job.Config.Workers, job.Config.Loader, fds[0], fds[1]
+		if len(fds) == 3 {
+			journal = os.NewFile(uintptr(fds[2]), "fill-journal")
+		}
 	}
 	// One more P than filler workers: a fault loop that wakes up must not
 	// wait for a P while every P decodes a chunk (Go preempts those only
@@ -159,9 +163,12 @@ func run(js string) int {
 	runtime.GOMAXPROCS(workers + 1)
 	snap := os.NewFile(uintptr(ec.Snapshot), "snapshot")
 	backing := os.NewFile(uintptr(ec.Backing), "backing")
-	lv, err := helperlink.NewLoader(ec.Loader, snap, backing)
+	lv, err := helperlink.NewLoader(ec.Loader, snap, backing, journal)
 	snap.Close()
 	backing.Close()
+	if journal != nil {
+		journal.Close() // mapped
+	}
 	if err != nil {
 		// Refused instead of the hello, with the error's code.
 		attach.SendMsg(c, attach.Reply{Type: attach.TypeError, Error: err.Error(), Code: attach.ErrorCode(err)})
@@ -191,7 +198,9 @@ func run(js string) int {
 // 0.3-1 ms of its first byte on first use (measured on a 2-vCPU VM).
 func warmUp() {
 	format.Prewarm(2<<20, runtime.NumCPU())
-	engine.WarmUp()
+	if helperlink.WarmUp != nil {
+		helperlink.WarmUp()
+	}
 	for _, v := range []any{
 		&attach.Hello{Regions: make([]attach.Region, 1)},
 		&attach.Attach{Mappings: make([]attach.Mapping, 1)},

@@ -221,16 +221,31 @@ func HugePools() []HugePool {
 		if _, err := fmt.Sscanf(filepath.Base(d), "hugepages-%dkB", &kb); err != nil {
 			continue
 		}
-		rd := func(name string) int64 {
-			b, _ := os.ReadFile(filepath.Join(d, name))
-			n, _ := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
-			return n
-		}
-		out = append(out, HugePool{PageSize: kb << 10, Total: rd("nr_hugepages"), Free: rd("free_hugepages"),
-			Reserved: rd("resv_hugepages"), Surplus: rd("surplus_hugepages")})
+		out = append(out, readHugePool(d, kb<<10))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].PageSize < out[j].PageSize })
 	return out
+}
+
+// HugePoolOf is the pool of pageSize-byte huge pages (what HugePools lists
+// for that size, read alone: a restore checks one pool on its way to the
+// first byte); ok is false when there is no such pool.
+func HugePoolOf(pageSize int64) (p HugePool, ok bool) {
+	d := fmt.Sprintf("/sys/kernel/mm/hugepages/hugepages-%dkB", pageSize>>10)
+	if _, err := os.Stat(d); err != nil {
+		return HugePool{PageSize: pageSize}, false
+	}
+	return readHugePool(d, pageSize), true
+}
+
+func readHugePool(dir string, pageSize int64) HugePool {
+	rd := func(name string) int64 {
+		b, _ := os.ReadFile(filepath.Join(dir, name))
+		n, _ := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		return n
+	}
+	return HugePool{PageSize: pageSize, Total: rd("nr_hugepages"), Free: rd("free_hugepages"),
+		Reserved: rd("resv_hugepages"), Surplus: rd("surplus_hugepages")}
 }
 
 // HugetlbfsMounts lists hugetlbfs mounts from /proc/self/mountinfo.

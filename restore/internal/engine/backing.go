@@ -81,12 +81,7 @@ func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
 func checkPool(size int64) error {
 	page := uffd.DefaultHugePageSize()
 	need := roundUp(size, page) / page
-	var pool uffd.HugePool
-	for _, p := range uffd.HugePools() {
-		if p.PageSize == page {
-			pool = p
-		}
-	}
+	pool, _ := uffd.HugePoolOf(page)
 	if avail := pool.Available(); avail < need {
 		return fmt.Errorf("%w: the snapshot needs %d huge pages of %d KiB (%d MiB), %d are free (%d total, %d reserved): "+
 			"as root run `echo %d > /proc/sys/vm/nr_hugepages`, or restore with --backing shmem",
@@ -132,14 +127,18 @@ func hugetlbfsHint() string {
 
 // newBacking creates a backing file of at least size bytes.
 func newBacking(kind BackingKind, size int64, hugetlbfsDir string) (_ *backing, err error) {
+	checked := false // the pool has room (autoBacking checked it)
 	if kind == BackingAuto {
 		kind = autoBacking(size)
+		checked = kind.hugetlb()
 	}
 	b := &backing{kind: kind, pageSize: os.Getpagesize()}
 	if kind.hugetlb() {
 		b.pageSize = int(uffd.DefaultHugePageSize())
-		if err := checkPool(size); err != nil {
-			return nil, err
+		if !checked {
+			if err := checkPool(size); err != nil {
+				return nil, err
+			}
 		}
 	}
 	b.size = roundUp(max(size, 1), int64(b.pageSize))

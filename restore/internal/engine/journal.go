@@ -41,6 +41,24 @@ func openJournal(path string, n int, keep bool) (*fillJournal, error) {
 		return nil, fmt.Errorf("restore: fill journal %s: %w", path, err)
 	}
 	defer unix.Close(fd)
+	return mapJournal(fd, path, n, keep)
+}
+
+// newJournalFile makes a fill journal with no name (a memfd): what a lazy
+// Open keeps for its helpers (each one it starts maps it, so a new one
+// learns what the one that died was filling), at no cost of a directory
+// and a file on disk on the way to the first byte.
+func newJournalFile() (*os.File, error) {
+	fd, err := unix.MemfdCreate("uffdrestore-fill-journal", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("restore: fill journal: %w", os.NewSyscallError("memfd_create", err))
+	}
+	return os.NewFile(uintptr(fd), "uffdrestore-fill-journal"), nil
+}
+
+// mapJournal maps the journal open at fd (named path in errors) for n
+// units; keep as in openJournal.
+func mapJournal(fd int, path string, n int, keep bool) (*fillJournal, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("restore: fill journal %s: %w", path, err)

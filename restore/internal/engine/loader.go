@@ -129,7 +129,13 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 	if err != nil {
 		return nil, err
 	}
-	if cfg.journal != "" {
+	switch {
+	case cfg.journalFile != nil:
+		if e.journal, err = mapJournal(int(cfg.journalFile.Fd()), "(inherited)", e.nUnits, cfg.adopt != nil); err != nil {
+			e.close()
+			return nil, err
+		}
+	case cfg.journal != "":
 		if e.journal, err = openJournal(cfg.journal, e.nUnits, cfg.adopt != nil); err != nil {
 			e.close()
 			return nil, err

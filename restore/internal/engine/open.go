@@ -41,9 +41,9 @@ type Restore struct {
 	// whose client is this Restore (restore/helper), replaced when it dies.
 	helper *helperSet
 	// What a new helper needs: the snapshot (a duplicate, or /dev/null
-	// for a remote one) and the private directory of the fill journal.
-	snap       *os.File
-	journalDir string
+	// for a remote one) and the fill journal (a memfd).
+	snap    *os.File
+	journal *os.File
 
 	closeOnce sync.Once
 
@@ -183,8 +183,8 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	}
 	// The helpers keep a fill journal, so that a new helper knows which
 	// units the one that died was in the middle of.
-	if r.journalDir, err = os.MkdirTemp("", "uffdrestore-helper-"); err != nil {
-		return nil, fmt.Errorf("restore: a directory for the fill journal: %w", err)
+	if r.journal, err = newJournalFile(); err != nil {
+		return nil, err
 	}
 	r.helper = &helperSet{r: r, changed: make(chan struct{})}
 	// Under the lock: a helper that dies at once is replaced only once
@@ -344,8 +344,8 @@ func (r *Restore) release() error {
 	if r.snap != nil {
 		r.snap.Close()
 	}
-	if r.journalDir != "" {
-		errs = append(errs, os.RemoveAll(r.journalDir))
+	if r.journal != nil {
+		r.journal.Close()
 	}
 	if r.u != nil {
 		r.u.Close()
@@ -379,10 +379,9 @@ type helperConfig struct {
 	// URL and the validator pinned by the parent.
 	URL    string         `json:"url,omitempty"`
 	Remote remote.Options `json:"remote"`
-	// The fill journal (WithFillJournal), and whether this helper replaces
-	// one that died: it adopts the backing (AdoptLoader's rules).
-	Journal string `json:"journal"`
-	Adopt   bool   `json:"adopt,omitempty"`
+	// Whether this helper replaces one that died: it adopts the backing
+	// (AdoptLoader's rules, with the fill journal it inherits).
+	Adopt bool `json:"adopt,omitempty"`
 }
 
 // helperExe is the executable run as the helper.
@@ -409,7 +408,7 @@ func (r *Restore) startHelper(ctx context.Context, adopt bool, spawned helperlin
 	hc := helperConfig{Mode: r.cfg.mode, Workers: r.cfg.workers, Spin: r.cfg.spin, Premap: r.cfg.premap,
 		Backing: r.b.kind, Size: r.b.size, PageSize: r.b.pageSize, Name: r.layout.Snapshot,
 		Record: r.cfg.record, Profile: r.cfg.profile, Rest: r.cfg.prefetchRest,
-		URL: r.remoteURL, Remote: r.cfg.remote, Journal: filepath.Join(r.journalDir, "fills"), Adopt: adopt}
+		URL: r.remoteURL, Remote: r.cfg.remote, Adopt: adopt}
 	hc.Remote.Validator = r.remoteValidator
 	js, err := json.Marshal(hc)
 	if err != nil {
@@ -419,7 +418,7 @@ func (r *Restore) startHelper(ctx context.Context, adopt bool, spawned helperlin
 		return nil, fmt.Errorf("restore: helper configuration: %w", err)
 	}
 	return helperlink.Start(ctx, helperlink.Request{
-		Exe: r.cfg.helperExe(), Config: js, Spawned: spawned, Workers: r.cfg.workers, Snapshot: r.snap, Backing: backing,
+		Exe: r.cfg.helperExe(), Config: js, Spawned: spawned, Workers: r.cfg.workers, Snapshot: r.snap, Backing: backing, Journal: r.journal,
 		Uffd: r.u.Fd(), Features: uint64(r.u.Features()), ViewAddr: r.view.Addr(), ViewSize: uint64(r.b.size), PageSize: uint64(r.b.pageSize),
 		Reattach: adopt, OnGone: r.helper.gone,
 	})
@@ -539,7 +538,7 @@ func init() { helperlink.NewLoader = newHelperLoader }
 // newHelperLoader is the Loader of a helper process: on the backing and
 // snapshot its parent created and opened (inherited), configured as the
 // parent's Open was.
-func newHelperLoader(js []byte, snap, backing *os.File) (any, error) {
+func newHelperLoader(js []byte, snap, backing, journal *os.File) (any, error) {
 	var hc helperConfig
 	if err := json.Unmarshal(js, &hc); err != nil {
 		return nil, fmt.Errorf("restore: helper configuration: %w", err)
@@ -564,7 +563,7 @@ func newHelperLoader(js []byte, snap, backing *os.File) (any, error) {
 	cfg := defaultConfig()
 	cfg.mode, cfg.workers, cfg.spin, cfg.premap = hc.Mode, hc.Workers, hc.Spin, hc.Premap
 	cfg.record, cfg.profile, cfg.prefetchRest = hc.Record, hc.Profile, hc.Rest
-	cfg.journal = hc.Journal
+	cfg.journalFile = journal
 	if hc.Adopt {
 		// The helper that died may have filled units, and the program may
 		// have written them: keep what is present, fill the rest.

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/uffdrestore/uffdrestore/remote"
@@ -73,6 +74,7 @@ type config struct {
 	fetchParallel int
 	adopt         *AdoptInfo // AdoptLoader: learn the units present, fill in the numbers
 	journal       string     // WithFillJournal
+	journalFile   *os.File   // a helper's: the journal its Open keeps (a memfd), mapped, not kept
 }
 
 func defaultConfig() config {

@@ -121,11 +121,13 @@ func spawnedPid(sp helperlink.Spawned) int {
 	return 0
 }
 
-// WarmUp runs, in a helper process started ahead of its job, the first use
+func init() { helperlink.WarmUp = warmUp }
+
+// warmUp runs, in a helper process started ahead of its job, the first use
 // of what the job's first steps use: the JSON codec of the helper
 // configuration (encoding/json builds a type's codec by reflection on its
 // first use: 0.4-1.2 ms of a prestarted first byte of 7-8 ms, measured).
-func WarmUp() {
+func warmUp() {
 	if b, err := json.Marshal(helperConfig{Mode: ModeLazy}); err == nil {
 		var hc helperConfig
 		json.Unmarshal(b, &hc)

@@ -3,10 +3,12 @@ package engine
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
-	"fmt"
+	"golang.org/x/sys/unix"
 	"os"
 	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -129,7 +131,54 @@ func TestOpenHelperDiesTooOften(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(r.journalDir); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("the fill journal's directory after Close: %v", fmt.Sprint(err))
+	// The fill journal (a memfd) is not left open.
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); strings.Contains(l, "uffdrestore-fill-journal") {
+			t.Errorf("fd %s is still the fill journal (%s) after Close", e.Name(), l)
+		}
+	}
+}
+
+// TestOpenHelperRespawnJournal: a new helper inherits the fill journal its
+// Open keeps: a unit the dead helper was in the middle of (marked in the
+// journal, its pages present but holding garbage, as a half-written unit
+// does) is punched and filled again, not served as it is.
+func TestOpenHelperRespawnJournal(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(max(2, runtime.GOMAXPROCS(0))))
+	img := testImage(1<<20, 23)
+	path := writeSnap(t, []testRegion{{"a", 0, img}}, format.CodecZstd, 256<<10)
+	r := openT(t, path, append(kernelOpts(t, BackingShmem, 1<<20), WithMode(ModeLazy))...)
+	mem := r.Region("a")
+	if !bytes.Equal(mem, img) {
+		t.Fatal("the view differs from the image")
+	}
+	// Unit 1 (256 KiB), half written: garbage in the backing, marked.
+	garbage := bytes.Repeat([]byte{0xee}, 128<<10)
+	if _, err := unix.Pwrite(int(r.b.fd.Fd()), garbage, 256<<10); err != nil {
+		t.Fatal(err)
+	}
+	if mem[256<<10] != 0xee {
+		t.Fatal("the garbage written to the backing is not in the view")
+	}
+	if _, err := unix.Pwrite(int(r.journal.Fd()), binary.LittleEndian.AppendUint32(nil, jFill), 4); err != nil {
+		t.Fatal(err)
+	}
+	pid := helperPID(t, r, 0)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	helperPID(t, r, pid)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := r.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(mem, img) {
+		checkRegions(t, r.Bytes(), r.Layout(), []testRegion{{"a", 0, img}})
+		t.Fatal("after the respawn the half-written unit was served as it was")
 	}
 }

@@ -24,6 +24,7 @@ type Request struct {
 	Workers  int      // filler workers (the helper sizes GOMAXPROCS from it)
 	Snapshot *os.File // the snapshot, inherited by the helper
 	Backing  *os.File // the backing file, inherited by the helper
+	Journal  *os.File // the fill journal (a memfd), inherited by the helper
 	Uffd     int      // the view's userfaultfd, sent with the attach
 	Features uint64   // the UFFD_FEATURE_* bits enabled on it
 	ViewAddr uintptr  // where the view maps the whole backing
@@ -53,6 +54,11 @@ type Spawned interface {
 // import it.
 var Spawn func(exe string) (Spawned, error)
 
+// WarmUp runs in a helper started ahead of its job, while it waits, the
+// first use of what NewLoader uses (so that the job does not pay for it);
+// installed by restore.
+var WarmUp func()
+
 // ErrGone is wrapped by a Session's errors once its helper went away.
 var ErrGone = errors.New("the helper process went away")
 
@@ -77,4 +83,4 @@ var Start func(ctx context.Context, req Request) (Session, error)
 // NewLoader builds the helper process's *restore.Loader (returned as any:
 // this package cannot name restore's types) on the inherited snapshot and
 // backing, from Request.Config. Installed by restore.
-var NewLoader func(config []byte, snapshot, backing *os.File) (any, error)
+var NewLoader func(config []byte, snapshot, backing, journal *os.File) (any, error)
