@@ -146,20 +146,23 @@
 // process start. Measured (256 MiB, 2 MiB chunks, hugetlb memfd, load
 // 1.6-1.8, 3 interleaved rounds of 15 Opens, p50): cold 21.7-22.7 ms
 // (21.8-21.9 before the helper started at Open's beginning: no gain on 2
-// vCPUs), prestarted 11.2-12.1 ms. A prestarted helper now makes its zstd
-// decoders and stored-bytes buffers while it waits (format.Prewarm): the
-// first decode in a fresh process took 6.2 ms against 1.9 ms for a later
-// one, and the prestarted first byte went to 8.1-8.4 ms (p50, same set-up,
-// idle machine; `uffdrestore bench --check-targets`: 7.9 ms for 256 MiB).
-// What is left is Open (1.1-1.9 ms), the helper's Loader and handshake
-// (about 4 ms) and the first unit's fill (about 3 ms: the huge page's
-// allocation and a decoder's first frame). A helper started by its Open
-// does not prewarm (its job is already waiting: the same work only
-// competed with the restore, 22 -> 30 ms). Serving the first faults in this process until the helper
-// is up was measured against and rejected: handing over needs this process
-// to stop filling, which needs a P that a goroutine blocked in a fault may
-// hold (the trap above), so a fill that stalled could land after the
-// helper took over and overwrite what the program wrote. Stats, Wait and Profile wait for the
+// vCPUs), prestarted 11.2-12.1 ms. A prestarted helper warms, while it
+// waits, what its first fault uses: the JSON codecs of its job, zstd
+// decoders that have each decoded a chunk-sized frame, and stored-bytes
+// buffers written once by the kernel and once from user space
+// (format.Prewarm); its fill journal is a memfd Open hands it. Interleaved
+// against the code before that (15 prestarted Opens of 256 MiB per round,
+// p50 per round): 8.5-10.2 ms before, 6.0-8.3 ms after. What is left is
+// Open (about 1 ms), the helper's Loader and handshake (about 2.5 ms) and
+// the first unit's fill (about 2.2 ms, nearly all of it the single-core
+// decode of the 2 MiB frame). A helper started by its Open does not warm
+// up (its job is already waiting: the same work only competed with the
+// restore, 22 -> 30 ms). Serving the first faults in this process until
+// the helper is up was measured against and rejected: handing over needs
+// this process to stop filling, which needs a P that a goroutine blocked
+// in a fault may hold (the trap above), so a fill that stalled could land
+// after the helper took over and overwrite what the program wrote. Stats,
+// Wait and Profile wait for the
 // protocol's ready first. Any goroutine, with any GOMAXPROCS, may then touch
 // the view. Errors keep their kind across the process boundary (the error
 // message's "code"): Wait's error for a corrupt chunk matches
@@ -167,10 +170,10 @@
 // process dies (its socket closes before Close: killed, OOM), Open's side
 // starts a new one on the same backing and userfaultfd, which adopts the
 // backing as AdoptLoader does (units present are kept, never refilled: the
-// program may have written them; units the dead helper was filling, per a
-// fill journal that Open keeps in a memfd and hands each helper, are punched and filled
-// again) and re-attaches the view, waking every thread waiting in it; Wait
-// and Stats carry on with it (Stats.HelperRespawns counts them). After
+// program may have written them; units the dead helper was filling, per
+// the fill journal that Open keeps in a memfd and hands each helper, are
+// punched and filled again) and re-attaches the view, waking every thread
+// waiting in it; Wait and Stats carry on with it (Stats.HelperRespawns counts them). After
 // MaxHelperRespawns, or when a new helper cannot be started, Wait, Stats and
 // Profile return ErrHelperDied and threads touching unfilled pages stay
 // blocked (nothing else can serve them without wrong bytes): Close the
