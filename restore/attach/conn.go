@@ -1,11 +1,13 @@
 package attach
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -59,7 +61,9 @@ func SendMsg(c *net.UnixConn, v any, fds ...int) error {
 // MaxMsgSize or with more than a few fds is ErrTooLarge (its fds are
 // closed); an empty read is ErrClosed.
 func RecvMsg(c *net.UnixConn) ([]byte, []int, error) {
-	buf := make([]byte, MaxMsgSize+1)
+	bp := recvBufs.Get().(*[]byte)
+	defer recvBufs.Put(bp)
+	buf := *bp
 	oob := make([]byte, oobSize)
 	// On Linux, net passes MSG_CMSG_CLOEXEC.
 	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)
@@ -96,7 +100,9 @@ func SendMsgFD(sock int, v any, fds ...int) error {
 
 // RecvMsgFD is RecvMsg on a raw SOCK_SEQPACKET socket fd (blocking).
 func RecvMsgFD(sock int) ([]byte, []int, error) {
-	buf := make([]byte, MaxMsgSize+1)
+	bp := recvBufs.Get().(*[]byte)
+	defer recvBufs.Put(bp)
+	buf := *bp
 	oob := make([]byte, oobSize)
 	var n, oobn, flags int
 	var err error
@@ -137,8 +143,14 @@ func finishRecv(buf, oob []byte, n, oobn, flags int) ([]byte, []int, error) {
 		CloseFDs(fds)
 		return nil, nil, ErrClosed
 	}
-	return buf[:n:n], fds, nil
+	return bytes.Clone(buf[:n]), fds, nil
 }
+
+// recvBufs are receive buffers of MaxMsgSize+1 bytes, reused: a message is
+// copied out at its own length. Measured in a fresh helper process on a
+// 2-vCPU VM, receiving the attach (two datagrams) into new 64 KiB buffers
+// took 0.3-0.5 ms of a prestarted first byte (fresh pages, zeroed).
+var recvBufs = sync.Pool{New: func() any { b := make([]byte, MaxMsgSize+1); return &b }}
 
 func parseRights(oob []byte) ([]int, error) {
 	if len(oob) == 0 {
