@@ -635,7 +635,9 @@ func targetSplitFirstTouch(ctx context.Context, cfg *TargetsConfig, tr *TargetsR
 		return err
 	}
 	var dec, par, zero []float64
-	workers := env.workers()
+	// At most one goroutine per P: a spinning one must not wait for Go's
+	// preemption to let another run.
+	workers := min(env.workers(), runtime.GOMAXPROCS(0))
 	measureFloor := func() error {
 		d, err := decodeUnitsOneCore(env.Snap, 2<<20, 64)
 		if err != nil {

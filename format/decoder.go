@@ -124,7 +124,16 @@ var warm struct {
 // their first chunk. For a process that will restore soon but does not know
 // the snapshot yet (a fault-handler helper waiting for its job): in a fresh
 // process the first decode otherwise pays several milliseconds for these.
-func Prewarm(chunkSize, n int) {
+func Prewarm(chunkSize, n int) { PrewarmUntil(chunkSize, n, nil) }
+
+// PrewarmUntil is Prewarm that stops early, between decoders, once stop
+// (if not nil) returns true: a process whose restore began has better use
+// for its cores.
+func PrewarmUntil(chunkSize, n int, stop func() bool) {
+	stopped := func() bool { return stop != nil && stop() }
+	if stopped() {
+		return
+	}
 	// One chunk-sized frame, decoded once by each decoder made: a decoder
 	// makes its block buffers on its first frame, and the pages of those
 	// and of the destination get touched.
@@ -134,7 +143,7 @@ func Prewarm(chunkSize, n int) {
 		dst = make([]byte, chunkSize)
 		touchPages(dst)
 	}
-	for k := 0; k < n; k++ {
+	for k := 0; k < n && !stopped(); k++ {
 		zd, err := newZstdDecoder(chunkSize)
 		if err != nil {
 			return

@@ -63,3 +63,24 @@ func TestPrewarm(t *testing.T) {
 		t.Fatalf("a %d-byte-chunk decoder took the %d-byte pool: %d, %d left", chunk, 2*chunk, z, b)
 	}
 }
+
+// TestPrewarmUntil: PrewarmUntil stops between decoders once stop says so
+// (and makes none when it says so from the start).
+func TestPrewarmUntil(t *testing.T) {
+	const chunk = 64 << 10
+	pool := func() (int, int) {
+		warm.Lock()
+		defer warm.Unlock()
+		return warm.size, len(warm.zds)
+	}
+	Prewarm(3*chunk, 1) // another size: the pool holds just this one
+	PrewarmUntil(chunk, 3, func() bool { return true })
+	if size, n := pool(); size != 3*chunk || n != 1 {
+		t.Fatalf("PrewarmUntil stopped from the start changed the pool: %d decoders of %d bytes", n, size)
+	}
+	calls := 0
+	PrewarmUntil(chunk, 3, func() bool { calls++; return calls > 2 }) // the first check, then one decoder
+	if size, n := pool(); size != chunk || n != 1 {
+		t.Fatalf("PrewarmUntil stopped after one decoder: %d decoders of %d bytes", n, size)
+	}
+}

@@ -126,6 +126,21 @@ func (sp *spawned) Abandon() {
 	})
 }
 
+// refusal returns the error a helper that refused its job sent before it
+// closed its end (waiting in sp's socket), or nil.
+func refusal(sp *spawned) error {
+	buf := make([]byte, attach.MaxMsgSize+1)
+	n, _, _, _, err := unix.Recvmsg(int(sp.mine.Fd()), buf, nil, unix.MSG_DONTWAIT)
+	if err != nil || n <= 0 {
+		return nil
+	}
+	var r attach.Reply
+	if attach.Decode(buf[:n], attach.TypeError, &r) != nil {
+		return nil
+	}
+	return fmt.Errorf("%w: it refused its job: %w", ErrHelper, &attach.RefusedError{Text: r.Error, Code: r.Code})
+}
+
 // testAfterJob, when set (tests), runs between the job and the attach.
 var testAfterJob func(pid int)
 
@@ -196,6 +211,13 @@ func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, e
 		return nil
 	}
 	err = deliver(sp)
+	if err != nil {
+		if rerr := refusal(sp); rerr != nil {
+			// It refused its job (and closed its end): its error, not
+			// the broken pipe that followed.
+			return nil, rerr
+		}
+	}
 	if err != nil && req.Spawned != nil && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)) {
 		// A helper started ahead that died meanwhile (killed while it
 		// waited; its socket may close between the job and the attach, as
@@ -207,7 +229,11 @@ func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, e
 			return nil, serr // (the deferred Abandon of the dead one does nothing more)
 		}
 		sp = ns.(*spawned)
-		err = deliver(sp)
+		if err = deliver(sp); err != nil {
+			if rerr := refusal(sp); rerr != nil {
+				return nil, rerr
+			}
+		}
 	}
 	if err != nil {
 		return nil, err

@@ -213,9 +213,7 @@ func warmUp(jobCame *atomic.Bool) {
 			json.Unmarshal(b, v)
 		}
 	}
-	if !jobCame.Load() {
-		format.Prewarm(2<<20, runtime.NumCPU())
-	}
+	format.PrewarmUntil(2<<20, runtime.NumCPU(), jobCame.Load)
 }
 
 // readable reports whether a message is waiting on c.

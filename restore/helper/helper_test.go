@@ -253,3 +253,41 @@ func TestPrestartedDiesBeforeAttach(t *testing.T) {
 		t.Errorf("the view is served by helper %d; the killed one was %d", s.HelperPID, killed)
 	}
 }
+
+// TestHelperRefusesJobAndExits: a helper that refuses its job and exits
+// before the attach is sent fails Open with the helper's own error (its
+// text and code), not with the broken pipe the attach then meets.
+func TestHelperRefusesJobAndExits(t *testing.T) {
+	testutil.RequireRoot(t)
+	path := testutil.WriteSnapshot(t, []testutil.Region{{Name: "a", Data: image(1 << 20)}}, format.CodecZstd, 64<<10)
+	const findFD = `fd=$(printf '%s' "$_UFFDRESTORE_HELPER" | sed 's/.*"socket":\([0-9]*\).*/\1/')` + "\n"
+	exe := filepath.Join(t.TempDir(), "helper.sh")
+	script := findFD + `eval "printf '{\"type\":\"error\",\"error\":\"disk full\",\"code\":\"no-space\"}' >&$fd"` + "\nexit 0\n"
+	if err := os.WriteFile(exe, []byte("#!/bin/sh\n"+script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	testAfterJob = func(pid int) {
+		// Until it exited: the attach then meets a closed socket.
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+			if err != nil || strings.Contains(string(b), ") Z ") {
+				return
+			}
+		}
+		t.Error("the helper did not exit in 10 s")
+	}
+	t.Cleanup(func() { testAfterJob = nil })
+	r, err := restore.Open(context.Background(), path, restore.WithBacking(restore.BackingShmem), restore.WithHelper(exe))
+	if err == nil {
+		r.Close()
+		t.Fatal("Open with a helper that refused its job succeeded")
+	}
+	for _, w := range []error{ErrHelper, attach.ErrRefused, syscall.ENOSPC} {
+		if !errors.Is(err, w) {
+			t.Errorf("Open = %v; want it to match %v", err, w)
+		}
+	}
+	if !strings.Contains(err.Error(), "disk full") {
+		t.Errorf("Open = %v; want the helper's text in it", err)
+	}
+}

@@ -131,7 +131,7 @@ func newLoader(ctx context.Context, f *format.File, b *backing, cfg config, name
 	}
 	switch {
 	case cfg.journalFile != nil:
-		if e.journal, err = mapJournal(int(cfg.journalFile.Fd()), "(inherited)", e.nUnits, cfg.adopt != nil); err != nil {
+		if e.journal, err = mapJournal(int(cfg.journalFile.Fd()), "(the memfd its Open keeps)", e.nUnits, cfg.adopt != nil); err != nil {
 			e.close()
 			return nil, err
 		}
