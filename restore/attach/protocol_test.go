@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"net"
-	"os"
 	"reflect"
 	"runtime"
 	"strings"
@@ -385,21 +383,7 @@ func FuzzDecodeAttach(f *testing.F) {
 // allocates about the message's own size, not a new 64 KiB each time (a
 // fresh helper paid 0.3-0.5 ms of its first byte for those).
 func TestRecvMsgAllocations(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "socket")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c.(*net.UnixConn)
-	}
-	a, b := conn(fds[0]), conn(fds[1])
+	a, b := socketPair(t)
 	const n = 100
 	msg := Reply{Type: TypeReady}
 	want, _ := Encode(msg)

@@ -224,14 +224,7 @@ func TestPrestartedDiesBeforeAttach(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		// Until it exited (a zombie: its socket is closed).
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-			if err != nil || strings.Contains(string(b), ") Z ") {
-				return
-			}
-		}
-		t.Error("the killed helper did not exit in 10 s")
+		waitExited(t, pid) // its socket closed
 	}
 	t.Cleanup(func() { testAfterJob = nil })
 	r, err := restore.Open(context.Background(), path, opts...)
@@ -267,14 +260,7 @@ func TestHelperRefusesJobAndExits(t *testing.T) {
 		t.Fatal(err)
 	}
 	testAfterJob = func(pid int) {
-		// Until it exited: the attach then meets a closed socket.
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-			if err != nil || strings.Contains(string(b), ") Z ") {
-				return
-			}
-		}
-		t.Error("the helper did not exit in 10 s")
+		waitExited(t, pid) // the attach then meets a closed socket
 	}
 	t.Cleanup(func() { testAfterJob = nil })
 	r, err := restore.Open(context.Background(), path, restore.WithBacking(restore.BackingShmem), restore.WithHelper(exe))
@@ -290,4 +276,16 @@ func TestHelperRefusesJobAndExits(t *testing.T) {
 	if !strings.Contains(err.Error(), "disk full") {
 		t.Errorf("Open = %v; want the helper's text in it", err)
 	}
+}
+
+// waitExited waits (up to 10 s) until process pid exited: a zombie, its
+// files closed, or gone.
+func waitExited(t *testing.T, pid int) {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil || strings.Contains(string(b), ") Z ") {
+			return
+		}
+	}
+	t.Errorf("process %d did not exit in 10 s", pid)
 }
