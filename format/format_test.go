@@ -442,3 +442,28 @@ func TestReadStoredCoalesced(t *testing.T) {
 		t.Errorf("wrong stored length: %v", err)
 	}
 }
+
+// TestZeroChecksum: the CRC of n zero bytes and the zero test, computed on
+// a small block, agree with the plain ones at and around its size and at a
+// chunk's.
+func TestZeroChecksum(t *testing.T) {
+	for _, n := range []int{0, 1, 4095, len(zeroBlock) - 1, len(zeroBlock), len(zeroBlock) + 1, 3*len(zeroBlock) + 7, MaxChunkSize} {
+		b := make([]byte, n)
+		if got, want := zeroChecksum(n), Checksum(b); got != want {
+			t.Errorf("zeroChecksum(%d) = %#08x, want %#08x", n, got, want)
+		}
+		if !isZero(b) {
+			t.Errorf("isZero(%d zero bytes) = false", n)
+		}
+		if n > 0 {
+			b[n-1] = 1
+			if isZero(b) {
+				t.Errorf("isZero(%d bytes, the last 1) = true", n)
+			}
+			b[n-1], b[0] = 0, 1
+			if isZero(b) {
+				t.Errorf("isZero(%d bytes, the first 1) = true", n)
+			}
+		}
+	}
+}

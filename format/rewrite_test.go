@@ -226,7 +226,7 @@ func TestChunkDataAnyOrder(t *testing.T) {
 		for _, o := range offs {
 			c := Chunk{Offset: o, StoredLen: 100, RawLen: MinChunkSize, Codec: CodecZstd}
 			if o == 0 {
-				c = Chunk{RawLen: MinChunkSize, CRC: Checksum(zeros[:MinChunkSize])}
+				c = Chunk{RawLen: MinChunkSize, CRC: Checksum(make([]byte, MinChunkSize))}
 			}
 			ix.chunks = append(ix.chunks, c)
 		}

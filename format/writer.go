@@ -1,7 +1,6 @@
 package format
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"fmt"
 	"hash/crc32"
@@ -220,7 +219,7 @@ func (w *Writer) worker(enc *zstd.Encoder) {
 
 func (w *Writer) compress(j *job, enc *zstd.Encoder, zc zeroCRCs) {
 	data := j.raw[:j.n]
-	if bytes.Equal(data, zeros[:j.n]) {
+	if isZero(data) {
 		j.codec, j.stored, j.crc, j.scrc = CodecZero, nil, zc.get(uint32(j.n)), 0
 		return
 	}
