@@ -2,6 +2,7 @@ package uffd
 
 import (
 	"bufio"
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -221,7 +222,8 @@ func HugePools() []HugePool {
 		if _, err := fmt.Sscanf(filepath.Base(d), "hugepages-%dkB", &kb); err != nil {
 			continue
 		}
-		out = append(out, readHugePool(d, kb<<10))
+		p, _ := readHugePool(d, kb<<10)
+		out = append(out, p)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].PageSize < out[j].PageSize })
 	return out
@@ -231,21 +233,22 @@ func HugePools() []HugePool {
 // for that size, read alone: a restore checks one pool on its way to the
 // first byte); ok is false when there is no such pool.
 func HugePoolOf(pageSize int64) (p HugePool, ok bool) {
-	d := fmt.Sprintf("/sys/kernel/mm/hugepages/hugepages-%dkB", pageSize>>10)
-	if _, err := os.Stat(d); err != nil {
-		return HugePool{PageSize: pageSize}, false
-	}
-	return readHugePool(d, pageSize), true
+	p, err := readHugePool(fmt.Sprintf("/sys/kernel/mm/hugepages/hugepages-%dkB", pageSize>>10), pageSize)
+	return p, err == nil
 }
 
-func readHugePool(dir string, pageSize int64) HugePool {
+// readHugePool reads the pool in dir; err is the first file's error (no
+// such pool).
+func readHugePool(dir string, pageSize int64) (HugePool, error) {
+	var first error
 	rd := func(name string) int64 {
-		b, _ := os.ReadFile(filepath.Join(dir, name))
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		first = cmp.Or(first, err)
 		n, _ := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
 		return n
 	}
 	return HugePool{PageSize: pageSize, Total: rd("nr_hugepages"), Free: rd("free_hugepages"),
-		Reserved: rd("resv_hugepages"), Surplus: rd("surplus_hugepages")}
+		Reserved: rd("resv_hugepages"), Surplus: rd("surplus_hugepages")}, first
 }
 
 // HugetlbfsMounts lists hugetlbfs mounts from /proc/self/mountinfo.

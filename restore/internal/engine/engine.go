@@ -579,7 +579,6 @@ func (e *engine) fillBatch(w *workerState, units []uint32) {
 		e.fillBatchRemote(w, units)
 		return
 	}
-
 	rbuf := w.rbuf
 	var winOff uint64 // rbuf holds the file's bytes [winOff, winOff+winLen)
 	winLen := 0
