@@ -124,7 +124,7 @@ func (r *Reader) Authenticate(key []byte) error {
 	}
 	ib := r.rawIndex
 	at, n := findAuth(ib)
-	nc := len(r.ix.chunks)
+	nc := r.ix.numChunks()
 	if at < 0 || n != authHeaderSize+nc*authChunkHashLen+authMACSize {
 		return fmt.Errorf("%w: the authentication section is %d bytes, want %d for %d chunks", ErrAuth, n, authHeaderSize+nc*authChunkHashLen+authMACSize, nc)
 	}
@@ -160,7 +160,7 @@ func (r *Reader) checkHash(i int, stored []byte) error {
 		return nil
 	}
 	if sha256.Sum256(stored) != r.hashes[i] {
-		return corrupt(ErrAuth, "stored bytes", int64(r.ix.chunks[i].Offset), i, "SHA-256 does not match the signed index: the chunk was modified")
+		return corrupt(ErrAuth, "stored bytes", int64(r.ix.chunk(i).Offset), i, "SHA-256 does not match the signed index: the chunk was modified")
 	}
 	return nil
 }

@@ -38,10 +38,10 @@ func (d *Decoder) check(i int, dst []byte) (Chunk, error) {
 	if d.closed {
 		return Chunk{}, ErrClosed
 	}
-	if i < 0 || i >= len(d.r.ix.chunks) {
-		return Chunk{}, fmt.Errorf("%w: chunk %d out of range (%d chunks)", ErrInvalid, i, len(d.r.ix.chunks))
+	if i < 0 || i >= d.r.ix.numChunks() {
+		return Chunk{}, fmt.Errorf("%w: chunk %d out of range (%d chunks)", ErrInvalid, i, d.r.ix.numChunks())
 	}
-	c := d.r.ix.chunks[i]
+	c := d.r.ix.chunk(i)
 	if len(dst) < int(c.RawLen) {
 		return Chunk{}, fmt.Errorf("%w: chunk %d: destination is %d bytes, need %d", ErrInvalid, i, len(dst), c.RawLen)
 	}

@@ -143,12 +143,12 @@ func checkSameContainer(t *testing.T, name string, b, want []byte) {
 			drift(f.what, f.got, f.exp)
 		}
 	}
-	if len(rb.ix.chunks) != len(rw.ix.chunks) {
-		drift("chunk count", len(rb.ix.chunks), len(rw.ix.chunks))
+	if rb.ix.numChunks() != rw.ix.numChunks() {
+		drift("chunk count", rb.ix.numChunks(), rw.ix.numChunks())
 		return
 	}
-	for i, c := range rb.ix.chunks {
-		w := rw.ix.chunks[i]
+	for i := range rb.ix.numChunks() {
+		c, w := rb.ix.chunk(i), rw.ix.chunk(i)
 		if c.Codec != w.Codec || c.RawLen != w.RawLen || c.CRC != w.CRC {
 			drift(fmt.Sprintf("chunk %d (codec, raw length, CRC)", i), []any{c.Codec, c.RawLen, c.CRC}, []any{w.Codec, w.RawLen, w.CRC})
 		}
@@ -156,7 +156,7 @@ func checkSameContainer(t *testing.T, name string, b, want []byte) {
 	for _, r := range []*Reader{rb, rw} {
 		at := uint64(r.headerLen)
 		for _, c := range r.DataOrder() {
-			if ch := r.ix.chunks[c]; ch.Offset != at {
+			if ch := r.ix.chunk(int(c)); ch.Offset != at {
 				t.Errorf("%s: chunk %d at %#x, want %#x (back to back in data order)", name, c, ch.Offset, at)
 			} else {
 				at += uint64(ch.StoredLen)

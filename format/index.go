@@ -31,12 +31,59 @@ const (
 type index struct {
 	chunkSize int
 	regions   []Region
-	chunks    []Chunk
-	meta      Metadata
-	profiles  []Profile
-	unknown   []rawSection // non-critical sections we do not know, kept verbatim
+	// The chunk table: a parsed index keeps its entries as they are in
+	// the file (table, chunkEntrySize bytes each, decoded on use), so
+	// that reading a snapshot's index writes no second copy of it (a
+	// []Chunk of a 4 GiB snapshot is 64 KiB of fresh pages, a third of
+	// Open's time there); an index built in memory (a writer, a rewrite)
+	// has chunks. Read both through numChunks and chunk.
+	table    []byte
+	chunks   []Chunk
+	meta     Metadata
+	profiles []Profile
+	unknown  []rawSection // non-critical sections we do not know, kept verbatim
 
 	attachments []Attachment
+}
+
+// numChunks is the number of chunks.
+func (ix *index) numChunks() int {
+	if ix.table != nil {
+		return len(ix.table) / chunkEntrySize
+	}
+	return len(ix.chunks)
+}
+
+// chunk is chunk-table entry i.
+func (ix *index) chunk(i int) Chunk {
+	if ix.table != nil {
+		return decodeChunk(ix.table[i*chunkEntrySize : (i+1)*chunkEntrySize])
+	}
+	return ix.chunks[i]
+}
+
+// chunkList is the chunk table as a new slice.
+func (ix *index) chunkList() []Chunk {
+	if ix.table == nil {
+		return slices.Clone(ix.chunks)
+	}
+	out := make([]Chunk, ix.numChunks())
+	for i := range out {
+		out[i] = ix.chunk(i)
+	}
+	return out
+}
+
+// decodeChunk decodes one chunk-table entry (chunkEntrySize bytes).
+func decodeChunk(e []byte) Chunk {
+	return Chunk{
+		Offset:    le.Uint64(e[0:]),
+		StoredLen: le.Uint32(e[8:]),
+		RawLen:    le.Uint32(e[12:]),
+		Codec:     Codec(e[16]),
+		CRC:       le.Uint32(e[20:]),
+		StoredCRC: le.Uint32(e[24:]),
+	}
 }
 
 type rawSection struct {
@@ -100,13 +147,14 @@ func encodeIndex(ix *index) ([]byte, error) {
 	if len(ix.meta.Extra) > MaxExtraKeys || len(ix.regions) > MaxRegions || len(ix.profiles) > MaxProfiles {
 		return nil, fmt.Errorf("%w: too many regions, profiles or metadata keys", ErrTooLarge)
 	}
-	e := &enc{b: make([]byte, 0, indexFixedSize+len(ix.chunks)*chunkEntrySize+len(ix.regions)*64+256)}
+	nc := ix.numChunks()
+	e := &enc{b: make([]byte, 0, indexFixedSize+nc*chunkEntrySize+len(ix.regions)*64+256)}
 	e.b = append(e.b, indexMagic[:]...)
 	e.u16(1) // index layout version
 	e.u16(0)
 	e.u32(uint32(ix.chunkSize))
 	e.u32(uint32(len(ix.regions)))
-	e.u32(uint32(len(ix.chunks)))
+	e.u32(uint32(nc))
 	nsec := 3
 	for _, s := range ix.unknown {
 		// A signature does not survive a new index: rewrites drop it.
@@ -136,7 +184,8 @@ func encodeIndex(ix *index) ([]byte, error) {
 	end()
 
 	end = e.section(secChunks, secFlagCritical)
-	for _, c := range ix.chunks {
+	for i := range nc {
+		c := ix.chunk(i)
 		e.u64(c.Offset)
 		e.u32(c.StoredLen)
 		e.u32(c.RawLen)
@@ -423,7 +472,7 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 		return nil, corrupt(ErrCorrupt, "index.chunks", cp.base, -1,
 			"section is %d bytes, want %d chunks x %d", len(cp.payload), nchunk, chunkEntrySize)
 	}
-	ix.chunks = make([]Chunk, nchunk)
+	ix.table = cp.payload
 	// Stored ranges may lie in any order (writers may order chunk data for
 	// locality). While they come in chunk order, back to back or with gaps,
 	// checking each against the previous one's end proves there is no
@@ -437,14 +486,7 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 			ci := int(r.FirstChunk) + j
 			e := cp.payload[ci*chunkEntrySize : (ci+1)*chunkEntrySize]
 			at := cp.base + int64(ci)*chunkEntrySize
-			c := Chunk{
-				Offset:    le.Uint64(e[0:]),
-				StoredLen: le.Uint32(e[8:]),
-				RawLen:    le.Uint32(e[12:]),
-				Codec:     Codec(e[16]),
-				CRC:       le.Uint32(e[20:]),
-				StoredCRC: le.Uint32(e[24:]),
-			}
+			c := decodeChunk(e)
 			want := uint64(cs)
 			if j == n-1 {
 				want = r.Length - uint64(j)*uint64(cs)
@@ -465,7 +507,6 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 				if w := zc.get(c.RawLen); c.CRC != w {
 					return nil, corrupt(ErrChecksum, chunkField(ci, ".crc"), at+20, ci, "zero chunk: want %#08x, got %#08x", w, c.CRC)
 				}
-				ix.chunks[ci] = c
 				continue
 			case CodecRaw:
 				if c.StoredLen != c.RawLen {
@@ -491,12 +532,11 @@ func parseIndex(b []byte, base int64, lay layout) (*index, error) {
 				inOrder = false
 			}
 			prevEnd = c.Offset + uint64(c.StoredLen)
-			ix.chunks[ci] = c
 		}
 	}
 
 	if !inOrder {
-		if err := checkOverlap(ix.chunks, cp.base); err != nil {
+		if err := checkOverlap(ix.chunkList(), cp.base); err != nil {
 			return nil, err
 		}
 	}

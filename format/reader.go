@@ -156,15 +156,15 @@ func (r *Reader) ChunkSize() int { return r.ix.chunkSize }
 func (r *Reader) Regions() []Region { return slices.Clone(r.ix.regions) }
 
 // NumChunks returns the number of chunks.
-func (r *Reader) NumChunks() int { return len(r.ix.chunks) }
+func (r *Reader) NumChunks() int { return r.ix.numChunks() }
 
 // Chunk returns chunk-table entry i. It panics if i is out of range.
-func (r *Reader) Chunk(i int) Chunk { return r.ix.chunks[i] }
+func (r *Reader) Chunk(i int) Chunk { return r.ix.chunk(i) }
 
 // TotalSize returns the size of the logical backing: NumChunks()*ChunkSize().
 // Every region starts on a chunk boundary, so a region's short last chunk
 // leaves a gap up to the next chunk boundary.
-func (r *Reader) TotalSize() uint64 { return uint64(len(r.ix.chunks)) * uint64(r.ix.chunkSize) }
+func (r *Reader) TotalSize() uint64 { return uint64(r.ix.numChunks()) * uint64(r.ix.chunkSize) }
 
 // ChunkOffset returns the offset of chunk i in the logical backing.
 func (r *Reader) ChunkOffset(i int) uint64 { return uint64(i) * uint64(r.ix.chunkSize) }
@@ -194,8 +194,8 @@ func (r *Reader) RawSize() uint64 {
 // StoredSize returns the sum of all chunks' stored lengths.
 func (r *Reader) StoredSize() uint64 {
 	var n uint64
-	for _, c := range r.ix.chunks {
-		n += uint64(c.StoredLen)
+	for i := range r.ix.numChunks() {
+		n += uint64(r.ix.chunk(i).StoredLen)
 	}
 	return n
 }
@@ -310,7 +310,7 @@ func (f *File) Close() error {
 // reports ErrTruncated); the chunk data survives.
 func AppendProfile(path string, p Profile) error {
 	return rewriteIndex(path, "append profile to", func(ix *index) error {
-		if err := checkProfile(p, len(ix.chunks)); err != nil {
+		if err := checkProfile(p, ix.numChunks()); err != nil {
 			return err
 		}
 		if len(ix.profiles) >= MaxProfiles {

@@ -42,9 +42,9 @@ type RewriteStats struct {
 // the snapshot size; w is written sequentially (buffer it).
 func Rewrite(ctx context.Context, w io.Writer, r *Reader, opts RewriteOptions) (RewriteStats, error) {
 	var st RewriteStats
-	n := len(r.ix.chunks)
+	n := r.ix.numChunks()
 	ix := *r.ix
-	ix.chunks = slices.Clone(r.ix.chunks)
+	ix.table, ix.chunks = nil, r.ix.chunkList()
 	if opts.Profiles != nil {
 		ix.profiles = opts.Profiles
 		if len(ix.profiles) > MaxProfiles {
@@ -202,12 +202,12 @@ func rewriteIndex(path, what string, edit func(*index) error) (err error) {
 // DataOrder returns the stored (non-zero) chunks in file order: the order
 // their stored bytes appear in the data area.
 func (r *Reader) DataOrder() []uint32 {
-	order := make([]uint32, 0, len(r.ix.chunks))
-	for i, c := range r.ix.chunks {
-		if c.Codec != CodecZero {
+	order := make([]uint32, 0, r.ix.numChunks())
+	for i := range r.ix.numChunks() {
+		if r.ix.chunk(i).Codec != CodecZero {
 			order = append(order, uint32(i))
 		}
 	}
-	slices.SortFunc(order, func(a, b uint32) int { return cmp.Compare(r.ix.chunks[a].Offset, r.ix.chunks[b].Offset) })
+	slices.SortFunc(order, func(a, b uint32) int { return cmp.Compare(r.ix.chunk(int(a)).Offset, r.ix.chunk(int(b)).Offset) })
 	return order
 }
