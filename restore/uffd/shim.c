@@ -1,1 +1,2 @@
 #include "ur_shim.c"
+#include "ur_spawn.c"
