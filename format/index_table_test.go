@@ -1,6 +1,8 @@
 package format
 
 import (
+	"bytes"
+	"reflect"
 	"runtime"
 	"testing"
 	"unsafe"
@@ -59,5 +61,51 @@ func TestParseIndexKeepsTable(t *testing.T) {
 	}
 	if string(again) != string(ib) {
 		t.Error("re-encoding the parsed index changed its bytes")
+	}
+}
+
+// TestNewReaderBuffer: the index is read into the buffer given when it
+// fits (the Reader reading its chunks there), into a new one returned
+// otherwise; either way the Reader reads as NewReader's does.
+func TestNewReaderBuffer(t *testing.T) {
+	snap := buildSnap(t, WriterOptions{ChunkSize: MinChunkSize, Codec: CodecZstd}, []testRegion{{name: "a", data: testImage(3<<20, 3)}, {name: "b", data: testImage(1<<20, 4)}})
+	f := bytes.NewReader(snap)
+	want, err := NewReader(f, int64(len(snap)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := func(rd *Reader) {
+		t.Helper()
+		if rd.NumChunks() != want.NumChunks() || !reflect.DeepEqual(rd.Regions(), want.Regions()) {
+			t.Fatalf("%d chunks, regions %v; want %d, %v", rd.NumChunks(), rd.Regions(), want.NumChunks(), want.Regions())
+		}
+		for i := range rd.NumChunks() {
+			if rd.Chunk(i) != want.Chunk(i) {
+				t.Fatalf("chunk %d = %+v, want %+v", i, rd.Chunk(i), want.Chunk(i))
+			}
+		}
+	}
+	small := make([]byte, 16)
+	rd, buf, err := NewReaderBuffer(f, int64(len(snap)), small)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same(rd)
+	if uint64(len(buf)) != want.indexLen || &buf[0] == &small[0] {
+		t.Fatalf("a buffer too small: got %d bytes back (same memory: %v), want a new one of %d", len(buf), &buf[0] == &small[0], want.indexLen)
+	}
+	big := make([]byte, 0, 1<<20)
+	rd, buf, err = NewReaderBuffer(f, int64(len(snap)), big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same(rd)
+	if &buf[0] != &big[:1][0] {
+		t.Fatal("a buffer large enough was not used")
+	}
+	// The Reader reads its chunks from that memory.
+	clear(big[:cap(big)])
+	if rd.Chunk(1) == want.Chunk(1) {
+		t.Fatal("the Reader does not read its chunk table from the buffer it was given")
 	}
 }

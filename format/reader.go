@@ -58,6 +58,23 @@ func (r *Reader) ReadStored(b []byte, off int64) error {
 
 // NewReader reads and validates the snapshot in r, which is size bytes long.
 func NewReader(r io.ReaderAt, size int64) (*Reader, error) {
+	rd, _, err := NewReaderBuffer(r, size, nil)
+	return rd, err
+}
+
+// NewReaderBuffer is NewReader with the index read into buf when it fits
+// (a new buffer otherwise), for a caller that opens snapshots again and
+// again and would otherwise write each index into fresh memory: on a VM
+// whose free pages go back to the host, 57 KiB of them (a 4 GiB snapshot's
+// index) cost restore.Open 0.1-0.3 ms. It returns the buffer the index
+// is in, to be passed again. The Reader keeps using that memory: it must
+// not be passed again, or written, while the Reader is in use.
+func NewReaderBuffer(r io.ReaderAt, size int64, buf []byte) (*Reader, []byte, error) {
+	rd, err := newReader(r, size, &buf)
+	return rd, buf, err
+}
+
+func newReader(r io.ReaderAt, size int64, buf *[]byte) (*Reader, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("%w: negative size %d", ErrInvalid, size)
 	}
@@ -126,7 +143,11 @@ func NewReader(r io.ReaderAt, size int64) (*Reader, error) {
 		return nil, corrupt(ErrCorrupt, "footer.index_offset", fo, -1,
 			"index [%#x, +%#x) must start after the header (%#x) and end at the footer (%#x)", ioff, ilen, hlen, fo)
 	}
-	ib := make([]byte, ilen)
+	if uint64(cap(*buf)) < ilen {
+		*buf = make([]byte, ilen)
+	}
+	*buf = (*buf)[:ilen]
+	ib := *buf
 	if err := readFull(r, ib, int64(ioff), "index", -1); err != nil {
 		return nil, err
 	}

@@ -122,7 +122,14 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 			return nil, fmt.Errorf("restore: open snapshot: %w", err)
 		}
 		snapSize = st.Size()
-		if rd, err = format.NewReader(f, snapSize); err == nil {
+		// rd is used only until Open returns (the helper reads the index
+		// itself): its index can be in the buffer the last Open used.
+		buf, kept := takeIndexBuffer()
+		rd, buf, err = format.NewReaderBuffer(f, snapSize, buf)
+		if kept {
+			defer putIndexBuffer(buf)
+		}
+		if err == nil {
 			err = format.AuthenticateFromEnv(rd)
 		}
 		if err != nil {
@@ -202,6 +209,45 @@ func Open(ctx context.Context, path string, opts ...Option) (_ *Restore, err err
 	}
 	r.ready = time.Since(t0)
 	return r, nil
+}
+
+// indexBuffer is the memory Open reads a local snapshot's index into, kept
+// from one Open to the next (format.NewReaderBuffer): a 4 GiB snapshot's
+// index written into fresh memory cost Open 0.1-0.3 ms more than at 256 MiB
+// on a VM whose free pages go back to the host. One Open at a time uses
+// it; others, meanwhile, allocate.
+var indexBuffer struct {
+	sync.Mutex
+	b    []byte
+	busy bool
+}
+
+// maxKeptIndex bounds the index buffer kept between Opens (an index of
+// 32k chunks; a larger one is read into memory of its own each time).
+const maxKeptIndex = 1 << 20
+
+// takeIndexBuffer returns the kept buffer and true, or nil and false while
+// another Open has it.
+func takeIndexBuffer() ([]byte, bool) {
+	indexBuffer.Lock()
+	defer indexBuffer.Unlock()
+	if indexBuffer.busy {
+		return nil, false
+	}
+	indexBuffer.busy = true
+	return indexBuffer.b, true
+}
+
+// putIndexBuffer gives back the buffer takeIndexBuffer gave (b is the one
+// NewReaderBuffer returned: the same, or a larger one, kept if not too
+// large).
+func putIndexBuffer(b []byte) {
+	indexBuffer.Lock()
+	defer indexBuffer.Unlock()
+	indexBuffer.busy = false
+	if cap(b) <= maxKeptIndex && cap(b) > cap(indexBuffer.b) {
+		indexBuffer.b = b
+	}
 }
 
 // Bytes returns the whole backing as one slice: every region at its Offset

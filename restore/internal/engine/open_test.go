@@ -216,3 +216,59 @@ func TestStatsTimeToFirstByte(t *testing.T) {
 		})
 	}
 }
+
+// TestOpenIndexBuffer: Open reads a snapshot's index into the buffer the
+// last Open used (kept between Opens), and Opens running at once never
+// share it: each restores its own snapshot, byte for byte.
+func TestOpenIndexBuffer(t *testing.T) {
+	opts := kernelOpts(t, BackingShmem, 0)
+	var snaps [4]string
+	var want [4][]testRegion
+	for i := range snaps {
+		// Different region counts and chunk sizes: different indexes.
+		for j := 0; j <= i; j++ {
+			want[i] = append(want[i], testRegion{fmt.Sprintf("r%d", j), 0, testImage(1<<20+j*4096, uint64(10*i+j))})
+		}
+		snaps[i] = writeSnap(t, want[i], format.CodecZstd, 64<<10<<(i%2))
+	}
+	r := openT(t, snaps[3], opts...)
+	r.Close()
+	indexBuffer.Lock()
+	kept, busy := cap(indexBuffer.b), indexBuffer.busy
+	indexBuffer.Unlock()
+	if kept == 0 || busy {
+		t.Fatalf("after an Open: a kept buffer of %d bytes, busy %v; want one, free", kept, busy)
+	}
+	for round := 0; round < 3; round++ {
+		var wg sync.WaitGroup
+		errs := make(chan error, len(snaps))
+		for i := range snaps {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r, err := Open(context.Background(), snaps[i], opts...) // lazy: the eager path reads through a Loader
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer r.Close()
+				lay := r.Layout()
+				if len(lay.Regions) != len(want[i]) {
+					errs <- fmt.Errorf("snapshot %d: %d regions, want %d", i, len(lay.Regions), len(want[i]))
+					return
+				}
+				for k, reg := range r.Regions() {
+					if !bytes.Equal(reg, want[i][k].data) {
+						errs <- fmt.Errorf("snapshot %d: region %d differs", i, k)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	}
+}
