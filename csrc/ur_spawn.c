@@ -24,6 +24,7 @@ struct ur_spawn {
 	char **argv, **envp;
 	int fds[UR_SPAWN_MAXFDS];
 	int nfds;
+	unsigned delay_us;
 	pid_t pid;
 	int err; /* errno of the spawn, 0 if it started */
 };
@@ -68,6 +69,8 @@ static void ur_spawn_free(struct ur_spawn *s)
 static void *spawn_thread(void *arg)
 {
 	struct ur_spawn *s = arg;
+	if (s->delay_us)
+		usleep(s->delay_us);
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t at;
 	sigset_t none;
@@ -105,7 +108,7 @@ static void *spawn_thread(void *arg)
 }
 
 int ur_spawn_start(const char *path, char *const argv[], char *const envp[], const int *fds, int nfds,
-		   struct ur_spawn **out)
+		   unsigned delay_us, struct ur_spawn **out)
 {
 	if (nfds < 0 || nfds > UR_SPAWN_MAXFDS)
 		return -EINVAL;
@@ -115,6 +118,7 @@ int ur_spawn_start(const char *path, char *const argv[], char *const envp[], con
 	for (int i = 0; i < UR_SPAWN_MAXFDS; i++)
 		s->fds[i] = -1;
 	s->nfds = nfds;
+	s->delay_us = delay_us;
 	int err = 0;
 	if (!(s->path = strdup(path)) || !(s->argv = copy_vec(argv)) || !(s->envp = copy_vec(envp)))
 		err = ENOMEM;

@@ -18,12 +18,13 @@ struct ur_spawn;
 /*
  * ur_spawn_start starts path with argv and envp (NULL-terminated), with
  * fds[i] as its descriptor i for i < nfds (nfds <= 8) and every other
- * descriptor closed, its signal mask empty. It copies everything it is given
+ * descriptor closed, its signal mask empty, after delay_us (0 but in tests,
+ * which show that nothing waits for the spawn). It copies everything it is given
  * (the caller's descriptors stay the caller's). Returns 0 and *out, to be
  * passed to ur_spawn_wait exactly once, or -errno (nothing started).
  */
 int ur_spawn_start(const char *path, char *const argv[], char *const envp[], const int *fds, int nfds,
-		   struct ur_spawn **out);
+		   unsigned delay_us, struct ur_spawn **out);
 
 /*
  * ur_spawn_wait waits for the spawn and frees s: 0 and *pid, or -errno of

@@ -115,6 +115,7 @@ func spawn(exe string) (helperlink.Spawned, error) {
 // job and the attach wait in the socket until the helper reads them. The
 // process is known once get has waited for the start.
 type child struct {
+	exe  string
 	sp   *uffd.Spawning
 	once sync.Once
 	p    *os.Process
@@ -147,7 +148,7 @@ func startChild(exe string, env []string, sock *os.File) (*child, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &child{sp: sp}, nil
+	return &child{exe: exe, sp: sp}, nil
 }
 
 // get waits until the process is started and returns it, or why it could
@@ -156,7 +157,7 @@ func (c *child) get() (*os.Process, error) {
 	c.once.Do(func() {
 		pid, err := c.sp.Wait()
 		if err != nil {
-			c.err = fmt.Errorf("restore: start the fault-handler helper: %w", err)
+			c.err = fmt.Errorf("restore: start the fault-handler helper %s: %w", c.exe, err)
 			return
 		}
 		// Our child, not yet reaped: its pid cannot name another process.

@@ -9,6 +9,8 @@ import "C"
 import (
 	"errors"
 	"sync"
+	"sync/atomic"
+	"time"
 	"unsafe"
 )
 
@@ -45,11 +47,21 @@ func StartSpawn(path string, argv, env []string, fds []int) (*Spawning, error) {
 		cfds[i] = C.int(fd)
 	}
 	sp := &Spawning{}
-	if rc := C.ur_spawn_start(cpath, cargv, cenv, &cfds[0], C.int(len(fds)), &sp.s); rc < 0 {
+	delay := C.unsigned(min(spawnDelay.Load(), int64(time.Second)) / int64(time.Microsecond))
+	if rc := C.ur_spawn_start(cpath, cargv, cenv, &cfds[0], C.int(len(fds)), delay, &sp.s); rc < 0 {
 		return nil, errno("pthread_create", rc)
 	}
 	return sp, nil
 }
+
+// spawnDelay: SetSpawnDelay.
+var spawnDelay atomic.Int64
+
+// SetSpawnDelay makes every later StartSpawn's thread wait d (at most 1 s)
+// before it forks: for tests, which show so that nothing, in this process
+// or the child, waits for a spawn it does not need yet. 0 restores the
+// default.
+func SetSpawnDelay(d time.Duration) { spawnDelay.Store(int64(d)) }
 
 // Wait waits until the program has been started (its exec done, or
 // failed) and returns its pid, or the fork's or exec's error. Later calls
