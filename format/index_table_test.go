@@ -2,6 +2,8 @@ package format
 
 import (
 	"bytes"
+	"errors"
+	"os"
 	"reflect"
 	"runtime"
 	"testing"
@@ -107,5 +109,44 @@ func TestNewReaderBuffer(t *testing.T) {
 	clear(big[:cap(big)])
 	if rd.Chunk(1) == want.Chunk(1) {
 		t.Fatal("the Reader does not read its chunk table from the buffer it was given")
+	}
+}
+
+// TestEditParsedIndex: the in-place edits of a snapshot's index (set and
+// append profiles) see its chunk table: a profile naming its last chunk is
+// taken, one past it refused, and the chunks read back unchanged.
+func TestEditParsedIndex(t *testing.T) {
+	snap := buildSnap(t, WriterOptions{ChunkSize: MinChunkSize, Codec: CodecZstd}, []testRegion{{name: "a", data: testImage(1<<20, 5)}})
+	path := t.TempDir() + "/s.snap"
+	if err := os.WriteFile(path, snap, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before, err := NewReader(bytes.NewReader(snap), int64(len(snap)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := uint32(before.NumChunks())
+	last := Profile{Name: "p", Entries: []ProfileEntry{{Chunk: n - 1}}}
+	if err := SetProfiles(path, []Profile{last}); err != nil {
+		t.Fatalf("SetProfiles naming the last of %d chunks: %v", n, err)
+	}
+	if err := AppendProfile(path, Profile{Name: "q", Entries: []ProfileEntry{{Chunk: n - 1}}}); err != nil {
+		t.Fatalf("AppendProfile naming the last chunk: %v", err)
+	}
+	if err := SetProfiles(path, []Profile{{Name: "r", Entries: []ProfileEntry{{Chunk: n}}}}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("SetProfiles naming chunk %d of %d: %v, want ErrInvalid", n, n, err)
+	}
+	f, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if len(f.Profiles()) != 2 || f.NumChunks() != int(n) {
+		t.Fatalf("%d profiles, %d chunks; want 2, %d", len(f.Profiles()), f.NumChunks(), n)
+	}
+	for i := range int(n) {
+		if f.Chunk(i) != before.Chunk(i) {
+			t.Fatalf("chunk %d changed: %+v, was %+v", i, f.Chunk(i), before.Chunk(i))
+		}
 	}
 }

@@ -152,7 +152,7 @@ func SetProfiles(path string, ps []Profile) error {
 			return fmt.Errorf("%w: %d profiles, limit %d", ErrTooLarge, len(ps), MaxProfiles)
 		}
 		for _, p := range ps {
-			if err := checkProfile(p, len(ix.chunks)); err != nil {
+			if err := checkProfile(p, ix.numChunks()); err != nil {
 				return err
 			}
 		}
