@@ -79,6 +79,10 @@ int main(int argc, char **argv) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// This process serves the regions too: Go reads them only after C
+	// touched them (a goroutine waiting in a fault cannot be stopped, and
+	// a GC that waits for it holds the P the server needs).
+	touchFromC(cl)
 	for i, r := range cl.Regions {
 		hr := b.hello.Regions[i]
 		if !bytes.Equal(r.Data, b.image[hr.Offset:hr.Offset+hr.Length]) {
