@@ -49,7 +49,7 @@ func StartSpawn(path string, argv, env []string, fds []int) (*Spawning, error) {
 	sp := &Spawning{}
 	delay := C.unsigned(min(spawnDelay.Load(), int64(time.Second)) / int64(time.Microsecond))
 	if rc := C.ur_spawn_start(cpath, cargv, cenv, &cfds[0], C.int(len(fds)), delay, &sp.s); rc < 0 {
-		return nil, errno("pthread_create", rc)
+		return nil, errno("spawn (duplicating its descriptors, starting its thread)", rc)
 	}
 	return sp, nil
 }
