@@ -80,7 +80,7 @@ func FuzzDecodeChunk(f *testing.F) {
 			if codec == CodecRaw {
 				c.RawLen = uint32(len(stored))
 			}
-			ix := &index{chunkSize: MinChunkSize, chunks: []Chunk{c},
+			ix := &index{chunkSize: MinChunkSize, table: appendChunk(nil, c),
 				regions: []Region{{Name: "f", Length: uint64(c.RawLen)}}, meta: base.ix.meta}
 			r := &Reader{ra: bytes.NewReader(append(make([]byte, HeaderSize), stored...)), size: int64(HeaderSize + len(stored)), ix: ix}
 			d := r.NewDecoder()

@@ -31,14 +31,12 @@ const (
 type index struct {
 	chunkSize int
 	regions   []Region
-	// The chunk table: a parsed index keeps its entries as they are in
-	// the file (table, chunkEntrySize bytes each, decoded on use), so
-	// that reading a snapshot's index writes no second copy of it (a
+	// The chunk table, as the file has it: chunkEntrySize bytes an entry,
+	// decoded on use (chunk). A parsed index's is a slice of the index it
+	// was read from, so reading a snapshot writes no second copy of it (a
 	// []Chunk of a 4 GiB snapshot is 64 KiB of fresh pages, a third of
-	// Open's time there); an index built in memory (a writer, a rewrite)
-	// has chunks. Read both through numChunks and chunk.
+	// Open's time there); a writer appends to it (appendChunk).
 	table    []byte
-	chunks   []Chunk
 	meta     Metadata
 	profiles []Profile
 	unknown  []rawSection // non-critical sections we do not know, kept verbatim
@@ -47,31 +45,30 @@ type index struct {
 }
 
 // numChunks is the number of chunks.
-func (ix *index) numChunks() int {
-	if ix.table != nil {
-		return len(ix.table) / chunkEntrySize
-	}
-	return len(ix.chunks)
-}
+func (ix *index) numChunks() int { return len(ix.table) / chunkEntrySize }
 
 // chunk is chunk-table entry i.
 func (ix *index) chunk(i int) Chunk {
-	if ix.table != nil {
-		return decodeChunk(ix.table[i*chunkEntrySize : (i+1)*chunkEntrySize])
-	}
-	return ix.chunks[i]
+	return decodeChunk(ix.table[i*chunkEntrySize : (i+1)*chunkEntrySize])
 }
 
 // chunkList is the chunk table as a new slice.
 func (ix *index) chunkList() []Chunk {
-	if ix.table == nil {
-		return slices.Clone(ix.chunks)
-	}
 	out := make([]Chunk, ix.numChunks())
 	for i := range out {
 		out[i] = ix.chunk(i)
 	}
 	return out
+}
+
+// appendChunk appends c's chunk-table entry to table.
+func appendChunk(table []byte, c Chunk) []byte {
+	table = le.AppendUint64(table, c.Offset)
+	table = le.AppendUint32(table, c.StoredLen)
+	table = le.AppendUint32(table, c.RawLen)
+	table = append(table, uint8(c.Codec), 0, 0, 0)
+	table = le.AppendUint32(table, c.CRC)
+	return le.AppendUint32(table, c.StoredCRC)
 }
 
 // decodeChunk decodes one chunk-table entry (chunkEntrySize bytes).
@@ -184,17 +181,7 @@ func encodeIndex(ix *index) ([]byte, error) {
 	end()
 
 	end = e.section(secChunks, secFlagCritical)
-	for i := range nc {
-		c := ix.chunk(i)
-		e.u64(c.Offset)
-		e.u32(c.StoredLen)
-		e.u32(c.RawLen)
-		e.u8(uint8(c.Codec))
-		e.u8(0)
-		e.u16(0)
-		e.u32(c.CRC)
-		e.u32(c.StoredCRC)
-	}
+	e.b = append(e.b, ix.table[:nc*chunkEntrySize]...)
 	end()
 
 	end = e.section(secMetadata, 0)

@@ -18,13 +18,14 @@ import (
 func TestParseIndexKeepsTable(t *testing.T) {
 	const n = 4096
 	ix := &index{chunkSize: MinChunkSize, regions: []Region{{Name: "r", Length: n * MinChunkSize}}}
-	ix.chunks = make([]Chunk, n)
-	for i := range ix.chunks {
+	want := make([]Chunk, n)
+	for i := range want {
 		c := Chunk{Offset: HeaderSize + uint64(i)*100, StoredLen: 100, RawLen: MinChunkSize, Codec: CodecZstd, CRC: uint32(i * 7), StoredCRC: uint32(i * 13)}
 		if i%5 == 0 {
 			c = Chunk{RawLen: MinChunkSize, Codec: CodecZero, CRC: zeroChecksum(MinChunkSize)}
 		}
-		ix.chunks[i] = c
+		want[i] = c
+		ix.table = appendChunk(ix.table, c)
 	}
 	ib, err := encodeIndex(ix)
 	if err != nil {
@@ -44,12 +45,12 @@ func TestParseIndexKeepsTable(t *testing.T) {
 	if got.numChunks() != n {
 		t.Fatalf("numChunks = %d, want %d", got.numChunks(), n)
 	}
-	for i, want := range ix.chunks {
-		if c := got.chunk(i); c != want {
-			t.Fatalf("chunk %d = %+v, want %+v", i, c, want)
+	for i, w := range want {
+		if c := got.chunk(i); c != w {
+			t.Fatalf("chunk %d = %+v, want %+v", i, c, w)
 		}
 	}
-	if list := got.chunkList(); len(list) != n || list[n-1] != ix.chunks[n-1] {
+	if list := got.chunkList(); len(list) != n || list[n-1] != want[n-1] {
 		t.Fatalf("chunkList: %d entries, last %+v", len(list), list[len(list)-1])
 	}
 	copyBytes := uint64(n) * uint64(unsafe.Sizeof(Chunk{}))

@@ -1,6 +1,7 @@
 package format
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"fmt"
@@ -44,7 +45,7 @@ func Rewrite(ctx context.Context, w io.Writer, r *Reader, opts RewriteOptions) (
 	var st RewriteStats
 	n := r.ix.numChunks()
 	ix := *r.ix
-	ix.table, ix.chunks = nil, r.ix.chunkList()
+	ix.table = bytes.Clone(r.ix.table) // the copy's offsets are rewritten
 	if opts.Profiles != nil {
 		ix.profiles = opts.Profiles
 		if len(ix.profiles) > MaxProfiles {
@@ -64,7 +65,7 @@ func Rewrite(ctx context.Context, w io.Writer, r *Reader, opts RewriteOptions) (
 		if int64(c) >= int64(n) {
 			return st, fmt.Errorf("%w: rewrite order names chunk %d, the snapshot has %d", ErrInvalid, c, n)
 		}
-		if placed[c] || ix.chunks[c].Codec == CodecZero {
+		if placed[c] || ix.chunk(int(c)).Codec == CodecZero {
 			continue
 		}
 		placed[c] = true
@@ -72,7 +73,7 @@ func Rewrite(ctx context.Context, w io.Writer, r *Reader, opts RewriteOptions) (
 	}
 	st.Leading = len(order)
 	for i := 0; i < n; i++ {
-		if !placed[i] && ix.chunks[i].Codec != CodecZero {
+		if !placed[i] && ix.chunk(i).Codec != CodecZero {
 			order = append(order, uint32(i))
 		}
 	}
@@ -108,7 +109,7 @@ func Rewrite(ctx context.Context, w io.Writer, r *Reader, opts RewriteOptions) (
 		if err := ctx.Err(); err != nil {
 			return st, err
 		}
-		c := &ix.chunks[ci]
+		c := ix.chunk(int(ci))
 		b := buf[:c.StoredLen]
 		if err := readFull(r.ra, b, int64(c.Offset), "", int(ci)); err != nil {
 			return st, err
@@ -117,7 +118,7 @@ func Rewrite(ctx context.Context, w io.Writer, r *Reader, opts RewriteOptions) (
 			return st, corrupt(ErrChecksum, chunkField(int(ci), ".stored_crc"), int64(c.Offset), int(ci),
 				"stored bytes: want %#08x, got %#08x", c.StoredCRC, got)
 		}
-		c.Offset = off
+		le.PutUint64(ix.table[int(ci)*chunkEntrySize:], off) // the entry's offset
 		if err := write(b); err != nil {
 			return st, err
 		}

@@ -228,7 +228,7 @@ func TestChunkDataAnyOrder(t *testing.T) {
 			if o == 0 {
 				c = Chunk{RawLen: MinChunkSize, CRC: Checksum(make([]byte, MinChunkSize))}
 			}
-			ix.chunks = append(ix.chunks, c)
+			ix.table = appendChunk(ix.table, c)
 		}
 		ib, err := encodeIndex(ix)
 		if err != nil {
@@ -296,9 +296,8 @@ func TestSetProfiles(t *testing.T) {
 func BenchmarkParseIndexReordered(b *testing.B) {
 	const n = 1 << 20
 	ix := &index{chunkSize: MinChunkSize, regions: []Region{{Name: "r", Length: n * MinChunkSize}}}
-	ix.chunks = make([]Chunk, n)
-	for i := range ix.chunks {
-		ix.chunks[i] = Chunk{Offset: HeaderSize + uint64(n-1-i)*100, StoredLen: 100, RawLen: MinChunkSize, Codec: CodecZstd}
+	for i := range n {
+		ix.table = appendChunk(ix.table, Chunk{Offset: HeaderSize + uint64(n-1-i)*100, StoredLen: 100, RawLen: MinChunkSize, Codec: CodecZstd})
 	}
 	ib, err := encodeIndex(ix)
 	if err != nil {

@@ -78,8 +78,8 @@ type Writer struct {
 	regions   []Region
 	inRegion  bool
 	cur       Region
-	submitted int // chunks handed to workers so far
-	chunks    []Chunk
+	submitted int    // chunks handed to workers so far
+	table     []byte // the chunk table (appendChunk)
 	profiles  []Profile
 
 	attachments []Attachment
@@ -188,6 +188,9 @@ func windowFor(chunkSize int) int {
 	}
 	return w
 }
+
+// numChunks is the number of chunks written so far.
+func (w *Writer) numChunks() int { return len(w.table) / chunkEntrySize }
 
 func (w *Writer) write(b []byte) error {
 	if w.err != nil {
@@ -387,7 +390,7 @@ func (w *Writer) emitOldest() {
 		}
 		w.hashes = append(w.hashes, h)
 	}
-	w.chunks = append(w.chunks, c)
+	w.table = appendChunk(w.table, c)
 	w.stats.PerCodec[j.codec]++
 	j.stored = nil
 	w.free = append(w.free, j)
@@ -449,11 +452,11 @@ func (w *Writer) Close() error {
 		return w.err
 	}
 	for _, p := range w.profiles {
-		if err := checkProfile(p, len(w.chunks)); err != nil {
+		if err := checkProfile(p, w.numChunks()); err != nil {
 			return err
 		}
 	}
-	ix := &index{chunkSize: w.chunkSize, regions: w.regions, chunks: w.chunks, meta: w.opts.Metadata, profiles: w.profiles, attachments: w.attachments}
+	ix := &index{chunkSize: w.chunkSize, regions: w.regions, table: w.table, meta: w.opts.Metadata, profiles: w.profiles, attachments: w.attachments}
 	ib, err := encodeIndex(ix)
 	if err != nil {
 		return err
@@ -465,7 +468,7 @@ func (w *Writer) Close() error {
 	}
 	ioff := w.off
 	w.write(appendFooter(ib, ioff, ib))
-	w.stats.Chunks = len(w.chunks)
+	w.stats.Chunks = w.numChunks()
 	w.stats.ZeroChunks = w.stats.PerCodec[CodecZero]
 	w.stats.Regions = len(w.regions)
 	return w.err
@@ -495,7 +498,7 @@ func (w *Writer) Abort() {
 // Stats returns what has been written so far (complete after Close).
 func (w *Writer) Stats() WriterStats {
 	s := w.stats
-	s.Chunks = len(w.chunks)
+	s.Chunks = w.numChunks()
 	s.ZeroChunks = s.PerCodec[CodecZero]
 	s.Regions = len(w.regions)
 	return s
