@@ -75,31 +75,27 @@ static void *spawn_thread(void *arg)
 	posix_spawnattr_t at;
 	sigset_t none;
 	int err = posix_spawn_file_actions_init(&fa);
-	if (err) {
-		s->err = err;
-		return NULL;
-	}
-	if ((err = posix_spawnattr_init(&at))) {
+	if (!err) {
+		if (!(err = posix_spawnattr_init(&at))) {
+			for (int i = 0; i < s->nfds && !err; i++)
+				err = posix_spawn_file_actions_adddup2(&fa, s->fds[i], i);
+			if (!err)
+				err = posix_spawn_file_actions_addclosefrom_np(&fa, s->nfds);
+			sigemptyset(&none);
+			if (!err)
+				err = posix_spawnattr_setsigmask(&at, &none);
+			if (!err)
+				err = posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK);
+			if (!err)
+				err = posix_spawn(&s->pid, s->path, &fa, &at, s->argv, s->envp);
+			posix_spawnattr_destroy(&at);
+		}
 		posix_spawn_file_actions_destroy(&fa);
-		s->err = err;
-		return NULL;
 	}
-	for (int i = 0; i < s->nfds && !err; i++)
-		err = posix_spawn_file_actions_adddup2(&fa, s->fds[i], i);
-	if (!err)
-		err = posix_spawn_file_actions_addclosefrom_np(&fa, s->nfds);
-	sigemptyset(&none);
-	if (!err)
-		err = posix_spawnattr_setsigmask(&at, &none);
-	if (!err)
-		err = posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK);
-	if (!err)
-		err = posix_spawn(&s->pid, s->path, &fa, &at, s->argv, s->envp);
-	posix_spawnattr_destroy(&at);
-	posix_spawn_file_actions_destroy(&fa);
 	s->err = err;
-	/* The child has its copies (or there is none): ours go now, so that a
-	 * socket whose other end only the child was to hold reads as closed. */
+	/* The child has its copies (or there is none): ours go now, on every
+	 * path, so that a socket whose other end only the child was to hold
+	 * reads as closed. */
 	for (int i = 0; i < s->nfds; i++) {
 		close(s->fds[i]);
 		s->fds[i] = -1;
