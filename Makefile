@@ -30,6 +30,14 @@ TEST_FUZZTIME ?= 20s
 FUZZMINIMIZETIME ?= 1s
 GOTEST_TIMEOUT ?= 25m
 
+# Go's build cache keys a cgo package on the files in its own directory:
+# restore/uffd's one-line shim.c includes csrc/ur_shim.c and csrc/ur_spawn.c,
+# whose changes it would not see (an #error added to either built "fine" from
+# the cache). Their hash in CGO_CFLAGS, which is part of the key, makes every
+# make target rebuild them when they change.
+SHIM_HASH := $(shell cat csrc/ur_shim.[ch] csrc/ur_spawn.[ch] 2>/dev/null | sha256sum | cut -c1-16)
+export CGO_CFLAGS := $(or $(CGO_CFLAGS),-O2 -g) -DUR_SHIM_SOURCES=$(SHIM_HASH)
+
 # The C client library and the example target exist only once their
 # sources land in csrc/; until then "build" skips them.
 CLIENT_SRC := $(wildcard csrc/ur_client.c)
