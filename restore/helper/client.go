@@ -303,6 +303,11 @@ func start(ctx context.Context, req helperlink.Request) (_ helperlink.Session, e
 			// the broken pipe that followed.
 			return nil, rerr
 		}
+		if _, serr := sp.proc.get(); serr != nil {
+			// It never ran (its exec failed before the job was sent):
+			// why, not the broken pipe; the same program would fail again.
+			return nil, serr
+		}
 	}
 	if err != nil && req.Spawned != nil && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)) {
 		// A helper started ahead that died meanwhile (killed while it

@@ -342,3 +342,27 @@ func TestOpenHelperCannotStart(t *testing.T) {
 		t.Fatalf("Stats = %v, want ErrHelperDied", err)
 	}
 }
+
+// TestOpenPrestartedCannotStart: a prestarted helper whose exec failed is
+// reported by the Open that takes it, with the exec's error (not the
+// broken pipe of sending it its job), and not started again.
+func TestOpenPrestartedCannotStart(t *testing.T) {
+	opts := kernelOpts(t, BackingShmem, 0)
+	path := writeSnap(t, []testRegion{{"a", 0, testImage(1<<20, 23)}}, format.CodecZstd, 256<<10)
+	garbage := t.TempDir() + "/garbage"
+	os.WriteFile(garbage, []byte("\x00\x01 not a program"), 0o755)
+	opts = append(opts, WithHelper(garbage))
+	// PrestartHelper waits for the spawn (for its pid): it has failed by now.
+	if err := PrestartHelper(opts...); err != nil {
+		t.Fatal(err)
+	}
+	defer StopPrestartedHelper()
+	r, err := Open(context.Background(), path, opts...)
+	if err == nil {
+		r.Close()
+		t.Fatal("Open took a prestarted helper that never ran, and succeeded")
+	}
+	if !errors.Is(err, syscall.ENOEXEC) || !strings.Contains(err.Error(), garbage) {
+		t.Fatalf("Open = %v, want the exec's ENOEXEC naming %s", err, garbage)
+	}
+}
